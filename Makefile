@@ -1,0 +1,33 @@
+# Every target sets itself up: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Editable installs hide twisted/plugins from the plugin system; the source
+# tree on PYTHONPATH makes `twistd rtunnel…` find the dropin (see docs/development.md).
+RUN    := PYTHONPATH=$(CURDIR) $(PY)
+
+.PHONY: all venv test demo bench check clean
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(RUN) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(RUN) -m rtunnel.demo
+
+bench: $(STAMP)
+	$(RUN) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis _demo _bench twisted/plugins/dropin.cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
