@@ -1,0 +1,145 @@
+"""
+What L{MuxSession.receive_data} reports to the code driving it.
+
+Events are plain values: the adapter dispatches on their type. Every stream
+that leaves the session gets exactly one terminal event (L{StreamRefused},
+L{StreamReset} or L{StreamClosed}) from the call that ended it: from
+C{receive_data} when the peer ended it, or returned by the local call
+(C{end_stream}) when the last FIN was ours.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from attrs import frozen
+
+from .settings import Settings
+
+
+@frozen
+class SessionReady:
+    """The peer's HELLO arrived; streams may be opened now."""
+
+    peer_settings: Settings
+    version: int
+
+
+@frozen
+class StreamRequested:
+    """The peer asks us to open a stream to C{host}:C{port}; answer with
+    C{accept_stream} or C{refuse_stream}."""
+
+    stream_id: int
+    host: str
+    port: int
+
+
+@frozen
+class StreamAccepted:
+    """The peer answered OPEN_OK to a stream we opened."""
+
+    stream_id: int
+
+
+@frozen
+class StreamRefused:
+    """The peer answered OPEN_FAIL (or did not process the stream before a
+    GOAWAY). Terminal."""
+
+    stream_id: int
+    code: int
+    reason: str
+
+
+@frozen
+class DataReceived:
+    """Stream bytes arrived. Credit for them returns only when the
+    adapter calls C{consumed}."""
+
+    stream_id: int
+    data: bytes
+
+
+@frozen
+class StreamEnded:
+    """The peer sent FIN: it will send no more on this stream."""
+
+    stream_id: int
+
+
+@frozen
+class StreamReset:
+    """The stream ended abruptly. C{by_peer} is false when this end reset it
+    because the peer broke a stream rule. Terminal."""
+
+    stream_id: int
+    code: int
+    reason: str
+    by_peer: bool
+
+
+@frozen
+class StreamClosed:
+    """Both directions ended cleanly with FIN. Terminal."""
+
+    stream_id: int
+
+
+@frozen
+class SendWindowAvailable:
+    """The peer granted credit; C{window} bytes may be sent now."""
+
+    stream_id: int
+    window: int
+
+
+@frozen
+class PongReceived:
+    """An answer to one of our PINGs."""
+
+    opaque: bytes
+
+
+@frozen
+class PingReceived:
+    """The peer pinged us (the PONG is already queued)."""
+
+    opaque: bytes
+
+
+@frozen
+class GoAwayReceived:
+    """The peer accepts no new streams. C{fatal} means it is closing the
+    connection now and every stream is gone; otherwise it drains."""
+
+    last_stream_id: int
+    code: int
+    reason: str
+    fatal: bool
+
+
+@frozen
+class SessionFailed:
+    """We detected a session-level protocol error: a GOAWAY with C{code} is
+    queued and the connection should be closed after sending it."""
+
+    code: int
+    reason: str
+
+
+Event = Union[
+    SessionReady,
+    StreamRequested,
+    StreamAccepted,
+    StreamRefused,
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    StreamClosed,
+    SendWindowAvailable,
+    PongReceived,
+    PingReceived,
+    GoAwayReceived,
+    SessionFailed,
+]

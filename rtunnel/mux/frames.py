@@ -1,0 +1,354 @@
+"""
+Frame values, their encoding, and an incremental decoder (docs/protocol.md).
+
+The decoder checks everything that can be checked from the bytes alone: the
+header, the announced size against our limit (before any payload is buffered),
+the payload layout of each type and the flag bits. Rules that need session
+state (stream ids, states, windows) live in L{rtunnel.mux.session}.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Union
+
+from attrs import frozen
+
+from .errors import ErrorCode, ProtocolError
+
+HEADER = struct.Struct(">BBII")
+HEADER_SIZE = HEADER.size  # 10
+
+HELLO_MAGIC = b"RTMX"
+_HELLO = struct.Struct(">4sHHIII")
+_OPEN_HEAD = struct.Struct(">HB")
+_CODE = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_GOAWAY_HEAD = struct.Struct(">IH")
+
+MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+MAX_REASON_BYTES = 1024
+MAX_HOST_BYTES = 255
+PING_SIZE = 8
+
+#: The largest frame accepted before the peer's HELLO told us anything.
+PRE_HELLO_MAX_LENGTH = 1024
+
+FLAG_FIN = 0x01
+FLAG_ACK = 0x01
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x00
+    OPEN = 0x01
+    OPEN_OK = 0x02
+    OPEN_FAIL = 0x03
+    DATA = 0x04
+    WINDOW_UPDATE = 0x05
+    RESET = 0x06
+    PING = 0x07
+    GOAWAY = 0x08
+
+
+_ALLOWED_FLAGS = {
+    FrameType.DATA: FLAG_FIN,
+    FrameType.PING: FLAG_ACK,
+}
+
+_SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.GOAWAY})
+
+
+@frozen
+class Hello:
+    version: int
+    max_frame_size: int
+    initial_window: int
+    max_streams: int
+    stream_id: int = 0
+
+
+@frozen
+class Open:
+    stream_id: int
+    host: str
+    port: int
+
+
+@frozen
+class OpenOk:
+    stream_id: int
+
+
+@frozen
+class OpenFail:
+    stream_id: int
+    code: int
+    reason: str
+
+
+@frozen
+class Data:
+    stream_id: int
+    data: bytes
+    fin: bool = False
+
+
+@frozen
+class WindowUpdate:
+    stream_id: int
+    increment: int
+
+
+@frozen
+class Reset:
+    stream_id: int
+    code: int
+    reason: str
+
+
+@frozen
+class Ping:
+    opaque: bytes
+    ack: bool = False
+    stream_id: int = 0
+
+
+@frozen
+class GoAway:
+    last_stream_id: int
+    code: int
+    reason: str
+    stream_id: int = 0
+
+
+Frame = Union[Hello, Open, OpenOk, OpenFail, Data, WindowUpdate, Reset, Ping, GoAway]
+
+
+def _reason_bytes(reason: str) -> bytes:
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_REASON_BYTES:
+        return raw
+    # Cut on a character boundary so that the result stays valid UTF-8.
+    return raw[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+def data_header(stream_id: int, length: int, fin: bool) -> bytes:
+    """
+    The header of a DATA frame; the hot path writes it and the payload
+    separately to avoid building a frame object per chunk.
+    """
+    return HEADER.pack(FrameType.DATA, FLAG_FIN if fin else 0, stream_id, length)
+
+
+def encode(frame: Frame) -> bytes:
+    """
+    The wire bytes of C{frame}. Reasons longer than the protocol allows are
+    truncated rather than refused: they are for humans.
+    """
+    if isinstance(frame, Data):
+        return data_header(frame.stream_id, len(frame.data), frame.fin) + frame.data
+    if isinstance(frame, WindowUpdate):
+        ftype, flags, payload = FrameType.WINDOW_UPDATE, 0, _U32.pack(frame.increment)
+    elif isinstance(frame, Open):
+        host = frame.host.encode("ascii")
+        ftype, flags = FrameType.OPEN, 0
+        payload = _OPEN_HEAD.pack(frame.port, len(host)) + host
+    elif isinstance(frame, OpenOk):
+        ftype, flags, payload = FrameType.OPEN_OK, 0, b""
+    elif isinstance(frame, (OpenFail, Reset)):
+        ftype = FrameType.OPEN_FAIL if isinstance(frame, OpenFail) else FrameType.RESET
+        flags, payload = 0, _CODE.pack(frame.code) + _reason_bytes(frame.reason)
+    elif isinstance(frame, Ping):
+        ftype, flags, payload = FrameType.PING, FLAG_ACK if frame.ack else 0, frame.opaque
+    elif isinstance(frame, GoAway):
+        ftype, flags = FrameType.GOAWAY, 0
+        payload = _GOAWAY_HEAD.pack(frame.last_stream_id, frame.code) + _reason_bytes(
+            frame.reason
+        )
+    elif isinstance(frame, Hello):
+        ftype, flags = FrameType.HELLO, 0
+        payload = _HELLO.pack(
+            HELLO_MAGIC,
+            frame.version,
+            0,
+            frame.max_frame_size,
+            frame.initial_window,
+            frame.max_streams,
+        )
+    else:  # pragma: no cover - the Union is closed
+        raise TypeError(f"not a frame: {frame!r}")
+    return HEADER.pack(ftype, flags, frame.stream_id, len(payload)) + payload
+
+
+def _reason(payload: bytes, what: str) -> str:
+    if len(payload) > MAX_REASON_BYTES:
+        raise ProtocolError(
+            ErrorCode.FRAME_SIZE_ERROR,
+            f"{what} reason of {len(payload)} bytes exceeds {MAX_REASON_BYTES}",
+        )
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} reason is not UTF-8") from None
+
+
+def _valid_host(host: bytes) -> bool:
+    # A DNS name or an IP literal: letters, digits and . - _ : (IPv6), nothing else.
+    return all(c in _HOST_BYTES for c in host)
+
+
+_HOST_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
+
+
+def _fixed(ftype: FrameType, payload: bytes, size: int) -> None:
+    if len(payload) != size:
+        raise ProtocolError(
+            ErrorCode.FRAME_SIZE_ERROR,
+            f"{ftype.name} payload must be {size} bytes, got {len(payload)}",
+        )
+
+
+def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> Frame:
+    """
+    Build the frame value for one complete frame; raise L{ProtocolError}
+    for anything malformed.
+    """
+    try:
+        ftype = FrameType(ftype_raw)
+    except ValueError:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type 0x{ftype_raw:02x}") from None
+    if flags & ~_ALLOWED_FLAGS.get(ftype, 0):
+        raise ProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"{ftype.name} frame with undefined flags 0x{flags:02x}"
+        )
+    if stream_id > MAX_STREAM_ID:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "stream id has the reserved bit set")
+    if (ftype in _SESSION_TYPES) != (stream_id == 0):
+        where = "stream 0" if stream_id == 0 else f"stream {stream_id}"
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{ftype.name} frame not allowed on {where}")
+
+    if ftype is FrameType.DATA:
+        return Data(stream_id, payload, bool(flags & FLAG_FIN))
+    if ftype is FrameType.WINDOW_UPDATE:
+        _fixed(ftype, payload, 4)
+        (increment,) = _U32.unpack(payload)
+        if not 1 <= increment <= MAX_WINDOW:
+            raise ProtocolError(
+                ErrorCode.FLOW_CONTROL_ERROR, f"WINDOW_UPDATE increment {increment} out of range"
+            )
+        return WindowUpdate(stream_id, increment)
+    if ftype is FrameType.OPEN:
+        if len(payload) < _OPEN_HEAD.size + 1:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "OPEN payload too short")
+        port, host_len = _OPEN_HEAD.unpack_from(payload)
+        if len(payload) != _OPEN_HEAD.size + host_len:
+            raise ProtocolError(
+                ErrorCode.FRAME_SIZE_ERROR, "OPEN host length does not match the payload"
+            )
+        host = payload[_OPEN_HEAD.size :]
+        if host_len == 0 or not _valid_host(host):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target host is not a valid name")
+        if port == 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target port 0")
+        return Open(stream_id, host.decode("ascii"), port)
+    if ftype is FrameType.OPEN_OK:
+        _fixed(ftype, payload, 0)
+        return OpenOk(stream_id)
+    if ftype in (FrameType.OPEN_FAIL, FrameType.RESET):
+        if len(payload) < 2:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{ftype.name} payload too short")
+        (code,) = _CODE.unpack_from(payload)
+        reason = _reason(payload[2:], ftype.name)
+        cls = OpenFail if ftype is FrameType.OPEN_FAIL else Reset
+        return cls(stream_id, code, reason)
+    if ftype is FrameType.PING:
+        _fixed(ftype, payload, PING_SIZE)
+        return Ping(payload, bool(flags & FLAG_ACK))
+    if ftype is FrameType.GOAWAY:
+        if len(payload) < _GOAWAY_HEAD.size:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY payload too short")
+        last, code = _GOAWAY_HEAD.unpack_from(payload)
+        if last > MAX_STREAM_ID:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY last stream id out of range")
+        return GoAway(last, code, _reason(payload[_GOAWAY_HEAD.size :], "GOAWAY"))
+    # HELLO
+    if len(payload) < _HELLO.size:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HELLO payload too short")
+    magic, version, _reserved, max_frame, window, streams = _HELLO.unpack_from(payload)
+    if magic != HELLO_MAGIC:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an rtunnel mux peer (bad HELLO magic)")
+    return Hello(version, max_frame, window, streams)
+
+
+class FrameDecoder:
+    """
+    Turns a byte stream cut anywhere into frames.
+
+    The buffer holds at most one header plus one payload of at most the
+    current limit: an over-long frame is refused at its header. The first
+    frame (which the session requires to be HELLO) may be at most
+    L{PRE_HELLO_MAX_LENGTH} bytes; later frames at most C{max_length}, the
+    max_frame_size we announce. After an error the decoder is poisoned.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self._limit = min(PRE_HELLO_MAX_LENGTH, max_length)
+        self._buffer = bytearray()
+        self._failed: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes held that do not yet form a complete frame.
+        """
+        return len(self._buffer)
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """
+        Why the byte stream stopped making sense, once it has.
+        """
+        return self._failed
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        Add C{data}; return every frame now complete, in order.
+
+        Never raises for bad input: at the first malformed frame it returns
+        the good frames before it and sets L{error}; later calls return
+        nothing.
+        """
+        if self._failed is not None:
+            return []
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        offset = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - offset >= HEADER_SIZE:
+                ftype, flags, stream_id, length = HEADER.unpack_from(buf, offset)
+                if length > self._limit:
+                    raise ProtocolError(
+                        ErrorCode.FRAME_SIZE_ERROR,
+                        f"frame of {length} bytes exceeds the limit of {self._limit}",
+                    )
+                stop = offset + HEADER_SIZE + length
+                if stop > end:
+                    break
+                payload = bytes(view[offset + HEADER_SIZE : stop])
+                frames.append(parse_frame(ftype, flags, stream_id, payload))
+                self._limit = self.max_length
+                offset = stop
+        except ProtocolError as e:
+            self._failed = e
+            offset = end
+        finally:
+            view.release()
+            if offset:
+                del buf[:offset]
+        return frames

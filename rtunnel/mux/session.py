@@ -1,0 +1,565 @@
+"""
+The multiplexing engine: all protocol state and rules, no I/O.
+
+Bytes from the peer go into L{MuxSession.receive_data}, which returns events;
+commands (open, send, end, reset, consume, ping, go away) only queue bytes, which
+L{MuxSession.data_to_send} hands out. The same engine runs on both ends: the
+role only picks stream-id parity (initiator odd, acceptor even). A peer that
+breaks a stream rule gets that stream reset; one that breaks a session rule gets
+a GOAWAY and a L{SessionFailed} event. Nothing the peer sends raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import events as ev
+from .errors import (
+    ErrorCode,
+    MuxUsageError,
+    ProtocolError,
+    SessionClosing,
+    StreamLimitReached,
+    code_name,
+)
+from .frames import (
+    FLAG_FIN,
+    HEADER,
+    MAX_HOST_BYTES,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PING_SIZE,
+    Data,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    GoAway,
+    Hello,
+    Open,
+    OpenFail,
+    OpenOk,
+    Ping,
+    Reset,
+    WindowUpdate,
+    encode,
+)
+from .settings import Settings
+from .streams import TRANSITIONS, Input, StreamRecord, StreamState
+
+SUPPORTED_VERSIONS = frozenset({1})
+_GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
+
+
+class _StreamError(Exception):
+    """
+    Raised inside frame handling when the peer broke a rule of one stream.
+    """
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+def _check_target(host: str, port: int) -> None:
+    if not (1 <= len(host) <= MAX_HOST_BYTES and set(host) <= _HOST_CHARS):
+        raise MuxUsageError(f"target host {host!r} is not a DNS name or IP literal")
+    if not (isinstance(port, int) and 1 <= port <= 65535):
+        raise MuxUsageError(f"target port {port!r} is not in 1-65535")
+
+
+class MuxSession:
+    """
+    One end of a multiplexed session.
+
+    @param initiator: C{True} on the end that dialed the connection (odd ids).
+    @param settings: what this end accepts; sent in our HELLO.
+    """
+
+    def __init__(self, *, initiator: bool, settings: Settings | None = None) -> None:
+        self.initiator = initiator
+        self.local_settings = settings if settings is not None else Settings()
+        self.peer_settings: Settings | None = None
+        self.version: int | None = None
+        self._out = bytearray()
+        self._decoder = FrameDecoder(self.local_settings.max_frame_size)
+        self._streams: dict[int, StreamRecord] = {}
+        self._next_local_id = 1 if initiator else 2
+        self._peer_parity = 0 if initiator else 1
+        self._highest_peer_id = 0
+        self._last_processed_peer_id = 0
+        self._peer_opened = 0
+        self._local_opened = 0
+        self._started = False
+        self._goaway_sent = False
+        self._fatal_sent = False
+        self._goaway_received = False
+        self._failed = False
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The peer's HELLO arrived and the session has not failed."""
+        return self.peer_settings is not None and not self._failed
+
+    @property
+    def failed(self) -> bool:
+        """A fatal GOAWAY was sent or received: the session is over."""
+        return self._failed
+
+    @property
+    def accepting_streams(self) -> bool:
+        """New streams may be opened from this end."""
+        return self.ready and not (self._goaway_sent or self._goaway_received)
+
+    @property
+    def goaway_received(self) -> bool:
+        return self._goaway_received
+
+    @property
+    def goaway_sent(self) -> bool:
+        return self._goaway_sent
+
+    @property
+    def open_streams(self) -> int:
+        """Streams currently live, opened by either end."""
+        return len(self._streams)
+
+    @property
+    def local_streams(self) -> int:
+        """Live streams that this end opened (limited by the peer's max_streams)."""
+        return self._local_opened
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The state of a live stream, or C{None} once it is gone."""
+        record = self._streams.get(stream_id)
+        return record.state if record is not None else None
+
+    def stream_target(self, stream_id: int) -> tuple[str, int] | None:
+        record = self._streams.get(stream_id)
+        return (record.host, record.port) if record is not None else None
+
+    def send_window(self, stream_id: int) -> int:
+        """How many bytes may be sent on C{stream_id} right now (0 if gone)."""
+        record = self._streams.get(stream_id)
+        return record.send_window if record is not None else 0
+
+    def receive_window(self, stream_id: int) -> int:
+        """How many more bytes the peer may send on C{stream_id} now."""
+        record = self._streams.get(stream_id)
+        return record.recv_window if record is not None else 0
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call."""
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # -- commands ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue our HELLO. Call once, first."""
+        if self._started:
+            raise MuxUsageError("session already started")
+        self._started = True
+        s = self.local_settings
+        self._queue(Hello(s.version, s.max_frame_size, s.initial_window, s.max_streams))
+
+    def open_stream(self, host: str, port: int) -> int:
+        """
+        Queue an OPEN to C{host}:C{port}; return the new stream id. DATA may
+        follow at once (early data), within the peer's initial window.
+
+        @raise SessionClosing: a GOAWAY passed, or the session failed.
+        @raise StreamLimitReached: the peer's max_streams are all in use.
+        """
+        if self.peer_settings is None:
+            raise MuxUsageError("session not ready: the peer's HELLO has not arrived")
+        if self._failed or self._goaway_sent or self._goaway_received:
+            raise SessionClosing("session is going away; no new streams")
+        if self._local_opened >= self.peer_settings.max_streams:
+            raise StreamLimitReached(
+                f"peer allows {self.peer_settings.max_streams} concurrent streams"
+            )
+        if self._next_local_id > MAX_STREAM_ID:
+            raise SessionClosing("stream ids exhausted")
+        _check_target(host, port)
+        stream_id = self._next_local_id
+        self._next_local_id += 2
+        self._add_stream(stream_id, StreamState.OPENING_OUT, True, host, port)
+        self._queue(Open(stream_id, host, port))
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer the peer's OPEN with OPEN_OK: the target is connected."""
+        self._send_transition(stream_id, Input.SEND_OPEN_OK)
+        self._queue(OpenOk(stream_id))
+
+    def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Answer the peer's OPEN with OPEN_FAIL; the stream is gone."""
+        self._send_transition(stream_id, Input.SEND_OPEN_FAIL)
+        self._queue(OpenFail(stream_id, code, reason))
+
+    def send_data(self, stream_id: int, data: bytes, fin: bool = False) -> bool:
+        """
+        Queue C{data} (and FIN if asked) on a stream, cut into frames of the
+        peer's max_frame_size.
+
+        @return: C{True} if the stream is now closed in both directions.
+        @raise MuxUsageError: more data than the send window allows, or the
+            stream cannot send (gone, or our FIN already sent).
+        """
+        record = self._streams.get(stream_id)
+        if record is None:
+            raise MuxUsageError(f"stream {stream_id} is not open")
+        size = len(data)
+        if size:
+            if (record.state, Input.SEND_DATA) not in TRANSITIONS:
+                raise MuxUsageError(f"cannot send DATA on stream {stream_id} in state {record.state.value}")
+            if size > record.send_window:
+                raise MuxUsageError(
+                    f"{size} bytes exceed the send window of {record.send_window} on stream {stream_id}"
+                )
+            record.send_window -= size
+            assert self.peer_settings is not None
+            chunk = self.peer_settings.max_frame_size
+            out = self._out
+            view = memoryview(data)
+            for start in range(0, size, chunk):
+                piece = view[start : start + chunk]
+                last = start + chunk >= size
+                out += HEADER.pack(FrameType.DATA, FLAG_FIN if (fin and last) else 0, stream_id, len(piece))
+                out += piece
+            view.release()
+        if fin:
+            record.state = self._next_state(record, Input.SEND_FIN)
+            if not size:
+                self._out += HEADER.pack(FrameType.DATA, FLAG_FIN, stream_id, 0)
+            if record.state is StreamState.CLOSED:
+                self._remove(record)
+                return True
+        return False
+
+    def end_stream(self, stream_id: int) -> bool:
+        """Queue FIN: we send no more. @return: C{True} if now fully closed."""
+        return self.send_data(stream_id, b"", fin=True)
+
+    def reset_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """
+        Queue RESET and forget the stream. Resetting a stream that is already
+        gone does nothing: the peer may have ended it first.
+        """
+        record = self._streams.get(stream_id)
+        if record is None:
+            return
+        self._remove(record)
+        self._queue(Reset(stream_id, code, reason))
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """
+        The local consumer took C{size} received bytes: return credit to the
+        peer once half a window has accumulated, so updates stay few.
+        """
+        record = self._streams.get(stream_id)
+        if record is None or size <= 0:
+            return
+        record.unacked += size
+        if record.unacked >= record.window // 2 and (
+            record.state,
+            Input.SEND_WINDOW_UPDATE,
+        ) in TRANSITIONS:
+            self._grant(record, record.unacked)
+
+    def grow_window(self, stream_id: int, window: int) -> None:
+        """
+        Raise the credit target of a stream (receive-side window tuning):
+        the difference is granted at once.
+        """
+        record = self._streams.get(stream_id)
+        if record is None or window <= record.window:
+            return
+        window = min(window, MAX_WINDOW)
+        extra = window - record.window
+        record.window = window
+        if (record.state, Input.SEND_WINDOW_UPDATE) in TRANSITIONS:
+            self._grant(record, extra + record.unacked)
+
+    def ping(self, opaque: bytes | None = None) -> bytes:
+        """Queue a PING; return its opaque bytes (random if not given)."""
+        if opaque is None:
+            opaque = os.urandom(PING_SIZE)
+        if len(opaque) != PING_SIZE:
+            raise MuxUsageError(f"PING carries exactly {PING_SIZE} bytes")
+        self._queue(Ping(opaque))
+        return opaque
+
+    def go_away(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """
+        Queue GOAWAY. A graceful code (NO_ERROR, GOING_AWAY) starts a drain:
+        no new streams, live ones continue. Any other code is fatal: the
+        session processes nothing more and the caller should close the
+        connection once the bytes are written.
+        """
+        fatal = code not in _GRACEFUL
+        if self._fatal_sent or (self._goaway_sent and not fatal):
+            return
+        self._goaway_sent = True
+        if fatal:
+            self._fatal_sent = True
+            self._failed = True
+        self._queue(GoAway(self._last_processed_peer_id, code, reason))
+
+    # -- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[ev.Event]:
+        """
+        Process bytes from the peer; return what happened, in order. Never
+        raises for anything the peer sends.
+        """
+        if self._failed:
+            return []
+        events: list[ev.Event] = []
+        decoder = self._decoder
+        try:
+            for frame in decoder.feed(data):
+                self._handle(frame, events)
+                if self._failed:
+                    return events
+        except ProtocolError as e:
+            events.append(self._fail(e.code, e.reason))
+            return events
+        if decoder.error is not None:
+            events.append(self._fail(decoder.error.code, decoder.error.reason))
+        return events
+
+    # -- internals ---------------------------------------------------------
+
+    def _queue(self, frame: Frame) -> None:
+        self._out += encode(frame)
+
+    def _fail(self, code: ErrorCode, reason: str) -> ev.SessionFailed:
+        self.go_away(code, reason)
+        self._failed = True
+        self._streams.clear()
+        return ev.SessionFailed(code, reason)
+
+    def _add_stream(self, stream_id: int, state: StreamState, local: bool, host: str, port: int) -> None:
+        assert self.peer_settings is not None
+        window = self.local_settings.initial_window
+        self._streams[stream_id] = StreamRecord(
+            stream_id=stream_id,
+            state=state,
+            local=local,
+            host=host,
+            port=port,
+            send_window=self.peer_settings.initial_window,
+            recv_window=window,
+            window=window,
+        )
+        if local:
+            self._local_opened += 1
+        else:
+            self._peer_opened += 1
+
+    def _remove(self, record: StreamRecord) -> None:
+        record.state = StreamState.CLOSED
+        if self._streams.pop(record.stream_id, None) is not None:
+            if record.local:
+                self._local_opened -= 1
+            else:
+                self._peer_opened -= 1
+
+    def _grant(self, record: StreamRecord, increment: int) -> None:
+        increment = min(increment, MAX_WINDOW - record.recv_window)
+        if increment <= 0:
+            return
+        record.recv_window += increment
+        record.unacked = 0
+        self._queue(WindowUpdate(record.stream_id, increment))
+
+    @staticmethod
+    def _next_state(record: StreamRecord, inp: Input) -> StreamState:
+        try:
+            return TRANSITIONS[record.state, inp]
+        except KeyError:
+            if inp.received:
+                raise _StreamError(
+                    ErrorCode.STREAM_STATE_ERROR,
+                    f"{inp.value} not allowed on stream {record.stream_id} in state {record.state.value}",
+                ) from None
+            raise MuxUsageError(
+                f"cannot {inp.value} on stream {record.stream_id} in state {record.state.value}"
+            ) from None
+
+    def _send_transition(self, stream_id: int, inp: Input) -> None:
+        record = self._streams.get(stream_id)
+        if record is None:
+            raise MuxUsageError(f"stream {stream_id} is not open")
+        record.state = self._next_state(record, inp)
+        if record.state is StreamState.CLOSED:
+            self._remove(record)
+
+    def _is_idle(self, stream_id: int) -> bool:
+        if stream_id % 2 == self._peer_parity:
+            return stream_id > self._highest_peer_id
+        return stream_id >= self._next_local_id
+
+    def _handle(self, frame: Frame, events: list[ev.Event]) -> None:
+        if self.peer_settings is None:
+            if not isinstance(frame, Hello):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be HELLO")
+            self._on_hello(frame, events)
+            return
+        if isinstance(frame, Data):
+            record = self._streams.get(frame.stream_id)
+            if record is None:
+                self._check_not_idle(frame)
+                return
+            try:
+                self._on_data(record, frame, events)
+            except _StreamError as e:
+                self._stream_error(record, e, events)
+            return
+        if isinstance(frame, (OpenOk, OpenFail, WindowUpdate, Reset)):
+            record = self._streams.get(frame.stream_id)
+            if record is None:
+                self._check_not_idle(frame)
+                return
+            try:
+                self._on_stream_control(record, frame, events)
+            except _StreamError as e:
+                self._stream_error(record, e, events)
+            return
+        if isinstance(frame, Open):
+            self._on_open(frame, events)
+        elif isinstance(frame, Ping):
+            if frame.ack:
+                events.append(ev.PongReceived(frame.opaque))
+            else:
+                self._queue(Ping(frame.opaque, ack=True))
+                events.append(ev.PingReceived(frame.opaque))
+        elif isinstance(frame, GoAway):
+            self._on_goaway(frame, events)
+        elif isinstance(frame, Hello):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HELLO")
+
+    def _check_not_idle(self, frame: Frame) -> None:
+        # A frame for a closed stream is normal (it crossed our RESET); one for
+        # a stream never opened means the peer lost track of the session.
+        if self._is_idle(frame.stream_id):
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                f"{type(frame).__name__} frame on idle stream {frame.stream_id}",
+            )
+
+    def _on_hello(self, frame: Hello, events: list[ev.Event]) -> None:
+        try:
+            peer = Settings(
+                max_frame_size=frame.max_frame_size,
+                initial_window=frame.initial_window,
+                max_streams=frame.max_streams,
+                version=frame.version,
+            )
+        except ValueError as e:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting out of range: {e.args[0]}") from None
+        version = min(self.local_settings.version, peer.version)
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(
+                ErrorCode.VERSION_MISMATCH, f"no common protocol version (peer speaks up to {peer.version})"
+            )
+        self.peer_settings = peer
+        self.version = version
+        events.append(ev.SessionReady(peer, version))
+
+    def _on_open(self, frame: Open, events: list[ev.Event]) -> None:
+        stream_id = frame.stream_id
+        if stream_id % 2 != self._peer_parity:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN with stream id {stream_id} of our parity")
+        if stream_id <= self._highest_peer_id:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                f"OPEN stream id {stream_id} does not increase (last {self._highest_peer_id})",
+            )
+        self._highest_peer_id = stream_id
+        if self._goaway_sent:
+            self._queue(OpenFail(stream_id, ErrorCode.GOING_AWAY, "going away: no new streams"))
+            return
+        if self._peer_opened >= self.local_settings.max_streams:
+            self._queue(
+                OpenFail(
+                    stream_id,
+                    ErrorCode.REFUSED_STREAM,
+                    f"too many streams (limit {self.local_settings.max_streams})",
+                )
+            )
+            return
+        self._last_processed_peer_id = stream_id
+        self._add_stream(stream_id, StreamState.OPENING_IN, False, frame.host, frame.port)
+        events.append(ev.StreamRequested(stream_id, frame.host, frame.port))
+
+    def _on_data(self, record: StreamRecord, frame: Data, events: list[ev.Event]) -> None:
+        size = len(frame.data)
+        if size:
+            record.state = self._next_state(record, Input.RECV_DATA)
+            if size > record.recv_window:
+                raise _StreamError(
+                    ErrorCode.FLOW_CONTROL_ERROR,
+                    f"{size} bytes exceed the window of {record.recv_window} on stream {record.stream_id}",
+                )
+            record.recv_window -= size
+            events.append(ev.DataReceived(record.stream_id, frame.data))
+        if frame.fin:
+            record.state = self._next_state(record, Input.RECV_FIN)
+            events.append(ev.StreamEnded(record.stream_id))
+            if record.state is StreamState.CLOSED:
+                self._remove(record)
+                events.append(ev.StreamClosed(record.stream_id))
+
+    def _on_stream_control(
+        self, record: StreamRecord, frame: OpenOk | OpenFail | WindowUpdate | Reset, events: list[ev.Event]
+    ) -> None:
+        if isinstance(frame, WindowUpdate):
+            record.state = self._next_state(record, Input.RECV_WINDOW_UPDATE)
+            if record.send_window + frame.increment > MAX_WINDOW:
+                raise _StreamError(
+                    ErrorCode.FLOW_CONTROL_ERROR, f"send window of stream {record.stream_id} overflows"
+                )
+            record.send_window += frame.increment
+            events.append(ev.SendWindowAvailable(record.stream_id, record.send_window))
+        elif isinstance(frame, OpenOk):
+            record.state = self._next_state(record, Input.RECV_OPEN_OK)
+            events.append(ev.StreamAccepted(record.stream_id))
+        elif isinstance(frame, OpenFail):
+            self._next_state(record, Input.RECV_OPEN_FAIL)
+            self._remove(record)
+            events.append(ev.StreamRefused(record.stream_id, frame.code, frame.reason))
+        else:
+            self._remove(record)
+            events.append(ev.StreamReset(record.stream_id, frame.code, frame.reason, by_peer=True))
+
+    def _on_goaway(self, frame: GoAway, events: list[ev.Event]) -> None:
+        self._goaway_received = True
+        fatal = frame.code not in _GRACEFUL
+        if fatal:
+            self._failed = True
+            self._streams.clear()
+        else:
+            # Streams we opened that the peer never processed: refused, and
+            # safe to retry on another session.
+            for record in [r for r in self._streams.values() if r.local and r.stream_id > frame.last_stream_id]:
+                self._remove(record)
+                events.append(
+                    ev.StreamRefused(record.stream_id, ErrorCode.GOING_AWAY, "peer is going away: not processed")
+                )
+        events.append(ev.GoAwayReceived(frame.last_stream_id, frame.code, frame.reason, fatal))
+
+    def _stream_error(self, record: StreamRecord, error: _StreamError, events: list[ev.Event]) -> None:
+        self._remove(record)
+        self._queue(Reset(record.stream_id, error.code, error.reason))
+        events.append(ev.StreamReset(record.stream_id, error.code, error.reason, by_peer=False))
+
+
+__all__ = ["MuxSession", "SUPPORTED_VERSIONS", "code_name"]
