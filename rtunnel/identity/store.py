@@ -1,0 +1,679 @@
+"""
+The tunnel server's state database: enrollment tokens, enrolled sites,
+revocations and live connection status.
+
+It is a plain SQLite file in WAL mode so that the tunnel server and the admin
+CLI can use it at the same time: the CLI creates tokens and revokes sites
+while the server redeems tokens, checks sites and records connections.  Every
+write is one short C{BEGIN IMMEDIATE} transaction, which takes the write lock
+up front: two writers queue on the busy timeout instead of deadlocking on a
+lock upgrade.
+
+Calls block.  Each is a handful of indexed row operations on a local file
+(well under a millisecond), which is why the server may call them from the
+reactor thread; only a competing writer holding the lock (for as long as one
+such transaction) makes a call wait.
+
+Tokens are stored only as their SHA-256 digest, so a copy of the database
+does not let anyone enroll a site.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from attrs import frozen
+
+from rtunnel.identity.certs import fingerprint, load_certificate, validate_site_name
+from rtunnel.identity.errors import (
+    CERTIFICATE_SUPERSEDED,
+    SITE_REVOKED,
+    SITE_UNKNOWN,
+    TOKEN_EXPIRED,
+    TOKEN_REVOKED,
+    TOKEN_SPENT,
+    TOKEN_UNKNOWN,
+    TOKEN_WRONG_SITE,
+    EnrollmentRefused,
+    SiteNotFound,
+    SiteRejected,
+    StateError,
+)
+from rtunnel.identity.keyfile import token_digest
+
+__all__ = ["SCHEMA_VERSION", "SiteRecord", "StateStore", "pid_alive"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE sites (
+    name TEXT PRIMARY KEY,
+    enrolled_at TEXT,
+    certificate_fingerprint TEXT,
+    certificate_pem TEXT,
+    revoked_at TEXT,
+    connected INTEGER NOT NULL DEFAULT 0,
+    session INTEGER NOT NULL DEFAULT 0,
+    peer TEXT,
+    connected_since TEXT,
+    last_seen TEXT
+);
+CREATE TABLE tokens (
+    digest TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    spent_at TEXT,
+    key_fingerprint TEXT,
+    certificate_fingerprint TEXT,
+    certificate_pem TEXT,
+    withdrawn_at TEXT
+);
+CREATE INDEX tokens_by_site ON tokens (site);
+"""
+_TABLES = {"meta", "sites", "tokens"}
+
+
+def pid_alive(pid: int) -> bool:
+    """
+    Tell whether a process with this id exists (it may belong to another
+    user).
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _ts(when: datetime) -> str:
+    if when.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _human(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@frozen
+class SiteRecord:
+    """
+    What the state store knows about one site.
+
+    A site appears once a token was created for it; C{enrolled_at} stays
+    C{None} until a token is redeemed.
+
+    @ivar connected: whether a tunnel from this site is up now, as recorded
+        by a tunnel server that is still running.
+    @ivar peer: the site's address (C{host:port}) on its current or last
+        connection.
+    @ivar token_expires: expiry of the newest outstanding (unspent, not
+        withdrawn) token, or C{None}.
+    """
+
+    name: str
+    enrolled_at: datetime | None
+    revoked_at: datetime | None
+    connected: bool
+    peer: str | None
+    connected_since: datetime | None
+    last_seen: datetime | None = None
+    certificate_fingerprint: str | None = None
+    token_expires: datetime | None = None
+
+    @property
+    def enrolled(self) -> bool:
+        return self.enrolled_at is not None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class StateStore:
+    """
+    The SQLite state database of one tunnel server.
+
+    One instance owns one connection; use it from one thread.  Open as many
+    instances (in as many processes) as needed on the same file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        busy_timeout: float = 5.0,
+        process_alive: Callable[[int], bool] = pid_alive,
+    ) -> None:
+        """
+        Open (and with C{create}, create and initialize) a state database.
+
+        @param create: whether a missing or empty file may be initialized.
+        @param busy_timeout: seconds to wait for another process's write
+            transaction before failing.
+        @param process_alive: tells whether a process id is running; used to
+            ignore the connection flags of a tunnel server that died.
+
+        @raise StateError: if the file is missing (without C{create}), not
+            SQLite, not an rtunnel database, or of another schema version.
+        """
+        self.path = os.fspath(path)
+        self._process_alive = process_alive
+        p = Path(self.path)
+        if p.is_dir():
+            raise StateError(f"state database {self.path} is a directory")
+        if not p.exists():
+            if not create:
+                raise StateError(f"state database {self.path} does not exist")
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StateError(
+                    f"cannot create state database {self.path}: {e.strerror}"
+                ) from None
+        elif not os.access(self.path, os.R_OK | os.W_OK):
+            raise StateError(
+                f"cannot open state database {self.path}: permission denied "
+                "(it must be readable and writable by this user)"
+            )
+        uri = p.absolute().as_uri() + "?mode=rw"
+        try:
+            self._db = sqlite3.connect(
+                uri, uri=True, timeout=busy_timeout, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StateError(f"cannot open state database {self.path}: {e}") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._check_schema(create)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StateError(
+                f"{self.path} is not a usable rtunnel state database ({e})"
+            ) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _check_schema(self, create: bool) -> None:
+        tables = self._tables()
+        if not tables:
+            if not create:
+                raise StateError(f"state database {self.path} is empty")
+            with self._transaction() as db:
+                # Another process may have initialized it while we waited
+                # for the write lock.
+                if not self._tables():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+            tables = self._tables()
+        if "meta" not in tables:
+            raise StateError(
+                f"{self.path} is an SQLite database but not an rtunnel state "
+                "database (it has no meta table)"
+            )
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
+        if row is None:
+            raise StateError(f"{self.path} has no schema version: not an rtunnel state database")
+        version = str(row[0])
+        if version != str(SCHEMA_VERSION):
+            newer = version.isdigit() and int(version) > SCHEMA_VERSION
+            raise StateError(
+                f"{self.path} has schema version {version}; this rtunnel understands "
+                f"version {SCHEMA_VERSION} only"
+                + (" (it was written by a newer rtunnel)" if newer else "")
+            )
+        missing = _TABLES - tables
+        if missing:
+            raise StateError(
+                f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing"
+            )
+
+    def _tables(self) -> set[str]:
+        rows = self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """
+        Run a write transaction, taking the write lock first.
+        """
+        with self._guard():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """
+        Turn SQLite failures (a locked or damaged file) into L{StateError}.
+        """
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise StateError(
+                    f"state database {self.path} is locked by another process ({e})"
+                ) from None
+            raise StateError(f"state database {self.path}: {e}") from None
+        except sqlite3.Error as e:
+            raise StateError(f"state database {self.path}: {e}") from None
+
+    def close(self) -> None:
+        """
+        Close the database connection.
+        """
+        self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- metadata ---------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """
+        Return a value of the C{meta} table, or C{None}.
+        """
+        with self._guard():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """
+        Set a value of the C{meta} table.
+        """
+        if key == "schema_version":
+            raise ValueError("the schema version is not set by callers")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def public_addresses(self) -> list[str]:
+        """
+        The host names the tunnel server was last started with (see
+        L{record_public_addresses}).
+        """
+        value = self.get_meta("public_addresses")
+        return [] if not value else value.split()
+
+    def record_public_addresses(self, hosts: Sequence[str]) -> None:
+        """
+        Remember the server's public host names, so that the admin CLI can
+        default keyfile addresses to them.
+        """
+        self.set_meta("public_addresses", " ".join(hosts))
+
+    # -- tokens and enrollment -------------------------------------------
+
+    def create_token(self, site: str, ttl: timedelta, now: datetime) -> str:
+        """
+        Create a one-time enrollment token for C{site}, valid for C{ttl}.
+
+        @return: the token: 256 random bits, URL-safe base64 (43
+            characters).  Only its SHA-256 is stored.
+        """
+        validate_site_name(site)
+        if ttl <= timedelta(0):
+            raise ValueError("token lifetime must be positive")
+        token = secrets.token_urlsafe(32)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO tokens (digest, site, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (token_digest(token), site, _ts(now), _ts(now + ttl)),
+            )
+        return token
+
+    def withdraw_token(self, token: str) -> None:
+        """
+        Forget an unspent token (used when its keyfile could not be
+        written).
+        """
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM tokens WHERE digest = ? AND spent_at IS NULL",
+                (token_digest(token),),
+            )
+
+    def redeem_token(
+        self,
+        site: str,
+        token: str,
+        public_key_fingerprint: str,
+        issue: Callable[[], str],
+        now: datetime,
+    ) -> str:
+        """
+        Spend an enrollment token and record the site's new certificate, in
+        one transaction.
+
+        The token must be known, issued for C{site}, not withdrawn, not
+        expired and not spent.  Then C{issue()} is called for the certificate
+        PEM; the token is marked spent (recording the key fingerprint), and
+        the site recorded as enrolled with that certificate, which replaces
+        any earlier certificate of the site and clears a revocation.
+
+        A retry with the same public key after the token was spent returns
+        the stored certificate again, as long as it is still the site's
+        current, unrevoked certificate: a site whose connection was cut
+        during enrollment can simply retry.
+
+        @raise EnrollmentRefused: with code C{token-unknown},
+            C{token-wrong-site}, C{token-spent}, C{token-revoked} or
+            C{token-expired}.
+        """
+        digest = token_digest(token)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM tokens WHERE digest = ?", (digest,)
+            ).fetchone()
+            if row is None:
+                raise EnrollmentRefused(
+                    TOKEN_UNKNOWN,
+                    "the tunnel server does not know this enrollment token "
+                    "(is the keyfile from another server?)",
+                )
+            if row["site"] != site:
+                raise EnrollmentRefused(
+                    TOKEN_WRONG_SITE,
+                    f"this token was issued for site {row['site']!r}, not {site!r}",
+                )
+            if row["spent_at"] is not None:
+                current = db.execute(
+                    "SELECT certificate_fingerprint, revoked_at FROM sites WHERE name = ?",
+                    (site,),
+                ).fetchone()
+                if (
+                    row["key_fingerprint"] == public_key_fingerprint
+                    and current is not None
+                    and current["revoked_at"] is None
+                    and current["certificate_fingerprint"]
+                    == row["certificate_fingerprint"]
+                ):
+                    return str(row["certificate_pem"])
+                spent = _dt(row["spent_at"])
+                assert spent is not None
+                raise EnrollmentRefused(
+                    TOKEN_SPENT,
+                    f"this token was already used at {_human(spent)} to enroll "
+                    f"site {site!r}; create a new keyfile",
+                )
+            if row["withdrawn_at"] is not None:
+                withdrawn = _dt(row["withdrawn_at"])
+                assert withdrawn is not None
+                raise EnrollmentRefused(
+                    TOKEN_REVOKED,
+                    f"this token was withdrawn at {_human(withdrawn)} when site "
+                    f"{site!r} was revoked; create a new keyfile",
+                )
+            expires = _dt(row["expires_at"])
+            assert expires is not None
+            if now >= expires:
+                raise EnrollmentRefused(
+                    TOKEN_EXPIRED,
+                    f"this token expired at {_human(expires)}; create a new keyfile",
+                )
+            certificate_pem = issue()
+            cert_fp = fingerprint(load_certificate(certificate_pem))
+            stamp = _ts(now)
+            db.execute(
+                "UPDATE tokens SET spent_at = ?, key_fingerprint = ?, "
+                "certificate_fingerprint = ?, certificate_pem = ? WHERE digest = ?",
+                (stamp, public_key_fingerprint, cert_fp, certificate_pem, digest),
+            )
+            db.execute(
+                "INSERT INTO sites (name, enrolled_at, certificate_fingerprint, "
+                "certificate_pem) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET enrolled_at = excluded.enrolled_at, "
+                "certificate_fingerprint = excluded.certificate_fingerprint, "
+                "certificate_pem = excluded.certificate_pem, revoked_at = NULL",
+                (site, stamp, cert_fp, certificate_pem),
+            )
+            return certificate_pem
+
+    # -- admission --------------------------------------------------------
+
+    def check_site(self, site: str, certificate_fingerprint: str) -> None:
+        """
+        Decide whether a site presenting a certificate with this fingerprint
+        (already verified against our CA) may connect now.
+
+        @raise SiteRejected: C{site-unknown} if the site never enrolled,
+            C{site-revoked}, or C{certificate-superseded} if the site has
+            enrolled again since this certificate was issued.
+        """
+        with self._guard():
+            row = self._db.execute(
+                "SELECT enrolled_at, certificate_fingerprint, revoked_at "
+                "FROM sites WHERE name = ?",
+                (site,),
+            ).fetchone()
+        if row is None or row["enrolled_at"] is None:
+            raise SiteRejected(SITE_UNKNOWN, f"site {site!r} is not enrolled")
+        if row["revoked_at"] is not None:
+            revoked = _dt(row["revoked_at"])
+            assert revoked is not None
+            raise SiteRejected(
+                SITE_REVOKED, f"site {site!r} was revoked at {_human(revoked)}"
+            )
+        if row["certificate_fingerprint"] != certificate_fingerprint:
+            raise SiteRejected(
+                CERTIFICATE_SUPERSEDED,
+                f"site {site!r} has enrolled again since this certificate was "
+                "issued; only its newest certificate is accepted",
+            )
+
+    def revoke_site(self, name: str, now: datetime) -> SiteRecord:
+        """
+        Revoke a site: its certificate is refused from now on, and its
+        outstanding tokens are withdrawn.  Revoking twice keeps the first
+        revocation time.  Only a keyfile created after this re-admits it.
+
+        @return: the site's record after revocation.
+        @raise SiteNotFound: if no site of that name is known.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT revoked_at FROM sites WHERE name = ?", (name,)).fetchone()
+            has_tokens = db.execute(
+                "SELECT 1 FROM tokens WHERE site = ? LIMIT 1", (name,)
+            ).fetchone()
+            if row is None and has_tokens is None:
+                raise SiteNotFound(f"no site named {name!r} is known to this server")
+            stamp = _ts(now)
+            db.execute(
+                "UPDATE tokens SET withdrawn_at = ? WHERE site = ? "
+                "AND spent_at IS NULL AND withdrawn_at IS NULL",
+                (stamp, name),
+            )
+            if row is None:
+                db.execute("INSERT INTO sites (name, revoked_at) VALUES (?, ?)", (name, stamp))
+            elif row["revoked_at"] is None:
+                db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
+        record = self.site(name)
+        assert record is not None
+        return record
+
+    def revoked_sites(self) -> frozenset[str]:
+        """
+        The names of all revoked sites.
+        """
+        with self._guard():
+            rows = self._db.execute(
+                "SELECT name FROM sites WHERE revoked_at IS NOT NULL"
+            ).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def changes_token(self) -> int:
+        """
+        A number that changes whenever another connection (the CLI, another
+        process) commits to the database; cheap enough to poll every second
+        before re-reading L{revoked_sites}.  Commits through this instance
+        do not change it.
+        """
+        with self._guard():
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- connection status ------------------------------------------------
+
+    def record_server_start(self, pid: int, now: datetime) -> None:
+        """
+        Record that a tunnel server (process C{pid}) started and owns the
+        connection flags; flags left by an earlier run are cleared.
+        """
+        with self._transaction() as db:
+            for key, value in (("server_pid", str(pid)), ("server_started_at", _ts(now))):
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            db.execute("UPDATE sites SET connected = 0 WHERE connected != 0")
+
+    def record_server_stop(self, now: datetime) -> None:
+        """
+        Record a clean shutdown of the tunnel server: no site is connected.
+        """
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = 'server_pid'")
+            db.execute(
+                "UPDATE sites SET connected = 0, last_seen = ? WHERE connected != 0",
+                (_ts(now),),
+            )
+
+    def mark_connected(self, site: str, peer: str, now: datetime) -> int:
+        """
+        Record that C{site} is connected from C{peer} since C{now}.
+
+        @return: a session number; pass it to L{mark_disconnected} so that
+            the end of a connection that was taken over by a newer one does
+            not mark the newer one disconnected.
+        @raise SiteNotFound: if the site is not known.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sites SET connected = 1, session = session + 1, peer = ?, "
+                "connected_since = ?, last_seen = ? WHERE name = ?",
+                (peer, _ts(now), _ts(now), site),
+            )
+            if cursor.rowcount != 1:
+                raise SiteNotFound(f"no site named {site!r} is known to this server")
+            row = db.execute("SELECT session FROM sites WHERE name = ?", (site,)).fetchone()
+            return int(row[0])
+
+    def mark_disconnected(self, site: str, now: datetime, session: int | None = None) -> None:
+        """
+        Record that C{site} disconnected at C{now}.
+
+        @param session: the number L{mark_connected} returned; if the site has
+            connected again since (a newer session), nothing changes.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sites SET connected = 0, last_seen = ? "
+                "WHERE name = ? AND (? IS NULL OR session = ?)",
+                (_ts(now), site, session, session),
+            )
+
+    # -- listing ----------------------------------------------------------
+
+    def _server_alive(self) -> bool:
+        pid = self.get_meta("server_pid")
+        return pid is not None and pid.isdigit() and self._process_alive(int(pid))
+
+    def list_sites(self) -> list[SiteRecord]:
+        """
+        All known sites (enrolled, revoked, or with a token outstanding),
+        sorted by name.  C{connected} is C{False} for every site if the
+        recorded tunnel server process is not running.
+        """
+        alive = self._server_alive()
+        with self._guard():
+            rows = self._db.execute(
+                """
+                SELECT n.name AS name, s.enrolled_at, s.revoked_at, s.connected,
+                       s.peer, s.connected_since, s.last_seen,
+                       s.certificate_fingerprint,
+                       (SELECT max(t.expires_at) FROM tokens t WHERE t.site = n.name
+                          AND t.spent_at IS NULL AND t.withdrawn_at IS NULL)
+                         AS token_expires
+                FROM (SELECT name FROM sites UNION SELECT site FROM tokens) n
+                LEFT JOIN sites s ON s.name = n.name
+                ORDER BY n.name
+                """
+            ).fetchall()
+        return [self._record(r, alive) for r in rows]
+
+    def site(self, name: str) -> SiteRecord | None:
+        """
+        The record of one site, or C{None} if it is not known.
+        """
+        for record in self.list_sites():
+            if record.name == name:
+                return record
+        return None
+
+    @staticmethod
+    def _record(row: sqlite3.Row, alive: bool) -> SiteRecord:
+        return SiteRecord(
+            name=row["name"],
+            enrolled_at=_dt(row["enrolled_at"]),
+            revoked_at=_dt(row["revoked_at"]),
+            connected=bool(alive and row["connected"]),
+            peer=row["peer"],
+            connected_since=_dt(row["connected_since"]),
+            last_seen=_dt(row["last_seen"]),
+            certificate_fingerprint=row["certificate_fingerprint"],
+            token_expires=_dt(row["token_expires"]),
+        )
