@@ -88,6 +88,8 @@ class MuxProtocol(Protocol):
         self.streams: dict[int, MuxStream] = {}
         self.last_rtt: float | None = None
         self.close_reason: Failure | None = None
+        #: (code, reason) of the peer's GOAWAY, once one arrived
+        self.peer_goaway: tuple[int, str] | None = None
         #: called with (code, reason) when the peer starts a graceful drain.
         self.on_goaway: Callable[[int, str], None] | None = None
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] = []
@@ -298,6 +300,7 @@ class MuxProtocol(Protocol):
 
     def _accept(self, stream: MuxStream) -> None:
         self.session.accept_stream(stream.stream_id)
+        stream.accepted = True
         self._flush()
         if not stream.opened.called:
             stream.opened.callback(stream)
@@ -352,6 +355,7 @@ class MuxProtocol(Protocol):
         elif isinstance(event, ev.StreamAccepted):
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.opened.called:
+                stream.accepted = True
                 stream.opened.callback(stream)
         elif isinstance(event, (ev.StreamRefused, ev.StreamReset)):
             stream = self.streams.get(event.stream_id)
@@ -391,6 +395,7 @@ class MuxProtocol(Protocol):
                 stream.refuse(ErrorCode.INTERNAL_ERROR, "internal error")
 
     def _on_goaway(self, event: ev.GoAwayReceived) -> None:
+        self.peer_goaway = (event.code, event.reason)
         if event.fatal:
             self._log.warn(
                 "tunnel peer {peer} ended the session: {code}: {reason}",

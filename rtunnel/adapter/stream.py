@@ -100,6 +100,8 @@ class MuxStream:
         self.protocol: IProtocol | None = None
         self.connected = False
         self.disconnected = False
+        #: the target end answered OPEN_OK (or we did, for a peer's stream)
+        self.accepted = False
         # outbound
         self._outbuf: deque[bytes] = deque()
         self._outlen = 0
@@ -131,12 +133,14 @@ class MuxStream:
         protocol.makeConnection(self)
         self._drain_inbound()
 
-    def accept(self, protocol: IProtocol) -> None:
+    def accept(self, protocol: IProtocol | None = None) -> None:
         """
-        Answer the peer's OPEN with OPEN_OK and connect C{protocol}.
+        Answer the peer's OPEN with OPEN_OK and connect C{protocol} (or
+        leave attaching to the caller).
         """
         self._mux._accept(self)
-        self.attach(protocol)
+        if protocol is not None:
+            self.attach(protocol)
 
     def refuse(self, code: int, reason: str) -> None:
         """

@@ -1,0 +1,192 @@
+"""
+Which site has which live tunnel session, on the server.
+
+There is never more than one live session per site: a site that reconnects
+while its old connection still looks alive (a half-dead path the keepalive has
+not caught yet) takes over at once, and the old session is ended with
+SESSION_REPLACED. Callers that want a stream to a site that is briefly away
+wait up to an open timeout for it to come back, so a reconnect is invisible to
+them; the number of such waiters per site is bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ..adapter.protocol import MuxProtocol
+from ..adapter.stream import MuxStream
+from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
+
+
+class SiteUnavailable(Exception):
+    """
+    No stream could be opened to the site: not connected within the open
+    timeout, too many opens waiting, or its stream limit is reached.
+    """
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(site, reason)
+        self.site = site
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"site {self.site!r} unavailable: {self.reason}"
+
+
+@define
+class _Waiter:
+    deferred: defer.Deferred[MuxProtocol]
+    timer: IDelayedCall | None = None
+
+
+@define
+class _SiteEntry:
+    session: MuxProtocol | None = None
+    peer: str = ""
+    waiters: list[_Waiter] = field(factory=list)
+
+
+class SiteRegistry:
+    """
+    @param clock: for open timeouts.
+    @param on_connected: C{(site, peer)} when a site session becomes live
+        (for the state store's "connected" column).
+    @param on_disconnected: C{(site)} when the live session of a site ends.
+    @param max_pending_opens: most opens that may wait for one site at once.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        on_connected: Callable[[str, str], None] | None = None,
+        on_disconnected: Callable[[str], None] | None = None,
+        max_pending_opens: int = 256,
+    ) -> None:
+        self.clock = clock
+        self.on_connected = on_connected
+        self.on_disconnected = on_disconnected
+        self.max_pending_opens = max_pending_opens
+        self._sites: dict[str, _SiteEntry] = {}
+
+    # -- sessions ---------------------------------------------------------
+
+    def register(self, site: str, session: MuxProtocol, peer: str) -> None:
+        """
+        Make C{session} the live session of C{site}, replacing (and ending)
+        any older one, and hand it to whoever waits for the site.
+        """
+        entry = self._sites.setdefault(site, _SiteEntry())
+        old = entry.session
+        entry.session = session
+        entry.peer = peer
+        if old is not None and old is not session and old.accepting_streams:
+            self._log.info(
+                "site {site} reconnected from {peer}: new session replaces the one from {oldPeer}",
+                site=site,
+                peer=peer,
+                oldPeer=old.peer_label,
+            )
+            old.terminate(ErrorCode.SESSION_REPLACED, "a newer session of this site took over")
+        if self.on_connected is not None:
+            self.on_connected(site, peer)
+        session.when_closed().addCallback(lambda _: self._session_ended(site, session))
+        waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.deferred.callback(session)
+
+    def session_for(self, site: str) -> MuxProtocol | None:
+        """The live session of C{site} that accepts new streams, if any."""
+        entry = self._sites.get(site)
+        if entry is None or entry.session is None or not entry.session.accepting_streams:
+            return None
+        return entry.session
+
+    def connected_sites(self) -> dict[str, str]:
+        """{site: peer} for every site with a live session."""
+        return {name: e.peer for name, e in self._sites.items() if e.session is not None}
+
+    def cut(self, site: str, code: int, reason: str) -> bool:
+        """End the live session of C{site} (revocation). @return: whether one was live."""
+        entry = self._sites.get(site)
+        if entry is None or entry.session is None:
+            return False
+        entry.session.terminate(code, reason)
+        return True
+
+    def sessions(self) -> list[MuxProtocol]:
+        return [e.session for e in self._sites.values() if e.session is not None]
+
+    def _session_ended(self, site: str, session: MuxProtocol) -> None:
+        entry = self._sites.get(site)
+        if entry is None or entry.session is not session:
+            return  # already replaced by a newer session
+        entry.session = None
+        entry.peer = ""
+        if self.on_disconnected is not None:
+            self.on_disconnected(site)
+
+    # -- opening streams ----------------------------------------------------
+
+    def wait_for(self, site: str, timeout: float) -> defer.Deferred[MuxProtocol]:
+        """
+        The live session of C{site}, now or as soon as it connects, within
+        C{timeout} seconds; fails with L{SiteUnavailable}.
+        """
+        session = self.session_for(site)
+        if session is not None:
+            return defer.succeed(session)
+        entry = self._sites.setdefault(site, _SiteEntry())
+        if len(entry.waiters) >= self.max_pending_opens:
+            return defer.fail(SiteUnavailable(site, f"{len(entry.waiters)} opens already waiting for it"))
+        if timeout <= 0:
+            return defer.fail(SiteUnavailable(site, "not connected"))
+
+        def cancel(d: defer.Deferred[MuxProtocol]) -> None:
+            self._drop_waiter(entry, waiter)
+
+        waiter = _Waiter(defer.Deferred(cancel))
+
+        def expire() -> None:
+            waiter.timer = None
+            self._drop_waiter(entry, waiter)
+            waiter.deferred.errback(SiteUnavailable(site, f"not connected within {timeout:g}s"))
+
+        waiter.timer = self.clock.callLater(timeout, expire)
+        entry.waiters.append(waiter)
+        return waiter.deferred
+
+    @staticmethod
+    def _drop_waiter(entry: _SiteEntry, waiter: _Waiter) -> None:
+        if waiter in entry.waiters:
+            entry.waiters.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+
+    def open(self, site: str, host: str, port: int, timeout: float) -> defer.Deferred[MuxStream]:
+        """
+        Open a stream to C{host}:C{port} at C{site}, waiting up to C{timeout}
+        seconds for the site to be connected. The stream is returned at once
+        after OPEN is sent (bytes written now travel as early data); its
+        C{opened} Deferred tells whether the site accepted it.
+        """
+
+        def opened(session: MuxProtocol) -> MuxStream:
+            try:
+                return session.open_stream(host, port)
+            except StreamLimitReached as e:
+                raise SiteUnavailable(site, f"stream limit reached ({e})") from None
+            except SessionClosing:
+                raise SiteUnavailable(site, "its session is going away") from None
+
+        return self.wait_for(site, timeout).addCallback(opened)

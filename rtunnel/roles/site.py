@@ -1,0 +1,309 @@
+"""
+The tunnel role, run at the site: enroll once with a keyfile, then keep one
+mutually authenticated TLS connection to the tunnel server up, forever.
+
+Network failures are retried with exponential backoff and jitter (first retry
+within about a second, capped). Authentication failures are not: a token that
+is spent, expired or for another site, a revoked site, or a server that cannot
+prove the identity pinned by the keyfile will not fix themselves, so the
+service logs why and stops the process with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+from attrs import frozen
+from OpenSSL import SSL
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IAddress, IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..adapter.protocol import Keepalive, MuxProtocol
+from ..identity.errors import EnrollmentRefused
+from ..identity.keyfile import Keyfile, parse_address
+from ..identity.state import SiteState
+from ..identity.tlsconfig import site_tls_options
+from ..mux.errors import ErrorCode, code_name
+from ..mux.settings import Settings
+from .enrollment import enroll
+from .target import TargetConnector
+
+
+@frozen
+class SitePolicy:
+    """
+    Timeouts of the tunnel role (docs/operations.md lists each).
+
+    @ivar retry_initial: first reconnect delay (plus up to 1 s of jitter).
+    @ivar retry_cap: the longest delay between reconnect attempts.
+    @ivar connect_timeout: TCP connect to the server.
+    @ivar drain_grace: on shutdown, how long open streams may finish.
+    """
+
+    settings: Settings = Settings()
+    keepalive: Keepalive | None = Keepalive()
+    retry_initial: float = 1.0
+    retry_cap: float = 30.0
+    connect_timeout: float = 10.0
+    drain_grace: float = 10.0
+
+
+class AuthenticationFailed(Exception):
+    """The server or this site failed authentication; retrying cannot help."""
+
+
+def authentication_problem(failure: Failure) -> str | None:
+    """
+    Say why C{failure} is an authentication failure, or C{None} if it looks
+    like a network fault worth retrying.
+    """
+    try:
+        from service_identity.exceptions import VerificationError
+    except ImportError:  # pragma: no cover
+        VerificationError = ()  # type: ignore[assignment,misc]
+    if failure.check(EnrollmentRefused):
+        return f"enrollment refused: {failure.value}"
+    if failure.check(AuthenticationFailed):
+        return str(failure.value)
+    if VerificationError and failure.check(VerificationError):
+        return f"the tunnel server's certificate does not match the pinned name: {failure.value}"
+    if failure.check(SSL.Error):
+        text = str(failure.value)
+        if "certificate verify failed" in text:
+            return "the tunnel server could not prove the identity pinned by the keyfile (certificate verify failed)"
+        if "alert" in text and ("certificate" in text or "unknown ca" in text):
+            return f"the tunnel server rejected this site's certificate ({text})"
+    return None
+
+
+@implementer(IStreamClientEndpoint)
+class RotatingEndpoint:
+    """
+    Each connection attempt goes to the next server address in turn, so a
+    site with several addresses in its keyfile finds whichever is up.
+    """
+
+    def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
+        if not endpoints:
+            raise ValueError("no server address")
+        self._endpoints = list(endpoints)
+        self._next = 0
+
+    def connect(self, factory: Factory) -> defer.Deferred:
+        endpoint = self._endpoints[self._next % len(self._endpoints)]
+        self._next += 1
+        return endpoint.connect(factory)
+
+
+class SiteMuxFactory(Factory):
+    """
+    Builds the site end of each tunnel connection and watches how it ends.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        site: str,
+        clock: IReactorTime,
+        connector: TargetConnector,
+        policy: SitePolicy,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.site = site
+        self.clock = clock
+        self.connector = connector
+        self.policy = policy
+        self.on_fatal = on_fatal
+        self.current: MuxProtocol | None = None
+
+    def buildProtocol(self, addr: IAddress) -> MuxProtocol:
+        mux = MuxProtocol(
+            initiator=True,
+            clock=self.clock,
+            settings=self.policy.settings,
+            stream_handler=self.connector,
+            keepalive=self.policy.keepalive,
+            label=self.site,
+        )
+        self.current = mux
+        mux.when_ready().addCallbacks(self._ready, lambda f: None)
+        mux.when_closed().addCallback(self._closed, mux)
+        return mux
+
+    def _ready(self, mux: MuxProtocol) -> None:
+        self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
+
+    def _closed(self, reason: Failure, mux: MuxProtocol) -> None:
+        if self.current is mux:
+            self.current = None
+        goaway = mux.peer_goaway
+        if goaway is not None and goaway[0] == ErrorCode.NOT_AUTHORIZED:
+            self.on_fatal(f"tunnel server refused site {self.site}: {goaway[1]}")
+            return
+        problem = authentication_problem(reason)
+        if problem is not None:
+            self.on_fatal(problem)
+            return
+        why = f"{code_name(goaway[0])}: {goaway[1]}" if goaway is not None else reason.getErrorMessage()
+        self._log.warn("site {site}: tunnel to {server} lost: {reason}", site=self.site, server=mux.peer_label, reason=why)
+
+
+class TunnelClientService(MultiService):
+    """
+    The site's tunnel: enrollment (if a keyfile asks for it), then a
+    L{ClientService} that keeps the connection up.
+
+    @param on_fatal: called with a message on an authentication failure;
+        the twistd builder stops the process with a non-zero status.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        state: SiteState,
+        keyfile: Keyfile | None,
+        connector: TargetConnector,
+        policy: SitePolicy,
+        on_fatal: Callable[[str], None],
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.state = state
+        self.keyfile = keyfile
+        self.connector = connector
+        self.policy = policy
+        self.on_fatal = self._fatal_once(on_fatal)
+        self.jitter = jitter
+        self.client: ClientService | None = None
+        self.factory: SiteMuxFactory | None = None
+        self._enrolling: defer.Deferred[None] | None = None
+        self._failed = False
+
+    def _fatal_once(self, on_fatal: Callable[[str], None]) -> Callable[[str], None]:
+        def fatal(message: str) -> None:
+            if self._failed:
+                return
+            self._failed = True
+            if self.client is not None and self.client.running:
+                self.client.stopService()
+            on_fatal(message)
+
+        return fatal
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.state.needs_enrollment(self.keyfile):
+            if self.keyfile is None:
+                self.on_fatal(
+                    f"site state in {self.state.directory.path} is not enrolled: start once with --keyfile FILE"
+                )
+                return
+            self._enrolling = self._enroll(self.keyfile)
+            self._enrolling.addCallback(lambda _: self._start_tunnel())
+            self._enrolling.addErrback(self._enroll_failed)
+        else:
+            if self.keyfile is not None:
+                self._log.info("site {site} already enrolled with this keyfile; using the stored credentials", site=self.state.site_name)
+            self._start_tunnel()
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        if self._enrolling is not None and not self._enrolling.called:
+            self._enrolling.cancel()
+        factory = self.factory
+        if factory is not None and factory.current is not None and factory.current.ready:
+            self._log.info("site {site}: draining the tunnel (grace {grace}s)", site=self.state.site_name, grace=self.policy.drain_grace)
+            yield factory.current.drain(self.policy.drain_grace, "site shutting down")
+        yield super().stopService()
+
+    # -- enrollment ---------------------------------------------------------
+
+    def _retry_delay(self, attempt: int) -> float:
+        return min(self.policy.retry_initial * (2.0**attempt), self.policy.retry_cap) + self.jitter()
+
+    def _enroll(self, keyfile: Keyfile) -> defer.Deferred[None]:
+        addresses = [parse_address(a) for a in keyfile.addresses]
+        csr = self.state.enrollment_request(keyfile.site)
+        creator = site_tls_options(keyfile.ca_certificate_pem, keyfile.server_name)
+        attempt = 0
+
+        @defer.inlineCallbacks
+        def run():  # type: ignore[no-untyped-def]
+            nonlocal attempt
+            while True:
+                host, port = addresses[attempt % len(addresses)]
+                endpoint = wrapClientTLS(
+                    creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout)
+                )
+                self._log.info("site {site}: enrolling with {host}:{port}", site=keyfile.site, host=host, port=port)
+                try:
+                    certificate = yield enroll(endpoint, keyfile.site, keyfile.token, csr, clock=self.reactor)
+                except defer.CancelledError:
+                    raise
+                except Exception:
+                    failure = Failure()
+                    if authentication_problem(failure) is not None:
+                        raise
+                    delay = self._retry_delay(attempt)
+                    attempt += 1
+                    self._log.warn(
+                        "site {site}: enrollment attempt failed: {reason}; retrying in {delay:.1f}s",
+                        site=keyfile.site,
+                        reason=failure.getErrorMessage(),
+                        delay=delay,
+                    )
+                    yield task.deferLater(self.reactor, delay, lambda: None)
+                    continue
+                self.state.complete_enrollment(keyfile, certificate)
+                return
+
+        return run()
+
+    def _enroll_failed(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        problem = authentication_problem(failure) or f"enrollment failed: {failure.getErrorMessage()}"
+        self.on_fatal(problem)
+
+    # -- the tunnel ---------------------------------------------------------
+
+    def _start_tunnel(self) -> None:
+        if not self.running or self._failed:
+            return
+        state = self.state
+        assert state.site_name is not None and state.server_name is not None
+        creator = site_tls_options(
+            state.ca_certificate_pem, state.server_name, client_key=state.private_key, client_cert=state.certificate
+        )
+        endpoints = [
+            wrapClientTLS(creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout))
+            for host, port in (parse_address(a) for a in state.addresses)
+        ]
+        self.factory = SiteMuxFactory(state.site_name, self.reactor, self.connector, self.policy, self.on_fatal)
+        backoff = backoffPolicy(
+            initialDelay=self.policy.retry_initial, maxDelay=self.policy.retry_cap, factor=2.0, jitter=self.jitter
+        )
+        site = state.site_name
+
+        def retry_policy(attempt: int) -> float:
+            delay = backoff(attempt)
+            self._log.info("site {site}: reconnecting in {delay:.1f}s (attempt {attempt})", site=site, delay=delay, attempt=attempt + 1)
+            return delay
+
+        self.client = ClientService(RotatingEndpoint(endpoints), self.factory, retryPolicy=retry_policy, clock=self.reactor)
+        self.client.setServiceParent(self)
+

@@ -1,0 +1,173 @@
+"""
+The site's side of a stream: check the allowlist, connect to the target, and
+splice the stream into that TCP connection.
+
+The allowlist is the site operator's word on what the cloud may reach: the
+cloud names a target in each OPEN, and anything not listed is refused with
+TARGET_NOT_ALLOWED and logged here (the cloud logs the refusal it receives).
+Connection failures are answered with a specific code (refused, unreachable,
+timeout, DNS), so the cloud-side log says what went wrong at the site.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Iterable
+
+from attrs import frozen
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..adapter.stream import MuxStream
+from ..mux.errors import ErrorCode
+from .splice import TCPSide
+
+
+def _canonical_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+@frozen
+class Target:
+    """A HOST:PORT the cloud may open at this site."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        """
+        Parse C{HOST:PORT} (IPv6 in brackets: C{[::1]:554}).
+
+        @raise ValueError: with a message naming what is wrong.
+        """
+        text = text.strip()
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0 or text[end + 1 : end + 2] != ":":
+                raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+            host, port_text = text[1:end], text[end + 2 :]
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{text!r}: expected HOST:PORT")
+            if ":" in host:
+                raise ValueError(f"{text!r}: write IPv6 addresses in brackets, [ADDR]:PORT")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        return cls(_canonical_host(host), int(port_text))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+#: How the site reaches a target: (host, port) -> an endpoint.
+EndpointFactory = Callable[[str, int], IStreamClientEndpoint]
+
+
+def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
+    """Targets reached by plain TCP (HostnameEndpoint: IPv4/IPv6, happy eyeballs)."""
+    return lambda host, port: HostnameEndpoint(reactor, host.encode("idna") if not _is_ip(host) else host, port, timeout=timeout)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _failure_code(failure: Failure) -> int:
+    if failure.check(error.ConnectionRefusedError):
+        return ErrorCode.TARGET_REFUSED
+    if failure.check(error.TimeoutError, defer.TimeoutError, defer.CancelledError):
+        return ErrorCode.TARGET_TIMEOUT
+    if failure.check(error.DNSLookupError):
+        return ErrorCode.TARGET_DNS_FAILURE
+    if failure.check(error.NoRouteError):
+        return ErrorCode.TARGET_UNREACHABLE
+    return ErrorCode.TARGET_ERROR
+
+
+class TargetConnector:
+    """
+    The site-side stream handler of a tunnel session.
+
+    @param allow: the targets the cloud may open.
+    @param endpoint_for: how to reach a target; injected for tests.
+    @param local_factories: targets served in this process by a Twisted
+        factory instead of a TCP connection (for applications that embed the
+        site role); they need no allowlist entry, being explicit already.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        allow: Iterable[Target],
+        endpoint_for: EndpointFactory,
+        clock: IReactorTime,
+        local_factories: dict[Target, Factory] | None = None,
+    ) -> None:
+        self.allow = frozenset(allow)
+        self.endpoint_for = endpoint_for
+        self.clock = clock
+        self.local_factories = dict(local_factories or {})
+
+    def __call__(self, stream: MuxStream) -> None:
+        target = Target(_canonical_host(stream.host), stream.port)
+        factory = self.local_factories.get(target)
+        if factory is not None:
+            protocol: IProtocol | None = factory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.refuse(ErrorCode.TARGET_REFUSED, f"{target} refused the stream")
+            else:
+                stream.accept(protocol)
+            return
+        if target not in self.allow:
+            self._log.warn(
+                "refused stream {streamID} to {target}: not in the allowlist (--allow)",
+                streamID=stream.stream_id,
+                target=str(target),
+            )
+            stream.refuse(ErrorCode.TARGET_NOT_ALLOWED, f"{target} is not allowed at this site")
+            return
+        leg = TCPSide()
+
+        def connected(_: object) -> None:
+            if stream.disconnected:  # the cloud gave up meanwhile
+                if leg.transport is not None:
+                    leg.transport.loseConnection()
+                return
+            stream.accept()
+            leg.join(stream)
+
+        def failed(failure: Failure) -> None:
+            if stream.disconnected:
+                return
+            code = _failure_code(failure)
+            reason = f"connecting to {target} failed: {failure.getErrorMessage()}"
+            self._log.warn("refused stream {streamID}: {reason}", streamID=stream.stream_id, reason=reason)
+            stream.refuse(code, reason)
+
+        d = self.endpoint_for(target.host, target.port).connect(_OneShot(leg))
+        d.addCallbacks(connected, failed)
+
+
+class _OneShot(Factory):
+    def __init__(self, protocol: TCPSide) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> TCPSide:
+        return self._protocol
