@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..adapter.protocol import Keepalive, MuxProtocol
-from ..identity.errors import EnrollmentRefused
+from ..identity.errors import EnrollmentRefused, PeerVerificationFailed
 from ..identity.keyfile import Keyfile, parse_address
 from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
@@ -73,6 +73,8 @@ def authentication_problem(failure: Failure) -> str | None:
         return f"enrollment refused: {failure.value}"
     if failure.check(AuthenticationFailed):
         return str(failure.value)
+    if failure.check(PeerVerificationFailed):
+        return f"the tunnel server could not prove the identity pinned by the keyfile: {failure.value}"
     if VerificationError and failure.check(VerificationError):
         return f"the tunnel server's certificate does not match the pinned name: {failure.value}"
     if failure.check(SSL.Error):

@@ -1,0 +1,74 @@
+"""
+C{twistd rtunnel-server}: options in, L{build_server_service} out.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from ..identity.errors import IdentityError
+from ..roles.forward import ForwardSpec
+from ..roles.server import ServerPolicy
+from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
+from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float
+
+
+class Options(usage.Options):
+    synopsis = "--state DIR [--listen ENDPOINT] [--public-address HOST]... [--forward SPEC]..."
+    longdesc = (
+        "Run the cloud role of rtunnel: sites dial in over TLS on --listen; each --forward "
+        "[BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT listens on BIND_ADDRESS:PORT (default bind "
+        "127.0.0.1) and leads every connection to HOST:HOSTPORT at SITE."
+    )
+    optParameters = [
+        ["state", None, None, "State directory: CA, server certificate, database (created on first start)."],
+        ["listen", None, DEFAULT_LISTEN, "Twisted server endpoint for sites; rtunnel adds TLS itself."],
+        ["open-timeout", None, "5", "Seconds a forwarded client waits for an absent site to (re)connect."],
+        ["handshake-timeout", None, "30", "Seconds a site connection has to finish TLS and authenticate or enroll."],
+        *KEEPALIVE_PARAMETERS,
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["public-address"] = []
+        self["forward"] = []
+
+    def opt_public_address(self, host: str) -> None:
+        """Name or IP under which sites reach this server (repeatable); in its certificate."""
+        self["public-address"].append(host)
+
+    def opt_forward(self, spec: str) -> None:
+        """[BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT (repeatable), like ssh -R."""
+        try:
+            self["forward"].append(ForwardSpec.parse(spec))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self) -> None:
+        if not self["state"]:
+            raise usage.UsageError("--state DIR is required")
+        keepalive = keepalive_from(self)
+        self.config = ServerConfig(
+            state_dir=self["state"],
+            listen=self["listen"],
+            public_addresses=tuple(self["public-address"]),
+            forwards=tuple(self["forward"]),
+            open_timeout=positive_float("open-timeout", self["open-timeout"]),
+            drain_grace=positive_float("drain-grace", self["drain-grace"]),
+            policy=ServerPolicy(
+                keepalive=keepalive,
+                handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
+            ),
+        )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        return build_server_service(options.config, reactor)
+    except IdentityError as e:
+        sys.exit(f"rtunnel-server: error: {e}")

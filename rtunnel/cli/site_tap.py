@@ -1,0 +1,69 @@
+"""
+C{twistd rtunnel}: options in, L{build_site_service} out.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from ..identity.errors import IdentityError
+from ..roles.site import SitePolicy
+from ..roles.target import Target
+from ..services import SiteConfig, build_site_service
+from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float
+
+
+class Options(usage.Options):
+    synopsis = "--state DIR [--keyfile FILE] --allow HOST:PORT [--allow HOST:PORT]..."
+    longdesc = (
+        "Run the site role of rtunnel: dial out to the tunnel server and let the cloud open "
+        "streams to the --allow targets. The first start needs --keyfile (from "
+        "'rtunnel keyfile create'); later starts use the credentials stored in --state."
+    )
+    optParameters = [
+        ["state", None, None, "Site state directory: private key, certificate, pinned server."],
+        ["keyfile", None, None, "Keyfile to enroll with (first start, or to re-enroll)."],
+        ["retry-cap", None, "30", "Longest delay in seconds between reconnect attempts."],
+        ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
+        *KEEPALIVE_PARAMETERS,
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+
+    def opt_allow(self, target: str) -> None:
+        """HOST:PORT the cloud may open at this site (repeatable; [IPv6]:PORT)."""
+        try:
+            self["allow"].append(Target.parse(target))
+        except ValueError as e:
+            raise usage.UsageError(f"--allow {e}") from None
+
+    def postOptions(self) -> None:
+        if not self["state"]:
+            raise usage.UsageError("--state DIR is required")
+        connect_timeout = positive_float("connect-timeout", self["connect-timeout"])
+        self.config = SiteConfig(
+            state_dir=self["state"],
+            keyfile=self["keyfile"],
+            allow=tuple(self["allow"]),
+            target_connect_timeout=connect_timeout,
+            policy=SitePolicy(
+                keepalive=keepalive_from(self),
+                retry_cap=positive_float("retry-cap", self["retry-cap"]),
+                connect_timeout=connect_timeout,
+                drain_grace=positive_float("drain-grace", self["drain-grace"]),
+            ),
+        )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        return build_site_service(options.config, reactor)
+    except IdentityError as e:
+        sys.exit(f"rtunnel: error: {e}")

@@ -1,0 +1,140 @@
+"""
+Endpoints: how Twisted applications in the cloud reach site services.
+
+L{SiteEndpoint} is an L{IStreamClientEndpoint} that connects through a running
+tunnel server to HOST:PORT at a site, so code written for
+C{TCP4ClientEndpoint} works through the tunnel unchanged::
+
+    endpoint = SiteEndpoint(registry, "store-17", "10.0.0.5", 554)
+    protocol = await endpoint.connect(factory)
+
+or, by description, once a tunnel server runs in the same process::
+
+    endpoint = clientFromString(reactor, "rtunnel:site=store-17:host=10.0.0.5:port=554")
+
+The description names the server (C{server=NAME}, default C{default}); a
+tunnel server service publishes its registry under its name while it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.plugin import IPlugin
+from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+from zope.interface import implementer
+
+from .adapter.stream import MuxStream, StreamOpenFailed
+from .mux.errors import ErrorCode
+from .roles.registry import SiteRegistry, SiteUnavailable
+
+DEFAULT_OPEN_TIMEOUT = 5.0
+
+_registries: dict[str, SiteRegistry] = {}
+
+
+def publish_registry(name: str, registry: SiteRegistry) -> None:
+    """Make C{registry} reachable by C{rtunnel:…server=NAME} descriptions."""
+    _registries[name] = registry
+
+
+def withdraw_registry(name: str, registry: SiteRegistry) -> None:
+    if _registries.get(name) is registry:
+        del _registries[name]
+
+
+def published_registry(name: str) -> SiteRegistry:
+    try:
+        return _registries[name]
+    except KeyError:
+        raise SiteUnavailable("*", f"no tunnel server named {name!r} runs in this process") from None
+
+
+class PublishedRegistry:
+    """
+    The registry published under C{name}, looked up at each open, so that a
+    description can be parsed before the tunnel server has started.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def open(self, site: str, host: str, port: int, timeout: float) -> defer.Deferred[MuxStream]:
+        try:
+            registry = published_registry(self.name)
+        except SiteUnavailable:
+            return defer.fail()
+        return registry.open(site, host, port, timeout)
+
+
+@implementer(IStreamClientEndpoint)
+class SiteEndpoint:
+    """
+    Connects to C{host}:C{port} at C{site} through the tunnel server that
+    owns C{registry}.
+
+    C{connect} fires once the site has connected to the target (OPEN_OK), with
+    the protocol built by the factory; it fails with L{SiteUnavailable} (site
+    not connected within C{open_timeout}, limits) or L{StreamOpenFailed}
+    (the site refused: not allowed, target down).
+    """
+
+    def __init__(
+        self,
+        registry: SiteRegistry | PublishedRegistry,
+        site: str,
+        host: str,
+        port: int,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    ) -> None:
+        self.registry = registry
+        self.site = site
+        self.host = host
+        self.port = port
+        self.open_timeout = open_timeout
+
+    def __repr__(self) -> str:
+        return f"<SiteEndpoint {self.site}:{self.host}:{self.port}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        stream_d = self.registry.open(self.site, self.host, self.port, self.open_timeout)
+
+        def opened(stream: MuxStream) -> defer.Deferred[IProtocol]:
+            return stream.opened.addCallback(attach)
+
+        def attach(stream: MuxStream) -> IProtocol:
+            protocol = protocolFactory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.reset(ErrorCode.CANCEL, "the local factory declined the connection")
+                raise StreamOpenFailed(ErrorCode.CANCEL, "the factory's buildProtocol returned None")
+            stream.attach(protocol)
+            return protocol
+
+        return stream_d.addCallback(opened)
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class SiteEndpointParser:
+    """
+    C{rtunnel:site=NAME:host=HOST:port=PORT[:timeout=SECONDS][:server=NAME]}.
+    """
+
+    prefix = "rtunnel"
+
+    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> SiteEndpoint:
+        if args:
+            raise ValueError(f"rtunnel endpoint takes only key=value parameters, got {args!r}")
+        unknown = set(kwargs) - {"site", "host", "port", "timeout", "server"}
+        if unknown:
+            raise ValueError(f"rtunnel endpoint: unknown parameter(s) {', '.join(sorted(unknown))}")
+        for required in ("site", "host", "port"):
+            if not kwargs.get(required):
+                raise ValueError(f"rtunnel endpoint: missing {required}=")
+        port_text = kwargs["port"]
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"rtunnel endpoint: port={port_text!r} is not a number from 1 to 65535")
+        timeout = float(kwargs.get("timeout", DEFAULT_OPEN_TIMEOUT))
+        registry = PublishedRegistry(kwargs.get("server", "default"))
+        return SiteEndpoint(registry, kwargs["site"], kwargs["host"], int(port_text), timeout)

@@ -1,0 +1,190 @@
+"""
+Builders of the two roles' services, from frozen configuration.
+
+The twistd plugins (rtunnel/cli/*_tap.py) only parse options into a config and
+call these; tests and applications that embed rtunnel call them directly with
+any reactor. Each builder does its fallible preparation (state directory,
+keyfile) at build time, so that a misconfiguration is reported before the
+process starts serving, and returns a L{MultiService}.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from attrs import frozen
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from .endpoints import publish_registry, withdraw_registry
+from .identity.keyfile import Keyfile, read_keyfile
+from .identity.state import ServerState, SiteState
+from .identity.tlsconfig import server_tls_options
+from .roles.fatal import stop_with_status
+from .roles.forward import ForwardFactory, ForwardSpec
+from .roles.registry import SiteRegistry
+from .roles.server import RevocationWatch, ServerPolicy, TunnelServerFactory
+from .roles.site import SitePolicy, TunnelClientService
+from .roles.target import Target, TargetConnector, tcp_endpoints
+
+DEFAULT_LISTEN = "tcp:5500"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@frozen
+class ServerConfig:
+    """Everything C{twistd rtunnel-server} is told."""
+
+    state_dir: str
+    listen: str = DEFAULT_LISTEN
+    public_addresses: tuple[str, ...] = ()
+    forwards: tuple[ForwardSpec, ...] = ()
+    open_timeout: float = 5.0
+    drain_grace: float = 10.0
+    revocation_poll: float = 1.0
+    policy: ServerPolicy = ServerPolicy()
+    name: str = "default"
+
+
+@frozen
+class SiteConfig:
+    """Everything C{twistd rtunnel} is told."""
+
+    state_dir: str
+    keyfile: str | None = None
+    allow: tuple[Target, ...] = ()
+    target_connect_timeout: float = 10.0
+    policy: SitePolicy = SitePolicy()
+
+
+class TunnelServerService(MultiService):
+    """
+    Listens for sites (TLS added here) and on each forward port; cuts
+    revoked sites; drains every session on stop.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: ServerConfig, state: ServerState, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.state = state
+        self.reactor = reactor
+        self.registry = SiteRegistry(
+            reactor,
+            on_connected=lambda site, peer: state.store.mark_connected(site, peer, _utcnow()),
+            on_disconnected=lambda site: state.store.mark_disconnected(site, _utcnow()),
+        )
+        self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
+        self.ports: list[IListeningPort] = []
+        self.tunnel_port: IListeningPort | None = None
+        self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
+        self._watch = RevocationWatch(state, self.registry)
+        self._poll: task.LoopingCall | None = None
+        self._listening: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.state.store.record_server_start(os.getpid(), _utcnow())
+        publish_registry(self.config.name, self.registry)
+        self._poll = task.LoopingCall(self._watch.check)
+        self._poll.clock = self.reactor
+        self._poll.start(self.config.revocation_poll, now=False)
+        self._listening = self._listen_all()
+
+    @defer.inlineCallbacks
+    def _listen_all(self):  # type: ignore[no-untyped-def]
+        description = self.config.listen
+        try:
+            tls_factory = TLSMemoryBIOFactory(server_tls_options(self.state), False, self.factory)
+            port = yield serverFromString(self.reactor, description).listen(tls_factory)
+            self.tunnel_port = port
+            self.ports.append(port)
+            self._log.info("tunnel server listening for sites on {address}", address=_address(port))
+            for spec in self.config.forwards:
+                description = spec.endpoint_description()
+                factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
+                port = yield serverFromString(self.reactor, description).listen(factory)
+                self.forward_ports[spec] = port
+                self.ports.append(port)
+                self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
+        except Exception:
+            failure = Failure()
+            stop_with_status(self.reactor, 1, f"cannot listen on {description}: {failure.getErrorMessage()}")
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        withdraw_registry(self.config.name, self.registry)
+        ports, self.ports = self.ports, []
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        sessions = self.registry.sessions()
+        if sessions:
+            self._log.info(
+                "draining {count} site sessions (grace {grace}s)", count=len(sessions), grace=self.config.drain_grace
+            )
+        yield defer.gatherResults(
+            [s.drain(self.config.drain_grace, "tunnel server shutting down") for s in sessions], consumeErrors=True
+        )
+        self.state.store.record_server_stop(_utcnow())
+        self._log.info("tunnel server stopped")
+        yield super().stopService()
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    addr = getattr(host, "host", "?")
+    return f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{getattr(host, 'port', '?')}"
+
+
+def build_server_service(config: ServerConfig, reactor: Any) -> TunnelServerService:
+    """
+    Open (or create, on first start) the server state and build the service.
+
+    @raise rtunnel.identity.errors.StateError: the state directory is unusable.
+    """
+    state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
+    return TunnelServerService(config, state, reactor)
+
+
+def build_site_service(
+    config: SiteConfig,
+    reactor: Any,
+    on_fatal: Callable[[str], None] | None = None,
+) -> TunnelClientService:
+    """
+    Load the site state and the keyfile (if given) and build the tunnel.
+
+    @param on_fatal: what to do on an authentication failure; by default the
+        process stops with exit status 1.
+    @raise rtunnel.identity.errors.StateError, KeyfileError: unusable input.
+    """
+    log = Logger(namespace="rtunnel.site")
+    state = SiteState.load(config.state_dir)
+    keyfile: Keyfile | None = read_keyfile(config.keyfile) if config.keyfile else None
+    if not config.allow:
+        log.warn("no --allow given: the cloud can reach nothing at this site")
+    connector = TargetConnector(config.allow, tcp_endpoints(reactor, config.target_connect_timeout), reactor)
+    if on_fatal is None:
+        on_fatal = lambda message: stop_with_status(reactor, 1, message)  # noqa: E731
+    return TunnelClientService(reactor, state, keyfile, connector, config.policy, on_fatal)
+
+
+__all__ = [
+    "ServerConfig",
+    "SiteConfig",
+    "TunnelServerService",
+    "build_server_service",
+    "build_site_service",
+]
