@@ -1,0 +1,342 @@
+"""
+The enrollment exchange as two small Twisted protocols over TLS.
+
+Server side, L{EnrollmentResponder}: runs on a TLS connection whose client
+presented no certificate; reads one request, lets the server state decide,
+answers, closes.  Site side, L{EnrollmentRequester} (or L{enroll}): sends the
+request only once the TLS handshake has verified the server against the CA
+pinned from the keyfile, so a wrong server never sees the token.
+
+The wire format is in L{rtunnel.identity.enrollment}.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rtunnel.identity.certs import fingerprint, load_certificate, validate_site_name
+from rtunnel.identity.enrollment import (
+    EnrollAccepted,
+    EnrollRejected,
+    EnrollReply,
+    EnrollRequest,
+    ReplyReader,
+    RequestReader,
+    encode_reply,
+    encode_request,
+)
+from rtunnel.identity.errors import (
+    BAD_REQUEST,
+    INTERNAL_ERROR,
+    EnrollmentIncomplete,
+    EnrollmentProtocolError,
+    EnrollmentRefused,
+    IdentityError,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Enroller",
+    "EnrollmentResponder",
+    "EnrollmentRequester",
+    "enroll",
+]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class Enroller(TypingProtocol):
+    """
+    What the responder needs from the server: L{ServerState} provides it.
+    """
+
+    def enroll(self, site: str, token: str, csr_pem: str, now: datetime) -> str:
+        """
+        Return the new certificate PEM or raise L{EnrollmentRefused}.
+        """
+
+
+def _describe_peer(transport: object) -> str:
+    get_peer = getattr(transport, "getPeer", None)
+    if get_peer is None:
+        return "unknown"
+    address = get_peer()
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _site_for_log(site: str) -> str:
+    """
+    The site name as received, safe for a log line even if it is garbage.
+    """
+    try:
+        return validate_site_name(site)
+    except IdentityError:
+        return repr(site[:64])
+
+
+def _drop(transport: object) -> None:
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()  # type: ignore[attr-defined]
+
+
+class EnrollmentResponder(Protocol):
+    """
+    Server side of one enrollment exchange.
+
+    Reads one request, calls C{enroller.enroll}, writes the reply and closes.
+    A malformed request gets a C{bad-request} reply; an unexpected error an
+    C{internal-error} reply (details only in the server log).  If the request
+    has not arrived C{timeout} seconds after the connection was handed over,
+    the connection is dropped.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        enroller: Enroller,
+        clock: IReactorTime,
+        timeout: float = DEFAULT_TIMEOUT,
+        peer: str | None = None,
+    ) -> None:
+        self._enroller = enroller
+        self._clock = clock
+        self._timeout = timeout
+        self._peer = peer
+        self._reader = RequestReader()
+        self._timer: IDelayedCall | None = None
+        self._finished = False
+        self.reply: EnrollReply | None = None
+
+    @property
+    def peer(self) -> str:
+        return self._peer if self._peer is not None else _describe_peer(self.transport)
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        try:
+            request = self._reader.receive_data(data)
+        except EnrollmentProtocolError as e:
+            self._log.info(
+                "malformed enrollment request from {peer}: {error}",
+                peer=self.peer,
+                error=str(e),
+            )
+            self._finish(EnrollRejected(BAD_REQUEST, str(e)))
+            return
+        if request is not None:
+            self._finish(self._decide(request))
+
+    def _decide(self, request: EnrollRequest) -> EnrollReply:
+        site = _site_for_log(request.site)
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        try:
+            certificate_pem = self._enroller.enroll(
+                request.site, request.token, request.csr_pem, now
+            )
+        except EnrollmentRefused as e:
+            self._log.info(
+                "enrollment refused for site {site} from {peer}: {code}: {message}",
+                site=site,
+                peer=self.peer,
+                code=e.code,
+                message=e.message,
+            )
+            return EnrollRejected(e.code, e.message)
+        except Exception:
+            self._log.failure(
+                "enrollment of site {site} from {peer} failed", site=site, peer=self.peer
+            )
+            return EnrollRejected(
+                INTERNAL_ERROR,
+                "the tunnel server could not complete the enrollment; see its log",
+            )
+        self._log.info(
+            "enrolled site {site} from {peer}: certificate {fingerprint}",
+            site=site,
+            peer=self.peer,
+            fingerprint=fingerprint(load_certificate(certificate_pem)),
+        )
+        return EnrollAccepted(certificate_pem)
+
+    def _finish(self, reply: EnrollReply) -> None:
+        self._finished = True
+        self.reply = reply
+        self._cancel_timer()
+        self.transport.write(encode_reply(reply))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        self._finished = True
+        self._log.info(
+            "dropping enrollment connection from {peer}: no complete request "
+            "within {timeout} seconds",
+            peer=self.peer,
+            timeout=self._timeout,
+        )
+        _drop(self.transport)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timer()
+        self._finished = True
+
+
+@implementer(IHandshakeListener)
+class EnrollmentRequester(Protocol):
+    """
+    Site side of one enrollment exchange.
+
+    C{result} fires with the certificate PEM, or fails with
+    L{EnrollmentRefused} (the server said no), L{EnrollmentProtocolError}
+    (the server's answer is garbage), L{EnrollmentIncomplete} (closed or
+    timed out before an answer: retry with the same key), or the TLS failure
+    (e.g. L{rtunnel.identity.errors.PeerVerificationFailed}: wrong server).
+
+    The request is written from C{handshakeCompleted}, i.e. only after the
+    server certificate was verified: on a transport that never completes a
+    TLS handshake, nothing is sent and the exchange times out.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        request: EnrollRequest,
+        clock: IReactorTime,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._timeout = timeout
+        self._reader = ReplyReader()
+        self._timer: IDelayedCall | None = None
+        self.sent = False
+        self.result: Deferred[str] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+
+    def handshakeCompleted(self) -> None:
+        if self.result.called:
+            return
+        self.sent = True
+        self.transport.write(encode_request(self._request))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.result.called:
+            return
+        try:
+            reply = self._reader.receive_data(data)
+        except EnrollmentProtocolError as e:
+            self._settle(Failure(e))
+            _drop(self.transport)
+            return
+        if reply is None:
+            return
+        if isinstance(reply, EnrollAccepted):
+            self._settle(reply.certificate_pem)
+        else:
+            self._settle(Failure(EnrollmentRefused(reply.code, reply.message)))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.result.called:
+            self._cancel_timer()
+            return
+        if reason.check(ConnectionDone, ConnectionLost):
+            self._settle(
+                Failure(
+                    EnrollmentIncomplete(
+                        "the connection to the tunnel server closed before it "
+                        "answered the enrollment request"
+                    )
+                )
+            )
+        else:
+            self._settle(reason)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.result.called:
+            return
+        self._settle(
+            Failure(
+                EnrollmentIncomplete(
+                    f"the tunnel server did not answer the enrollment request "
+                    f"within {self._timeout:g} seconds"
+                )
+            )
+        )
+        _drop(self.transport)
+
+    def _settle(self, outcome: str | Failure) -> None:
+        self._cancel_timer()
+        if isinstance(outcome, Failure):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def enroll(
+    endpoint: IStreamClientEndpoint,
+    site: str,
+    token: str,
+    csr_pem: str,
+    *,
+    clock: IReactorTime,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Deferred[str]:
+    """
+    Enroll over C{endpoint}, which must speak TLS with the pinned CA and
+    without a client certificate (C{wrapClientTLS(site_tls_options(ca,
+    server_name), tcp_endpoint)}).
+
+    @return: a Deferred firing with the site certificate PEM, or failing as
+        L{EnrollmentRequester.result} does (or with the connection error).
+    """
+    requester = EnrollmentRequester(EnrollRequest(site, token, csr_pem), clock, timeout)
+    connected: Deferred[object] = connectProtocol(endpoint, requester)
+
+    def _connected(_: object) -> Deferred[str]:
+        return requester.result
+
+    return connected.addCallback(_connected)
