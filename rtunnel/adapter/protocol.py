@@ -93,7 +93,7 @@ class MuxProtocol(Protocol):
         #: called with (code, reason) when the peer starts a graceful drain.
         self.on_goaway: Callable[[int, str], None] | None = None
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] = []
-        self._closed_waiters: list[defer.Deferred[Failure]] = []
+        self._closed_waiters: list[defer.Deferred[BaseException]] = []
         self._in_receive = False
         self._last_received = 0.0
         self._ping_sent: dict[bytes, float] = {}
@@ -115,11 +115,14 @@ class MuxProtocol(Protocol):
         self._ready_waiters.append(d)
         return d
 
-    def when_closed(self) -> defer.Deferred[Failure]:
-        """Fires with the reason once the tunnel connection is gone."""
+    def when_closed(self) -> defer.Deferred[BaseException]:
+        """
+        Fires once the tunnel connection is gone, with the reason's
+        exception (a Deferred cannot carry a Failure as a success).
+        """
         if self._lost:
-            return defer.succeed(self.close_reason or CLEAN_CLOSE)
-        d: defer.Deferred[Failure] = defer.Deferred()
+            return defer.succeed((self.close_reason or CLEAN_CLOSE).value)
+        d: defer.Deferred[BaseException] = defer.Deferred()
         self._closed_waiters.append(d)
         return d
 
@@ -179,7 +182,7 @@ class MuxProtocol(Protocol):
             d.errback(reason)
         self._ready_waiters.clear()
         for waiter in self._closed_waiters:
-            waiter.callback(reason)
+            waiter.callback(reason.value)
         self._closed_waiters.clear()
 
     # -- IPushProducer: our transport's buffer filled or drained ------------
@@ -233,7 +236,7 @@ class MuxProtocol(Protocol):
             self._ping_sent.pop(next(iter(self._ping_sent)))
         self._flush()
 
-    def drain(self, grace: float, reason: str = "shutting down") -> defer.Deferred[Failure]:
+    def drain(self, grace: float, reason: str = "shutting down") -> defer.Deferred[BaseException]:
         """
         Graceful shutdown: GOAWAY, no new streams, let open streams finish
         for up to C{grace} seconds, then close. Fires when the connection is gone.

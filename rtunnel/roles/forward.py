@@ -165,6 +165,8 @@ class ForwardFactory(Factory):
         back before its connection is closed.
     """
 
+    noisy = False
+
     def __init__(self, spec: ForwardSpec, registry: SiteRegistry, open_timeout: float) -> None:
         self.spec = spec
         self.registry = registry

@@ -135,10 +135,8 @@ class TunnelConnection(Protocol):
         self.factory.registry.register(site, mux, self.peer)
         mux.when_closed().addCallback(self._session_closed, site)
 
-    def _session_closed(self, reason: Failure, site: str) -> None:
-        self._log.info(
-            "site {site} from {peer} disconnected: {reason}", site=site, peer=self.peer, reason=reason.getErrorMessage()
-        )
+    def _session_closed(self, reason: BaseException, site: str) -> None:
+        self._log.info("site {site} from {peer} disconnected: {reason}", site=site, peer=self.peer, reason=str(reason))
 
     def _become(self, protocol: Protocol) -> None:
         self.inner = protocol
@@ -195,6 +193,7 @@ class TunnelServerFactory(Factory):
     """
 
     protocol = TunnelConnection  # type: ignore[assignment]
+    noisy = False
 
     def __init__(
         self, state: ServerState, registry: SiteRegistry, clock: IReactorTime, policy: ServerPolicy = ServerPolicy()

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from attrs import frozen
 from OpenSSL import SSL
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -110,6 +110,8 @@ class SiteMuxFactory(Factory):
     Builds the site end of each tunnel connection and watches how it ends.
     """
 
+    noisy = False
+
     _log = Logger()
 
     def __init__(
@@ -144,7 +146,8 @@ class SiteMuxFactory(Factory):
     def _ready(self, mux: MuxProtocol) -> None:
         self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
-    def _closed(self, reason: Failure, mux: MuxProtocol) -> None:
+    def _closed(self, exception: BaseException, mux: MuxProtocol) -> None:
+        reason = Failure(exception)
         if self.current is mux:
             self.current = None
         goaway = mux.peer_goaway
@@ -235,6 +238,8 @@ class TunnelClientService(MultiService):
     # -- enrollment ---------------------------------------------------------
 
     def _retry_delay(self, attempt: int) -> float:
+        """Exponential backoff from C{retry_initial}, capped, plus jitter so
+        that many sites cut off at once do not all return at once."""
         return min(self.policy.retry_initial * (2.0**attempt), self.policy.retry_cap) + self.jitter()
 
     def _enroll(self, keyfile: Keyfile) -> defer.Deferred[None]:
@@ -296,14 +301,13 @@ class TunnelClientService(MultiService):
             for host, port in (parse_address(a) for a in state.addresses)
         ]
         self.factory = SiteMuxFactory(state.site_name, self.reactor, self.connector, self.policy, self.on_fatal)
-        backoff = backoffPolicy(
-            initialDelay=self.policy.retry_initial, maxDelay=self.policy.retry_cap, factor=2.0, jitter=self.jitter
-        )
         site = state.site_name
 
-        def retry_policy(attempt: int) -> float:
-            delay = backoff(attempt)
-            self._log.info("site {site}: reconnecting in {delay:.1f}s (attempt {attempt})", site=site, delay=delay, attempt=attempt + 1)
+        def retry_policy(failures: int) -> float:
+            delay = self._retry_delay(failures - 1)
+            self._log.info(
+                "site {site}: reconnect attempt {attempt} in {delay:.1f}s", site=site, delay=delay, attempt=failures
+            )
             return delay
 
         self.client = ClientService(RotatingEndpoint(endpoints), self.factory, retryPolicy=retry_policy, clock=self.reactor)

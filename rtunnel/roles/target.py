@@ -166,6 +166,8 @@ class TargetConnector:
 
 
 class _OneShot(Factory):
+    noisy = False
+
     def __init__(self, protocol: TCPSide) -> None:
         self._protocol = protocol
 
