@@ -1,0 +1,385 @@
+"""
+The C{rtunnel} admin command: keyfiles and sites of a tunnel server.
+
+    rtunnel keyfile create --state DIR --site NAME --output FILE
+                           [--address HOST[:PORT]]... [--expires DURATION]
+    rtunnel sites list --state DIR [--json]
+    rtunnel sites revoke NAME --state DIR
+
+It works on the server's state directory directly, including while the
+server runs: the state database is SQLite in WAL mode, and the server polls it
+for revocations.  Every failure is one line on stderr (C{rtunnel: error: ...})
+and a non-zero exit status: 2 for a usage error, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TextIO
+
+from rtunnel.identity.certs import certificate_covers, dump_certificate, validate_site_name
+from rtunnel.identity.errors import IdentityError, KeyfileExists
+from rtunnel.identity.keyfile import (
+    DEFAULT_PORT,
+    Keyfile,
+    format_address,
+    normalize_address,
+    parse_address,
+    write_keyfile,
+)
+from rtunnel.identity.state import ServerState
+from rtunnel.identity.store import SiteRecord
+
+__all__ = ["main", "parse_duration", "build_parser"]
+
+_DURATION_RE = re.compile(r"(?:[0-9]+[smhdw])+\Z")
+_DURATION_PART_RE = re.compile(r"([0-9]+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_TOKEN_LIFETIME = timedelta(days=365)
+
+
+class _UsageError(Exception):
+    """
+    The command line is wrong (exit status 2).
+    """
+
+
+class _Exit(Exception):
+    """
+    argparse wants to stop (after --help): exit with C{status}.
+    """
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    An argparse parser that raises instead of printing usage and exiting,
+    so that L{main} reports every error as one line and returns its status.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            raise _UsageError(message.strip())
+        raise _Exit(status)
+
+
+def parse_duration(text: str) -> timedelta:
+    """
+    Parse a duration like C{30m}, C{24h}, C{7d} or C{1d12h} (units C{s},
+    C{m}, C{h}, C{d}, C{w}).
+
+    @raise ValueError: with a message showing the expected form.
+    """
+    value = text.strip().lower()
+    if not _DURATION_RE.match(value):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit (s, m, h, d or w), "
+            "like 30m, 24h or 7d"
+        )
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(value))
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be longer than zero")
+    duration = timedelta(seconds=seconds)
+    if duration > _MAX_TOKEN_LIFETIME:
+        raise ValueError(f"duration {text!r} is longer than the 365-day limit")
+    return duration
+
+
+def _argument_type(check: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of the C{rtunnel} command.
+    """
+    parser = _Parser(
+        prog="rtunnel",
+        description="Administer an rtunnel tunnel server: keyfiles and sites.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keyfile = commands.add_parser("keyfile", help="create keyfiles that enroll sites")
+    keyfile_commands = keyfile.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = keyfile_commands.add_parser(
+        "create",
+        help="create a keyfile with a one-time enrollment token for a site",
+        description=(
+            "Create a keyfile that lets one site enroll with this tunnel server. "
+            "The keyfile holds a secret one-time token and the server's CA "
+            "certificate: move it to the site over a trusted channel."
+        ),
+    )
+    create.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    create.add_argument(
+        "--site",
+        required=True,
+        metavar="NAME",
+        type=_argument_type(validate_site_name, "site name"),
+        help="site name: 1-63 of a-z 0-9 . _ -",
+    )
+    create.add_argument(
+        "--output", required=True, metavar="FILE", help="keyfile to write (must not exist)"
+    )
+    create.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        type=_argument_type(normalize_address, "address"),
+        help=(
+            f"server address the site dials (repeatable; default: the server's "
+            f"public addresses, port {DEFAULT_PORT}); IPv6 as [::1]:{DEFAULT_PORT}"
+        ),
+    )
+    create.add_argument(
+        "--expires",
+        default=timedelta(hours=24),
+        metavar="DURATION",
+        type=_argument_type(parse_duration, "duration"),
+        help="how long the token stays valid: 30m, 24h, 7d... (default 24h)",
+    )
+    create.set_defaults(run=_keyfile_create)
+
+    sites = commands.add_parser("sites", help="list and revoke sites")
+    site_commands = sites.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = site_commands.add_parser("list", help="list sites and their connection status")
+    listing.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=_sites_list)
+    revoke = site_commands.add_parser(
+        "revoke",
+        help="revoke a site: its tunnel is cut and its certificate refused",
+        description=(
+            "Revoke a site. A running tunnel server cuts its tunnel within "
+            "seconds and refuses its certificate from then on; its outstanding "
+            "keyfiles are withdrawn. Only a new keyfile re-admits it."
+        ),
+    )
+    revoke.add_argument("name", metavar="NAME", help="site name")
+    revoke.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    revoke.set_defaults(run=_sites_revoke)
+    return parser
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _span(duration: timedelta) -> str:
+    seconds = int(duration.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _keyfile_create(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    output: str = args.output
+    if os.path.lexists(output):
+        raise KeyfileExists(f"refusing to overwrite existing file {output}")
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        addresses: list[str] = list(args.address) or [
+            format_address(host, DEFAULT_PORT) for host in state.public_addresses
+        ]
+        hosts = [parse_address(a)[0] for a in addresses]
+        uncovered = [h for h in hosts if not certificate_covers(state.server_certificate, h)]
+        if uncovered:
+            raise IdentityError(
+                f"the server certificate does not cover {', '.join(uncovered)}: restart "
+                f"the tunnel server with --public-address {uncovered[0]} (it then "
+                "re-issues its certificate), or pick another --address"
+            )
+        existing = state.store.site(args.site)
+        token = state.store.create_token(args.site, args.expires, now)
+        keyfile = Keyfile(
+            site=args.site,
+            addresses=tuple(addresses),
+            server_name=hosts[0],
+            ca_certificate_pem=dump_certificate(state.ca_certificate),
+            token=token,
+            expires=now + args.expires,
+        )
+        try:
+            write_keyfile(output, keyfile)
+        except BaseException:
+            state.store.withdraw_token(token)
+            raise
+    print(f"wrote keyfile {output} for site {args.site!r}", file=out)
+    print(f"  server addresses: {', '.join(keyfile.addresses)}", file=out)
+    print(
+        f"  token expires:    {_when(keyfile.expires)} (in {_span(args.expires)})",
+        file=out,
+    )
+    if existing is not None and existing.enrolled and not existing.revoked:
+        print(
+            f"note: site {args.site!r} is enrolled already; enrolling with this "
+            "keyfile replaces its certificate",
+            file=out,
+        )
+    print(
+        "The keyfile holds a one-time secret: move it to the site over a trusted "
+        "channel and delete this copy.",
+        file=out,
+    )
+    return 0
+
+
+def _site_json(record: SiteRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "enrolled": record.enrolled,
+        "enrolled_at": _iso(record.enrolled_at),
+        "revoked": record.revoked,
+        "revoked_at": _iso(record.revoked_at),
+        "connected": record.connected,
+        "peer": record.peer if record.connected else None,
+        "connected_since": _iso(record.connected_since) if record.connected else None,
+        "last_seen": _iso(record.last_seen),
+        "certificate_fingerprint": record.certificate_fingerprint,
+        "token_expires": _iso(record.token_expires),
+    }
+
+
+def _site_row(record: SiteRecord, now: datetime) -> list[str]:
+    if record.enrolled:
+        enrolled = _when(record.enrolled_at)
+    elif record.token_expires is not None:
+        verb = "expires" if record.token_expires > now else "expired"
+        enrolled = f"pending (token {verb} {_when(record.token_expires)})"
+    else:
+        enrolled = "no"
+    if record.connected:
+        connected = f"yes, from {record.peer} since {_when(record.connected_since)}"
+    elif record.last_seen is not None:
+        connected = f"no (last seen {_when(record.last_seen)})"
+    else:
+        connected = "no"
+    return [record.name, enrolled, _when(record.revoked_at), connected]
+
+
+def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        records = state.store.list_sites()
+    if args.json:
+        json.dump([_site_json(r) for r in records], out, indent=2)
+        out.write("\n")
+        return 0
+    if not records:
+        print("no sites yet (create a keyfile with 'rtunnel keyfile create')", file=out)
+        return 0
+    rows = [["SITE", "ENROLLED", "REVOKED", "CONNECTED"]]
+    rows += [_site_row(r, now) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(3)] + [row[3]]
+        print("  ".join(cells).rstrip(), file=out)
+    return 0
+
+
+def _sites_revoke(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        record = state.store.revoke_site(args.name, now)
+    assert record.revoked_at is not None
+    if record.revoked_at < now:
+        print(
+            f"site {args.name!r} was already revoked at {_when(record.revoked_at)}",
+            file=out,
+        )
+    else:
+        print(
+            f"revoked site {args.name!r}; a running tunnel server cuts its tunnel "
+            "within seconds. Only a new keyfile re-admits it.",
+            file=out,
+        )
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    now: datetime | None = None,
+) -> int:
+    """
+    Run the C{rtunnel} command.
+
+    @param argv: arguments without the program name (default C{sys.argv[1:]}).
+    @param stdout: where results go (default C{sys.stdout}).
+    @param stderr: where the one-line error goes (default C{sys.stderr}).
+    @param now: the current time (default: the system clock).
+
+    @return: the exit status: 0 on success, 1 on a runtime error, 2 on a
+        usage error.
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    arguments = sys.argv[1:] if argv is None else list(argv)
+
+    def fail(message: str, status: int) -> int:
+        print(f"rtunnel: error: {_one_line(message)}", file=err)
+        return status
+
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(out):
+            args = parser.parse_args(arguments)
+    except _UsageError as e:
+        return fail(str(e), 2)
+    except _Exit as e:
+        return e.status
+    # Whole seconds: the keyfile states its expiry to the second, and the
+    # server must agree with it exactly.
+    when = (datetime.now(UTC) if now is None else now).replace(microsecond=0)
+    try:
+        status: int = args.run(args, when, out)
+        return status
+    except (IdentityError, OSError) as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as e:
+        if os.environ.get("RTUNNEL_DEBUG"):
+            raise
+        return fail(
+            f"internal error ({type(e).__name__}: {e}); set RTUNNEL_DEBUG=1 for a traceback",
+            1,
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
