@@ -48,6 +48,7 @@ from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
 _GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
+_MAX_PENDING_PINGS = 64
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 
 
@@ -59,6 +60,11 @@ class _StreamError(Exception):
     def __init__(self, code: ErrorCode, reason: str) -> None:
         self.code = code
         self.reason = reason
+
+
+def _check_code(code: int) -> None:
+    if not (isinstance(code, int) and 0 <= code <= 0xFFFF):
+        raise MuxUsageError(f"code {code!r} does not fit in 16 bits")
 
 
 def _check_target(host: str, port: int) -> None:
@@ -95,6 +101,8 @@ class MuxSession:
         self._fatal_sent = False
         self._goaway_received = False
         self._failed = False
+        #: Opaque bytes of our PINGs not answered yet, with their counts.
+        self._pings: dict[bytes, int] = {}
 
     # -- state -------------------------------------------------------------
 
@@ -185,6 +193,7 @@ class MuxSession:
                 f"peer allows {self.peer_settings.max_streams} concurrent streams"
             )
         if self._next_local_id > MAX_STREAM_ID:
+            self.go_away(ErrorCode.NO_ERROR, "stream ids exhausted")
             raise SessionClosing("stream ids exhausted")
         _check_target(host, port)
         stream_id = self._next_local_id
@@ -200,6 +209,7 @@ class MuxSession:
 
     def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
         """Answer the peer's OPEN with OPEN_FAIL; the stream is gone."""
+        _check_code(code)
         self._send_transition(stream_id, Input.SEND_OPEN_FAIL)
         self._queue(OpenFail(stream_id, code, reason))
 
@@ -252,6 +262,7 @@ class MuxSession:
         Queue RESET and forget the stream. Resetting a stream that is already
         gone does nothing: the peer may have ended it first.
         """
+        _check_code(code)
         record = self._streams.get(stream_id)
         if record is None:
             return
@@ -262,10 +273,21 @@ class MuxSession:
         """
         The local consumer took C{size} received bytes: return credit to the
         peer once half a window has accumulated, so updates stay few.
+
+        @raise MuxUsageError: C{size} is more than was received and not yet
+            reported consumed (returning it would let the peer exceed the
+            window).
         """
         record = self._streams.get(stream_id)
         if record is None or size <= 0:
             return
+        # recv_window + held + unacked == window: what the peer may still
+        # send, what the consumer holds, what awaits a WINDOW_UPDATE.
+        held = record.window - record.recv_window - record.unacked
+        if size > held:
+            raise MuxUsageError(
+                f"consumed {size} bytes on stream {stream_id}, but only {held} were received"
+            )
         record.unacked += size
         if record.unacked >= record.window // 2 and (
             record.state,
@@ -276,7 +298,8 @@ class MuxSession:
     def grow_window(self, stream_id: int, window: int) -> None:
         """
         Raise the credit target of a stream (receive-side window tuning):
-        the difference is granted at once.
+        the difference is granted at once, or, on a stream we opened that
+        the peer has not accepted yet, with its OPEN_OK.
         """
         record = self._streams.get(stream_id)
         if record is None or window <= record.window:
@@ -284,15 +307,23 @@ class MuxSession:
         window = min(window, MAX_WINDOW)
         extra = window - record.window
         record.window = window
+        # Held back as unacked until a WINDOW_UPDATE is allowed, so the
+        # credit is never lost.
+        record.unacked += extra
         if (record.state, Input.SEND_WINDOW_UPDATE) in TRANSITIONS:
-            self._grant(record, extra + record.unacked)
+            self._grant(record, record.unacked)
 
     def ping(self, opaque: bytes | None = None) -> bytes:
         """Queue a PING; return its opaque bytes (random if not given)."""
+        if not self._started:
+            raise MuxUsageError("session not started: a PING may not precede our HELLO")
         if opaque is None:
             opaque = os.urandom(PING_SIZE)
         if len(opaque) != PING_SIZE:
             raise MuxUsageError(f"PING carries exactly {PING_SIZE} bytes")
+        self._pings[opaque] = self._pings.get(opaque, 0) + 1
+        if len(self._pings) > _MAX_PENDING_PINGS:  # a peer that never answers
+            del self._pings[next(iter(self._pings))]
         self._queue(Ping(opaque))
         return opaque
 
@@ -303,6 +334,7 @@ class MuxSession:
         session processes nothing more and the caller should close the
         connection once the bytes are written.
         """
+        _check_code(code)
         fatal = code not in _GRACEFUL
         if self._fatal_sent or (self._goaway_sent and not fatal):
             return
@@ -318,7 +350,11 @@ class MuxSession:
         """
         Process bytes from the peer; return what happened, in order. Never
         raises for anything the peer sends.
+
+        @raise MuxUsageError: L{start} was not called first.
         """
+        if not self._started:
+            raise MuxUsageError("session not started: call start() before receive_data()")
         if self._failed:
             return []
         events: list[ev.Event] = []
@@ -329,10 +365,10 @@ class MuxSession:
                 if self._failed:
                     return events
         except ProtocolError as e:
-            events.append(self._fail(e.code, e.reason))
+            self._fail(e.code, e.reason, events)
             return events
         if decoder.error is not None:
-            events.append(self._fail(decoder.error.code, decoder.error.reason))
+            self._fail(decoder.error.code, decoder.error.reason, events)
         return events
 
     # -- internals ---------------------------------------------------------
@@ -340,11 +376,17 @@ class MuxSession:
     def _queue(self, frame: Frame) -> None:
         self._out += encode(frame)
 
-    def _fail(self, code: ErrorCode, reason: str) -> ev.SessionFailed:
+    def _fail(self, code: ErrorCode, reason: str, events: list[ev.Event]) -> None:
         self.go_away(code, reason)
         self._failed = True
-        self._streams.clear()
-        return ev.SessionFailed(code, reason)
+        self._end_all_streams(code, reason, False, events)
+        events.append(ev.SessionFailed(code, reason))
+
+    def _end_all_streams(self, code: int, reason: str, by_peer: bool, events: list[ev.Event]) -> None:
+        # The session is over: every live stream gets its terminal event.
+        for record in list(self._streams.values()):
+            self._remove(record)
+            events.append(ev.StreamReset(record.stream_id, code, reason, by_peer))
 
     def _add_stream(self, stream_id: int, state: StreamState, local: bool, host: str, port: int) -> None:
         assert self.peer_settings is not None
@@ -437,7 +479,14 @@ class MuxSession:
             self._on_open(frame, events)
         elif isinstance(frame, Ping):
             if frame.ack:
-                events.append(ev.PongReceived(frame.opaque))
+                # Only an answer to one of our PINGs is news; others are ignored.
+                pending = self._pings.get(frame.opaque, 0)
+                if pending:
+                    if pending == 1:
+                        del self._pings[frame.opaque]
+                    else:
+                        self._pings[frame.opaque] = pending - 1
+                    events.append(ev.PongReceived(frame.opaque))
             else:
                 self._queue(Ping(frame.opaque, ack=True))
                 events.append(ev.PingReceived(frame.opaque))
@@ -502,8 +551,11 @@ class MuxSession:
 
     def _on_data(self, record: StreamRecord, frame: Data, events: list[ev.Event]) -> None:
         size = len(frame.data)
-        if size:
+        if size or not frame.fin:
+            # An empty DATA without FIN is still DATA: only a FIN-only frame
+            # is a bare FIN.
             record.state = self._next_state(record, Input.RECV_DATA)
+        if size:
             if size > record.recv_window:
                 raise _StreamError(
                     ErrorCode.FLOW_CONTROL_ERROR,
@@ -532,6 +584,8 @@ class MuxSession:
         elif isinstance(frame, OpenOk):
             record.state = self._next_state(record, Input.RECV_OPEN_OK)
             events.append(ev.StreamAccepted(record.stream_id))
+            if record.unacked and (record.state, Input.SEND_WINDOW_UPDATE) in TRANSITIONS:
+                self._grant(record, record.unacked)  # grow_window() before OPEN_OK
         elif isinstance(frame, OpenFail):
             self._next_state(record, Input.RECV_OPEN_FAIL)
             self._remove(record)
@@ -545,7 +599,7 @@ class MuxSession:
         fatal = frame.code not in _GRACEFUL
         if fatal:
             self._failed = True
-            self._streams.clear()
+            self._end_all_streams(frame.code, frame.reason, True, events)
         else:
             # Streams we opened that the peer never processed: refused, and
             # safe to retry on another session.

@@ -1,0 +1,98 @@
+"""
+Hypothesis strategies for the multiplexer core, all in one place.
+
+Values stay inside what the wire can carry (u16 codes, 31-bit stream ids,
+reasons of at most 1,024 UTF-8 bytes), so that a frame built from them must
+survive an encode/decode round trip unchanged.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from rtunnel.mux.frames import (
+    HEADER,
+    MAX_HOST_BYTES,
+    MAX_REASON_BYTES,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PING_SIZE,
+    Data,
+    Frame,
+    FrameType,
+    GoAway,
+    Hello,
+    Open,
+    OpenFail,
+    OpenOk,
+    Ping,
+    Reset,
+    WindowUpdate,
+    encode,
+)
+
+HOST_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%"
+
+u8 = st.integers(0, 0xFF)
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+stream_ids = st.integers(1, MAX_STREAM_ID)
+#: Small ids, so that random frames hit live streams of a session now and then.
+small_stream_ids = st.integers(1, 12)
+codes = u16
+hosts = st.text(HOST_ALPHABET, min_size=1, max_size=MAX_HOST_BYTES)
+ports = st.integers(1, 65535)
+reasons = st.text(max_size=300).filter(lambda s: len(s.encode("utf-8")) <= MAX_REASON_BYTES)
+payloads = st.binary(max_size=2048)
+
+
+def _frames(ids: st.SearchStrategy[int], data: st.SearchStrategy[bytes]) -> st.SearchStrategy[Frame]:
+    return st.one_of(
+        st.builds(Hello, version=u16, max_frame_size=u32, initial_window=u32, max_streams=u32),
+        st.builds(Open, stream_id=ids, host=hosts, port=ports),
+        st.builds(OpenOk, stream_id=ids),
+        st.builds(OpenFail, stream_id=ids, code=codes, reason=reasons),
+        st.builds(Data, stream_id=ids, data=data, fin=st.booleans()),
+        st.builds(WindowUpdate, stream_id=ids, increment=st.integers(1, MAX_WINDOW)),
+        st.builds(Reset, stream_id=ids, code=codes, reason=reasons),
+        st.builds(Ping, opaque=st.binary(min_size=PING_SIZE, max_size=PING_SIZE), ack=st.booleans()),
+        st.builds(
+            GoAway, last_stream_id=st.integers(0, MAX_STREAM_ID), code=codes, reason=reasons
+        ),
+    )
+
+
+#: Any valid frame value, with payloads small enough for any decoder limit.
+frames = _frames(stream_ids, payloads)
+
+#: Valid frames aimed at the first few stream ids, to poke at a live session.
+session_frames = _frames(small_stream_ids, st.binary(max_size=64))
+
+
+@st.composite
+def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    """
+    C{data} cut at arbitrary points (empty chunks included).
+    """
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=20)))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+#: A frame header with arbitrary fields followed by arbitrary payload bytes:
+#: near misses of valid frames (bad types, flags, lengths, ids).
+raw_frames = st.builds(
+    lambda t, f, s, body, lie: HEADER.pack(t, f, s, len(body) if lie is None else lie) + body,
+    st.one_of(st.sampled_from([int(t) for t in FrameType]), u8),
+    st.one_of(st.just(0), st.just(1), u8),
+    st.one_of(st.just(0), small_stream_ids, u32),
+    st.binary(max_size=64),
+    st.one_of(st.none(), st.integers(0, 80), u32),
+)
+
+#: Byte strings that look a little like a mux session: valid frames for
+#: small stream ids, near-miss frames and plain garbage, in any order.
+hostile_input = st.lists(
+    st.one_of(session_frames.map(encode), raw_frames, st.binary(max_size=32)),
+    max_size=12,
+).map(b"".join)

@@ -1,0 +1,262 @@
+"""
+Tests for L{rtunnel.mux.frames}: encoding, the incremental decoder, and the
+checks it makes from the bytes alone.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtunnel.mux.errors import ErrorCode, ProtocolError
+from rtunnel.mux.frames import (
+    HEADER,
+    HEADER_SIZE,
+    HELLO_MAGIC,
+    MAX_REASON_BYTES,
+    PRE_HELLO_MAX_LENGTH,
+    Data,
+    FrameDecoder,
+    FrameType,
+    GoAway,
+    Hello,
+    Open,
+    OpenFail,
+    Ping,
+    Reset,
+    data_header,
+    encode,
+    parse_frame,
+)
+
+from tests import strategies as s
+
+LIMIT = 16 * 1024
+_HELLO = Hello(1, LIMIT, 65536, 100)
+
+
+def primed_decoder(limit: int = LIMIT) -> FrameDecoder:
+    """A decoder past its first frame (a HELLO), so C{limit} applies."""
+    decoder = FrameDecoder(limit)
+    assert decoder.feed(encode(_HELLO)) == [_HELLO]
+    return decoder
+
+
+def raw(ftype: int, payload: bytes = b"", stream_id: int = 1, flags: int = 0) -> bytes:
+    return HEADER.pack(ftype, flags, stream_id, len(payload)) + payload
+
+
+def decode_error(data: bytes) -> ProtocolError:
+    """The error a primed decoder reports for C{data}, fed whole."""
+    decoder = primed_decoder()
+    frames = decoder.feed(data)
+    assert frames == [], frames
+    assert decoder.error is not None, "no error for malformed input"
+    return decoder.error
+
+
+class RoundTripTests(SynchronousTestCase):
+    @given(s.frames)
+    def test_frame_round_trip(self, frame):
+        """Any frame decodes from its encoding to an equal frame."""
+        self.assertEqual(primed_decoder().feed(encode(frame)), [frame])
+
+    @settings(max_examples=150)
+    @given(st.lists(s.frames, max_size=8), st.data())
+    def test_chunked_sequence(self, frames, data):
+        """A sequence of frames cut into arbitrary chunks decodes to the same
+        sequence, leaving nothing buffered."""
+        decoder = primed_decoder()
+        decoded = []
+        for chunk in data.draw(s.chunked(b"".join(map(encode, frames)))):
+            decoded += decoder.feed(chunk)
+        self.assertEqual(decoded, frames)
+        self.assertEqual(decoder.buffered, 0)
+        self.assertIsNone(decoder.error)
+
+    def test_byte_at_a_time(self):
+        """Frames fed one byte at a time come out whole, each exactly when its
+        last byte arrives."""
+        frames = [Open(1, "example.com", 443), Data(1, b"x" * 3000, fin=True), Ping(b"12345678")]
+        decoder = primed_decoder()
+        wire = b"".join(map(encode, frames))
+        ends = []
+        out = []
+        for i in range(len(wire)):
+            got = decoder.feed(wire[i : i + 1])
+            if got:
+                ends.append(i + 1)
+                out += got
+        self.assertEqual(out, frames)
+        self.assertEqual(ends, [sum(len(encode(f)) for f in frames[: n + 1]) for n in range(3)])
+
+    @given(st.integers(1, 2**31 - 1), st.binary(max_size=100), st.booleans())
+    def test_data_header(self, stream_id, data, fin):
+        """The hot path's separate DATA header equals the header encode() writes."""
+        self.assertEqual(data_header(stream_id, len(data), fin) + data, encode(Data(stream_id, data, fin)))
+
+    def test_long_reason_truncated(self):
+        """A reason above 1,024 bytes is cut on a character boundary when encoded,
+        so it still decodes as valid UTF-8."""
+        reason = "é" * 600  # 1,200 bytes; 1,024 would split a character
+        frame = primed_decoder().feed(encode(Reset(3, 7, reason)))[0]
+        self.assertIsInstance(frame, Reset)
+        self.assertEqual(frame.reason, "é" * 512)
+        self.assertLessEqual(len(frame.reason.encode("utf-8")), MAX_REASON_BYTES)
+
+
+class DecoderGarbageTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(st.one_of(st.binary(max_size=200), s.hostile_input), st.data())
+    def test_garbage_only_protocol_error(self, garbage, data):
+        """Arbitrary bytes, cut anywhere, never raise from the decoder: it
+        returns frames and at most sets one L{ProtocolError} with a defined
+        code, after which it returns nothing; its buffer stays below one
+        header plus one maximal frame."""
+        decoder = FrameDecoder(LIMIT)
+        errors = []
+        for chunk in data.draw(s.chunked(garbage)):
+            frames = decoder.feed(chunk)
+            if errors:
+                self.assertEqual(frames, [])
+            self.assertLess(decoder.buffered, HEADER_SIZE + LIMIT)
+            if decoder.error is not None:
+                errors.append(decoder.error)
+        if errors:
+            self.assertIsInstance(errors[0], ProtocolError)
+            self.assertIsInstance(errors[0].code, ErrorCode)
+            self.assertTrue(all(e is errors[0] for e in errors))
+            self.assertEqual(decoder.buffered, 0)
+
+    def test_good_frames_before_bad(self):
+        """Frames complete before a malformed one are returned; the decoder is
+        then poisoned and ignores even valid input."""
+        decoder = primed_decoder()
+        ping = Ping(b"abcdefgh")
+        out = decoder.feed(encode(ping) + raw(0x7F) + encode(ping))
+        self.assertEqual(out, [ping])
+        self.assertEqual(decoder.error.code, ErrorCode.PROTOCOL_ERROR)
+        self.assertEqual(decoder.feed(encode(ping)), [])
+
+
+class FrameSizeTests(SynchronousTestCase):
+    def test_over_long_refused_at_header(self):
+        """A header announcing more than the limit is refused as soon as the
+        header is complete, with no payload sent, and nothing stays buffered."""
+        decoder = primed_decoder()
+        header = HEADER.pack(FrameType.DATA, 0, 1, LIMIT + 1)
+        self.assertEqual(decoder.feed(header[:-1]), [])
+        self.assertIsNone(decoder.error)
+        self.assertEqual(decoder.feed(header[-1:]), [])
+        self.assertEqual(decoder.error.code, ErrorCode.FRAME_SIZE_ERROR)
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_at_limit_buffered(self):
+        """A frame of exactly the limit is accepted: its payload is buffered
+        until complete, and the buffer never exceeds header plus limit."""
+        decoder = primed_decoder()
+        wire = encode(Data(1, b"z" * LIMIT))
+        self.assertEqual(decoder.feed(wire[:-1]), [])
+        self.assertEqual(decoder.buffered, HEADER_SIZE + LIMIT - 1)
+        self.assertEqual(decoder.feed(wire[-1:]), [Data(1, b"z" * LIMIT)])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_pre_hello_limit(self):
+        """Before the first frame, any frame above 1,024 bytes is refused at its
+        header, whatever limit we announce."""
+        decoder = FrameDecoder(16 * 1024 * 1024)
+        decoder.feed(HEADER.pack(FrameType.HELLO, 0, 0, PRE_HELLO_MAX_LENGTH + 1))
+        self.assertEqual(decoder.error.code, ErrorCode.FRAME_SIZE_ERROR)
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_first_frame_may_be_1024(self):
+        """A first frame of exactly 1,024 bytes passes; the announced limit
+        applies from the second frame on."""
+        decoder = FrameDecoder(LIMIT)
+        hello = raw(FrameType.HELLO, struct.pack(">4sHHIII", HELLO_MAGIC, 1, 0, LIMIT, 65536, 5) + bytes(1004), 0)
+        self.assertEqual(decoder.feed(hello), [Hello(1, LIMIT, 65536, 5)])
+        self.assertEqual(decoder.feed(encode(Data(1, b"d" * LIMIT))), [Data(1, b"d" * LIMIT)])
+
+
+def _hello_payload(magic: bytes = HELLO_MAGIC, reserved: int = 0, extra: bytes = b"") -> bytes:
+    return struct.pack(">4sHHIII", magic, 1, reserved, LIMIT, 65536, 5) + extra
+
+
+#: (description, wire bytes, expected code) for every malformation the
+#: decoder detects on its own.
+MALFORMED = [
+    ("unknown frame type", raw(0x09), ErrorCode.PROTOCOL_ERROR),
+    ("undefined DATA flag", raw(FrameType.DATA, b"x", flags=0x02), ErrorCode.PROTOCOL_ERROR),
+    ("flag on OPEN_OK", raw(FrameType.OPEN_OK, flags=0x01), ErrorCode.PROTOCOL_ERROR),
+    ("undefined PING flag", raw(FrameType.PING, b"12345678", 0, flags=0x80), ErrorCode.PROTOCOL_ERROR),
+    ("reserved stream id bit", raw(FrameType.DATA, b"x", stream_id=2**31 + 1), ErrorCode.PROTOCOL_ERROR),
+    ("DATA on stream 0", raw(FrameType.DATA, b"x", stream_id=0), ErrorCode.PROTOCOL_ERROR),
+    ("RESET on stream 0", raw(FrameType.RESET, b"\0\0", stream_id=0), ErrorCode.PROTOCOL_ERROR),
+    ("PING on a stream", raw(FrameType.PING, b"12345678", stream_id=1), ErrorCode.PROTOCOL_ERROR),
+    ("GOAWAY on a stream", raw(FrameType.GOAWAY, bytes(6), stream_id=3), ErrorCode.PROTOCOL_ERROR),
+    ("HELLO on a stream", raw(FrameType.HELLO, _hello_payload(), stream_id=1), ErrorCode.PROTOCOL_ERROR),
+    ("short WINDOW_UPDATE", raw(FrameType.WINDOW_UPDATE, b"\0\0\1"), ErrorCode.FRAME_SIZE_ERROR),
+    ("long WINDOW_UPDATE", raw(FrameType.WINDOW_UPDATE, b"\0\0\0\1\0"), ErrorCode.FRAME_SIZE_ERROR),
+    ("WINDOW_UPDATE of 0", raw(FrameType.WINDOW_UPDATE, bytes(4)), ErrorCode.FLOW_CONTROL_ERROR),
+    ("WINDOW_UPDATE of 2^31", raw(FrameType.WINDOW_UPDATE, b"\x80\0\0\0"), ErrorCode.FLOW_CONTROL_ERROR),
+    ("empty OPEN", raw(FrameType.OPEN), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN without host", raw(FrameType.OPEN, b"\0\x50"), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN host length too long", raw(FrameType.OPEN, b"\0\x50\x05abc"), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN host length too short", raw(FrameType.OPEN, b"\0\x50\x02abc"), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN host length 0", raw(FrameType.OPEN, b"\0\x50\x00"), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN host with a space", raw(FrameType.OPEN, b"\0\x50\x03a b"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN host not ASCII", raw(FrameType.OPEN, b"\0\x50\x02\xc3\xa9"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN port 0", raw(FrameType.OPEN, b"\0\0\x01a"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN_OK with payload", raw(FrameType.OPEN_OK, b"\0"), ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN_FAIL without code", raw(FrameType.OPEN_FAIL, b"\0"), ErrorCode.FRAME_SIZE_ERROR),
+    ("RESET without code", raw(FrameType.RESET), ErrorCode.FRAME_SIZE_ERROR),
+    ("RESET reason not UTF-8", raw(FrameType.RESET, b"\0\1\xff"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN_FAIL reason too long", raw(FrameType.OPEN_FAIL, b"\0\1" + b"r" * 1025), ErrorCode.FRAME_SIZE_ERROR),
+    ("short PING", raw(FrameType.PING, b"1234567", 0), ErrorCode.FRAME_SIZE_ERROR),
+    ("long PING", raw(FrameType.PING, b"123456789", 0), ErrorCode.FRAME_SIZE_ERROR),
+    ("short GOAWAY", raw(FrameType.GOAWAY, bytes(5), 0), ErrorCode.FRAME_SIZE_ERROR),
+    ("GOAWAY last id reserved bit", raw(FrameType.GOAWAY, b"\x80" + bytes(5), 0), ErrorCode.PROTOCOL_ERROR),
+    ("GOAWAY reason not UTF-8", raw(FrameType.GOAWAY, bytes(6) + b"\xc3", 0), ErrorCode.PROTOCOL_ERROR),
+    ("GOAWAY reason too long", raw(FrameType.GOAWAY, bytes(6) + b"g" * 1025, 0), ErrorCode.FRAME_SIZE_ERROR),
+    ("short HELLO", raw(FrameType.HELLO, _hello_payload()[:19], 0), ErrorCode.FRAME_SIZE_ERROR),
+    ("bad HELLO magic", raw(FrameType.HELLO, _hello_payload(b"RTMY"), 0), ErrorCode.PROTOCOL_ERROR),
+]
+
+
+class MalformedFrameTests(SynchronousTestCase):
+    def test_each_malformation(self):
+        """Each kind of malformed frame sets the decoder's error with the code
+        docs/protocol.md names for it (PROTOCOL_ERROR, FRAME_SIZE_ERROR for a
+        size violation, FLOW_CONTROL_ERROR for an increment out of range)."""
+        wrong = []
+        for name, wire, code in MALFORMED:
+            got = decode_error(wire).code
+            if got != code:
+                wrong.append((name, got, code))
+        self.assertEqual(wrong, [])
+
+    def test_reason_of_1024_bytes(self):
+        """A reason of exactly 1,024 bytes is valid."""
+        frame = primed_decoder().feed(raw(FrameType.OPEN_FAIL, b"\0\x21" + b"r" * 1024))
+        self.assertEqual(frame, [OpenFail(1, 33, "r" * 1024)])
+
+    def test_unknown_codes_kept(self):
+        """Codes this version does not know are decoded as they are."""
+        frames = primed_decoder().feed(encode(Reset(5, 0xBEEF, "")) + encode(GoAway(4, 999, "bye")))
+        self.assertEqual(frames, [Reset(5, 0xBEEF, ""), GoAway(4, 999, "bye")])
+
+    def test_hello_extension_and_reserved_ignored(self):
+        """HELLO bytes after the known settings, and the reserved field, are
+        ignored on receipt (room for later settings)."""
+        payload = _hello_payload(reserved=0xFFFF, extra=b"future settings")
+        self.assertEqual(
+            primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5)]
+        )
+
+    def test_parse_frame_raises_protocol_error(self):
+        """parse_frame itself reports malformation as a L{ProtocolError}."""
+        with self.assertRaises(ProtocolError) as cm:
+            parse_frame(0x42, 0, 1, b"")
+        self.assertEqual(cm.exception.code, ErrorCode.PROTOCOL_ERROR)
