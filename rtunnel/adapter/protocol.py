@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..mux import events as ev
-from ..mux.errors import ErrorCode, code_name
+from ..mux.errors import ErrorCode, SessionClosing, code_name
 from ..mux.session import MuxSession
 from ..mux.settings import Settings
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
@@ -167,6 +167,9 @@ class MuxProtocol(Protocol):
         finally:
             self._in_receive = False
         self._flush()
+        # A drain may have finished during this input; close only now that
+        # its last frames (a FIN, say) have been written.
+        self._maybe_finish_drain()
 
     def connectionLost(self, reason: Failure = CLEAN_CLOSE) -> None:
         if self._lost:
@@ -220,6 +223,9 @@ class MuxProtocol(Protocol):
         @raise rtunnel.mux.SessionClosing: the session is going away.
         @raise rtunnel.mux.StreamLimitReached: the peer's stream limit is reached.
         """
+        if self._lost:
+            # The session cannot know; without this the stream would never open nor fail.
+            raise SessionClosing("the tunnel connection is gone; no new streams")
         stream_id = self.session.open_stream(host, port)
         stream = MuxStream(self, stream_id, host, port, local=True)
         self.streams[stream_id] = stream
@@ -258,6 +264,11 @@ class MuxProtocol(Protocol):
         """
         if self._lost:
             return
+        # RESET each stream first: after a fatal GOAWAY the peer reads nothing
+        # more, and a graceful code (drain expiry) sends no second GOAWAY, so
+        # without these the peer's streams would only see "tunnel lost".
+        for stream_id in list(self.streams):
+            self.session.reset_stream(stream_id, code, reason)
         self.session.go_away(code, reason)
         self._flush()
         for stream in list(self.streams.values()):
@@ -464,6 +475,8 @@ class MuxProtocol(Protocol):
         self.terminate(ErrorCode.GOING_AWAY, "drain grace period over")
 
     def _maybe_finish_drain(self) -> None:
+        if self._in_receive:
+            return  # dataReceived calls again once this input's output is written
         if self._draining and not self.streams and not self._lost and self.transport is not None:
             self._flush()
             self.transport.loseConnection()

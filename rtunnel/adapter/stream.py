@@ -115,6 +115,8 @@ class MuxStream:
         self._eof_received = False
         self._eof_delivered = False
         self._end_reason: Failure | None = None
+        #: why the stream ended, once it has
+        self._lost_reason: Failure | None = None
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
@@ -137,7 +139,18 @@ class MuxStream:
         """
         Answer the peer's OPEN with OPEN_OK and connect C{protocol} (or
         leave attaching to the caller).
+
+        If the stream already ended (the opener gave up while we were
+        connecting to the target) nothing is sent: C{protocol} is connected
+        and at once gets C{connectionLost} with that reason, so it can close
+        its own leg.
         """
+        if self.disconnected:
+            if protocol is not None and self.protocol is None:
+                self.protocol = protocol
+                protocol.makeConnection(self)
+                protocol.connectionLost(self._lost_reason or CLEAN_CLOSE)
+            return
         self._mux._accept(self)
         if protocol is not None:
             self.attach(protocol)
@@ -334,6 +347,7 @@ class MuxStream:
             return
         self.disconnected = True
         self.connected = False
+        self._lost_reason = reason
         self._inbuf.clear()
         self._outbuf.clear()
         self._outlen = 0
@@ -343,7 +357,11 @@ class MuxStream:
                 self.opened.errback(StreamOpenFailed(reason.value.code, reason.value.reason))
             else:
                 self.opened.errback(StreamOpenFailed(ErrorCode.CANCEL, "stream ended before it opened"))
-            self.opened.addErrback(lambda f: None)
+            if not self.local:
+                # Only the opener watches `opened`; on a stream the peer opened
+                # nobody does. The opener's failure stays for its errbacks
+                # (swallowing it here made later callbacks fire with None).
+                self.opened.addErrback(lambda f: None)
         producer, self._producer = self._producer, None
         if producer is not None:
             producer.stopProducing()
