@@ -91,13 +91,21 @@ class Process:
                 self._logfile.close()
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM (graceful drain), then SIGKILL if it does not end in time."""
+        """
+        SIGTERM (graceful drain), then SIGKILL if it does not end in time.
+
+        @return: the exit status, 0 for a clean stop: twistd ends itself
+            with the signal it was stopped by once its shutdown is done, so
+            death by SIGTERM after a SIGTERM counts as clean.
+        """
         if self.running():
             self.signal(signal.SIGTERM)
             try:
-                return self.wait(timeout)
+                status = self.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
+                return self.wait(timeout)
+            return 0 if status == -signal.SIGTERM else status
         return self.wait(timeout)
 
     def kill(self) -> int:

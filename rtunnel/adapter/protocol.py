@@ -102,6 +102,7 @@ class MuxProtocol(Protocol):
         self._draining = False
         self._rotation = 0
         self._lost = False
+        self._unregistered = False
 
     # -- observers -----------------------------------------------------------
 
@@ -208,9 +209,7 @@ class MuxProtocol(Protocol):
             stream._update_producer()
 
     def stopProducing(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.loseConnection()
+        self._close_transport()
 
     # -- commands ------------------------------------------------------------
 
@@ -273,9 +272,7 @@ class MuxProtocol(Protocol):
         self._flush()
         for stream in list(self.streams.values()):
             stream._terminate(Failure(StreamReset(code, reason)))
-        transport = self.transport
-        if transport is not None:
-            transport.loseConnection()
+        self._close_transport()
 
     # -- called by MuxStream ------------------------------------------------
 
@@ -433,8 +430,7 @@ class MuxProtocol(Protocol):
     def _close_after_flush(self) -> None:
         self._in_receive = False
         self._flush()
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._close_transport()
 
     # -- timers --------------------------------------------------------------
 
@@ -455,10 +451,8 @@ class MuxProtocol(Protocol):
                 timeout=self.keepalive.timeout,
             )
             self.terminate(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {idle:.1f}s")
-            transport = self.transport
-            abort = getattr(transport, "abortConnection", None)
-            if abort is not None:
-                abort()
+            # The path is dead: a TLS close would wait for an answer forever.
+            self._close_transport(abort=True)
             return
         if idle >= self.keepalive.interval - 1e-9:
             self.ping()
@@ -479,7 +473,26 @@ class MuxProtocol(Protocol):
             return  # dataReceived calls again once this input's output is written
         if self._draining and not self.streams and not self._lost and self.transport is not None:
             self._flush()
-            self.transport.loseConnection()
+            self._close_transport()
+
+    def _close_transport(self, abort: bool = False) -> None:
+        """
+        Close the tunnel connection. We unregister as its producer first:
+        a TLS transport does not start its shutdown while a producer is
+        registered, and would otherwise wait forever.
+        """
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if not self._unregistered:
+            self._unregistered = True
+            transport.unregisterProducer()
+        if abort:
+            abort_connection = getattr(transport, "abortConnection", None)
+            if abort_connection is not None:
+                abort_connection()
+                return
+        transport.loseConnection()
 
     def _cancel_timers(self) -> None:
         for name in ("_keepalive_call", "_drain_call"):

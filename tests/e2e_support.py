@@ -1,0 +1,91 @@
+"""
+Site services for the end-to-end tests: small threaded TCP servers on
+loopback that stand in for what a site's LAN offers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+class EchoServer:
+    """
+    Echoes every byte back; on the client's EOF it finishes echoing, then
+    shuts down its own write side (so half-close is visible end to end).
+    Counts the connections it accepted.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(2048)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.eof_seen = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+                with self._lock:
+                    self.eof_seen += 1
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def closed_port() -> int:
+    """A loopback port on which nothing listens (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """
+    Read until EOF or error within C{timeout}.
+
+    @return: (bytes read, whether the connection ended within the timeout).
+    """
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks), True
+            chunks.append(data)
+    except (ConnectionResetError, BrokenPipeError):
+        return b"".join(chunks), True
+    except socket.timeout:
+        pass
+    return b"".join(chunks), False
