@@ -113,7 +113,8 @@ class Process:
         return self.wait(10)
 
     def output(self) -> str:
-        self._logfile.flush()
+        if not self._logfile.closed:
+            self._logfile.flush()
         return self.log.read_text(errors="replace")
 
 
