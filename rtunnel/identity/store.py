@@ -212,10 +212,11 @@ class StateStore:
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # Check before switching to WAL: that switch writes to the file,
+            # and a file that is not ours must be left exactly as it was.
+            self._check_schema(create)
             self._db.execute("PRAGMA journal_mode = WAL").fetchone()
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._check_schema(create)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise StateError(
@@ -232,6 +233,7 @@ class StateStore:
         if not tables:
             if not create:
                 raise StateError(f"state database {self.path} is empty")
+            self._db.execute("PRAGMA journal_mode = WAL").fetchone()
             with self._transaction() as db:
                 # Another process may have initialized it while we waited
                 # for the write lock.
