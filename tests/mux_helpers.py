@@ -161,3 +161,28 @@ def of_type(events: Iterable[ev.Event], kind: type) -> list:
 
 def received_bytes(events: Iterable[ev.Event], stream_id: int) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, ev.DataReceived) and e.stream_id == stream_id)
+
+
+def transfer(pair: SessionPair, sender: MuxSession, stream_id: int, payload: bytes) -> bytes:
+    """
+    Send C{payload} on C{stream_id} as fast as credit allows while the
+    receiving end consumes everything at once; return what it received.
+
+    @raise AssertionError: the transfer stopped making progress.
+    """
+    receiver = pair.peer(sender)
+    got = bytearray()
+    offset = 0
+    while len(got) < len(payload):
+        n = min(sender.send_window(stream_id), len(payload) - offset)
+        if n:
+            sender.send_data(stream_id, payload[offset : offset + n])
+            offset += n
+        arrived = received_bytes(pair.send(sender), stream_id)
+        if arrived:
+            got += arrived
+            receiver.consumed(stream_id, len(arrived))
+        pair.send(receiver)
+        if not (n or arrived):
+            raise AssertionError(f"transfer stalled after {len(got)} of {len(payload)} bytes")
+    return bytes(got)

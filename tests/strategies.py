@@ -96,3 +96,11 @@ hostile_input = st.lists(
     st.one_of(session_frames.map(encode), raw_frames, st.binary(max_size=32)),
     max_size=12,
 ).map(b"".join)
+
+#: Steps of a flow-control run on one stream: the sender writes, the
+#: receiver's consumer takes bytes, or queued bytes cross the link one way.
+#: Sizes are clamped by the test to what is possible at that moment.
+flow_steps = st.lists(
+    st.tuples(st.sampled_from(["write", "consume", "deliver", "return"]), st.integers(0, 20_000)),
+    max_size=40,
+)

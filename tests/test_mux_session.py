@@ -393,6 +393,18 @@ class StreamLifeTests(SynchronousTestCase):
         self.assertEqual(pair.client.data_to_send(), b"")
         self.assertTrue(pair.client.ready)
 
+    def test_empty_data_is_data(self):
+        """An empty DATA frame without FIN counts as DATA for the state table:
+        after the peer's FIN it resets the stream; while DATA is allowed it
+        is accepted and reports nothing."""
+        session = ready_session(initiator=False)
+        feed(session, Open(1, "a", 1), Open(3, "a", 1), Data(1, b"", True))
+        self.assertEqual(session.stream_state(1), S.OPENING_IN_FIN)
+        [reset] = feed(session, Data(1, b""))
+        self.assertEqual(reset, ev.StreamReset(1, ErrorCode.STREAM_STATE_ERROR, reset.reason, False))
+        self.assertEqual(feed(session, Data(3, b"")), [])
+        self.assertEqual(session.stream_state(3), S.OPENING_IN)
+
     def test_bad_targets_refused(self):
         """open_stream refuses hosts that are not DNS names or IP literals and
         ports outside 1-65535, queueing nothing."""
