@@ -288,10 +288,13 @@ class MuxProtocol(Protocol):
         if len(data) <= window:
             self.session.send_data(stream.stream_id, data)
         else:
+            rest: bytes | memoryview = data
             if window > 0:
-                self.session.send_data(stream.stream_id, data[:window])
-                data = data[window:]
-            stream._buffer_outbound(data)
+                # Views: the rest of a large write is buffered without a copy.
+                view = memoryview(data)
+                self.session.send_data(stream.stream_id, view[:window])  # type: ignore[arg-type]
+                rest = view[window:]
+            stream._buffer_outbound(rest)
         self._flush()
 
     def _flush_stream(self, stream: MuxStream) -> None:

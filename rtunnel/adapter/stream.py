@@ -103,7 +103,7 @@ class MuxStream:
         #: the target end answered OPEN_OK (or we did, for a peer's stream)
         self.accepted = False
         # outbound
-        self._outbuf: deque[bytes] = deque()
+        self._outbuf: deque[bytes | memoryview] = deque()
         self._outlen = 0
         self._fin_wanted = False
         self._fin_sent = False
@@ -166,6 +166,10 @@ class MuxStream:
     def write(self, data: bytes) -> None:
         if self._fin_wanted or self.disconnected or not data:
             return
+        if type(data) is not bytes:
+            # Buffered parts are kept as views; a view of the caller's
+            # bytearray would stop them resizing it.
+            data = bytes(data)
         if self._outbuf:
             self._outbuf.append(data)
             self._outlen += len(data)
@@ -266,23 +270,26 @@ class MuxStream:
         if not self._outbuf or window <= 0:
             return b""
         if self._outlen <= window and len(self._outbuf) == 1:
-            data = self._outbuf.popleft()
+            data = bytes(self._outbuf.popleft())
         else:
-            parts = []
+            parts: list[bytes | memoryview] = []
             taken = 0
             while self._outbuf and taken < window:
                 chunk = self._outbuf.popleft()
                 room = window - taken
                 if len(chunk) > room:
-                    self._outbuf.appendleft(chunk[room:])
-                    chunk = chunk[:room]
+                    # A view, not a slice: copying the rest of one big write at
+                    # every window update made a single large write quadratic.
+                    view = memoryview(chunk)
+                    self._outbuf.appendleft(view[room:])
+                    chunk = view[:room]
                 parts.append(chunk)
                 taken += len(chunk)
             data = b"".join(parts)
         self._outlen -= len(data)
         return data
 
-    def _buffer_outbound(self, data: bytes) -> None:
+    def _buffer_outbound(self, data: bytes | memoryview) -> None:
         self._outbuf.append(data)
         self._outlen += len(data)
 
