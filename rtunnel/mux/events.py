@@ -2,10 +2,13 @@
 What L{MuxSession.receive_data} reports to the code driving it.
 
 Events are plain values: the adapter dispatches on their type. Every stream
-that leaves the session gets exactly one terminal event (L{StreamRefused},
-L{StreamReset} or L{StreamClosed}) from the call that ended it: from
-C{receive_data} when the peer ended it, or returned by the local call
-(C{end_stream}) when the last FIN was ours.
+the peer or the session ends gets exactly one terminal event
+(L{StreamRefused}, L{StreamReset} or L{StreamClosed}) from C{receive_data};
+when the whole session ends (a fatal GOAWAY received, or L{SessionFailed})
+every live stream is first reported as L{StreamReset} with the GOAWAY's
+code. A stream ended by a local call gets no event: C{refuse_stream} and
+C{reset_stream} end it at once, and C{end_stream}/C{send_data} return
+C{True} when our FIN was the last.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class SendWindowAvailable:
 
 @frozen
 class PongReceived:
-    """An answer to one of our PINGs."""
+    """An answer to one of our PINGs (a PING+ACK answering none is ignored)."""
 
     opaque: bytes
 
@@ -111,7 +114,8 @@ class PingReceived:
 @frozen
 class GoAwayReceived:
     """The peer accepts no new streams. C{fatal} means it is closing the
-    connection now and every stream is gone; otherwise it drains."""
+    connection now and every stream is gone (each was just reported as
+    L{StreamReset}); otherwise it drains."""
 
     last_stream_id: int
     code: int
@@ -122,7 +126,8 @@ class GoAwayReceived:
 @frozen
 class SessionFailed:
     """We detected a session-level protocol error: a GOAWAY with C{code} is
-    queued and the connection should be closed after sending it."""
+    queued and the connection should be closed after sending it. Every live
+    stream was just reported as L{StreamReset} (C{by_peer} false)."""
 
     code: int
     reason: str
