@@ -83,12 +83,12 @@ TLS12_CIPHERS = (
 
 # OpenSSL X509_V_ERR_* numbers a misconfigured deployment actually meets.
 _VERIFY_ERRORS = {
-    2: "its issuer certificate is unknown",
+    2: "it was not issued by the pinned rtunnel CA",
     7: "its signature is invalid",
     9: "it is not yet valid (check the clocks)",
     10: "it has expired",
-    18: "it is self-signed and not the pinned CA",
-    19: "it chains to a self-signed certificate other than the pinned CA",
+    18: "it is self-signed, not issued by the pinned rtunnel CA",
+    19: "it was issued by a CA other than the pinned rtunnel CA",
     20: "it was not issued by the pinned rtunnel CA",
     21: "it was not issued by the pinned rtunnel CA",
     24: "its issuer is not a valid CA",

@@ -1,0 +1,485 @@
+"""
+Tests for L{rtunnel.identity.tlsconfig}: real OpenSSL handshakes between
+in-memory transports (L{twisted.test.iosim}), no sockets.
+
+C{PurposeTests} holds the impersonation guarantee: certificates issued by the
+one CA cannot cross roles, because of their extended key usage alone.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from rtunnel.identity import certs
+from rtunnel.identity.errors import CertificateError, PeerVerificationFailed
+from rtunnel.identity.tlsconfig import (
+    TLS12_CIPHERS,
+    TLS13_CIPHERSUITES,
+    ServerTLSOptions,
+    peer_identity,
+    server_tls_options,
+    site_tls_options,
+)
+from tests.helpers_identity import Authority, Recorder, tls_pair
+
+# OpenSSL's X509_V_ERR_INVALID_PURPOSE: "unsupported certificate purpose".
+INVALID_PURPOSE = 26
+
+_AUTHORITY = Authority.create(["tunnel.example", "127.0.0.1", "::1"])
+_SITE_KEY, _SITE_CERT = _AUTHORITY.site("alpha")
+
+
+def _leaf(
+    authority: Authority,
+    eku: x509.ObjectIdentifier,
+    dns_name: str,
+) -> tuple[certs.PrivateKey, x509.Certificate]:
+    """
+    A certificate from C{authority}'s CA that differs from a proper server
+    certificate in nothing but (possibly) its extended key usage.
+    """
+    key = certs.generate_private_key()
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(authority.ca_certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .sign(authority.ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class _RawOptions:
+    """
+    A bare OpenSSL endpoint (no verification) with a chosen version and
+    cipher offer, to probe the other side's policy.
+    """
+
+    def __init__(
+        self,
+        max_version: int = SSL.TLS1_3_VERSION,
+        min_version: int = SSL.TLS1_2_VERSION,
+        ciphers: str | None = None,
+        suites: str | None = None,
+        certificate: tuple[certs.PrivateKey, x509.Certificate] | None = None,
+    ) -> None:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(min_version)
+        ctx.set_max_proto_version(max_version)
+        if ciphers is not None:
+            ctx.set_cipher_list(ciphers.encode())
+        if suites is not None:
+            ctx.set_tls13_ciphersuites(suites.encode())
+        if certificate is not None:
+            ctx.use_privatekey(certificate[0])
+            ctx.use_certificate(certificate[1])
+        self.context = ctx
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def _site_options(server_name: str = "tunnel.example", with_certificate: bool = True) -> object:
+    if with_certificate:
+        return site_tls_options(_AUTHORITY.ca_pem, server_name, _SITE_KEY, _SITE_CERT)
+    return site_tls_options(_AUTHORITY.ca_pem, server_name)
+
+
+class HandshakeTests(SynchronousTestCase):
+    def test_site_with_certificate(self) -> None:
+        """
+        An enrolled site and the server handshake with TLS 1.3 and
+        TLS_AES_128_GCM_SHA256, data flows, and the server learns the site's
+        name and certificate fingerprint.
+        """
+        server, site = Recorder(b"from server"), Recorder(b"from site")
+        client_tls, server_tls, _ = tls_pair(
+            server_tls_options(_AUTHORITY), _site_options(), server, site
+        )
+        self.assertTrue(server.handshook and site.handshook)
+        self.assertEqual(server.received, b"from site")
+        self.assertEqual(site.received, b"from server")
+        handle = client_tls.getHandle()
+        self.assertEqual(handle.get_protocol_version_name(), "TLSv1.3")
+        self.assertEqual(handle.get_cipher_name(), "TLS_AES_128_GCM_SHA256")
+        self.assertEqual(
+            peer_identity(server_tls), ("alpha", certs.fingerprint(_SITE_CERT))
+        )
+
+    def test_client_certificate_is_optional(self) -> None:
+        """
+        A site without a certificate (enrolling) completes the handshake; the
+        server sees no identity.
+        """
+        server, site = Recorder(), Recorder(b"enroll me")
+        _, server_tls, _ = tls_pair(
+            server_tls_options(_AUTHORITY), _site_options(with_certificate=False), server, site
+        )
+        self.assertTrue(server.handshook)
+        self.assertEqual(server.received, b"enroll me")
+        self.assertIsNone(peer_identity(server_tls))
+
+    def test_server_order_decides_tls13_suite(self) -> None:
+        """
+        A client preferring AES-256 still gets AES-128: the server's order
+        decides.
+        """
+        server, client = Recorder(), Recorder()
+        client_tls, _, _ = tls_pair(
+            server_tls_options(_AUTHORITY),
+            _RawOptions(
+                suites="TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+            ),
+            server,
+            client,
+        )
+        self.assertTrue(client.handshook)
+        self.assertEqual(client_tls.getHandle().get_cipher_name(), "TLS_AES_128_GCM_SHA256")
+
+    def test_tls12_client_gets_ecdhe_aes_gcm(self) -> None:
+        """
+        A TLS 1.2-only client is served, with ECDHE-ECDSA-AES128-GCM-SHA256.
+        """
+        server, client = Recorder(), Recorder()
+        client_tls, _, _ = tls_pair(
+            server_tls_options(_AUTHORITY),
+            _RawOptions(max_version=SSL.TLS1_2_VERSION),
+            server,
+            client,
+        )
+        handle = client_tls.getHandle()
+        self.assertEqual(handle.get_protocol_version_name(), "TLSv1.2")
+        self.assertEqual(handle.get_cipher_name(), "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+    def test_tls12_without_aead_is_refused(self) -> None:
+        """
+        A TLS 1.2 client offering only CBC suites finds no common cipher.
+        """
+        server, client = Recorder(), Recorder(b"x")
+        tls_pair(
+            server_tls_options(_AUTHORITY),
+            _RawOptions(
+                max_version=SSL.TLS1_2_VERSION,
+                ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA",
+            ),
+            server,
+            client,
+        )
+        self.assertFalse(client.handshook)
+        self.assertIsNotNone(client.lost)
+        self.assertEqual(server.received, b"")
+
+    def test_tls11_is_refused(self) -> None:
+        """
+        TLS 1.1 and older are refused.
+        """
+        server, client = Recorder(), Recorder(b"x")
+        tls_pair(
+            server_tls_options(_AUTHORITY),
+            _RawOptions(
+                min_version=SSL.TLS1_VERSION,
+                max_version=SSL.TLS1_1_VERSION,
+                ciphers="DEFAULT:@SECLEVEL=0",
+            ),
+            server,
+            client,
+        )
+        self.assertFalse(client.handshook)
+        self.assertEqual(server.received, b"")
+
+    def test_policy_cipher_lists(self) -> None:
+        """
+        Both ends offer exactly the policy suites: the three TLS 1.3 suites
+        in the preferred order, then the three ECDHE-ECDSA AEAD suites.
+        """
+        expected = TLS13_CIPHERSUITES.split(":") + TLS12_CIPHERS.split(":")
+        site_connection = _site_options().clientConnectionForTLS(object())  # type: ignore[attr-defined]
+        server_connection = server_tls_options(_AUTHORITY).serverConnectionForTLS(object())
+        self.assertEqual(site_connection.get_cipher_list(), expected)
+        self.assertEqual(server_connection.get_cipher_list(), expected)
+
+    def test_site_speaks_tls12(self) -> None:
+        """
+        The site still reaches a TLS 1.2-only server.
+        """
+        server, site = Recorder(), Recorder(b"x")
+        client_tls, _, _ = tls_pair(
+            _RawOptions(
+                max_version=SSL.TLS1_2_VERSION,
+                certificate=(_AUTHORITY.server_key, _AUTHORITY.server_certificate),
+            ),
+            _site_options(with_certificate=False),
+            server,
+            site,
+        )
+        self.assertTrue(site.handshook)
+        self.assertEqual(client_tls.getHandle().get_protocol_version_name(), "TLSv1.2")
+        self.assertEqual(server.received, b"x")
+
+    def test_sni(self) -> None:
+        """
+        A DNS server name is sent as SNI; an IP address is not (RFC 6066)
+        but is verified against the certificate's IP addresses.
+        """
+        server, site = Recorder(), Recorder()
+        _, server_tls, _ = tls_pair(server_tls_options(_AUTHORITY), _site_options(), server, site)
+        self.assertEqual(server_tls.getHandle().get_servername(), b"tunnel.example")
+        for address in ("127.0.0.1", "::1"):
+            server, site = Recorder(), Recorder()
+            _, server_tls, _ = tls_pair(
+                server_tls_options(_AUTHORITY), _site_options(address), server, site
+            )
+            self.assertTrue(site.handshook, address)
+            self.assertIsNone(server_tls.getHandle().get_servername())
+
+
+class ServerVerificationTests(SynchronousTestCase):
+    """
+    The site refuses a server it cannot verify during the handshake, so its
+    application data (an enrollment token) is never sent.
+    """
+
+    def assertRefused(self, server_options: object, site_options: object) -> PeerVerificationFailed:
+        server, site = Recorder(), Recorder(b"secret token")
+        tls_pair(server_options, site_options, server, site)
+        self.assertFalse(site.handshook)
+        self.assertEqual(server.received, b"")
+        assert site.lost is not None
+        error = site.lost.value
+        self.assertIsInstance(error, PeerVerificationFailed)
+        assert isinstance(error, PeerVerificationFailed)
+        return error
+
+    def test_server_from_another_ca(self) -> None:
+        """
+        A server whose certificate comes from another CA (even with the right
+        name) is refused as not issued by the pinned CA.
+        """
+        impostor = Authority.create(["tunnel.example"])
+        error = self.assertRefused(server_tls_options(impostor), _site_options())
+        self.assertIn("pinned rtunnel CA", str(error))
+
+    def test_wrong_name(self) -> None:
+        """
+        Our own server certificate is refused for a name it does not carry.
+        """
+        error = self.assertRefused(
+            server_tls_options(_AUTHORITY), _site_options("elsewhere.example")
+        )
+        self.assertIn("not valid for 'elsewhere.example'", str(error))
+        self.assertIsNone(error.code)
+
+    def test_wrong_ip_address(self) -> None:
+        """
+        An IP address the certificate does not list is refused.
+        """
+        error = self.assertRefused(server_tls_options(_AUTHORITY), _site_options("192.0.2.1"))
+        self.assertIn("not valid for '192.0.2.1'", str(error))
+
+    def test_self_signed_server(self) -> None:
+        """
+        A self-signed certificate is refused.
+        """
+        key, cert = certs.create_ca("tunnel.example")
+        error = self.assertRefused(_RawOptions(certificate=(key, cert)), _site_options())
+        self.assertIn("self-signed, not issued by the pinned rtunnel CA", str(error))
+
+
+class PurposeTests(SynchronousTestCase):
+    """
+    The impersonation guarantee: one CA signs both roles' certificates, and
+    only their extended key usage keeps them apart.  These handshakes show
+    OpenSSL's purpose check rejecting a crossed certificate
+    (X509_V_ERR_INVALID_PURPOSE), and a control in which the same kind of
+    certificate with the right EKU passes.
+    """
+
+    def test_site_certificate_cannot_act_as_server(self) -> None:
+        """
+        An attacker holding a site's key and certificate cannot pose as the
+        tunnel server: the site refuses it on purpose, before any data.
+        """
+        server, site = Recorder(), Recorder(b"secret token")
+        tls_pair(
+            ServerTLSOptions(_SITE_KEY, _SITE_CERT, _AUTHORITY.ca_certificate),
+            site_tls_options(_AUTHORITY.ca_pem, "alpha"),
+            server,
+            site,
+        )
+        self.assertEqual(server.received, b"")
+        assert site.lost is not None
+        self.assertIsInstance(site.lost.value, PeerVerificationFailed)
+        self.assertEqual(site.lost.value.code, INVALID_PURPOSE)
+
+    def test_eku_alone_decides_on_the_site(self) -> None:
+        """
+        A certificate from our CA valid for the server's name is refused as
+        a server when its EKU is clientAuth, and accepted when it is
+        serverAuth: nothing but the EKU differs.
+        """
+        server, site = Recorder(), Recorder(b"secret token")
+        key, cert = _leaf(_AUTHORITY, ExtendedKeyUsageOID.CLIENT_AUTH, "tunnel.example")
+        tls_pair(
+            ServerTLSOptions(key, cert, _AUTHORITY.ca_certificate),
+            _site_options(with_certificate=False),
+            server,
+            site,
+        )
+        self.assertEqual(server.received, b"")
+        assert site.lost is not None
+        self.assertEqual(site.lost.value.code, INVALID_PURPOSE)
+        self.assertIn("wrong extended key usage", str(site.lost.value))
+
+        server, site = Recorder(), Recorder(b"hello")
+        key, cert = _leaf(_AUTHORITY, ExtendedKeyUsageOID.SERVER_AUTH, "tunnel.example")
+        tls_pair(
+            ServerTLSOptions(key, cert, _AUTHORITY.ca_certificate),
+            _site_options(with_certificate=False),
+            server,
+            site,
+        )
+        self.assertTrue(site.handshook)
+        self.assertEqual(server.received, b"hello")
+
+    def test_server_certificate_cannot_act_as_site(self) -> None:
+        """
+        The server's own certificate presented as a client certificate is
+        refused by the server on purpose; no application data gets through
+        and no identity is derived.
+        """
+        server, site = Recorder(), Recorder(b"pretend site")
+        tls_pair(
+            server_tls_options(_AUTHORITY),
+            site_tls_options(
+                _AUTHORITY.ca_pem,
+                "tunnel.example",
+                _AUTHORITY.server_key,
+                _AUTHORITY.server_certificate,
+            ),
+            server,
+            site,
+        )
+        self.assertFalse(server.handshook)
+        self.assertEqual(server.received, b"")
+        assert server.lost is not None
+        self.assertIsInstance(server.lost.value, PeerVerificationFailed)
+        self.assertEqual(server.lost.value.code, INVALID_PURPOSE)
+
+    def test_client_certificate_from_another_ca(self) -> None:
+        """
+        A site certificate from another CA is refused by the server.
+        """
+        other = Authority.create()
+        key, cert = other.site("alpha")
+        server, site = Recorder(), Recorder(b"pretend site")
+        tls_pair(
+            server_tls_options(_AUTHORITY),
+            site_tls_options(_AUTHORITY.ca_pem, "tunnel.example", key, cert),
+            server,
+            site,
+        )
+        self.assertFalse(server.handshook)
+        self.assertEqual(server.received, b"")
+        assert server.lost is not None
+        self.assertIsInstance(server.lost.value, PeerVerificationFailed)
+
+
+class _FakeTransport:
+    def __init__(self, cert: object) -> None:
+        self.cert = cert
+
+    def getPeerCertificate(self) -> object:
+        return self.cert
+
+
+class PeerIdentityTests(SynchronousTestCase):
+    def test_no_certificate(self) -> None:
+        """
+        No certificate (or no TLS at all) means no identity.
+        """
+        self.assertIsNone(peer_identity(_FakeTransport(None)))
+        self.assertIsNone(peer_identity(object()))
+
+    def test_site_certificate(self) -> None:
+        """
+        A site certificate, as pyOpenSSL or cryptography object, gives the
+        site name and fingerprint.
+        """
+        expected = ("alpha", certs.fingerprint(_SITE_CERT))
+        self.assertEqual(peer_identity(_FakeTransport(X509.from_cryptography(_SITE_CERT))), expected)
+        self.assertEqual(peer_identity(_FakeTransport(_SITE_CERT)), expected)
+
+    def test_not_a_site_certificate(self) -> None:
+        """
+        A certificate naming no site is an error, not an anonymous peer.
+        """
+        self.assertRaises(
+            CertificateError,
+            peer_identity,
+            _FakeTransport(X509.from_cryptography(_AUTHORITY.server_certificate)),
+        )
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """
+        The creators provide Twisted's connection creator interfaces.
+        """
+        self.assertTrue(
+            verifyObject(IOpenSSLServerConnectionCreator, server_tls_options(_AUTHORITY))
+        )
+        self.assertTrue(verifyObject(IOpenSSLClientConnectionCreator, _site_options()))
+
+    def test_key_without_certificate(self) -> None:
+        """
+        A client key without its certificate (or the reverse) is a usage
+        error.
+        """
+        self.assertRaises(ValueError, site_tls_options, _AUTHORITY.ca_pem, "h", _SITE_KEY, None)
+        self.assertRaises(ValueError, site_tls_options, _AUTHORITY.ca_pem, "h", None, _SITE_CERT)
+
+    def test_mismatched_keys(self) -> None:
+        """
+        A key that does not match its certificate is refused up front.
+        """
+        other = certs.generate_private_key()
+        self.assertRaises(
+            CertificateError, site_tls_options, _AUTHORITY.ca_pem, "h", other, _SITE_CERT
+        )
+        self.assertRaises(
+            CertificateError,
+            ServerTLSOptions,
+            other,
+            _AUTHORITY.server_certificate,
+            _AUTHORITY.ca_certificate,
+        )
+
+    def test_bad_pinned_ca(self) -> None:
+        """
+        A malformed pinned CA is a CertificateError.
+        """
+        self.assertRaises(CertificateError, site_tls_options, "garbage", "tunnel.example")
