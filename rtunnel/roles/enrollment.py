@@ -162,11 +162,12 @@ class EnrollmentResponder(Protocol):
             )
         except EnrollmentRefused as e:
             self._log.info(
-                "enrollment refused for site {site} from {peer}: {code}: {message}",
+                # "reason", not "message": the legacy log bridge owns that key.
+                "enrollment refused for site {site} from {peer}: {code}: {reason}",
                 site=site,
                 peer=self.peer,
                 code=e.code,
-                message=e.message,
+                reason=e.message,
             )
             return EnrollRejected(e.code, e.message)
         except Exception:
