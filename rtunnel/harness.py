@@ -68,6 +68,7 @@ class Process:
         self.argv = list(argv)
         self.log = log
         self._logfile = open(log, "ab")
+        self._terminated = False
         self.popen = subprocess.Popen(
             self.argv, stdout=self._logfile, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, stdin=subprocess.DEVNULL
         )
@@ -81,11 +82,19 @@ class Process:
 
     def signal(self, signum: int) -> None:
         if self.running():
+            if signum == signal.SIGTERM:
+                self._terminated = True
             os.kill(self.pid, signum)
 
     def wait(self, timeout: float) -> int:
+        """
+        Wait for the exit status. twistd ends itself with the signal it was
+        stopped by once its shutdown is done, so after our SIGTERM, death by
+        SIGTERM counts as a clean exit (0).
+        """
         try:
-            return self.popen.wait(timeout)
+            status = self.popen.wait(timeout)
+            return 0 if status == -signal.SIGTERM and self._terminated else status
         finally:
             if not self.running():
                 self._logfile.close()
@@ -94,18 +103,14 @@ class Process:
         """
         SIGTERM (graceful drain), then SIGKILL if it does not end in time.
 
-        @return: the exit status, 0 for a clean stop: twistd ends itself
-            with the signal it was stopped by once its shutdown is done, so
-            death by SIGTERM after a SIGTERM counts as clean.
+        @return: the exit status (see L{wait}).
         """
         if self.running():
             self.signal(signal.SIGTERM)
             try:
-                status = self.wait(timeout)
+                return self.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
-                return self.wait(timeout)
-            return 0 if status == -signal.SIGTERM else status
         return self.wait(timeout)
 
     def kill(self) -> int:

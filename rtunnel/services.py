@@ -52,6 +52,8 @@ class ServerConfig:
     open_timeout: float = 5.0
     drain_grace: float = 10.0
     revocation_poll: float = 1.0
+    max_streams_per_site: int = 1024
+    max_pending_opens: int = 256
     policy: ServerPolicy = ServerPolicy()
     name: str = "default"
 
@@ -84,6 +86,8 @@ class TunnelServerService(MultiService):
             reactor,
             on_connected=lambda site, peer: state.store.mark_connected(site, peer, _utcnow()),
             on_disconnected=lambda site: state.store.mark_disconnected(site, _utcnow()),
+            max_pending_opens=config.max_pending_opens,
+            max_streams_per_site=config.max_streams_per_site,
         )
         self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
         self.ports: list[IListeningPort] = []

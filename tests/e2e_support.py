@@ -89,3 +89,73 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
     except socket.timeout:
         pass
     return b"".join(chunks), False
+
+
+class Relay:
+    """
+    A TCP relay on loopback standing in for the network path between a site
+    and the tunnel server, with two faults a test can switch on:
+
+     - C{blackhole}: keep every connection open but forward nothing (and
+       accept new connections that then forward nothing): a silently dead
+       path, as when a NAT box or a link drops everything;
+     - C{keep_server_legs}: when the site side of a connection closes, leave
+       the server side open and silent (the server keeps a half-dead session).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.blackhole = False
+        self.keep_server_legs = False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._held += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_site: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self.blackhole:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if from_site and self.keep_server_legs:
+            return  # the server's leg stays open and silent
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        with self._lock:
+            for s in self._held:
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -19,6 +19,16 @@ def positive_float(name: str, text: str) -> float:
     return value
 
 
+def positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name}: {text!r} is not a whole number") from None
+    if value < 1:
+        raise usage.UsageError(f"--{name}: must be at least 1, got {text}")
+    return value
+
+
 def keepalive_from(options: usage.Options) -> Keepalive | None:
     """
     C{--keepalive SECONDS} (0 turns keepalive off) and C{--keepalive-timeout

@@ -13,7 +13,7 @@ from ..identity.errors import IdentityError
 from ..roles.forward import ForwardSpec
 from ..roles.server import ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
-from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float
+from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -28,6 +28,8 @@ class Options(usage.Options):
         ["listen", None, DEFAULT_LISTEN, "Twisted server endpoint for sites; rtunnel adds TLS itself."],
         ["open-timeout", None, "5", "Seconds a forwarded client waits for an absent site to (re)connect."],
         ["handshake-timeout", None, "30", "Seconds a site connection has to finish TLS and authenticate or enroll."],
+        ["max-streams-per-site", None, "1024", "Most streams open at once to one site; further clients are refused."],
+        ["max-pending-opens", None, "256", "Most clients waiting at once for one absent site."],
         *KEEPALIVE_PARAMETERS,
     ]
 
@@ -58,6 +60,8 @@ class Options(usage.Options):
             forwards=tuple(self["forward"]),
             open_timeout=positive_float("open-timeout", self["open-timeout"]),
             drain_grace=positive_float("drain-grace", self["drain-grace"]),
+            max_streams_per_site=positive_int("max-streams-per-site", self["max-streams-per-site"]),
+            max_pending_opens=positive_int("max-pending-opens", self["max-pending-opens"]),
             policy=ServerPolicy(
                 keepalive=keepalive,
                 handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),

@@ -13,7 +13,8 @@ from ..identity.errors import IdentityError
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
-from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float
+from ..mux.settings import Settings
+from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -28,6 +29,7 @@ class Options(usage.Options):
         ["keyfile", None, None, "Keyfile to enroll with (first start, or to re-enroll)."],
         ["retry-cap", None, "30", "Longest delay in seconds between reconnect attempts."],
         ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
+        ["max-streams", None, "1024", "Most streams the cloud may have open at this site at once."],
         *KEEPALIVE_PARAMETERS,
     ]
 
@@ -52,6 +54,7 @@ class Options(usage.Options):
             allow=tuple(self["allow"]),
             target_connect_timeout=connect_timeout,
             policy=SitePolicy(
+                settings=Settings(max_streams=positive_int("max-streams", self["max-streams"])),
                 keepalive=keepalive_from(self),
                 retry_cap=positive_float("retry-cap", self["retry-cap"]),
                 connect_timeout=connect_timeout,

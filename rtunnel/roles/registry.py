@@ -58,6 +58,8 @@ class SiteRegistry:
         (for the state store's "connected" column).
     @param on_disconnected: C{(site)} when the live session of a site ends.
     @param max_pending_opens: most opens that may wait for one site at once.
+    @param max_streams_per_site: most streams open to one site at once, our
+        own cap whatever the site announces.
     """
 
     _log = Logger()
@@ -69,8 +71,10 @@ class SiteRegistry:
         on_connected: Callable[[str, str], None] | None = None,
         on_disconnected: Callable[[str], None] | None = None,
         max_pending_opens: int = 256,
+        max_streams_per_site: int = 1024,
     ) -> None:
         self.clock = clock
+        self.max_streams_per_site = max_streams_per_site
         self.on_connected = on_connected
         self.on_disconnected = on_disconnected
         self.max_pending_opens = max_pending_opens
@@ -182,6 +186,8 @@ class SiteRegistry:
         """
 
         def opened(session: MuxProtocol) -> MuxStream:
+            if session.session.local_streams >= self.max_streams_per_site:
+                raise SiteUnavailable(site, f"stream limit reached ({self.max_streams_per_site} open)")
             try:
                 return session.open_stream(host, port)
             except StreamLimitReached as e:
