@@ -10,7 +10,7 @@ import struct
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtunnel.mux.errors import ErrorCode, ProtocolError
+from rtunnel.mux.errors import ErrorCode, ProtocolError, code_name
 from rtunnel.mux.frames import (
     HEADER,
     HEADER_SIZE,
@@ -173,11 +173,14 @@ class FrameSizeTests(SynchronousTestCase):
 
     def test_first_frame_may_be_1024(self):
         """A first frame of exactly 1,024 bytes passes; the announced limit
-        applies from the second frame on."""
-        decoder = FrameDecoder(LIMIT)
+        applies from the second frame on, also within the same read."""
         hello = raw(FrameType.HELLO, struct.pack(">4sHHIII", HELLO_MAGIC, 1, 0, LIMIT, 65536, 5) + bytes(1004), 0)
+        big = Data(1, b"d" * LIMIT)
+        decoder = FrameDecoder(LIMIT)
         self.assertEqual(decoder.feed(hello), [Hello(1, LIMIT, 65536, 5)])
-        self.assertEqual(decoder.feed(encode(Data(1, b"d" * LIMIT))), [Data(1, b"d" * LIMIT)])
+        self.assertEqual(decoder.feed(encode(big)), [big])
+        decoder = FrameDecoder(LIMIT)
+        self.assertEqual(decoder.feed(hello + encode(big)), [Hello(1, LIMIT, 65536, 5), big])
 
 
 def _hello_payload(magic: bytes = HELLO_MAGIC, reserved: int = 0, extra: bytes = b"") -> bytes:
@@ -254,6 +257,13 @@ class MalformedFrameTests(SynchronousTestCase):
         self.assertEqual(
             primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5)]
         )
+
+    def test_code_names(self):
+        """Known codes have their names; unknown ones a readable stand-in, and
+        a ProtocolError reads as code and reason."""
+        self.assertEqual(code_name(33), "TARGET_REFUSED")
+        self.assertEqual(code_name(999), "UNKNOWN_999")
+        self.assertEqual(str(ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "big")), "FRAME_SIZE_ERROR: big")
 
     def test_parse_frame_raises_protocol_error(self):
         """parse_frame itself reports malformation as a L{ProtocolError}."""

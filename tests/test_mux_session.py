@@ -579,6 +579,23 @@ class PingTests(SynchronousTestCase):
         self.assertEqual(feed(session, Ping(b"asked-me", ack=True)), [])
         self.assertTrue(session.ready)
 
+    def test_same_opaque_twice(self):
+        """Two PINGs with the same bytes may each be answered once."""
+        session = ready_session()
+        session.ping(b"samesame")
+        session.ping(b"samesame")
+        answers = [feed(session, Ping(b"samesame", ack=True)) for _ in range(3)]
+        self.assertEqual(answers, [[ev.PongReceived(b"samesame")]] * 2 + [[]])
+
+    def test_unanswered_pings_bounded(self):
+        """Only the latest 64 unanswered PINGs are remembered: an answer to an
+        older one is ignored, one to a recent one is reported."""
+        session = ready_session()
+        for n in range(65):
+            session.ping(n.to_bytes(8, "big"))
+        self.assertEqual(feed(session, Ping((0).to_bytes(8, "big"), ack=True)), [])
+        self.assertEqual(feed(session, Ping((1).to_bytes(8, "big"), ack=True)), [ev.PongReceived((1).to_bytes(8, "big"))])
+
     def test_ping_size(self):
         """A PING carries exactly 8 bytes; anything else is a usage error."""
         session = ready_session()
@@ -701,7 +718,7 @@ class SessionFailureTests(SessionFailureAssertions, SynchronousTestCase):
         self.assertSessionFailed(session, events, ErrorCode.FRAME_SIZE_ERROR)
 
     @settings(max_examples=250, deadline=None)
-    @given(s.hostile_input, st.data())
+    @given(st.one_of(st.binary(max_size=200), s.hostile_input), st.data())
     def test_hostile_bytes(self, blob, data):
         """Arbitrary bytes, cut anywhere, into a ready session never raise: the
         only failure is one SessionFailed with a defined code, last, after
