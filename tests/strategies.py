@@ -104,3 +104,11 @@ flow_steps = st.lists(
     st.tuples(st.sampled_from(["write", "consume", "deliver", "return"]), st.integers(0, 20_000)),
     max_size=40,
 )
+
+#: Several valid frames in a row.
+frame_lists = st.lists(frames, max_size=8)
+
+#: Anything at all: plain random bytes, or near-valid session traffic.
+garbage = st.one_of(st.binary(max_size=200), hostile_input)
+
+fins = st.booleans()

@@ -64,7 +64,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(primed_decoder().feed(encode(frame)), [frame])
 
     @settings(max_examples=150)
-    @given(st.lists(s.frames, max_size=8), st.data())
+    @given(s.frame_lists, st.data())
     def test_chunked_sequence(self, frames, data):
         """A sequence of frames cut into arbitrary chunks decodes to the same
         sequence, leaving nothing buffered."""
@@ -92,7 +92,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(out, frames)
         self.assertEqual(ends, [sum(len(encode(f)) for f in frames[: n + 1]) for n in range(3)])
 
-    @given(st.integers(1, 2**31 - 1), st.binary(max_size=100), st.booleans())
+    @given(s.stream_ids, s.payloads, s.fins)
     def test_data_header(self, stream_id, data, fin):
         """The hot path's separate DATA header equals the header encode() writes."""
         self.assertEqual(data_header(stream_id, len(data), fin) + data, encode(Data(stream_id, data, fin)))
@@ -109,7 +109,7 @@ class RoundTripTests(SynchronousTestCase):
 
 class DecoderGarbageTests(SynchronousTestCase):
     @settings(max_examples=300)
-    @given(st.one_of(st.binary(max_size=200), s.hostile_input), st.data())
+    @given(s.garbage, st.data())
     def test_garbage_only_protocol_error(self, garbage, data):
         """Arbitrary bytes, cut anywhere, never raise from the decoder: it
         returns frames and at most sets one L{ProtocolError} with a defined

@@ -718,7 +718,7 @@ class SessionFailureTests(SessionFailureAssertions, SynchronousTestCase):
         self.assertSessionFailed(session, events, ErrorCode.FRAME_SIZE_ERROR)
 
     @settings(max_examples=250, deadline=None)
-    @given(st.one_of(st.binary(max_size=200), s.hostile_input), st.data())
+    @given(s.garbage, st.data())
     def test_hostile_bytes(self, blob, data):
         """Arbitrary bytes, cut anywhere, into a ready session never raise: the
         only failure is one SessionFailed with a defined code, last, after
