@@ -5,6 +5,9 @@ connection between two protocols (real OpenSSL, no sockets).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,10 +21,25 @@ from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from rtunnel.identity import certs
 from rtunnel.identity.certs import PrivateKey
+
+class TestCase(SynchronousTestCase):
+    """
+    A synchronous test case whose C{mktemp} paths live under the system
+    temporary directory (trial's default is relative to the working
+    directory, which under pytest is the source tree) and are removed after
+    the test.
+    """
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="rtunnel-test-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
 
 # A fixed instant for tests that need "now" (tokens, expiry).
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -16,19 +16,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.cli.admin import main, parse_duration
 from rtunnel.identity import certs
 from rtunnel.identity.errors import SiteRejected
 from rtunnel.identity.keyfile import read_keyfile
 from rtunnel.identity.state import ServerState
+from tests.helpers_identity import TestCase
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-class _CLITestCase(SynchronousTestCase):
+class _CLITestCase(TestCase):
     def setUp(self) -> None:
         self.base = Path(self.mktemp())
         self.base.mkdir()
@@ -340,7 +340,7 @@ class SitesTests(_CLITestCase):
         self.assertIn("usage: rtunnel sites list", out)
 
 
-class DurationTests(SynchronousTestCase):
+class DurationTests(TestCase):
     def test_units(self) -> None:
         """
         Durations combine numbers with s, m, h, d and w.
@@ -359,7 +359,7 @@ class DurationTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_duration, text)
 
 
-class ProcessTests(SynchronousTestCase):
+class ProcessTests(TestCase):
     def test_python_m_rtunnel(self) -> None:
         """
         C{python -m rtunnel} is the admin command: a runtime error exits 1

@@ -26,7 +26,6 @@ from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connect, makeFakeClient, makeFakeServer
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from rtunnel.identity import certs
@@ -53,7 +52,7 @@ from rtunnel.identity.keyfile import Keyfile
 from rtunnel.identity.state import ServerState, SiteState
 from rtunnel.identity.tlsconfig import peer_identity, server_tls_options, site_tls_options
 from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder, enroll
-from tests.helpers_identity import Authority, Recorder, tls_pair
+from tests.helpers_identity import Authority, Recorder, TestCase, tls_pair
 
 _REQUEST = EnrollRequest("alpha", "T" * 43, "-----BEGIN CERTIFICATE REQUEST-----\n...")
 
@@ -262,7 +261,7 @@ class _Enroller:
 _CERT_PEM = certs.dump_certificate(Authority.create().server_certificate)
 
 
-class ResponderTests(SynchronousTestCase):
+class ResponderTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_900_000_000)
@@ -399,7 +398,7 @@ class ResponderTests(SynchronousTestCase):
         self.assertEqual(responder.peer, "192.168.1.1:54321")
 
 
-class RequesterTests(SynchronousTestCase):
+class RequesterTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.transport = StringTransport()
@@ -503,7 +502,7 @@ class _MemoryEndpoint:
         return succeed(client)
 
 
-class ExchangeTests(SynchronousTestCase):
+class ExchangeTests(TestCase):
     def setUp(self) -> None:
         # The clock reads wall time (whole seconds) because certificates
         # issued at that time must pass OpenSSL's validity check, which uses

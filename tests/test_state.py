@@ -13,20 +13,19 @@ from pathlib import Path
 
 from twisted.logger import capturedLogs
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.identity import certs, state
 from rtunnel.identity.errors import CertificateError, EnrollmentRefused, StateError
 from rtunnel.identity.keyfile import Keyfile
 from rtunnel.identity.state import ServerState, SiteState, default_public_addresses
-from tests.helpers_identity import NOW, Authority
+from tests.helpers_identity import Authority, NOW, TestCase
 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-class ServerStateTests(SynchronousTestCase):
+class ServerStateTests(TestCase):
     def setUp(self) -> None:
         self.directory = Path(self.mktemp())
 
@@ -274,7 +273,7 @@ class ServerStateTests(SynchronousTestCase):
         certs.verify_issued_by(cert, server.ca_certificate)
 
 
-class SiteStateTests(SynchronousTestCase):
+class SiteStateTests(TestCase):
     def setUp(self) -> None:
         self.server_dir = Path(self.mktemp())
         self.server = ServerState.load_or_create(self.server_dir, ["tunnel.example"])

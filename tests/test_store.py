@@ -11,7 +11,6 @@ import stat
 from datetime import timedelta
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.identity import certs
 from rtunnel.identity.errors import (
@@ -22,7 +21,7 @@ from rtunnel.identity.errors import (
 )
 from rtunnel.identity.keyfile import token_digest
 from rtunnel.identity.store import SCHEMA_VERSION, StateStore, pid_alive
-from tests.helpers_identity import NOW, Authority, later
+from tests.helpers_identity import Authority, NOW, TestCase, later
 
 _AUTHORITY = Authority.create()
 
@@ -47,7 +46,7 @@ class _Site:
         return certs.dump_certificate(cert)
 
 
-class _StoreTestCase(SynchronousTestCase):
+class _StoreTestCase(TestCase):
     def setUp(self) -> None:
         self.directory = Path(self.mktemp())
         self.directory.mkdir()
@@ -475,7 +474,7 @@ class ConcurrencyTests(_StoreTestCase):
         self.assertEqual(other.get_meta("schema_version"), str(SCHEMA_VERSION))
 
 
-class DamageTests(SynchronousTestCase):
+class DamageTests(TestCase):
     def setUp(self) -> None:
         self.directory = Path(self.mktemp())
         self.directory.mkdir()

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -33,7 +32,7 @@ from rtunnel.identity.tlsconfig import (
     server_tls_options,
     site_tls_options,
 )
-from tests.helpers_identity import Authority, Recorder, tls_pair
+from tests.helpers_identity import Authority, Recorder, TestCase, tls_pair
 
 # OpenSSL's X509_V_ERR_INVALID_PURPOSE: "unsupported certificate purpose".
 INVALID_PURPOSE = 26
@@ -109,7 +108,7 @@ def _site_options(server_name: str = "tunnel.example", with_certificate: bool = 
     return site_tls_options(_AUTHORITY.ca_pem, server_name)
 
 
-class HandshakeTests(SynchronousTestCase):
+class HandshakeTests(TestCase):
     def test_site_with_certificate(self) -> None:
         """
         An enrolled site and the server handshake with TLS 1.3 and
@@ -257,7 +256,7 @@ class HandshakeTests(SynchronousTestCase):
             self.assertIsNone(server_tls.getHandle().get_servername())
 
 
-class ServerVerificationTests(SynchronousTestCase):
+class ServerVerificationTests(TestCase):
     """
     The site refuses a server it cannot verify during the handshake, so its
     application data (an enrollment token) is never sent.
@@ -309,7 +308,7 @@ class ServerVerificationTests(SynchronousTestCase):
         self.assertIn("self-signed, not issued by the pinned rtunnel CA", str(error))
 
 
-class PurposeTests(SynchronousTestCase):
+class PurposeTests(TestCase):
     """
     The impersonation guarantee: one CA signs both roles' certificates, and
     only their extended key usage keeps them apart.  These handshakes show
@@ -416,7 +415,7 @@ class _FakeTransport:
         return self.cert
 
 
-class PeerIdentityTests(SynchronousTestCase):
+class PeerIdentityTests(TestCase):
     def test_no_certificate(self) -> None:
         """
         No certificate (or no TLS at all) means no identity.
@@ -444,7 +443,7 @@ class PeerIdentityTests(SynchronousTestCase):
         )
 
 
-class OptionsTests(SynchronousTestCase):
+class OptionsTests(TestCase):
     def test_interfaces(self) -> None:
         """
         The creators provide Twisted's connection creator interfaces.
