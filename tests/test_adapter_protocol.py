@@ -475,6 +475,35 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(server.when_closed())
         self.successResultOf(client.when_closed())
 
+    def test_terminate_from_inside_data_received(self) -> None:
+        """
+        C{terminate} called by a stream's protocol while the mux is
+        delivering input still gets its RESETs and GOAWAY to the peer
+        before the connection closes: the peer's streams see the code, not
+        a lost tunnel, and no later event of that input is acted on.
+        """
+        holder = Holder()
+        client, server, pump, _ = iosim_pair(server_handler=holder)
+
+        class Terminator(Recorder):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                server.terminate(ErrorCode.NOT_AUTHORIZED, "credentials revoked")
+
+        stream = client.open_stream("h", 1)
+        mine = Recorder()
+        stream.attach(mine)
+        pump.flush()
+        holder.streams[0].accept(Terminator())
+        stream.write(b"trigger")
+        late = client.open_stream("h", 2)  # its OPEN follows in the same input
+        pump.flush()
+        assert_reset(self, mine.lost, ErrorCode.NOT_AUTHORIZED, "credentials revoked")
+        self.assertEqual(open_failure(self, late).code, ErrorCode.NOT_AUTHORIZED)
+        self.assertEqual(len(holder.streams), 1)
+        self.successResultOf(client.when_closed())
+        self.successResultOf(server.when_closed())
+
     def test_protocol_error_ends_session(self) -> None:
         """
         Garbage from the peer ends the session: streams are reset with

@@ -103,6 +103,8 @@ class MuxProtocol(Protocol):
         self._rotation = 0
         self._lost = False
         self._unregistered = False
+        self._closing = False
+        self._close_wanted: bool | None = None  # close (True: abort) once the current input is handled
 
     # -- observers -----------------------------------------------------------
 
@@ -164,12 +166,16 @@ class MuxProtocol(Protocol):
         self._in_receive = True
         try:
             for event in self.session.receive_data(data):
+                if self._closing:
+                    break  # terminated meanwhile: act on nothing more of this input
                 self._dispatch(event)
         finally:
             self._in_receive = False
         self._flush()
-        # A drain may have finished during this input; close only now that
-        # its last frames (a FIN, say) have been written.
+        # A close asked for (terminate) or a drain finished during this input
+        # happens only now that the frames it produced have been written.
+        if self._close_wanted is not None:
+            self._close_transport(self._close_wanted)
         self._maybe_finish_drain()
 
     def connectionLost(self, reason: Failure = CLEAN_CLOSE) -> None:
@@ -487,6 +493,12 @@ class MuxProtocol(Protocol):
         transport = self.transport
         if transport is None or self._lost:
             return
+        self._closing = True
+        if self._in_receive:
+            # Output is written when the input has been handled; close after it.
+            self._close_wanted = abort or bool(self._close_wanted)
+            return
+        self._close_wanted = None
         if not self._unregistered:
             self._unregistered = True
             transport.unregisterProducer()
