@@ -11,7 +11,9 @@ timeout, DNS), so the cloud-side log says what went wrong at the site.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import re
 from typing import Callable, Iterable
 
 from attrs import frozen
@@ -24,7 +26,11 @@ from twisted.python.failure import Failure
 
 from ..adapter.stream import MuxStream
 from ..mux.errors import ErrorCode
+from ..mux.frames import MAX_HOST_BYTES
 from .splice import TCPSide
+
+# What an OPEN frame can name besides an IP literal (docs/protocol.md).
+_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
 def _canonical_host(host: str) -> str:
@@ -63,9 +69,25 @@ class Target:
                 raise ValueError(f"{text!r}: expected HOST:PORT")
             if ":" in host:
                 raise ValueError(f"{text!r}: write IPv6 addresses in brackets, [ADDR]:PORT")
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
-        return cls(_canonical_host(host), int(port_text))
+        bracketed = text.startswith("[")
+        host = _canonical_host(host)
+        if not host:
+            raise ValueError(f"{text!r}: host is empty")
+        if not _is_ip(host):
+            if bracketed:
+                raise ValueError(f"{text!r}: brackets are only for IPv6 addresses")
+            if not host.isascii():
+                try:
+                    host = host.encode("idna").decode("ascii")
+                except UnicodeError:
+                    raise ValueError(f"{text!r}: {host!r} is not a valid host name") from None
+            # Anything else could never travel in an OPEN frame: an allowlist
+            # entry that can never match, a forward that fails every time.
+            if len(host) > MAX_HOST_BYTES or not _NAME.fullmatch(host):
+                raise ValueError(f"{text!r}: host must be a DNS name or an IP address")
+        return cls(host, int(port_text))
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -88,14 +110,21 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+_UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
+
+
 def _failure_code(failure: Failure) -> int:
     if failure.check(error.ConnectionRefusedError):
         return ErrorCode.TARGET_REFUSED
-    if failure.check(error.TimeoutError, defer.TimeoutError, defer.CancelledError):
+    if failure.check(error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError, defer.CancelledError):
         return ErrorCode.TARGET_TIMEOUT
     if failure.check(error.DNSLookupError):
         return ErrorCode.TARGET_DNS_FAILURE
     if failure.check(error.NoRouteError):
+        return ErrorCode.TARGET_UNREACHABLE
+    # Twisted maps only ENETUNREACH to NoRouteError; "no route to host"
+    # arrives as a plain ConnectError carrying the errno.
+    if failure.check(error.ConnectError) and getattr(failure.value, "osError", None) in _UNREACHABLE_ERRNOS:
         return ErrorCode.TARGET_UNREACHABLE
     return ErrorCode.TARGET_ERROR
 
