@@ -334,6 +334,42 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(server.streams, {})
 
 
+class FaultyProtocolTests(SynchronousTestCase):
+    def test_raising_protocol_resets_only_its_stream(self) -> None:
+        """
+        A stream protocol whose C{dataReceived} raises gets its stream reset
+        (the peer sees INTERNAL_ERROR, the protocol C{connectionLost} with
+        the exception, which is logged), as TCP would drop just that
+        connection; other streams in the same input and the tunnel go on.
+        """
+        holder = Holder()
+        client, server, pump, _ = iosim_pair(server_handler=holder)
+
+        class Broken(Recorder):
+            def dataReceived(self, data: bytes) -> None:
+                raise ZeroDivisionError("application bug")
+
+        streams = [client.open_stream("h", port) for port in (1, 2)]
+        mine = [Recorder(), HalfCloseRecorder()]
+        for stream, protocol in zip(streams, mine):
+            stream.attach(protocol)
+        pump.flush()
+        broken, fine = Broken(), HalfCloseRecorder()
+        holder.streams[0].accept(broken)
+        holder.streams[1].accept(fine)
+        streams[0].write(b"boom")
+        streams[1].write(b"unharmed")
+        streams[1].loseConnection()
+        pump.flush()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        assert_reset(self, mine[0].lost, ErrorCode.INTERNAL_ERROR)
+        self.assertIsInstance(broken.lost.value, ZeroDivisionError)  # type: ignore[union-attr]
+        self.assertEqual(bytes(fine.data), b"unharmed")
+        self.assertTrue(fine.read_closed)
+        self.assertTrue(client.ready and server.ready)
+        self.assertNoResult(client.when_closed())
+
+
 class ResetTests(SynchronousTestCase):
     def _open(self) -> tuple[MuxProtocol, MuxProtocol, object, MuxStream, Recorder, Recorder]:
         acceptor = Acceptor(Recorder)

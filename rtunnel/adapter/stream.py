@@ -17,7 +17,7 @@ Backpressure, both ways:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from attrs import frozen
 from twisted.internet import defer
@@ -311,8 +311,27 @@ class MuxStream:
         if self.protocol is None or self._read_paused or self._inbuf:
             self._inbuf.append(data)
             return
-        self.protocol.dataReceived(data)
-        self._mux._consumed(self, len(data))
+        if self._deliver(self.protocol.dataReceived, data):
+            self._mux._consumed(self, len(data))
+
+    def _deliver(self, method: Callable[..., object], *args: bytes) -> bool:
+        """
+        Call one of our protocol's methods. If it raises, reset this stream
+        only (as TCP drops just that connection) instead of letting the
+        exception end the tunnel's C{dataReceived} and so every stream.
+        """
+        try:
+            method(*args)
+        except Exception:
+            failure = Failure()
+            self._log.failure(
+                "protocol of stream {streamID} raised; resetting the stream", failure, streamID=self.stream_id
+            )
+            if not self.disconnected:
+                self._mux._reset(self, ErrorCode.INTERNAL_ERROR, "application error")
+                self._terminate(failure)
+            return False
+        return True
 
     def _eof(self) -> None:
         self._eof_received = True
@@ -335,7 +354,8 @@ class MuxStream:
             return
         while self._inbuf and not self._read_paused and not self.disconnected:
             chunk = self._inbuf.popleft()
-            protocol.dataReceived(chunk)
+            if not self._deliver(protocol.dataReceived, chunk):
+                return
             self._mux._consumed(self, len(chunk))
         if self._inbuf or self._read_paused or self.disconnected:
             return
@@ -343,7 +363,8 @@ class MuxStream:
             self._eof_delivered = True
             half = IHalfCloseableProtocol(protocol, None)
             if half is not None:
-                half.readConnectionLost()
+                if not self._deliver(half.readConnectionLost):
+                    return
             else:
                 self.loseConnection()
         if self._end_reason is not None:
