@@ -27,6 +27,10 @@ from rtunnel.mux import Settings
 KIB = 1024
 MIB = 1024 * KIB
 
+#: What the in-memory pairs announce unless a test says otherwise: pinned, so
+#: that window arithmetic in the tests does not follow changes of the defaults.
+TEST_SETTINGS = Settings(max_frame_size=64 * KIB, initial_window=256 * KIB, max_streams=1024)
+
 
 # -- application protocols ---------------------------------------------------
 
@@ -203,7 +207,7 @@ def make_mux(
         initiator=initiator,
         clock=clock,
         stream_handler=handler,
-        settings=settings,
+        settings=settings if settings is not None else TEST_SETTINGS,
         keepalive=keepalive,
         label="client" if initiator else "server",
     )

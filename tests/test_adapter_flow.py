@@ -18,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from rtunnel.adapter import MuxStream
-from rtunnel.mux import Settings
 
 from tests.adapter_helpers import (
     KIB,
@@ -32,12 +31,13 @@ from tests.adapter_helpers import (
     PatternSource,
     Recorder,
     StreamingWriter,
+    TEST_SETTINGS,
     iosim_pair,
     pump_until_idle,
 )
 
-WINDOW = Settings().initial_window  # 256 KiB
-FRAME = Settings().max_frame_size  # 64 KiB
+WINDOW = TEST_SETTINGS.initial_window  # 256 KiB
+FRAME = TEST_SETTINGS.max_frame_size  # 64 KiB
 
 
 class StalledSink(HashSink):

@@ -26,6 +26,7 @@ from tests.adapter_helpers import (
     Holder,
     RawPeer,
     Recorder,
+    TEST_SETTINGS,
     iosim_pair,
     make_mux,
     pump_until_idle,
@@ -412,13 +413,13 @@ class ResetTests(SynchronousTestCase):
         still waiting for credit; the peer's protocol sees the reset.
         """
         client, server, pump, stream, mine, theirs = self._open()
-        stream.write(b"x" * (512 * 1024))  # more than one window: some waits
+        stream.write(b"x" * (2 * TEST_SETTINGS.initial_window))  # more than one window: some waits
         self.assertTrue(stream.send_blocked)
         stream.abortConnection()
         pump.flush()  # type: ignore[attr-defined]
         assert_reset(self, theirs.lost, ErrorCode.CANCEL)
         assert_reset(self, mine.lost, ErrorCode.CANCEL)
-        self.assertLessEqual(len(theirs.data), 256 * 1024)
+        self.assertLessEqual(len(theirs.data), TEST_SETTINGS.initial_window)
         self.assertFalse(stream.send_blocked)
 
 
