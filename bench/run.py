@@ -1,0 +1,598 @@
+"""rtunnel benchmark: the same loads through direct TCP, ``ssh -R`` and rtunnel, in one run.
+
+Usage (from the repo root)::
+
+    make bench                          # full: 5 repetitions, ~6-8 min on 2 cores
+    make bench BENCH_ARGS=--quick       # smoke: 2 repetitions, ~1-2 min
+    make bench BENCH_ARGS="--only direct,ssh --reps 3 --no-wan"
+
+Why it is built this way:
+
+* One run, tunnels interleaved: all LAN tunnels are up at once and each
+  repetition visits them in turn (rotating the order), so drift on these shared
+  machines hits every column alike.  Compare ratios inside one run, not
+  absolute numbers across runs (FIELD-NOTES: 10-25 % run to run).
+* The load generator is C (bench/loadgen.c) and every stream's bytes are
+  counted and pattern-checked; the direct-TCP column shows its headroom.
+* Transfer sizes are calibrated per tunnel and metric (a warm-up transfer
+  measures the rate), so each measured transfer lasts about the same time
+  whatever the tunnel's speed; the warm-up is not counted.
+* Medians with min-max over repetitions; MB = 10^6 bytes.
+
+Outputs: a Markdown report printed and written to bench/results/latest.md
+(only for a default full run: no --quick/--only/--reps; else to _bench/),
+the marked section of docs/performance.md refreshed from it (same condition),
+and raw numbers in _bench/last-run.json.  Keys, configs, logs: _bench/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import procstats, tunnels  # noqa: E402
+from bench.tunnels import Tunnel, TunnelUnavailable  # noqa: E402
+
+WORK = REPO / "_bench"
+LOADGEN = WORK / "loadgen"
+RESULTS_MD = REPO / "bench" / "results" / "latest.md"
+DOCS_MD = REPO / "docs" / "performance.md"
+DOCS_BEGIN = "<!-- bench:results:begin (written by bench/run.py; edit outside these markers) -->"
+DOCS_END = "<!-- bench:results:end -->"
+MB = 1e6
+MiB = 1 << 20
+
+PLANS = {
+    # bulk_s: target length of one measured transfer; conn_s/rtt_s: length of a latency run
+    "full": dict(reps=5, bulk_s=1.2, rtt_s=1.0, conn_s=1.2, hold_n=1000, hold_reps=3,
+                 wan_reps=3, wan_s=3.0, wan_rtt_s=1.0),
+    "quick": dict(reps=2, bulk_s=0.4, rtt_s=0.4, conn_s=0.4, hold_n=1000, hold_reps=1,
+                  wan_reps=1, wan_s=1.2, wan_rtt_s=0.5),
+}
+WAN_DELAY_MS = 50.0
+
+# (key, label, unit, better)  better: "up" = higher is better, "down" = lower is better
+LAN_METRICS = [
+    ("up1", "1 stream upload (cloud → site)", "MB/s", "up"),
+    ("down1", "1 stream download (site → cloud)", "MB/s", "up"),
+    ("agg16", "16 streams download, aggregate", "MB/s", "up"),
+    ("agg64", "64 streams download, aggregate", "MB/s", "up"),
+    ("rtt_p50", "64 B echo RTT p50", "µs", "down"),
+    ("rtt_p99", "64 B echo RTT p99", "µs", "down"),
+    ("cseq", "new connections, sequential", "conn/s", "up"),
+    ("cseq_p50", "  connect+echo+close latency p50", "µs", "down"),
+    ("cseq_p99", "  connect+echo+close latency p99", "µs", "down"),
+    ("c16", "new connections, 16 concurrent", "conn/s", "up"),
+    ("c16_p50", "  connect+echo+close latency p50", "µs", "down"),
+    ("c16_p99", "  connect+echo+close latency p99", "µs", "down"),
+    ("rss_idle", "RSS idle (fresh tunnel)", "MiB", "down"),
+    ("rss_held", "RSS with 1,000 idle streams", "MiB", "down"),
+    ("kib_stream", "RSS per idle stream", "KiB", "down"),
+    ("cpu_gb", "tunnel CPU per GB moved (1 stream up+down)", "s/GB", "down"),
+]
+WAN_METRICS = [
+    ("wan_rtt", "64 B echo RTT p50", "ms", "down"),
+    ("wan_down1", "1 stream download (site → cloud)", "MB/s", "up"),
+    ("wan_up1", "1 stream upload (cloud → site)", "MB/s", "up"),
+    ("wan_window", "per-stream flow-control window", "KiB", ""),
+    ("wan_bound", "window / RTT (throughput ceiling)", "MB/s", "up"),
+    ("wan_eff", "measured download / ceiling", "%", "up"),
+]
+
+
+class MeasureError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ setup
+def build_loadgen() -> None:
+    """Compile bench/loadgen.c into _bench/ (never committed) when it is missing or stale."""
+    src = REPO / "bench" / "loadgen.c"
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= src.stat().st_mtime:
+        return
+    WORK.mkdir(exist_ok=True)
+    log("compiling bench/loadgen.c -> _bench/loadgen")
+    subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(LOADGEN), str(src)], check=True, timeout=120)
+
+
+def raise_nofile() -> None:
+    """1,000 held streams need ~2,000+ fds in ssh/sshd/twistd, which inherit our limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_site_service() -> tuple[subprocess.Popen, int]:
+    p = tunnels.spawn([str(LOADGEN), "serve", "--listen", "127.0.0.1:0", "--timeout", "1800"],
+                      WORK / "site-service.log", stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError("loadgen serve did not start")
+    return p, int(json.loads(line)["port"])
+
+
+def machine_info() -> dict[str, str]:
+    """Gathered on every run so each table says where it was measured."""
+    info: dict[str, str] = {}
+    cpu, flags = "?", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    info["CPU"] = f"{cpu}, {os.cpu_count()} cores" + (", AES-NI" if " aes " in flags else ", no AES-NI")
+    try:
+        mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+        info["memory"] = f"{int(mem.split()[1]) / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration):
+        pass
+    osname = ""
+    try:
+        osname = next(ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
+                      if ln.startswith("PRETTY_NAME="))
+    except (OSError, StopIteration):
+        pass
+    info["OS / kernel"] = f"{osname} / Linux {platform.release()}"
+    info["Python"] = platform.python_version()
+    try:
+        import twisted
+
+        info["Twisted"] = twisted.__version__
+    except ImportError:
+        info["Twisted"] = "not installed"
+    try:
+        import OpenSSL
+        from OpenSSL import SSL
+
+        info["pyOpenSSL / OpenSSL"] = f"{OpenSSL.__version__} / {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}"
+    except ImportError:
+        info["pyOpenSSL / OpenSSL"] = "not installed"
+    try:
+        r = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
+        info["OpenSSH"] = (r.stderr or r.stdout).strip()
+    except OSError:
+        info["OpenSSH"] = "not installed"
+    try:
+        r = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True, timeout=10)
+        info["gcc (loadgen)"] = r.stdout.strip()
+    except OSError:
+        pass
+    try:
+        import rtunnel
+
+        ver = getattr(rtunnel, "__version__", "?")
+    except ImportError:
+        ver = "not importable"
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info["rtunnel"] = f"{ver} (commit {r.stdout.strip() or '?'})"
+    return info
+
+
+# ------------------------------------------------------------------ running loadgen
+def loadgen(mode: str, port: int, timeout: float = 90, **opts: object) -> dict:
+    """Run one loadgen client; its JSON result, or MeasureError if it failed or did not verify."""
+    argv = [str(LOADGEN), mode, "--port", str(port), "--timeout", str(int(timeout))]
+    for k, v in opts.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 15)
+    except subprocess.TimeoutExpired as e:
+        raise MeasureError(f"{mode} timed out after {timeout + 15:.0f} s") from e
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise MeasureError(f"{mode}: no result (rc {r.returncode}) {r.stderr.strip()[-300:]}")
+    res = json.loads(lines[-1])
+    if r.returncode != 0 or not res.get("ok"):
+        raise MeasureError(f"{mode}: failed verification or errors: {lines[-1]}")
+    return res
+
+
+class Bench:
+    def __init__(self, plan: dict, args: argparse.Namespace) -> None:
+        self.plan = plan
+        self.args = args
+        # values[phase][tunnel key][metric] -> list of floats; failures likewise -> list of str
+        self.values: dict[str, dict[str, dict[str, list[float]]]] = {"lan": {}, "wan": {}}
+        self.failures: dict[str, dict[str, list[str]]] = {}
+        self.sizes: dict[tuple[str, str], int] = {}
+        self.skipped: dict[str, str] = {}
+        self.labels: dict[str, str] = {}
+        self.tinfo: dict[str, dict[str, str]] = {}
+        self.windows: dict[str, tuple[int | None, str]] = {}
+
+    def record(self, phase: str, t: Tunnel, metric: str, value: float) -> None:
+        self.values[phase].setdefault(t.key, {}).setdefault(metric, []).append(value)
+
+    def fail(self, t: Tunnel, metric: str, err: Exception) -> None:
+        self.failures.setdefault(t.key, {}).setdefault(metric, []).append(str(err)[:400])
+        log(f"  {t.key} {metric}: FAILED: {str(err)[:300]}")
+
+    # -- measurements
+    def calibrated(self, t: Tunnel, metric: str, mode: str, streams: int, target_s: float, probe: int) -> int:
+        """Bytes for one transfer of about ``target_s`` seconds on this tunnel (warm-up, not counted)."""
+        key = (t.key + ("-wan" if t.wan_delay_ms else ""), metric)
+        if key not in self.sizes:
+            size = probe
+            for _ in range(2):
+                res = loadgen(mode, t.forward_port, bytes=size, streams=streams)
+                rate = res["bytes"] / max(res["seconds"], 1e-6)
+                if res["seconds"] >= target_s / 4:
+                    break
+                size = int(rate * target_s / 3)
+            self.sizes[key] = int(min(max(rate * target_s, 4 * MiB), 40e9) // streams * streams)
+        return self.sizes[key]
+
+    def bulk(self, phase: str, t: Tunnel, metric: str, mode: str, streams: int, target_s: float,
+             probe: int) -> tuple[float, float, int]:
+        """One verified transfer; records MB/s; returns (cpu seconds of the tunnel, seconds, bytes)."""
+        size = self.calibrated(t, metric, mode, streams, target_s, probe)
+        before = procstats.cpu_snapshot(t.pids())
+        res = loadgen(mode, t.forward_port, timeout=max(60, target_s * 20), bytes=size, streams=streams)
+        cpu = procstats.cpu_delta(before, procstats.cpu_snapshot(t.pids()))
+        self.record(phase, t, metric, res["bytes"] / res["seconds"] / MB)
+        return cpu, res["seconds"], res["bytes"]
+
+    def lan_rep(self, t: Tunnel) -> None:
+        p = self.plan
+        cpu_s = moved = 0.0
+        for metric, mode, streams in (("up1", "up", 1), ("down1", "down", 1), ("agg16", "down", 16),
+                                      ("agg64", "down", 64)):
+            try:
+                cpu, _, nbytes = self.bulk("lan", t, metric, mode, streams, p["bulk_s"], 128 * MiB)
+                if streams == 1:
+                    cpu_s, moved = cpu_s + cpu, moved + nbytes
+            except MeasureError as e:
+                self.fail(t, metric, e)
+        if moved and t.pids():
+            self.record("lan", t, "cpu_gb", cpu_s / (moved / 1e9))
+        try:
+            r = loadgen("rtt", t.forward_port, seconds=p["rtt_s"], max_count=200000)
+            self.record("lan", t, "rtt_p50", r["p50_us"])
+            self.record("lan", t, "rtt_p99", r["p99_us"])
+        except MeasureError as e:
+            self.fail(t, "rtt", e)
+        for metric, conc in (("cseq", 1), ("c16", 16)):
+            try:
+                r = loadgen("conn", t.forward_port, seconds=p["conn_s"], concurrency=conc, max_count=200000)
+                self.record("lan", t, metric, r["per_s"])
+                self.record("lan", t, metric + "_p50", r["p50_us"])
+                self.record("lan", t, metric + "_p99", r["p99_us"])
+            except MeasureError as e:
+                self.fail(t, metric, e)
+
+    def hold(self, t: Tunnel) -> None:
+        """RSS of the tunnel's processes before and while N idle streams are open."""
+        n = self.plan["hold_n"]
+        base = procstats.total_rss_kib(t.pids())
+        p = subprocess.Popen([str(LOADGEN), "hold", "--port", str(t.forward_port), "--count", str(n),
+                              "--concurrency", "16", "--timeout", "300"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None and p.stdin is not None
+            ready, _, _ = select.select([p.stdout], [], [], 120)
+            if not ready:
+                raise MeasureError(f"hold: {n} connections not open after 120 s")
+            res = json.loads(p.stdout.readline() or "{}")
+            if res.get("ready", 0) < n:
+                raise MeasureError(f"hold: only {res.get('ready')} of {n} streams opened ({res})")
+            time.sleep(1.0)  # let both ends settle their per-stream buffers
+            held = procstats.total_rss_kib(t.pids())
+            self.record("lan", t, "rss_held", held / 1024)
+            self.record("lan", t, "kib_stream", (held - base) / res["ready"])
+            p.stdin.close()
+            p.wait(60)
+        finally:
+            tunnels.end_process(p)
+        time.sleep(0.5)
+
+    def hold_all(self, t: Tunnel, site_port: int) -> bool:
+        """Idle-stream memory, first thing on a fresh tunnel, restarted for each repetition.
+
+        Fresh because a process that already moved data keeps freed heap and
+        would under-count what a new stream costs.  False if a restart failed.
+        """
+        if not t.pids():
+            return True  # direct TCP: no tunnel process to measure
+        for i in range(self.plan["hold_reps"]):
+            try:
+                if i:
+                    t.stop()
+                    t.start(site_port)
+                    self.record("lan", t, "rss_idle", procstats.total_rss_kib(t.pids()) / 1024)
+                self.hold(t)
+                log(f"hold {i + 1}/{self.plan['hold_reps']} {t.key}: "
+                    f"{self.values['lan'][t.key]['kib_stream'][-1]:.1f} KiB/stream")
+            except MeasureError as e:
+                self.fail(t, "hold", e)
+            except Exception as e:  # noqa: BLE001 - restart failed: drop this tunnel, keep the others
+                self.skipped[t.key] = f"failed to restart: {e}"
+                log(f"SKIP {t.label}: failed to restart: {e}")
+                t.stop()
+                return False
+        return True
+
+    def wan_rep(self, t: Tunnel) -> None:
+        p = self.plan
+        try:
+            r = loadgen("rtt", t.forward_port, seconds=p["wan_rtt_s"], max_count=50, warmup=2)
+            self.record("wan", t, "wan_rtt", r["p50_us"] / 1000)
+        except MeasureError as e:
+            self.fail(t, "wan_rtt", e)
+        for metric, mode in (("wan_down1", "down"), ("wan_up1", "up")):
+            try:
+                self.bulk("wan", t, metric, mode, 1, p["wan_s"], 8 * MiB)
+            except MeasureError as e:
+                self.fail(t, metric, e)
+
+    # -- phases
+    def start_all(self, ts: list[Tunnel], site_port: int, phase: str) -> list[Tunnel]:
+        up: list[Tunnel] = []
+        for t in ts:
+            self.labels[t.key] = t.label
+            try:
+                t.check_available()
+                log(f"starting {t.label} ({phase})")
+                t.start(site_port)
+            except TunnelUnavailable as e:
+                self.skipped[t.key] = str(e)
+                log(f"SKIP {t.label}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - one broken tunnel must not stop the others
+                self.skipped[t.key] = f"failed to start: {e}"
+                log(f"SKIP {t.label}: failed to start: {e}")
+                t.stop()
+                continue
+            self.tinfo.setdefault(t.key, {}).update(t.info)
+            self.windows[t.key] = (t.window_bytes, t.window_source)
+            if phase == "lan" and t.pids():
+                self.record("lan", t, "rss_idle", procstats.total_rss_kib(t.pids()) / 1024)
+            up.append(t)
+        return up
+
+    def run_phase(self, phase: str, ts: list[Tunnel], site_port: int, reps: int) -> None:
+        try:
+            up = self.start_all(ts, site_port, phase)
+            if phase == "lan":
+                up = [t for t in up if self.hold_all(t, site_port)]
+            for rep in range(reps):
+                order = up[rep % len(up):] + up[:rep % len(up)] if up else []
+                for t in order:
+                    t0 = time.monotonic()
+                    (self.lan_rep if phase == "lan" else self.wan_rep)(t)
+                    v = self.values[phase].get(t.key, {})
+                    keys = ("up1", "down1", "agg64", "rtt_p50", "cseq", "c16") if phase == "lan" else (
+                        "wan_rtt", "wan_down1", "wan_up1")
+                    summary = " ".join(f"{k}={v[k][-1]:.0f}" for k in keys if v.get(k))
+                    log(f"{phase} rep {rep + 1}/{reps} {t.key}: {summary} ({time.monotonic() - t0:.1f} s)")
+        finally:
+            for t in ts:
+                t.stop()
+
+
+# ------------------------------------------------------------------ report
+def fmt(x: float) -> str:
+    if x != x:  # NaN
+        return "–"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:,.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def cell(vals: list[float] | None) -> str:
+    if not vals:
+        return "–"
+    med = statistics.median(vals)
+    if len(vals) == 1:
+        return fmt(med)
+    return f"{fmt(med)} ({fmt(min(vals))}–{fmt(max(vals))})"
+
+
+def med(vals: list[float] | None) -> float | None:
+    return statistics.median(vals) if vals else None
+
+
+def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: float) -> str:
+    lan, wan = b.values["lan"], b.values["wan"]
+    ssh_cols = [c for c in cols if c.startswith("ssh") and c in lan]
+    best_ssh = max(ssh_cols, key=lambda c: med(lan[c].get("down1")) or 0) if ssh_cols else None
+    out = [f"# rtunnel benchmark ({mode} run, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')})", ""]
+    out += [f"- **{k}**: {v}" for k, v in info.items()]
+    p = b.plan
+    out += [
+        f"- **settings**: {p['reps']} repetitions (hold test {p['hold_reps']}, WAN {p['wan_reps']}); "
+        f"transfers sized to ~{p['bulk_s']} s each; cells are median (min–max); MB = 10^6 bytes; "
+        f"run took {elapsed / 60:.1f} min",
+        "",
+    ]
+
+    def table(phase: str, metrics: list, vals: dict, extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+        present = [c for c in cols if c in vals or c in b.skipped or (extra and c in extra)]
+        head = ["metric", "unit", "better"] + [b.labels.get(c, c) for c in present]
+        ratio = "rtunnel" in present and best_ssh is not None
+        if ratio:
+            head.append(f"rtunnel / {b.labels[best_ssh]}")
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key, label, unit, better in metrics:
+            cells = []
+            for c in present:
+                if extra and c in extra and key in extra[c]:
+                    cells.append(extra[c][key])
+                elif c in b.skipped and c not in vals:
+                    cells.append("skipped")
+                else:
+                    v = vals.get(c, {}).get(key)
+                    nfail = len(b.failures.get(c, {}).get(key, []))
+                    cells.append(cell(v) + (f" ({nfail} failed)" if nfail else ""))
+            if all(x in ("–", "skipped") for x in cells):
+                continue
+            row = [label, unit, {"up": "↑", "down": "↓"}.get(better, "")] + cells
+            if ratio:
+                r, s = med(vals.get("rtunnel", {}).get(key)), med(vals.get(best_ssh, {}).get(key))
+                row.append(f"{r / s:.2f}×" if r is not None and s else "–")
+            rows.append("| " + " | ".join(row) + " |")
+        return rows
+
+    out += ["## Loopback (LAN)", ""] + table("lan", LAN_METRICS, lan) + [""]
+    if wan:
+        extra: dict[str, dict[str, str]] = {}
+        for c in cols:
+            if c not in wan and c not in b.skipped:
+                continue
+            win, src = b.windows.get(c, (None, ""))
+            rtt = med(wan.get(c, {}).get("wan_rtt"))
+            e: dict[str, str] = {}
+            if c == "direct":
+                e["wan_window"] = e["wan_bound"] = e["wan_eff"] = "n/a (no tunnel)"
+            elif win is None:
+                e["wan_window"] = e["wan_bound"] = e["wan_eff"] = "TODO (window unknown)"
+            elif rtt:
+                bound = win / (rtt / 1000) / MB
+                e["wan_window"] = f"{win / 1024:,.0f}"
+                e["wan_bound"] = fmt(bound)
+                down = med(wan.get(c, {}).get("wan_down1"))
+                e["wan_eff"] = f"{100 * down / bound:.0f}" if down else "–"
+            extra[c] = e
+        out += [f"## WAN: {WAN_DELAY_MS:.0f} ms each way (bench/relay.py delay line on the tunnel's own TCP "
+                "connection; direct: in front of the site service)", ""]
+        out += table("wan", WAN_METRICS, wan, extra) + [""]
+    out += ["## Notes", ""]
+    direct = lan.get("direct", {})
+    for metric in ("up1", "down1"):
+        tun = {c: med(lan[c].get(metric)) for c in cols if c != "direct" and c in lan and lan[c].get(metric)}
+        d = med(direct.get(metric))
+        if d and tun:
+            best = max(tun, key=lambda c: tun[c] or 0)
+            ratio = d / (tun[best] or 1)
+            verdict = "load generator is not the bottleneck" if ratio >= 2 else "WARNING: loadgen headroom < 2×"
+            out.append(f"- Load generator headroom, {metric}: direct TCP {fmt(d)} MB/s = {ratio:.1f}× the fastest "
+                       f"tunnel ({b.labels[best]}, {fmt(tun[best] or 0)} MB/s): {verdict}.")
+    for c in cols:
+        ti = b.tinfo.get(c, {})
+        if "negotiated_cipher" in ti:
+            out.append(f"- {b.labels[c]}: negotiated cipher `{ti['negotiated_cipher']}`.")
+    for c in cols:
+        win, src = b.windows.get(c, (None, ""))
+        if win:
+            out.append(f"- {b.labels[c]} window: {win:,} bytes ({src}).")
+    for c, why in b.skipped.items():
+        out.append(f"- **{b.labels.get(c, c)} skipped**: {why}")
+    for c, fails in b.failures.items():
+        for metric, errs in fails.items():
+            out.append(f"- {b.labels.get(c, c)} {metric}: {len(errs)} failed run(s), first: `{errs[0][:200]}`")
+    if best_ssh and "rtunnel" in lan:
+        out.append(f"- Ratio column: rtunnel median / {b.labels[best_ssh]} median (the faster ssh cipher by "
+                   "1-stream download); for ↓ rows below 1 is better.")
+    out.append("- RSS and CPU: tunnel processes only (ssh: client + the private sshd's per-connection children; "
+               "rtunnel: both twistd); the load generator and relay are not counted.")
+    return "\n".join(out) + "\n"
+
+
+def update_docs(md: str) -> None:
+    """Replace the marked results section of docs/performance.md (if the markers are there)."""
+    if not DOCS_MD.exists():
+        return
+    text = DOCS_MD.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        return
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    body = md.replace("\n# ", "\n### ").replace("\n## ", "\n#### ")
+    body = body.split("\n", 1)[1] if body.startswith("# ") else body
+    DOCS_MD.write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="rtunnel benchmark: direct TCP vs ssh -R vs rtunnel",
+                                 epilog="See docs/performance.md.")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, short transfers (~1-2 min)")
+    ap.add_argument("--only", default="direct,ssh,rtunnel",
+                    help="comma list of: direct, ssh (both ciphers), ssh-aes128-gcm, ssh-chacha20, rtunnel")
+    ap.add_argument("--reps", type=int, help="repetitions (default: full 5, quick 2)")
+    ap.add_argument("--no-wan", action="store_true", help="skip the 50 ms WAN phase")
+    ap.add_argument("--out", type=Path, help="write the Markdown report here")
+    args = ap.parse_args(argv)
+
+    mode = "quick" if args.quick else "full"
+    plan = dict(PLANS[mode])
+    if args.reps:
+        plan["reps"] = args.reps
+        plan["wan_reps"] = min(plan["wan_reps"], args.reps)
+        plan["hold_reps"] = min(plan["hold_reps"], args.reps)
+    selection = [s.strip() for s in args.only.split(",") if s.strip()]
+    known = {"direct", "ssh", "ssh-aes128-gcm", "ssh-chacha20", "rtunnel"}
+    if set(selection) - known:
+        ap.error(f"unknown --only names: {sorted(set(selection) - known)}")
+    canonical = mode == "full" and not args.reps and args.only == ap.get_default("only")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: blocks
+    t_start = time.monotonic()
+    WORK.mkdir(exist_ok=True)
+    build_loadgen()
+    raise_nofile()
+    bench = Bench(plan, args)
+    site = None
+    try:
+        site, site_port = start_site_service()
+        log(f"site service (loadgen serve) on 127.0.0.1:{site_port}; mode {mode}, {plan['reps']} reps")
+        lan_ts = tunnels.make_tunnels(selection, WORK)
+        cols = [t.key for t in lan_ts]
+        bench.run_phase("lan", lan_ts, site_port, plan["reps"])
+        if not args.no_wan:
+            wan_ts = [t for t in tunnels.make_tunnels(selection, WORK, WAN_DELAY_MS) if t.key not in bench.skipped]
+            bench.run_phase("wan", wan_ts, site_port, plan["wan_reps"])
+    finally:
+        if site is not None:
+            tunnels.end_process(site)
+        tunnels.stop_all_started()
+
+    info = machine_info()
+    md = report(bench, info, mode, cols, time.monotonic() - t_start)
+    out = args.out or (RESULTS_MD if canonical else WORK / f"results-{mode}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    (WORK / "last-run.json").write_text(json.dumps(
+        {"mode": mode, "plan": plan, "machine": info, "values": bench.values, "failures": bench.failures,
+         "skipped": bench.skipped, "tunnels": bench.tinfo, "sizes": {f"{k[0]}/{k[1]}": v for k, v in bench.sizes.items()}},
+        indent=1))
+    if canonical:
+        update_docs(md)
+    print()
+    print(md)
+    log(f"report written to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}"
+        + ("; docs/performance.md refreshed" if canonical and DOCS_MD.exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # processes were already ended by main's finally:
+        print("\n[bench] interrupted; all started processes ended", file=sys.stderr)
+        sys.exit(130)

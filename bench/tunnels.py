@@ -1,0 +1,480 @@
+"""The tunnels the bench compares, one class each, behind one small interface.
+
+Topology, the same for every tunnel::
+
+    loadgen client ──▶ forward_port ══ tunnel ══▶ 127.0.0.1:site_port (loadgen serve)
+
+* ``DirectTunnel``: no tunnel, ``forward_port == site_port``; the baseline and
+  the proof that the load generator is not the bottleneck.
+* ``SshTunnel``: OpenSSH ``ssh -R`` against a private ``sshd`` that the bench
+  runs itself (own config, host key, authorized_keys, PidFile, port); the
+  system's sshd and ~/.ssh are never touched.
+* ``RtunnelTunnel``: ``twistd rtunnel-server`` + ``twistd rtunnel``, started
+  exactly by the CLI contract (see the class); skipped with a reason while the
+  plugins do not exist yet.
+
+``wan_delay_ms`` puts ``bench/relay.py`` (a delay line) on the tunnel's own TCP
+connection: between ssh and sshd, between ``twistd rtunnel`` and the server's
+listen port, and for direct TCP in front of the site service.
+
+Every process is started here with ``start_new_session=True`` and recorded;
+``stop()`` ends exactly those PIDs (TERM, then KILL after a bounded wait), and
+``stop_all_started()`` is the last-resort cleanup run.py calls in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import procstats
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO / ".venv" / "bin"
+SITE_NAME = "bench"
+SSHD = "/usr/sbin/sshd"
+
+_started: list[subprocess.Popen] = []  # every process this module started, for cleanup
+
+
+class TunnelUnavailable(Exception):
+    """The tunnel cannot run here (not installed / not built yet); the bench skips it."""
+
+
+# ---------------------------------------------------------------- helpers
+def free_port() -> int:
+    """A currently free loopback port (tiny race with other programs; acceptable here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll until 127.0.0.1:port accepts a TCP connection (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} not accepting after {timeout:.0f} s")
+
+
+def echo_once(port: int, timeout: float = 5.0) -> bool:
+    """One end-to-end echo through ``port`` using loadgen's ECHO header."""
+    msg = bytes(range(64))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"ECHO" + bytes(12) + msg)
+            got = b""
+            while len(got) < 64:
+                chunk = s.recv(64 - len(got))
+                if not chunk:
+                    return False
+                got += chunk
+            return got == msg
+    except OSError:
+        return False
+
+
+def wait_echo(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
+    """Readiness: the forward port accepts AND an echo comes back through the tunnel."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"process {p.pid} ({p.args[0]}) exited with {p.returncode}")
+        if echo_once(port, timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no echo through port {port} after {timeout:.0f} s")
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+          stdout=None) -> subprocess.Popen:
+    """Start a process in its own session, stderr (and stdout unless given) to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as lf:
+        p = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else lf, stderr=lf,
+            env=env, cwd=cwd, start_new_session=True,
+        )
+    _started.append(p)
+    return p
+
+
+def end_process(p: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End one process we started, by its PID: SIGTERM, then SIGKILL after ``timeout``."""
+    if p.poll() is not None:
+        return
+    try:
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def end_pid(pid: int, expect: str, timeout: float = 5.0) -> None:
+    """End a descendant PID (not our direct child) if it still runs ``expect``."""
+    deadline = time.monotonic() + timeout
+    sig = signal.SIGTERM
+    while expect in procstats.cmdline(pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                return
+            sig, deadline = signal.SIGKILL, time.monotonic() + 2
+        time.sleep(0.05)
+
+
+def stop_all_started() -> None:
+    for p in reversed(_started):
+        try:
+            end_process(p, timeout=3)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class Relay:
+    """bench/relay.py as a child process: loopback delay line in front of ``target_port``."""
+
+    def __init__(self, target_port: int, delay_ms: float, workdir: Path) -> None:
+        log = workdir / "relay.log"
+        self.proc = spawn(
+            [sys.executable, str(REPO / "bench" / "relay.py"), "--listen", "127.0.0.1:0",
+             "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms), "--timeout", "1800"],
+            log, stdout=subprocess.PIPE, cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # bounded: relay prints at once or exits
+        if not line:
+            raise RuntimeError(f"relay did not start: {tail(log)}")
+        self.port = int(json.loads(line)["port"])
+
+    def stop(self) -> None:
+        end_process(self.proc)
+
+
+# ---------------------------------------------------------------- tunnels
+class Tunnel:
+    """Interface: ``start(site_port)``, ``stop()``, ``pids()``, ``forward_port``."""
+
+    key = "?"          # column id
+    label = "?"        # column title
+    family = "?"       # direct | ssh | rtunnel
+    #: flow-control window per stream in bytes (bounds WAN throughput at window/RTT), if known
+    window_bytes: int | None = None
+    window_source = ""
+
+    def __init__(self, workdir: Path, wan_delay_ms: float = 0.0) -> None:
+        self.workdir = workdir.resolve()  # sshd wants absolute paths in its config
+        self.wan_delay_ms = wan_delay_ms
+        self.forward_port = 0
+        self.relay: Relay | None = None
+        self.info: dict[str, str] = {}
+
+    def check_available(self) -> None:
+        """Raise TunnelUnavailable with a reason when this tunnel cannot run here."""
+
+    def start(self, site_port: int) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
+
+    def pids(self) -> list[int]:
+        """The tunnel's own processes now (for RSS and CPU); not the loadgen or the relay."""
+        return []
+
+    def _fresh_workdir(self) -> None:
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(parents=True)
+        os.chmod(self.workdir, 0o700)
+
+
+class DirectTunnel(Tunnel):
+    key, label, family = "direct", "direct TCP", "direct"
+
+    def start(self, site_port: int) -> None:
+        self._fresh_workdir()
+        if self.wan_delay_ms:
+            self.relay = Relay(site_port, self.wan_delay_ms, self.workdir)
+            self.forward_port = self.relay.port
+        else:
+            self.forward_port = site_port
+        wait_echo(self.forward_port, 10, [])
+
+
+def ensure_openssh() -> str:
+    """Install openssh-server/-client from Debian if missing; return ``ssh -V``.
+
+    ``apt-get update`` only runs when the first install attempt fails.
+    Debian images carry /usr/sbin/policy-rc.d (exit 101), so installing does
+    not start the system sshd; the bench never starts, stops or configures it.
+    """
+    need = [b for b in (SSHD, "/usr/bin/ssh", "/usr/bin/ssh-keygen") if not os.path.exists(b)]
+    if need:
+        if os.geteuid() != 0:
+            raise TunnelUnavailable(f"missing {need} and not root to apt-get install openssh")
+        print(f"[bench] installing openssh-server openssh-client (missing {', '.join(need)})", flush=True)
+        if not os.path.exists("/usr/sbin/policy-rc.d"):
+            print("[bench] note: no policy-rc.d: the package may start the system sshd", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server", "openssh-client"]
+        if subprocess.run(cmd, env=env, timeout=300).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, timeout=300, check=True)
+            subprocess.run(cmd, env=env, timeout=300, check=True)
+    r = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
+    return (r.stderr or r.stdout).strip()
+
+
+class SshTunnel(Tunnel):
+    """``ssh -R FWD:127.0.0.1:SITE`` against a private sshd on 127.0.0.1.
+
+    PIDs measured: the ssh client plus every descendant of the listening sshd
+    (per SSH connection it forks a privileged monitor and a session process;
+    the listener itself only waits for new connections and is left out).
+    Left as users run it: ``-N`` keeps Nagle on the SSH connection (see
+    FIELD-NOTES: it caps sequential new-connection rates at ~25/s).
+    """
+
+    family = "ssh"
+    # OpenSSH channels.h: CHAN_TCP_WINDOW_DEFAULT = 64 * CHAN_TCP_PACKET_DEFAULT (32 KiB)
+    window_bytes = 2 * 1024 * 1024
+    window_source = "OpenSSH CHAN_TCP_WINDOW_DEFAULT"
+    HOST_ALIAS = "rtunnel-bench-sshd"
+
+    def __init__(self, workdir: Path, cipher: str | None, wan_delay_ms: float = 0.0) -> None:
+        super().__init__(workdir, wan_delay_ms)
+        self.cipher = cipher
+        short = (cipher or "chacha20-poly1305@openssh.com").split("@")[0]
+        self.key = "ssh-" + ("aes128-gcm" if cipher and "aes128-gcm" in cipher else short.split("-")[0])
+        self.label = f"ssh -R {short}" + ("" if cipher else " (default)")
+        self.sshd: subprocess.Popen | None = None
+        self.client: subprocess.Popen | None = None
+        self._seen: set[int] = set()
+
+    def check_available(self) -> None:
+        self.info["openssh"] = ensure_openssh()
+
+    def _client_argv(self, port: int, extra: list[str]) -> list[str]:
+        d = self.workdir
+        argv = [
+            "ssh", "-F", "/dev/null",
+            "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"HostKeyAlias={self.HOST_ALIAS}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+            "-o", "ExitOnForwardFailure=yes", "-o", "ConnectTimeout=10",
+            "-i", str(d / "id_ed25519"), "-p", str(port),
+        ]
+        if self.cipher:
+            argv += ["-c", self.cipher]
+        return argv + extra
+
+    def start(self, site_port: int) -> None:
+        self._fresh_workdir()
+        d = self.workdir
+        for name in ("host_ed25519", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rtunnel-bench",
+                            "-f", str(d / name)], check=True, timeout=30)
+        (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
+        host_pub = (d / "host_ed25519.pub").read_text().split()
+        (d / "known_hosts").write_text(f"{self.HOST_ALIAS} {host_pub[0]} {host_pub[1]}\n")
+        sshd_port = free_port()
+        user = os.environ.get("USER") or "root"
+        if os.geteuid() == 0:
+            user = "root"
+        (d / "sshd_config").write_text(
+            f"Port {sshd_port}\nListenAddress 127.0.0.1\n"
+            f"HostKey {d / 'host_ed25519'}\nPidFile {d / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\n"
+            "StrictModes no\nUsePAM no\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "AllowTcpForwarding remote\nGatewayPorts no\nX11Forwarding no\nPrintMotd no\n"
+            "PermitTTY no\nClientAliveInterval 0\nLogLevel INFO\n"
+        )
+        # sshd's privilege separation needs its empty chroot dir (normally made by the service unit).
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        t = subprocess.run([SSHD, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True, timeout=10)
+        if t.returncode != 0:
+            raise RuntimeError(f"sshd -t: {t.stderr.strip()}")
+        self.sshd = spawn([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+        wait_port(sshd_port, 10, self.sshd)
+        port = sshd_port
+        if self.wan_delay_ms:
+            self.relay = Relay(sshd_port, self.wan_delay_ms, d)
+            port = self.relay.port
+        # Which cipher these options really negotiate: one short verbose login (not the tunnel, whose
+        # -v logging would cost CPU on every forwarded connection).
+        probe = subprocess.run(self._client_argv(port, ["-v", f"{user}@127.0.0.1", "true"]),
+                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        ciphers = [ln.split("cipher:")[1].split()[0] for ln in probe.stderr.splitlines()
+                   if "kex: server->client cipher:" in ln]
+        if probe.returncode != 0 or not ciphers:
+            raise RuntimeError(f"ssh login probe failed (rc {probe.returncode}): {probe.stderr.strip()[-800:]}")
+        self.info["negotiated_cipher"] = ciphers[0]
+        self.forward_port = free_port()
+        self.client = spawn(
+            self._client_argv(port, ["-N", "-R", f"{self.forward_port}:127.0.0.1:{site_port}", f"{user}@127.0.0.1"]),
+            d / "ssh.log")
+        self.info["command"] = " ".join(self.client.args)
+        wait_echo(self.forward_port, 30, [self.sshd, self.client])
+
+    def pids(self) -> list[int]:
+        out: list[int] = []
+        if self.sshd is not None and self.sshd.poll() is None:
+            out += procstats.descendants(self.sshd.pid)
+        if self.client is not None and self.client.poll() is None:
+            out.append(self.client.pid)
+        self._seen.update(out)
+        return out
+
+    def stop(self) -> None:
+        if self.client is not None:
+            end_process(self.client)
+        if self.sshd is not None:
+            # Session processes (of *our* sshd only) end once the client is gone; wait for that while the
+            # listener is alive to reap them (killed after it, they would stay zombies under PID 1).
+            deadline = time.monotonic() + 5
+            while self.sshd.poll() is None and time.monotonic() < deadline:
+                kids = procstats.descendants(self.sshd.pid)
+                if not kids:
+                    break
+                if time.monotonic() > deadline - 3:
+                    for pid in kids:
+                        end_pid(pid, expect="sshd", timeout=1)
+                time.sleep(0.05)
+            end_process(self.sshd)
+            for pid in self._seen:  # anything left over
+                if self.client is None or pid != self.client.pid:
+                    end_pid(pid, expect="sshd", timeout=1)
+        super().stop()
+
+
+class RtunnelTunnel(Tunnel):
+    """rtunnel through its CLI contract (no other flags are used)::
+
+        twistd -n --pidfile= --logfile=LOG rtunnel-server --state SDIR \\
+            --listen tcp:PORT:interface=127.0.0.1 --public-address 127.0.0.1 \\
+            --forward 127.0.0.1:FWDPORT:SITE:127.0.0.1:SITEPORT
+        rtunnel keyfile create --state SDIR --site SITE --output KF --address 127.0.0.1:PORT
+        twistd -n --pidfile= --logfile=LOG rtunnel --keyfile KF --state TDIR --allow 127.0.0.1:SITEPORT
+
+    twistd runs as ``PYTHONPATH=<repo> .venv/bin/twistd`` from the repo root (the
+    dropin lives in the source tree).  With a WAN delay the keyfile's
+    ``--address`` is the relay, which forwards to the server's listen port.
+    PIDs measured: both twistd processes.
+    """
+
+    key, label, family = "rtunnel", "rtunnel", "rtunnel"
+    # >>> RTUNNEL WINDOW: set the per-stream flow-control window (bytes) here once rtunnel
+    # >>> documents it (docs/protocol.md) or logs it; the WAN table then shows window/RTT.
+    window_bytes = None
+    window_source = "TODO: rtunnel per-stream window (bench/tunnels.py RtunnelTunnel.window_bytes)"
+
+    def __init__(self, workdir: Path, wan_delay_ms: float = 0.0) -> None:
+        super().__init__(workdir, wan_delay_ms)
+        self.server: subprocess.Popen | None = None
+        self.site: subprocess.Popen | None = None
+        self.env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.twistd = str(VENV_BIN / "twistd")
+
+    def _admin(self) -> list[str]:
+        script = VENV_BIN / "rtunnel"
+        return [str(script)] if script.exists() else [str(VENV_BIN / "python"), "-m", "rtunnel"]
+
+    def check_available(self) -> None:
+        try:
+            r = subprocess.run([self.twistd, "--help"], capture_output=True, text=True, timeout=60,
+                               env=self.env, cwd=REPO)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise TunnelUnavailable(f"cannot run {self.twistd}: {e}") from e
+        if "rtunnel-server" not in r.stdout:
+            raise TunnelUnavailable("`twistd --help` does not list rtunnel-server yet (rtunnel not built)")
+
+    def start(self, site_port: int) -> None:
+        self._fresh_workdir()
+        d = self.workdir
+        sdir, tdir, kf = d / "server-state", d / "site-state", d / "site.rtkey"
+        listen_port, fwd_port = free_port(), free_port()
+        self.server = spawn(
+            [self.twistd, "-n", "--pidfile=", f"--logfile={d / 'server.log'}", "rtunnel-server",
+             "--state", str(sdir), "--listen", f"tcp:{listen_port}:interface=127.0.0.1",
+             "--public-address", "127.0.0.1",
+             "--forward", f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}"],
+            d / "server.stderr", env=self.env, cwd=REPO)
+        self.info["server_command"] = " ".join(self.server.args)
+        wait_port(listen_port, 30, self.server)
+        address_port = listen_port
+        if self.wan_delay_ms:
+            self.relay = Relay(listen_port, self.wan_delay_ms, d)
+            address_port = self.relay.port
+        kf_cmd = self._admin() + ["keyfile", "create", "--state", str(sdir), "--site", SITE_NAME,
+                                  "--output", str(kf), "--address", f"127.0.0.1:{address_port}"]
+        self.info["keyfile_command"] = " ".join(kf_cmd)
+        r = subprocess.run(kf_cmd, capture_output=True, text=True, timeout=60, env=self.env, cwd=REPO)
+        if r.returncode != 0:
+            raise RuntimeError(f"keyfile create failed (rc {r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
+        self.site = spawn(
+            [self.twistd, "-n", "--pidfile=", f"--logfile={d / 'site.log'}", "rtunnel",
+             "--keyfile", str(kf), "--state", str(tdir), "--allow", f"127.0.0.1:{site_port}"],
+            d / "site.stderr", env=self.env, cwd=REPO)
+        self.info["site_command"] = " ".join(self.site.args)
+        self.forward_port = fwd_port
+        try:
+            wait_port(fwd_port, 30, self.server)
+            wait_echo(fwd_port, 30, [self.server, self.site])
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n--- server.log\n{tail(d / 'server.log')}\n--- site.log\n{tail(d / 'site.log')}") from e
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
+
+    def stop(self) -> None:
+        for p in (self.site, self.server):
+            if p is not None:
+                end_process(p)
+        super().stop()
+
+
+def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
+    """Tunnel objects for ``--only`` names: direct, ssh (both ciphers), ssh-aes128-gcm, ssh-chacha20, rtunnel."""
+    suffix = "-wan" if wan_delay_ms else ""
+    out: list[Tunnel] = []
+    for name in selection:
+        if name == "direct":
+            out.append(DirectTunnel(root / f"direct{suffix}", wan_delay_ms))
+        if name in ("ssh", "ssh-aes128-gcm"):
+            out.append(SshTunnel(root / f"ssh-aes{suffix}", "aes128-gcm@openssh.com", wan_delay_ms))
+        if name in ("ssh", "ssh-chacha20"):
+            out.append(SshTunnel(root / f"ssh-chacha{suffix}", None, wan_delay_ms))
+        if name == "rtunnel":
+            out.append(RtunnelTunnel(root / f"rtunnel{suffix}", wan_delay_ms))
+    return out
