@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from attrs import frozen
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -166,20 +167,26 @@ def build_site_service(
     config: SiteConfig,
     reactor: Any,
     on_fatal: Callable[[str], None] | None = None,
+    local_factories: Mapping[Target, Factory] | None = None,
 ) -> TunnelClientService:
     """
     Load the site state and the keyfile (if given) and build the tunnel.
 
     @param on_fatal: what to do on an authentication failure; by default the
         process stops with exit status 1.
+    @param local_factories: for applications that embed the site role:
+        targets served by a Twisted factory in this process instead of a TCP
+        connection (the cloud opens them like any other target).
     @raise rtunnel.identity.errors.StateError, KeyfileError: unusable input.
     """
     log = Logger(namespace="rtunnel.site")
     state = SiteState.load(config.state_dir)
     keyfile: Keyfile | None = read_keyfile(config.keyfile) if config.keyfile else None
-    if not config.allow:
+    if not config.allow and not local_factories:
         log.warn("no --allow given: the cloud can reach nothing at this site")
-    connector = TargetConnector(config.allow, tcp_endpoints(reactor, config.target_connect_timeout), reactor)
+    connector = TargetConnector(
+        config.allow, tcp_endpoints(reactor, config.target_connect_timeout), reactor, local_factories=local_factories
+    )
     if on_fatal is None:
         on_fatal = lambda message: stop_with_status(reactor, 1, message)  # noqa: E731
     return TunnelClientService(reactor, state, keyfile, connector, config.policy, on_fatal)

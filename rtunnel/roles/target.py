@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from attrs import frozen
 from twisted.internet import defer, error
@@ -147,7 +147,7 @@ class TargetConnector:
         allow: Iterable[Target],
         endpoint_for: EndpointFactory,
         clock: IReactorTime,
-        local_factories: dict[Target, Factory] | None = None,
+        local_factories: Mapping[Target, Factory] | None = None,
     ) -> None:
         self.allow = frozenset(allow)
         self.endpoint_for = endpoint_for
