@@ -12,12 +12,16 @@ connection is closed promptly and the reason is logged.
 from __future__ import annotations
 
 from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..adapter.stream import MuxStream, StreamOpenFailed, StreamReset
+from ..identity.certs import validate_site_name
+from ..identity.errors import InvalidSiteName
 from .registry import SiteRegistry
 from .splice import TCPSide
 from .target import Target
@@ -49,10 +53,15 @@ class ForwardSpec:
         else:
             raise ValueError(f"--forward {text!r}: expected [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT")
         port_text, site, host, host_port = rest
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"--forward {text!r}: listening port {port_text!r} is not a number from 0 to 65535")
         if not site:
             raise ValueError(f"--forward {text!r}: site name is empty")
+        try:
+            # A name no site can enroll under would make a forward that never works.
+            validate_site_name(site)
+        except InvalidSiteName as e:
+            raise ValueError(f"--forward {text!r}: {e}") from None
         if not bind:
             raise ValueError(f"--forward {text!r}: bind address is empty")
         try:
@@ -103,6 +112,7 @@ class ForwardProtocol(TCPSide):
         super().__init__(on_closed=self._pipe_closed)
         self.factory = factory
         self.peer = peer
+        self._opening: defer.Deferred[MuxStream] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -111,10 +121,21 @@ class ForwardProtocol(TCPSide):
         assert self.transport is not None
         self.transport.pauseProducing()
         d = self.factory.registry.open(spec.site, spec.target.host, spec.target.port, self.factory.open_timeout)
+        self._opening = d
         d.addCallbacks(self._stream_opened, self._open_failed)
 
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        # A client gone while its site is awaited gives up its place in the
+        # queue: no stream is opened for nobody.
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.called:
+            opening.cancel()
+        super().connectionLost(reason)
+
     def _stream_opened(self, stream: MuxStream) -> None:
+        self._opening = None
         if self.closed:
+            stream.opened.addErrback(lambda _: None)  # nobody waits for it
             stream.abortConnection()
             return
         stream.opened.addErrback(self._refused)
@@ -123,6 +144,9 @@ class ForwardProtocol(TCPSide):
         self.transport.resumeProducing()
 
     def _open_failed(self, failure: Failure) -> None:
+        self._opening = None
+        if failure.check(defer.CancelledError):
+            return  # the client left first
         self._log.warn(
             "forward {forward}: client {client} closed: {reason}",
             forward=str(self.factory.spec),
