@@ -443,6 +443,7 @@ class DrainTests(SynchronousTestCase):
         done = server.drain(30.0, "maintenance")
         pump.flush()
         self.assertEqual(told, [(ErrorCode.GOING_AWAY, "maintenance")])
+        self.assertEqual(client.peer_goaway, (ErrorCode.GOING_AWAY, "maintenance"))
         self.assertEqual(open_failure(self, in_flight).code, ErrorCode.GOING_AWAY)
         self.assertRaises(SessionClosing, client.open_stream, "h", 3)
         self.assertFalse(client.accepting_streams)
