@@ -83,10 +83,20 @@ class TunnelServerService(MultiService):
         self.config = config
         self.state = state
         self.reactor = reactor
+        # The store numbers each connection so that the end of a replaced
+        # session can never mark its successor disconnected.
+        store_sessions: dict[str, int] = {}
+
+        def connected(site: str, peer: str) -> None:
+            store_sessions[site] = state.store.mark_connected(site, peer, _utcnow())
+
+        def disconnected(site: str) -> None:
+            state.store.mark_disconnected(site, _utcnow(), store_sessions.pop(site, None))
+
         self.registry = SiteRegistry(
             reactor,
-            on_connected=lambda site, peer: state.store.mark_connected(site, peer, _utcnow()),
-            on_disconnected=lambda site: state.store.mark_disconnected(site, _utcnow()),
+            on_connected=connected,
+            on_disconnected=disconnected,
             max_pending_opens=config.max_pending_opens,
             max_streams_per_site=config.max_streams_per_site,
         )
