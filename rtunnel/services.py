@@ -121,7 +121,8 @@ class TunnelServerService(MultiService):
     def _listen_all(self):  # type: ignore[no-untyped-def]
         description = self.config.listen
         try:
-            tls_factory = TLSMemoryBIOFactory(server_tls_options(self.state), False, self.factory)
+            # Our reactor, not the global one, times its small-write batching.
+            tls_factory = TLSMemoryBIOFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
             port = yield serverFromString(self.reactor, description).listen(tls_factory)
             self.tunnel_port = port
             self.ports.append(port)

@@ -340,3 +340,17 @@ class Built(Factory):
         protocol.factory = self
         self.built.append(protocol)
         return protocol
+
+
+class Watching(Factory):
+    """Delegates to a real factory and remembers the protocols it built."""
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self.wrapped = factory
+        self.built: list[IProtocol] = []
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # type: ignore[override]
+        protocol = self.wrapped.buildProtocol(addr)
+        if protocol is not None:
+            self.built.append(protocol)
+        return protocol

@@ -1,0 +1,389 @@
+"""
+The tunnel-server role: TunnelConnection over real TLS in memory (the
+server's TLS options from a real ServerState, a site's TLS options with a
+real certificate), authentication outcomes, the handshake timeout, the
+pre-authentication byte limit, revocation of live sessions, and the
+TunnelServerService lifecycle on a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtunnel.adapter import MuxProtocol, StreamOpenFailed
+from rtunnel.endpoints import published_registry
+from rtunnel.identity import certs
+from rtunnel.identity.enrollment import decode_reply
+from rtunnel.identity.errors import EnrollmentRefused
+from rtunnel.identity.state import ServerState
+from rtunnel.identity.store import StateStore
+from rtunnel.mux import ErrorCode
+from rtunnel.identity.enrollment import EnrollRequest
+from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder
+from rtunnel.roles.forward import ForwardSpec
+from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
+from rtunnel.roles.server import RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
+from rtunnel.services import ServerConfig, build_server_service
+
+from tests.roles_helpers import SITE_PEER, Built, Recorder, ServerFixture, Watching, pump_all, tls_connect
+
+POLICY = ServerPolicy(keepalive=None, handshake_timeout=30.0)
+
+
+class Server:
+    """A TunnelServerFactory over a real server state, and sites dialing it in memory."""
+
+    def __init__(self, case: SynchronousTestCase, policy: ServerPolicy = POLICY) -> None:
+        self.case = case
+        self.clock = Clock()
+        self.fixture = ServerFixture(case)
+        self.connected: list[tuple[str, str]] = []
+        self.disconnected: list[str] = []
+        self.registry = SiteRegistry(
+            self.clock, on_connected=lambda s, p: self.connected.append((s, p)), on_disconnected=self.disconnected.append
+        )
+        self.factory = TunnelServerFactory(self.fixture.state, self.registry, self.clock, policy)
+        self.accepting = Watching(self.factory)
+
+    def dial(self, key=None, cert=None, protocol=None, tls: bool = True):  # type: ignore[no-untyped-def]
+        """
+        Connect a site: by default a site MuxProtocol presenting C{cert}.
+        @return: (client protocol, server TunnelConnection, pump)
+        """
+        build = protocol or (lambda: MuxProtocol(initiator=True, clock=self.clock, label="site"))
+        clients = Built(build)
+        _, _, pump = tls_connect(
+            self.accepting, self.fixture.server_options(), clients, self.fixture.site_options(key, cert), self.clock,
+            client_tls=tls,
+        )
+        connection = self.accepting.built[-1]
+        assert isinstance(connection, TunnelConnection)
+        return clients.built[0], connection, pump
+
+
+class AuthenticationTests(SynchronousTestCase):
+    def test_enrolled_site_is_registered(self) -> None:
+        """
+        A site with its current certificate becomes a mux session in the
+        registry under its name, with its certificate's fingerprint, and
+        is reported connected from its address.
+        """
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        site, connection, _ = server.dial(key, cert)
+        self.assertTrue(site.ready)
+        session = server.registry.session_for("alpha")
+        self.assertIsNotNone(session)
+        self.assertIs(session, connection.inner)
+        self.assertEqual(session.fingerprint, certs.fingerprint(cert))  # type: ignore[union-attr]
+        self.assertEqual(server.connected, [("alpha", "192.0.2.7:40123")])
+        self.assertEqual((connection.site, connection.fingerprint), ("alpha", certs.fingerprint(cert)))
+
+    def test_registered_only_after_hello(self) -> None:
+        """
+        A site that completed TLS but has not sent its HELLO is not in the
+        registry; it is dropped when the handshake timeout runs out.
+        """
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        mute, connection, pump = server.dial(key, cert, protocol=Recorder)
+        self.assertIsInstance(connection.inner, MuxProtocol)
+        self.assertIsNone(server.registry.session_for("alpha"))
+        server.clock.advance(29.9)
+        pump_all(pump)
+        self.assertIsNone(mute.lost)
+        server.clock.advance(0.1)
+        pump_all(pump)
+        self.assertIsNotNone(mute.lost)
+        self.assertEqual(server.connected, [])
+
+    def _rejected(self, server: Server, key, cert, code: str) -> None:  # type: ignore[no-untyped-def]
+        site, connection, _ = server.dial(key, cert)
+        self.assertIsNotNone(site.peer_goaway)
+        goaway_code, reason = site.peer_goaway  # type: ignore[misc]
+        self.assertEqual(goaway_code, ErrorCode.NOT_AUTHORIZED)
+        self.assertTrue(reason.startswith(code + ": "), reason)
+        self.successResultOf(site.when_closed())
+        self.successResultOf(connection.inner.when_closed())  # type: ignore[union-attr]
+        self.assertEqual(server.registry.connected_sites(), {})
+        self.assertEqual(server.connected, [])
+
+    def test_unknown_site_is_refused(self) -> None:
+        """
+        A certificate from our CA for a site the database does not know gets
+        GOAWAY NOT_AUTHORIZED site-unknown and the connection is closed.
+        """
+        server = Server(self)
+        key, cert = server.fixture.certify_without_enrolling("ghost")
+        self._rejected(server, key, cert, "site-unknown")
+
+    def test_revoked_site_is_refused(self) -> None:
+        """A revoked site's certificate gets GOAWAY NOT_AUTHORIZED site-revoked."""
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        server.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+        self._rejected(server, key, cert, "site-revoked")
+
+    def test_superseded_certificate_is_refused(self) -> None:
+        """
+        After a site enrolled again, its previous certificate gets GOAWAY
+        NOT_AUTHORIZED certificate-superseded; the new one is accepted.
+        """
+        server = Server(self)
+        old_key, old_cert = server.fixture.enroll("alpha")
+        new_key, new_cert = server.fixture.enroll("alpha")
+        self._rejected(server, old_key, old_cert, "certificate-superseded")
+        site, _, _ = server.dial(new_key, new_cert)
+        self.assertTrue(site.ready)
+        self.assertIsNotNone(server.registry.session_for("alpha"))
+
+    def test_client_without_certificate_may_only_enroll(self) -> None:
+        """
+        A client presenting no certificate is handed to the enrollment
+        responder: it can redeem a token for a certificate, and the
+        connection ends after the reply without any mux session.
+        """
+        server = Server(self)
+        key = certs.generate_private_key()
+        request = EnrollRequest("beta", server.fixture.token("beta"), certs.dump_csr(certs.create_csr(key, "beta")))
+        requester, connection, _ = server.dial(protocol=lambda: EnrollmentRequester(request, server.clock))
+        self.assertIsInstance(connection.inner, EnrollmentResponder)
+        pem = self.successResultOf(requester.result)
+        self.assertEqual(certs.site_name_of(certs.load_certificate(pem)), "beta")
+        self.assertEqual(server.registry.connected_sites(), {})
+
+    def test_enrollment_refusal_reaches_the_site(self) -> None:
+        """An unknown token is refused with its code over the same path."""
+        server = Server(self)
+        key = certs.generate_private_key()
+        request = EnrollRequest("beta", "A" * 43, certs.dump_csr(certs.create_csr(key, "beta")))
+        requester, _, _ = server.dial(protocol=lambda: EnrollmentRequester(request, server.clock))
+        failure = self.failureResultOf(requester.result, EnrollmentRefused)
+        self.assertEqual(failure.value.code, "token-unknown")
+
+    def test_sites_cannot_open_streams_into_the_cloud(self) -> None:
+        """A stream a site opens towards the server is refused, the session stays up."""
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        site, _, pump = server.dial(key, cert)
+        stream = site.open_stream("10.0.0.1", 80)
+        pump_all(pump)
+        failure = self.failureResultOf(stream.opened, StreamOpenFailed)
+        self.assertEqual(failure.value.code, ErrorCode.TARGET_NOT_ALLOWED)
+        self.assertTrue(site.ready)
+
+
+class HandshakeLimitTests(SynchronousTestCase):
+    def test_handshake_timeout_drops_silent_connection(self) -> None:
+        """
+        A connection that never even starts TLS is dropped when the
+        handshake timeout runs out, not before.
+        """
+        server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=10.0))
+        silent, connection, pump = server.dial(protocol=Recorder, tls=False)
+        server.clock.advance(9.9)
+        pump_all(pump)
+        self.assertIsNone(silent.lost)
+        server.clock.advance(0.1)
+        pump_all(pump)
+        self.assertIsNotNone(silent.lost)
+        self.assertIsNone(connection.inner)
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+
+    def test_authenticated_session_outlives_handshake_timeout(self) -> None:
+        """The handshake timer stops once a site is authenticated."""
+        server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=10.0))
+        key, cert = server.fixture.enroll("alpha")
+        site, _, pump = server.dial(key, cert)
+        server.clock.advance(100)
+        pump_all(pump)
+        self.assertTrue(site.ready)
+        self.assertIsNotNone(server.registry.session_for("alpha"))
+
+    def _bare(self, limit: int) -> tuple[TunnelConnection, StringTransport]:
+        server = Server(self, ServerPolicy(keepalive=None, max_preauth_bytes=limit))
+        connection = server.factory.buildProtocol(SITE_PEER)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def test_too_much_data_before_authentication_drops_connection(self) -> None:
+        """
+        Bytes received before the peer is known are held up to
+        max_preauth_bytes; one byte more aborts the connection.
+        """
+        connection, transport = self._bare(1000)
+        connection.dataReceived(b"x" * 600)
+        connection.dataReceived(b"x" * 400)
+        self.assertFalse(transport.disconnecting)
+        connection.dataReceived(b"x")
+        self.assertTrue(transport.disconnected)  # aborted, not closed gracefully
+
+    def test_held_bytes_reach_the_protocol_chosen_after_handshake(self) -> None:
+        """
+        Bytes that arrived before the handshake completed are handed, in
+        order, to the protocol chosen for the peer (here the enrollment
+        responder, which answers a garbage request with bad-request).
+        """
+        connection, transport = self._bare(1000)
+        connection.dataReceived(b"RTEN\x00\x00\x00\x02")
+        connection.dataReceived(b"{]")
+        connection.handshakeCompleted()
+        reply = transport.value()
+        self.assertEqual(reply[:4], b"RTEN")
+        self.assertEqual(decode_reply(reply[8:]).code, "bad-request")  # type: ignore[union-attr]
+
+
+class RevocationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.server = Server(self)
+        self.key, self.cert = self.server.fixture.enroll("alpha")
+        self.watch = RevocationWatch(self.server.fixture.state, self.server.registry)
+        self.site, _, self.pump = self.server.dial(self.key, self.cert)
+        self.other = StateStore(self.server.fixture.state.store.path, create=False)
+        self.addCleanup(self.other.close)
+
+    def test_revocation_by_another_process_cuts_live_session(self) -> None:
+        """
+        When another connection to the database (the admin CLI) revokes a
+        connected site, the next check ends its session with
+        NOT_AUTHORIZED site-revoked.
+        """
+        self.watch.check()
+        self.assertIsNotNone(self.server.registry.session_for("alpha"))
+        self.other.revoke_site("alpha", datetime.now(UTC))
+        self.watch.check()
+        pump_all(self.pump)
+        self.assertEqual(self.site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIn("site-revoked", self.site.peer_goaway[1])  # type: ignore[index]
+        self.successResultOf(self.site.when_closed())
+        self.assertEqual(self.server.disconnected, ["alpha"])
+
+    def test_unrelated_change_keeps_session(self) -> None:
+        """A database change that does not concern the site leaves its session alone."""
+        self.other.create_token("beta", timedelta(hours=1), datetime.now(UTC))
+        self.watch.check()
+        pump_all(self.pump)
+        self.assertIsNone(self.site.peer_goaway)
+        self.assertIsNotNone(self.server.registry.session_for("alpha"))
+
+    def test_reenrollment_elsewhere_cuts_superseded_session(self) -> None:
+        """
+        A new enrollment of the site, done by another process, ends the
+        session that uses the old certificate (certificate-superseded).
+        """
+        other_state = ServerState.open_existing(self.server.fixture.directory)
+        self.addCleanup(other_state.close)
+        token = other_state.store.create_token("alpha", timedelta(hours=1), datetime.now(UTC))
+        key = certs.generate_private_key()
+        other_state.enroll("alpha", token, certs.dump_csr(certs.create_csr(key, "alpha")), datetime.now(UTC))
+        self.watch.check()
+        pump_all(self.pump)
+        self.assertEqual(self.site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIn("certificate-superseded", self.site.peer_goaway[1])  # type: ignore[index]
+
+
+class ServiceTests(SynchronousTestCase):
+    """TunnelServerService started on a MemoryReactorClock."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.fixture = ServerFixture(self)
+        self.config = ServerConfig(
+            state_dir=self.fixture.directory,
+            listen="tcp:5500:interface=127.0.0.1",
+            forwards=(ForwardSpec.parse("8080:alpha:10.0.0.5:554"), ForwardSpec.parse("[::1]:8081:beta:h:1")),
+            policy=ServerPolicy(keepalive=None),
+            name="svc-test",
+        )
+        self.service = build_server_service(self.config, self.reactor)
+        self.addCleanup(self.service.state.close)
+
+    def start(self) -> None:
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def dial_site(self):  # type: ignore[no-untyped-def]
+        """Connect an enrolled site through the listening TLS factory the service made."""
+        key, cert = self.fixture.enroll("alpha")
+        tls_factory = self.reactor.tcpServers[0][1]
+        clients = Built(lambda: MuxProtocol(initiator=True, clock=self.reactor))
+        client_tls = TLSMemoryBIOFactory(self.fixture.site_options(key, cert), True, clients, clock=self.reactor)
+        _, _, pump = connectedServerAndClient(
+            lambda: tls_factory.buildProtocol(SITE_PEER),
+            lambda: client_tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5500)),
+            greet=False,
+            clock=self.reactor,
+        )
+        pump_all(pump)
+        return clients.built[0], pump
+
+    def test_start_listens_and_publishes(self) -> None:
+        """
+        Starting listens for sites (with TLS added) and on every forward
+        with a backlog of 1024, and publishes the registry by name.
+        """
+        self.start()
+        ports = [(port, backlog, interface) for port, _, backlog, interface in self.reactor.tcpServers]
+        self.assertEqual(ports[0][0], 5500)
+        self.assertEqual(ports[1:], [(8080, 1024, "127.0.0.1"), (8081, 1024, "::1")])
+        self.assertEqual(type(self.reactor.tcpServers[0][1]).__name__, "TLSMemoryBIOFactory")
+        self.assertIs(published_registry("svc-test"), self.service.registry)
+        self.assertEqual(len(self.service.forward_ports), 2)
+
+    def test_site_connects_through_the_service(self) -> None:
+        """
+        A site dialing the service's TLS listener is registered and recorded
+        as connected in the state database.
+        """
+        self.start()
+        site, _ = self.dial_site()
+        self.assertTrue(site.ready)
+        self.assertIsNotNone(self.service.registry.session_for("alpha"))
+        record = self.fixture.state.store.site("alpha")
+        assert record is not None
+        self.assertEqual(record.peer, "192.0.2.7:40123")
+        self.assertTrue(record.connected)
+
+    def test_revocation_poll_cuts_site(self) -> None:
+        """
+        The service polls for revocations every revocation_poll seconds: a
+        revocation by another process ends the site's session at the next
+        poll.
+        """
+        self.start()
+        site, pump = self.dial_site()
+        other = StateStore(self.fixture.state.store.path, create=False)
+        self.addCleanup(other.close)
+        other.revoke_site("alpha", datetime.now(UTC))
+        self.reactor.advance(0.5)
+        pump_all(pump)
+        self.assertIsNone(site.peer_goaway)
+        self.reactor.advance(0.5)
+        pump_all(pump)
+        self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIsNone(self.service.registry.session_for("alpha"))
+
+    def test_stop_drains_sessions_and_withdraws(self) -> None:
+        """
+        Stopping withdraws the registry, drains every session (the site
+        sees GOAWAY GOING_AWAY) and completes once they are closed.
+        """
+        self.start()
+        site, pump = self.dial_site()
+        stopped = self.service.stopService()
+        self.assertRaises(SiteUnavailable, published_registry, "svc-test")
+        pump_all(pump)
+        self.assertEqual(site.peer_goaway[0], ErrorCode.GOING_AWAY)  # type: ignore[index]
+        self.successResultOf(stopped)
+        self.assertFalse(self.service.running)
+        record = self.fixture.state.store.site("alpha")
+        assert record is not None
+        self.assertFalse(record.connected)
