@@ -334,7 +334,7 @@ class ServiceTests(SynchronousTestCase):
         ports = [(port, backlog, interface) for port, _, backlog, interface in self.reactor.tcpServers]
         self.assertEqual(ports[0][0], 5500)
         self.assertEqual(ports[1:], [(8080, 1024, "127.0.0.1"), (8081, 1024, "::1")])
-        self.assertEqual(type(self.reactor.tcpServers[0][1]).__name__, "TLSMemoryBIOFactory")
+        self.assertIsInstance(self.reactor.tcpServers[0][1], TLSMemoryBIOFactory)
         self.assertIs(published_registry("svc-test"), self.service.registry)
         self.assertEqual(len(self.service.forward_ports), 2)
 
