@@ -21,9 +21,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from .adapter.tls import BulkTLSFactory
 from .endpoints import publish_registry, withdraw_registry
 from .identity.keyfile import Keyfile, read_keyfile
 from .identity.state import ServerState, SiteState
@@ -122,7 +122,7 @@ class TunnelServerService(MultiService):
         description = self.config.listen
         try:
             # Our reactor, not the global one, times its small-write batching.
-            tls_factory = TLSMemoryBIOFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
+            tls_factory = BulkTLSFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
             port = yield serverFromString(self.reactor, description).listen(tls_factory)
             self.tunnel_port = port
             self.ports.append(port)

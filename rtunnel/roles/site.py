@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..adapter.protocol import Keepalive, MuxProtocol
+from ..adapter.tls import BulkTLSClientEndpoint
 from ..identity.errors import EnrollmentRefused, PeerVerificationFailed
 from ..identity.keyfile import Keyfile, parse_address
 from ..identity.state import SiteState
@@ -297,7 +298,7 @@ class TunnelClientService(MultiService):
             state.ca_certificate_pem, state.server_name, client_key=state.private_key, client_cert=state.certificate
         )
         endpoints = [
-            wrapClientTLS(creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout))
+            BulkTLSClientEndpoint(creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout))
             for host, port in (parse_address(a) for a in state.addresses)
         ]
         self.factory = SiteMuxFactory(state.site_name, self.reactor, self.connector, self.policy, self.on_fatal)
