@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from attrs import frozen
+from attrs import field, frozen, validators
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -41,12 +41,18 @@ class Keepalive:
 
     Every C{interval} seconds without anything received we send a PING; a
     peer from which nothing at all arrived for C{timeout} seconds is dead.
-    So a silently broken path is detected within C{timeout} plus at most
-    one C{interval}.
+    The check is timed to the moment the timeout would expire, so a silently
+    broken path is detected within C{timeout}. The timeout must allow at
+    least one ping to be answered, hence C{timeout >= interval}.
     """
 
-    interval: float = 10.0
-    timeout: float = 30.0
+    interval: float = field(default=10.0, validator=validators.gt(0))
+    timeout: float = field(default=30.0)
+
+    @timeout.validator
+    def _check_timeout(self, attribute: object, value: float) -> None:
+        if not value >= self.interval:
+            raise ValueError(f"keepalive timeout {value}s is shorter than the ping interval {self.interval}s")
 
 
 class SessionLost(ConnectionLost):
@@ -312,7 +318,9 @@ class MuxProtocol(Protocol):
                 self.session.send_data(sid, data)
         if stream._fin_wanted and not stream.send_blocked and not stream._fin_sent:
             stream._fin_sent = True
-            if self.session.stream_state(sid) is not None and self.session.end_stream(sid):
+            closed = self.session.stream_state(sid) is not None and self.session.end_stream(sid)
+            stream._write_closed()
+            if closed:
                 stream._closed(CLEAN_CLOSE)
         stream._update_producer()
         self._flush()

@@ -333,6 +333,15 @@ class MuxStream:
             return False
         return True
 
+    def _write_closed(self) -> None:
+        """Our FIN went out: tell a half-closeable protocol, as TCP does."""
+        half = IHalfCloseableProtocol(self.protocol, None) if self.protocol is not None else None
+        if half is not None and not self.disconnected:
+            try:
+                half.writeConnectionLost()
+            except Exception:
+                self._log.failure("writeConnectionLost of stream {streamID} raised", streamID=self.stream_id)
+
     def _eof(self) -> None:
         self._eof_received = True
         self._drain_inbound()
