@@ -241,7 +241,10 @@ class TunnelClientService(MultiService):
     def _retry_delay(self, attempt: int) -> float:
         """Exponential backoff from C{retry_initial}, capped, plus jitter so
         that many sites cut off at once do not all return at once."""
-        return min(self.policy.retry_initial * (2.0**attempt), self.policy.retry_cap) + self.jitter()
+        # The exponent is bounded: 2.0**1024 overflows, which a site cut off
+        # for about nine hours reached, and ClientService then never retried.
+        growth = 2.0 ** min(attempt, 64)
+        return min(self.policy.retry_initial * growth, self.policy.retry_cap) + self.jitter()
 
     def _enroll(self, keyfile: Keyfile) -> defer.Deferred[None]:
         addresses = [parse_address(a) for a in keyfile.addresses]

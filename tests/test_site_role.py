@@ -1,0 +1,309 @@
+"""
+The site role: which failures are fatal (authentication) and which are
+retried (network), SiteMuxFactory against a real server over TLS in memory,
+and TunnelClientService's reconnect schedule on a MemoryReactorClock with a
+real enrolled site state.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from OpenSSL import SSL
+from service_identity.exceptions import VerificationError
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from rtunnel.identity.errors import EnrollmentIncomplete, EnrollmentRefused, PeerVerificationFailed
+from rtunnel.identity.state import SiteState
+from rtunnel.mux import ErrorCode
+from rtunnel.roles.registry import SiteRegistry
+from rtunnel.roles.server import ServerPolicy, TunnelServerFactory
+from rtunnel.roles.site import (
+    AuthenticationFailed,
+    RotatingEndpoint,
+    SiteMuxFactory,
+    SitePolicy,
+    TunnelClientService,
+    authentication_problem,
+)
+from rtunnel.roles.target import Target, TargetConnector
+
+from tests.roles_helpers import EndpointMap, Holder, ServerFixture, pump_all, temp_dir, tls_connect
+
+
+def _failure(exception: BaseException) -> Failure:
+    try:
+        raise exception
+    except BaseException:
+        return Failure()
+
+
+class AuthenticationProblemTests(SynchronousTestCase):
+    def test_fatal(self) -> None:
+        """
+        Refused enrollment, a server that fails verification (OpenSSL or
+        service_identity), a server that rejects our certificate, and our
+        own AuthenticationFailed are fatal, each with a readable reason.
+        """
+        cases = {
+            EnrollmentRefused("token-spent", "already used"): "enrollment refused: token-spent: already used",
+            PeerVerificationFailed("server certificate refused", 20, 1): "could not prove the identity pinned by the keyfile",
+            VerificationError(errors=["DNS mismatch"]): "does not match the pinned name",
+            SSL.Error([("SSL routines", "", "certificate verify failed")]): "certificate verify failed",
+            SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")]): "rejected this site's certificate",
+            SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]): "rejected this site's certificate",
+            AuthenticationFailed("revoked"): "revoked",
+        }
+        for exception, reason in cases.items():
+            problem = authentication_problem(_failure(exception))
+            self.assertIsNotNone(problem, repr(exception))
+            self.assertIn(reason, problem, repr(exception))  # type: ignore[arg-type]
+
+    def test_retryable(self) -> None:
+        """
+        Network faults are not authentication problems: they are retried
+        with backoff.
+        """
+        for exception in (
+            error.ConnectionRefusedError(),
+            error.ConnectionLost(),
+            error.ConnectionDone(),
+            error.TimeoutError(),
+            error.DNSLookupError("no such host"),
+            EnrollmentIncomplete("closed before the answer"),
+            SSL.Error([("SSL routines", "", "unexpected eof while reading")]),
+            defer.CancelledError(),
+        ):
+            self.assertIsNone(authentication_problem(_failure(exception)), repr(exception))
+
+
+class SiteOverTLS:
+    """A real server state and registry; SiteMuxFactory dialing it in memory."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.clock = Clock()
+        self.fixture = ServerFixture(case)
+        self.registry = SiteRegistry(self.clock)
+        self.server = TunnelServerFactory(self.fixture.state, self.registry, self.clock, ServerPolicy(keepalive=None))
+        self.fatal: list[str] = []
+        self.holder = Holder()
+        self.factory = SiteMuxFactory("alpha", self.clock, self.holder, SitePolicy(keepalive=None), self.fatal.append)  # type: ignore[arg-type]
+
+    def dial(self, options: object):  # type: ignore[no-untyped-def]
+        _, _, pump = tls_connect(self.server, self.fixture.server_options(), self.factory, options, self.clock)
+        return pump
+
+
+class SiteMuxFactoryTests(SynchronousTestCase):
+    def test_connected_site_serves_streams(self) -> None:
+        """
+        An enrolled site's tunnel becomes its current session and hands
+        the cloud's streams to its stream handler.
+        """
+        world = SiteOverTLS(self)
+        key, cert = world.fixture.enroll("alpha")
+        pump = world.dial(world.fixture.site_options(key, cert))
+        self.assertIsNotNone(world.factory.current)
+        self.assertTrue(world.factory.current.ready)  # type: ignore[union-attr]
+        world.registry.session_for("alpha").open_stream("10.0.0.5", 554)  # type: ignore[union-attr]
+        pump_all(pump)
+        self.assertEqual([(s.host, s.port) for s in world.holder.streams], [("10.0.0.5", 554)])
+        self.assertEqual(world.fatal, [])
+
+    def test_not_authorized_goaway_is_fatal(self) -> None:
+        """
+        A server that ends the session with GOAWAY NOT_AUTHORIZED (here: the
+        site is revoked) makes the site give up, with the server's reason.
+        """
+        world = SiteOverTLS(self)
+        key, cert = world.fixture.enroll("alpha")
+        world.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+        world.dial(world.fixture.site_options(key, cert))
+        self.assertEqual(len(world.fatal), 1)
+        self.assertIn("tunnel server refused site alpha: site-revoked", world.fatal[0])
+        self.assertIsNone(world.factory.current)
+
+    def test_revocation_of_live_session_is_fatal(self) -> None:
+        """A live session cut by revocation is fatal too, not a reason to reconnect."""
+        world = SiteOverTLS(self)
+        key, cert = world.fixture.enroll("alpha")
+        pump = world.dial(world.fixture.site_options(key, cert))
+        world.registry.cut("alpha", ErrorCode.NOT_AUTHORIZED, "site-revoked: by the operator")
+        pump_all(pump)
+        self.assertEqual(world.fatal, ["tunnel server refused site alpha: site-revoked: by the operator"])
+
+    def test_wrong_server_is_fatal(self) -> None:
+        """
+        A server whose certificate does not chain to the pinned CA is fatal
+        (the keyfile pins another server), with OpenSSL's reason explained.
+        """
+        world = SiteOverTLS(self)
+        other = ServerFixture(self)
+        key, cert = world.fixture.enroll("alpha")
+        from rtunnel.identity.tlsconfig import site_tls_options
+
+        world.dial(site_tls_options(other.ca_pem, "localhost", client_key=key, client_cert=cert))
+        self.assertEqual(len(world.fatal), 1)
+        self.assertIn("could not prove the identity pinned by the keyfile", world.fatal[0])
+        self.assertIn("CA other than the pinned rtunnel CA", world.fatal[0])
+
+    def test_wrong_server_name_is_fatal(self) -> None:
+        """A server certificate not valid for the pinned name is fatal."""
+        world = SiteOverTLS(self)
+        key, cert = world.fixture.enroll("alpha")
+        world.dial(world.fixture.site_options(key, cert, server_name="tunnel.example"))
+        self.assertEqual(len(world.fatal), 1)
+        self.assertIn("not valid for 'tunnel.example'", world.fatal[0])
+
+    def test_drain_and_loss_are_not_fatal(self) -> None:
+        """
+        A server draining (GOAWAY GOING_AWAY) or a takeover are reasons to
+        reconnect, not to give up.
+        """
+        world = SiteOverTLS(self)
+        key, cert = world.fixture.enroll("alpha")
+        pump = world.dial(world.fixture.site_options(key, cert))
+        world.registry.session_for("alpha").drain(5.0, "server restarting")  # type: ignore[union-attr]
+        pump_all(pump)
+        self.assertIsNone(world.factory.current)
+        pump = world.dial(world.fixture.site_options(key, cert))
+        world.dial(world.fixture.site_options(key, cert))  # takes over the previous one
+        pump_all(pump)
+        self.assertEqual(world.fatal, [])
+
+
+@implementer(IStreamClientEndpoint)
+class Named:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
+        self.log.append(self.name)
+        return defer.Deferred()
+
+
+class RotatingEndpointTests(SynchronousTestCase):
+    def test_rotates(self) -> None:
+        """Each connection attempt goes to the next endpoint in turn, round and round."""
+        log: list[str] = []
+        endpoint = RotatingEndpoint([Named("a", log), Named("b", log), Named("c", log)])
+        for _ in range(7):
+            endpoint.connect(Factory())
+        self.assertEqual(log, ["a", "b", "c", "a", "b", "c", "a"])
+
+    def test_needs_an_endpoint(self) -> None:
+        """An empty address list is refused at once."""
+        self.assertRaises(ValueError, RotatingEndpoint, [])
+
+
+class ServiceTests(SynchronousTestCase):
+    """TunnelClientService over a real enrolled site state and MemoryReactorClock."""
+
+    ATTEMPT = 0.3  # HostnameEndpoint's attempt delay: a failure is reported after it
+
+    def build(self, addresses=("127.0.0.1:5500",), jitter=lambda: 0.5, retry_cap: float = 30.0):  # type: ignore[no-untyped-def]
+        self.reactor = MemoryReactorClock()
+        fixture = ServerFixture(self)
+        state = fixture.enrolled_site_state(self, "alpha", addresses)
+        self.fatal: list[str] = []
+        connector = TargetConnector([Target("10.0.0.5", 554)], EndpointMap(), self.reactor)
+        policy = SitePolicy(keepalive=None, retry_cap=retry_cap)
+        self.service = TunnelClientService(self.reactor, state, None, connector, policy, self.fatal.append, jitter=jitter)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def attempts(self) -> list[tuple[str, int]]:
+        return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    def refuse(self) -> None:
+        """The current connection attempt is refused (after the endpoint's attempt delay)."""
+        self.reactor.advance(self.ATTEMPT)
+        _, _, factory, timeout, _ = self.reactor.tcpClients[-1]
+        self.assertEqual(timeout, 10.0)
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(error.ConnectionRefusedError()))
+
+    def next_attempt_after(self, delay: float) -> None:
+        """No attempt before C{delay} seconds, one right at it."""
+        count = len(self.reactor.tcpClients)
+        self.reactor.advance(delay - 0.001)
+        self.assertEqual(len(self.reactor.tcpClients), count, f"attempt before {delay}s")
+        self.reactor.advance(0.002)
+        self.assertEqual(len(self.reactor.tcpClients), count + 1, f"no attempt at {delay}s")
+
+    def test_first_retry_within_one_to_two_seconds(self) -> None:
+        """
+        With the real random jitter, the first reconnect after a refused
+        connection comes between 1 and 2 seconds later.
+        """
+        import random
+
+        self.build(jitter=random.random)
+        self.assertEqual(self.attempts(), [("127.0.0.1", 5500)])
+        self.refuse()
+        self.reactor.advance(0.999)
+        self.assertEqual(len(self.attempts()), 1)
+        self.reactor.advance(1.0)
+        self.assertEqual(len(self.attempts()), 2)
+        self.assertEqual(self.fatal, [])
+
+    def test_backoff_doubles_up_to_the_cap(self) -> None:
+        """
+        Delays double from 1 s up to retry_cap, plus the jitter (at most
+        1 s), and stay at the cap.
+        """
+        self.build(jitter=lambda: 0.999, retry_cap=20.0)
+        for expected in (1, 2, 4, 8, 16, 20, 20, 20):
+            self.refuse()
+            self.next_attempt_after(expected + 0.999)
+        self.assertEqual(self.fatal, [])
+
+    def test_site_down_for_days_keeps_retrying(self) -> None:
+        """
+        However many attempts failed in a row (here 1,100: about nine hours
+        at the cap), the next one is still scheduled at the capped delay.
+        """
+        self.build(jitter=lambda: 0.0, retry_cap=30.0)
+        for _ in range(1100):
+            self.refuse()
+            self.reactor.advance(30.0)
+        self.assertEqual(len(self.attempts()), 1101)
+        self.refuse()
+        self.next_attempt_after(30.0)
+
+    def test_addresses_rotate(self) -> None:
+        """Successive attempts go to the keyfile's addresses in turn."""
+        self.build(addresses=("127.0.0.1:5500", "127.0.0.1:5501"))
+        for _ in range(3):
+            self.refuse()
+            self.reactor.advance(31)
+        self.assertEqual([port for _, port in self.attempts()], [5500, 5501, 5500, 5501])
+
+    def test_stop_cancels_retries(self) -> None:
+        """A stopped service makes no further attempts."""
+        self.build()
+        self.refuse()
+        self.successResultOf(defer.maybeDeferred(self.service.stopService))
+        self.reactor.advance(100)
+        self.assertEqual(len(self.attempts()), 1)
+
+    def test_unenrolled_without_keyfile_is_fatal(self) -> None:
+        """
+        A site state that never enrolled, started without a keyfile, stops
+        at once with a message saying what to do, and dials nothing.
+        """
+        reactor = MemoryReactorClock()
+        fatal: list[str] = []
+        state = SiteState.load(temp_dir(self))
+        service = TunnelClientService(reactor, state, None, TargetConnector([], EndpointMap(), reactor), SitePolicy(), fatal.append)
+        service.startService()
+        self.assertEqual(len(fatal), 1)
+        self.assertIn("is not enrolled: start once with --keyfile FILE", fatal[0])
+        self.assertEqual(reactor.tcpClients, [])
