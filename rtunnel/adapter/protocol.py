@@ -26,7 +26,7 @@ from zope.interface import implementer
 from ..mux import events as ev
 from ..mux.errors import ErrorCode, SessionClosing, code_name
 from ..mux.session import MuxSession
-from ..mux.settings import Settings
+from ..mux.settings import Settings, WindowTuning
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
 
 #: Called for each stream the peer opens; it must eventually call
@@ -79,11 +79,12 @@ class MuxProtocol(Protocol):
         initiator: bool,
         clock: IReactorTime,
         settings: Settings | None = None,
+        tuning: WindowTuning | None = None,
         stream_handler: StreamHandler | None = None,
         keepalive: Keepalive | None = None,
         label: str = "",
     ) -> None:
-        self.session = MuxSession(initiator=initiator, settings=settings)
+        self.session = MuxSession(initiator=initiator, settings=settings, tuning=tuning)
         self.clock = clock
         self.stream_handler = stream_handler
         self.keepalive = keepalive

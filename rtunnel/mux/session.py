@@ -43,7 +43,7 @@ from .frames import (
     WindowUpdate,
     encode,
 )
-from .settings import Settings
+from .settings import Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
@@ -82,9 +82,13 @@ class MuxSession:
     @param settings: what this end accepts; sent in our HELLO.
     """
 
-    def __init__(self, *, initiator: bool, settings: Settings | None = None) -> None:
+    def __init__(
+        self, *, initiator: bool, settings: Settings | None = None, tuning: WindowTuning | None = None
+    ) -> None:
         self.initiator = initiator
         self.local_settings = settings if settings is not None else Settings()
+        # Without tuning, windows stay at initial_window: the plain protocol.
+        self.tuning = tuning if tuning is not None else WindowTuning(enabled=False)
         self.peer_settings: Settings | None = None
         self.version: int | None = None
         self._out = bytearray()
@@ -103,6 +107,12 @@ class MuxSession:
         self._failed = False
         #: Opaque bytes of our PINGs not answered yet, with their counts.
         self._pings: dict[bytes, int] = {}
+        # Bandwidth-delay probing (see WindowTuning).
+        self._probe: bytes | None = None
+        self._probe_sample: dict[int, int] = {}
+        self._probe_wait = 0
+        self._probe_gap = self.tuning.probe_gap
+        self._window_growth = 0
 
     # -- state -------------------------------------------------------------
 
@@ -138,6 +148,16 @@ class MuxSession:
     def local_streams(self) -> int:
         """Live streams that this end opened (limited by the peer's max_streams)."""
         return self._local_opened
+
+    @property
+    def session_window_growth(self) -> int:
+        """How far all live streams' windows exceed the initial window, together."""
+        return self._window_growth
+
+    def stream_window(self, stream_id: int) -> int:
+        """The receive window (credit target) of a stream, 0 if gone."""
+        record = self._streams.get(stream_id)
+        return record.window if record is not None else 0
 
     def stream_state(self, stream_id: int) -> StreamState | None:
         """The state of a live stream, or C{None} once it is gone."""
@@ -306,6 +326,7 @@ class MuxSession:
             return
         window = min(window, MAX_WINDOW)
         extra = window - record.window
+        self._window_growth += extra
         record.window = window
         # Held back as unacked until a WINDOW_UPDATE is allowed, so the
         # credit is never lost.
@@ -407,6 +428,8 @@ class MuxSession:
             self._peer_opened += 1
 
     def _remove(self, record: StreamRecord) -> None:
+        self._window_growth -= record.window - self.local_settings.initial_window
+        record.window = self.local_settings.initial_window
         record.state = StreamState.CLOSED
         if self._streams.pop(record.stream_id, None) is not None:
             if record.local:
@@ -479,6 +502,9 @@ class MuxSession:
             self._on_open(frame, events)
         elif isinstance(frame, Ping):
             if frame.ack:
+                if frame.opaque == self._probe:
+                    self._probe_answered()
+                    return
                 # Only an answer to one of our PINGs is news; others are ignored.
                 pending = self._pings.get(frame.opaque, 0)
                 if pending:
@@ -562,6 +588,8 @@ class MuxSession:
                     f"{size} bytes exceed the window of {record.recv_window} on stream {record.stream_id}",
                 )
             record.recv_window -= size
+            if self.tuning.enabled:
+                self._sample(record, size)
             events.append(ev.DataReceived(record.stream_id, frame.data))
         if frame.fin:
             record.state = self._next_state(record, Input.RECV_FIN)
@@ -609,6 +637,45 @@ class MuxSession:
                     ev.StreamRefused(record.stream_id, ErrorCode.GOING_AWAY, "peer is going away: not processed")
                 )
         events.append(ev.GoAwayReceived(frame.last_stream_id, frame.code, frame.reason, fatal))
+
+    def _sample(self, record: StreamRecord, size: int) -> None:
+        if self._probe is None:
+            self._probe_wait -= size
+            if self._probe_wait > 0 or not self._started:
+                return
+            self._probe = os.urandom(PING_SIZE)
+            self._probe_sample = {}
+            self._queue(Ping(self._probe))
+        sample = self._probe_sample
+        sample[record.stream_id] = sample.get(record.stream_id, 0) + size
+
+    def _probe_answered(self) -> None:
+        """
+        One round trip passed since the probe went out: grow the windows of
+        the streams that received two thirds of their window or more in it,
+        unless their reader holds half a window unconsumed (then the reader,
+        not the window, is what limits, and a larger window would only hold
+        more memory).
+        """
+        self._probe = None
+        grew = False
+        tuning = self.tuning
+        for stream_id, received in self._probe_sample.items():
+            record = self._streams.get(stream_id)
+            if record is None or received * 3 < record.window * 2 or record.window >= tuning.max_window:
+                continue
+            held = record.window - record.recv_window - record.unacked
+            if held * 2 > record.window:
+                continue  # the reader is behind: the window is not what limits
+            wanted = min(max(record.window * 2, received * 2), tuning.max_window)
+            room = tuning.session_budget - self._window_growth
+            wanted = min(wanted, record.window + max(room, 0))
+            if wanted > record.window:
+                self.grow_window(stream_id, wanted)
+                grew = True
+        self._probe_sample = {}
+        self._probe_gap = tuning.probe_gap if grew else min(self._probe_gap * 2, tuning.probe_gap * 64)
+        self._probe_wait = self._probe_gap
 
     def _stream_error(self, record: StreamRecord, error: _StreamError, events: list[ev.Event]) -> None:
         self._remove(record)

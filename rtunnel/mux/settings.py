@@ -38,3 +38,37 @@ class Settings:
     initial_window: int = field(default=256 * KIB, validator=_in_range(MIN_WINDOW, MAX_INITIAL_WINDOW))
     max_streams: int = field(default=1024, validator=_in_range(1, MAX_STREAMS))
     version: int = field(default=PROTOCOL_VERSION, validator=_in_range(1, 0xFFFF))
+
+
+@frozen
+class WindowTuning:
+    """
+    How this end grows receive windows beyond C{initial_window} (not
+    announced: it only changes what we grant).
+
+    A stream whose sender is held back by its window on a long path (a WAN:
+    50 ms each way makes a 256 KiB window worth only 2.5 MB/s) gets a larger
+    window, found by bandwidth-delay probing in the manner of gRPC: a PING
+    is sent when data arrives, and the bytes each stream received until its
+    answer are that stream's bandwidth-delay product. A stream that received
+    at least two thirds of its window in one round trip was limited by the
+    window, so its window is doubled (to at least twice what it received).
+
+    Memory stays bounded: no stream's window exceeds C{max_window}, and the
+    growth of all windows of a session together never exceeds
+    C{session_budget}; so a session holds at most
+    C{streams x initial_window + session_budget} bytes for slow readers.
+
+    @ivar enabled: probe and grow at all.
+    @ivar max_window: the largest window of one stream.
+    @ivar session_budget: the most that all windows together may exceed
+        their initial size by.
+    @ivar probe_gap: bytes to receive between the end of one probe and the
+        next; doubled after every probe that grew nothing (up to 64 times),
+        so an uncongested LAN path is probed rarely.
+    """
+
+    enabled: bool = True
+    max_window: int = field(default=16 * MIB, validator=_in_range(MIN_WINDOW, MAX_INITIAL_WINDOW))
+    session_budget: int = field(default=64 * MIB, validator=_in_range(0, 2**40))
+    probe_gap: int = field(default=256 * KIB, validator=_in_range(1, 2**40))

@@ -31,7 +31,7 @@ from ..identity.errors import SiteRejected
 from ..identity.state import ServerState
 from ..identity.tlsconfig import peer_identity
 from ..mux.errors import ErrorCode
-from ..mux.settings import Settings
+from ..mux.settings import Settings, WindowTuning
 from .enrollment import EnrollmentResponder
 from .registry import SiteRegistry
 from .splice import set_nodelay
@@ -49,6 +49,7 @@ class ServerPolicy:
     """
 
     settings: Settings = Settings()
+    tuning: WindowTuning = WindowTuning()
     keepalive: Keepalive | None = Keepalive()
     handshake_timeout: float = 30.0
     max_preauth_bytes: int = 256 * 1024
@@ -124,6 +125,7 @@ class TunnelConnection(Protocol):
             initiator=False,
             clock=self.factory.clock,
             settings=policy.settings,
+            tuning=policy.tuning,
             stream_handler=_refuse_site_streams,
             keepalive=policy.keepalive,
             label=site,

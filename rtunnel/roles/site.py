@@ -33,7 +33,7 @@ from ..identity.keyfile import Keyfile, parse_address
 from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
 from ..mux.errors import ErrorCode, code_name
-from ..mux.settings import Settings
+from ..mux.settings import Settings, WindowTuning
 from .enrollment import enroll
 from .target import TargetConnector
 
@@ -50,6 +50,7 @@ class SitePolicy:
     """
 
     settings: Settings = Settings()
+    tuning: WindowTuning = WindowTuning()
     keepalive: Keepalive | None = Keepalive()
     retry_initial: float = 1.0
     retry_cap: float = 30.0
@@ -135,6 +136,7 @@ class SiteMuxFactory(Factory):
             initiator=True,
             clock=self.clock,
             settings=self.policy.settings,
+            tuning=self.policy.tuning,
             stream_handler=self.connector,
             keepalive=self.policy.keepalive,
             label=self.site,
