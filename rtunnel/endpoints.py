@@ -23,12 +23,15 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
 from zope.interface import implementer
 
 from .adapter.stream import MuxStream, StreamOpenFailed
+from .identity.certs import validate_site_name
 from .mux.errors import ErrorCode
 from .roles.registry import SiteRegistry, SiteUnavailable
+from .roles.target import Target
 
 DEFAULT_OPEN_TIMEOUT = 5.0
 
@@ -102,7 +105,27 @@ class SiteEndpoint:
         stream_d = self.registry.open(self.site, self.host, self.port, self.open_timeout)
 
         def opened(stream: MuxStream) -> defer.Deferred[IProtocol]:
-            return stream.opened.addCallback(attach)
+            # Cancelling the connect must abandon the stream too (RESET
+            # CANCEL): without this it stayed open at both ends forever.
+            cancelled = False
+
+            def cancel(_: defer.Deferred[IProtocol]) -> None:
+                nonlocal cancelled
+                cancelled = True
+                stream.reset(ErrorCode.CANCEL, "the connection attempt was cancelled")
+
+            result: defer.Deferred[IProtocol] = defer.Deferred(cancel)
+
+            def settle(outcome: IProtocol | Failure) -> None:
+                if cancelled:
+                    return  # result already failed with CancelledError
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+            stream.opened.addCallback(attach).addBoth(settle)
+            return result
 
         def attach(stream: MuxStream) -> IProtocol:
             protocol = protocolFactory.buildProtocol(stream.getPeer())
@@ -133,8 +156,24 @@ class SiteEndpointParser:
             if not kwargs.get(required):
                 raise ValueError(f"rtunnel endpoint: missing {required}=")
         port_text = kwargs["port"]
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"rtunnel endpoint: port={port_text!r} is not a number from 1 to 65535")
-        timeout = float(kwargs.get("timeout", DEFAULT_OPEN_TIMEOUT))
+        try:
+            validate_site_name(kwargs["site"])
+            # The same rules (and spelling) as --forward targets: a host no
+            # OPEN frame can carry would only fail later, at every connect.
+            host = kwargs["host"]
+            target = Target.parse(f"[{host}]:{port_text}" if ":" in host else f"{host}:{port_text}")
+        except ValueError as e:
+            raise ValueError(f"rtunnel endpoint: {e}") from None
+        if "server" in kwargs and not kwargs["server"]:
+            raise ValueError("rtunnel endpoint: server= is empty (leave it out for the default server)")
+        timeout_text = kwargs.get("timeout", str(DEFAULT_OPEN_TIMEOUT))
+        try:
+            timeout = float(timeout_text)
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"rtunnel endpoint: timeout={timeout_text!r} is not a positive number of seconds")
         registry = PublishedRegistry(kwargs.get("server", "default"))
-        return SiteEndpoint(registry, kwargs["site"], kwargs["host"], int(port_text), timeout)
+        return SiteEndpoint(registry, kwargs["site"], target.host, target.port, timeout)

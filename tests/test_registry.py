@@ -282,3 +282,29 @@ class OpenFailureTests(SynchronousTestCase):
         newer, _, _ = mux_pair(self.clock)
         self.registry.register("alpha", newer, "p:2")
         self.assertIs(self.successResultOf(d)._mux, newer)
+
+
+class ObserverFailureTests(SynchronousTestCase):
+    def test_failing_observers_do_not_break_registration(self) -> None:
+        """
+        If on_connected or on_disconnected raise (the state database is
+        locked, say), the failure is logged and the session is still live,
+        serves the opens waiting for it, and is removed when it ends.
+        """
+        clock = Clock()
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("database is locked")
+
+        registry = SiteRegistry(clock, on_connected=broken, on_disconnected=broken)
+        waiting = registry.open("alpha", "h", 1, 5.0)
+        server, site, pump = mux_pair(clock)
+        registry.register("alpha", server, "p:1")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIs(registry.session_for("alpha"), server)
+        stream = self.successResultOf(waiting)
+        site.terminate(ErrorCode.NO_ERROR, "bye")
+        pump_all(pump)
+        self.failureResultOf(stream.opened)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(registry.connected_sites(), {})

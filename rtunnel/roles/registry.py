@@ -100,7 +100,12 @@ class SiteRegistry:
             )
             old.terminate(ErrorCode.SESSION_REPLACED, "a newer session of this site took over")
         if self.on_connected is not None:
-            self.on_connected(site, peer)
+            # A failing observer (the state database locked, say) must not
+            # leave the session half registered: never served, never removed.
+            try:
+                self.on_connected(site, peer)
+            except Exception:
+                self._log.failure("on_connected failed for site {site}", site=site)
         session.when_closed().addCallback(lambda _: self._session_ended(site, session))
         waiters, entry.waiters = entry.waiters, []
         for waiter in waiters:
@@ -137,7 +142,10 @@ class SiteRegistry:
         entry.session = None
         entry.peer = ""
         if self.on_disconnected is not None:
-            self.on_disconnected(site)
+            try:
+                self.on_disconnected(site)
+            except Exception:
+                self._log.failure("on_disconnected failed for site {site}", site=site)
 
     # -- opening streams ----------------------------------------------------
 
