@@ -4,6 +4,8 @@ Option parsing helpers shared by both twistd plugins.
 
 from __future__ import annotations
 
+import math
+
 from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
@@ -16,16 +18,20 @@ def positive_float(name: str, text: str) -> float:
         raise usage.UsageError(f"--{name}: {text!r} is not a number of seconds") from None
     if not value > 0:
         raise usage.UsageError(f"--{name}: must be greater than 0, got {text}")
+    if not math.isfinite(value):
+        raise usage.UsageError(f"--{name}: must be a finite number of seconds, got {text}")
     return value
 
 
-def positive_int(name: str, text: str) -> int:
+def positive_int(name: str, text: str, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise usage.UsageError(f"--{name}: {text!r} is not a whole number") from None
     if value < 1:
         raise usage.UsageError(f"--{name}: must be at least 1, got {text}")
+    if maximum is not None and value > maximum:
+        raise usage.UsageError(f"--{name}: must be at most {maximum}, got {text}")
     return value
 
 
@@ -35,7 +41,11 @@ def keepalive_from(options: usage.Options) -> Keepalive | None:
     SECONDS} (default: three intervals).
     """
     interval_text = options["keepalive"]
-    if interval_text in ("0", "0.0", "off"):
+    try:
+        off = interval_text == "off" or float(interval_text) == 0
+    except ValueError:
+        off = False  # positive_float explains
+    if off:
         return None
     interval = positive_float("keepalive", interval_text)
     timeout_text = options["keepalive-timeout"]

@@ -13,7 +13,7 @@ from ..identity.errors import IdentityError
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
-from ..mux.settings import Settings
+from ..mux.settings import MAX_STREAMS, Settings
 from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float, positive_int
 
 
@@ -54,7 +54,7 @@ class Options(usage.Options):
             allow=tuple(self["allow"]),
             target_connect_timeout=connect_timeout,
             policy=SitePolicy(
-                settings=Settings(max_streams=positive_int("max-streams", self["max-streams"])),
+                settings=Settings(max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS)),
                 keepalive=keepalive_from(self),
                 retry_cap=positive_float("retry-cap", self["retry-cap"]),
                 connect_timeout=connect_timeout,
