@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.adapter import Keepalive, MuxProtocol, MuxStream, StreamAddress, StreamOpenFailed, StreamReset
 from rtunnel.mux import ErrorCode, SessionClosing, Settings, StreamLimitReached
-from rtunnel.mux.frames import Data, GoAway, Open, OpenFail, OpenOk, Ping, Reset, WindowUpdate
+from rtunnel.mux.frames import GoAway, Open, OpenFail, Ping
 
 from tests.adapter_helpers import (
     Acceptor,
@@ -29,7 +29,6 @@ from tests.adapter_helpers import (
     TEST_SETTINGS,
     iosim_pair,
     make_mux,
-    pump_until_idle,
 )
 
 

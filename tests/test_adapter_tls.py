@@ -22,7 +22,6 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rtunnel.adapter import MuxProtocol, MuxStream
-from rtunnel.mux import Settings
 
 from tests.adapter_helpers import (
     MIB,

@@ -89,7 +89,7 @@ def test_server_killed_during_a_transfer_comes_back_without_touching_the_site(tm
         assert site.running()
     finally:
         statuses = d.stop_all()
-    assert statuses[f"site-s1"] == 0
+    assert statuses["site-s1"] == 0
 
 
 def test_site_restart_needs_no_action_in_the_cloud(tmp_path, echo):
@@ -164,6 +164,7 @@ def test_reconnecting_site_takes_over_a_half_dead_session_at_once(tmp_path, echo
         second = d.start_site("s1", allow=[echo.target], extra=slow_keepalive, name="site-s1-second")
         wait_until(lambda: "replaces the one from" in d.server.output(), 15, "the takeover")
         assert echo_roundtrip(fwd)
+        assert second.running()
     finally:
         d.stop_all()
         relay.close()
