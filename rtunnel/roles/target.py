@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 
 from attrs import frozen
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -98,8 +98,23 @@ EndpointFactory = Callable[[str, int], IStreamClientEndpoint]
 
 
 def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
-    """Targets reached by plain TCP (HostnameEndpoint: IPv4/IPv6, happy eyeballs)."""
-    return lambda host, port: HostnameEndpoint(reactor, host.encode("idna") if not _is_ip(host) else host, port, timeout=timeout)
+    """
+    Targets reached by plain TCP. An IP literal is connected to directly: a
+    HostnameEndpoint would first "resolve" it through getaddrinfo in a
+    thread, a thread hop per stream that costs latency and connection rate.
+    Names go through HostnameEndpoint (IPv4/IPv6, happy eyeballs).
+    """
+
+    def endpoint_for(host: str, port: int) -> IStreamClientEndpoint:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+        if address.version == 4:
+            return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+
+    return endpoint_for
 
 
 def _is_ip(host: str) -> bool:
