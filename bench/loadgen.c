@@ -22,7 +22,8 @@
  * per read: cheap enough at several GB/s.
  *
  * Modes (all print one JSON object per result line on stdout):
- *   serve --listen HOST:PORT [--timeout S]     site service (epoll + a thread per bulk stream)
+ *   serve --listen HOST:PORT [--timeout S] [--max-count N]   site service (epoll + a thread per
+ *         bulk stream); exits after N connections (default 10,000,000) or S seconds (3600)
  *   up    --host H --port P --bytes N [--streams K]   upload into SINK
  *   down  --host H --port P --bytes N [--streams K]   download from SRCE
  *   rtt   --host H --port P [--seconds S] [--max-count M] [--size 64] [--warmup 200]
@@ -299,7 +300,9 @@ static int do_serve(void) {
     printf("{\"ready\": true, \"port\": %d}\n", port);
     fflush(stdout);
     struct epoll_event evs[256];
+    long long accepted = 0; /* bounded in count (--max-count, default 10M) as well as time (alarm) */
     for (;;) {
+        if (accepted >= o_max) { fprintf(stderr, "loadgen serve: %lld connections, exiting\n", accepted); return 0; }
         int n = epoll_wait(g_ep, evs, 256, -1);
         if (n < 0) { if (errno == EINTR) continue; perror("epoll_wait"); return 1; }
         for (int i = 0; i < n; i++) {
@@ -308,6 +311,7 @@ static int do_serve(void) {
             for (int k = 0; k < 64; k++) {
                 int cfd = accept4(ls, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
                 if (cfd < 0) break; /* EAGAIN, or EMFILE: retried on the next event */
+                accepted++;
                 if (cfd >= g_nconns) { close(cfd); continue; }
                 set_nodelay(cfd);
                 g_conns[cfd] = calloc(1, sizeof(sconn_t));
@@ -567,7 +571,7 @@ int main(int argc, char **argv) {
         {"streams", 1, 0, 's'}, {"seconds", 1, 0, 'S'}, {"max-count", 1, 0, 'm'}, {"concurrency", 1, 0, 'c'},
         {"count", 1, 0, 'n'}, {"size", 1, 0, 'z'}, {"timeout", 1, 0, 't'}, {"warmup", 1, 0, 'w'},
         {0, 0, 0, 0}};
-    int ch;
+    int ch, max_given = 0;
     optind = 2;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
@@ -577,7 +581,7 @@ int main(int argc, char **argv) {
         case 'b': o_bytes = atoll(optarg); break;
         case 's': o_streams = atoi(optarg); break;
         case 'S': o_seconds = atof(optarg); break;
-        case 'm': o_max = atoll(optarg); break;
+        case 'm': o_max = atoll(optarg); max_given = 1; break;
         case 'c': o_conc = atoi(optarg); break;
         case 'n': o_count = atoll(optarg); break;
         case 'z': o_size = atoi(optarg); break;
@@ -587,6 +591,7 @@ int main(int argc, char **argv) {
         }
     }
     if (o_max < 1) o_max = 1;
+    if (!strcmp(mode, "serve") && !max_given) o_max = 10000000;
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) { rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl); }

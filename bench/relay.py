@@ -146,9 +146,15 @@ class Leg(asyncio.Protocol):
 class Inbound(Leg):
     """The accepted side: connects to the target before reading anything."""
 
+    accepted = 0
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
+        Inbound.accepted += 1
+        if Inbound.accepted > self.cfg.max_connections:  # bounded in count as well as time
+            self.transport.abort()
+            return
         self.transport.pause_reading()
         self.loop.create_task(self._connect())
 
@@ -188,6 +194,7 @@ if __name__ == "__main__":
     p.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay, each direction")
     p.add_argument("--max-buffer", type=int, default=128 * 1024 * 1024, help="bytes held per direction")
     p.add_argument("--timeout", type=float, default=1800.0, help="exit after this many seconds")
+    p.add_argument("--max-connections", type=int, default=100_000, help="refuse connections after this many")
     try:
         asyncio.run(main(p.parse_args()))
     except KeyboardInterrupt:

@@ -75,11 +75,11 @@ LAN_METRICS = [
     ("rtt_p50", "64 B echo RTT p50", "µs", "down"),
     ("rtt_p99", "64 B echo RTT p99", "µs", "down"),
     ("cseq", "new connections, sequential", "conn/s", "up"),
-    ("cseq_p50", "  connect+echo+close latency p50", "µs", "down"),
-    ("cseq_p99", "  connect+echo+close latency p99", "µs", "down"),
+    ("cseq_p50", "sequential: connect+echo+close p50", "µs", "down"),
+    ("cseq_p99", "sequential: connect+echo+close p99", "µs", "down"),
     ("c16", "new connections, 16 concurrent", "conn/s", "up"),
-    ("c16_p50", "  connect+echo+close latency p50", "µs", "down"),
-    ("c16_p99", "  connect+echo+close latency p99", "µs", "down"),
+    ("c16_p50", "16 concurrent: connect+echo+close p50", "µs", "down"),
+    ("c16_p99", "16 concurrent: connect+echo+close p99", "µs", "down"),
     ("rss_idle", "RSS idle (fresh tunnel)", "MiB", "down"),
     ("rss_held", "RSS with 1,000 idle streams", "MiB", "down"),
     ("kib_stream", "RSS per idle stream", "KiB", "down"),
@@ -124,11 +124,7 @@ def raise_nofile() -> None:
 def start_site_service() -> tuple[subprocess.Popen, int]:
     p = tunnels.spawn([str(LOADGEN), "serve", "--listen", "127.0.0.1:0", "--timeout", "1800"],
                       WORK / "site-service.log", stdout=subprocess.PIPE)
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    if not line:
-        raise RuntimeError("loadgen serve did not start")
-    return p, int(json.loads(line)["port"])
+    return p, int(tunnels.read_ready_line(p, "loadgen serve")["port"])
 
 
 def machine_info() -> dict[str, str]:
@@ -522,8 +518,7 @@ def update_docs(md: str) -> None:
         return
     head, rest = text.split(DOCS_BEGIN, 1)
     _, tail = rest.split(DOCS_END, 1)
-    body = md.replace("\n# ", "\n### ").replace("\n## ", "\n#### ")
-    body = body.split("\n", 1)[1] if body.startswith("# ") else body
+    body = "\n".join("##" + ln if ln.startswith("#") else ln for ln in md.splitlines())  # under "## Latest results"
     DOCS_MD.write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
 
 
@@ -553,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: blocks
     t_start = time.monotonic()
+    load_before = os.getloadavg()[0]
     WORK.mkdir(exist_ok=True)
     build_loadgen()
     raise_nofile()
@@ -573,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         tunnels.stop_all_started()
 
     info = machine_info()
+    # Other jobs on these shared 2-core machines move every number; say how busy it was.
+    info["load average (1 min)"] = (f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end "
+                                    f"(includes the bench itself){'; machine was busy before the run' if load_before > 1.0 else ''}")
     md = report(bench, info, mode, cols, time.monotonic() - t_start)
     out = args.out or (RESULTS_MD if canonical else WORK / f"results-{mode}.md")
     out.parent.mkdir(parents=True, exist_ok=True)

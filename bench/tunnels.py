@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -152,6 +153,17 @@ def stop_all_started() -> None:
             pass
 
 
+def read_ready_line(p: subprocess.Popen, what: str, timeout: float = 15.0) -> dict:
+    """The JSON line a helper (loadgen serve, relay) prints once listening; bounded wait."""
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else b""
+    if not line:
+        end_process(p)
+        raise RuntimeError(f"{what} did not report ready within {timeout:.0f} s")
+    return json.loads(line)
+
+
 def tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -169,11 +181,7 @@ class Relay:
              "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms), "--timeout", "1800"],
             log, stdout=subprocess.PIPE, cwd=REPO,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # bounded: relay prints at once or exits
-        if not line:
-            raise RuntimeError(f"relay did not start: {tail(log)}")
-        self.port = int(json.loads(line)["port"])
+        self.port = int(read_ready_line(self.proc, f"relay (log: {log})")["port"])
 
     def stop(self) -> None:
         end_process(self.proc)
