@@ -243,21 +243,33 @@ class ConnectorTests(SynchronousTestCase):
     def test_opener_gives_up_while_connecting(self) -> None:
         """
         If the cloud resets the stream while the site is still connecting,
-        the target connection is closed as soon as it is made and nothing is
-        answered.
+        the connection attempt is abandoned at once and nothing is answered.
         """
         stream = self.open("10.0.0.5", 554)
-        factory, _ = self.connect_attempt()
+        _, connector = self.connect_attempt()
         stream.reset(ErrorCode.CANCEL, "client went away")
         self.failureResultOf(stream.opened, StreamOpenFailed)
         pump_all(self.pump)
-        self.assertEqual(self.site.streams, {})
-        leg = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 554))  # type: ignore[attr-defined]
-        tcp = TCPTransport()
-        leg.makeConnection(tcp)
-        self.assertTrue(tcp.closed)
-        pump_all(self.pump)
-        self.assertEqual(self.server.streams, {})
+        self.assertTrue(connector.stoppedConnecting)  # type: ignore[attr-defined]
+        self.assertEqual((self.site.streams, self.server.streams), ({}, {}))
+
+    def test_opener_gives_up_with_uncancellable_endpoint(self) -> None:
+        """
+        Through an endpoint that cannot stop connecting, a target
+        connection made after the cloud gave up is refused at once.
+        """
+        holder_endpoints = EndpointMap()  # ControlledEndpoint: no canceller
+        connector = TargetConnector(ALLOW, holder_endpoints, self.clock)
+        server, site, pump = mux_pair(self.clock, connector)
+        stream = server.open_stream("10.0.0.5", 554)
+        pump_all(pump)
+        stream.reset(ErrorCode.CANCEL, "client went away")
+        self.failureResultOf(stream.opened, StreamOpenFailed)
+        pump_all(pump)
+        factory, attempt = holder_endpoints.last.attempts[0]
+        self.assertTrue(attempt.called)  # cancelled, and nothing answered for it
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.5", 554)))
+        self.assertEqual(site.streams, {})
 
 
 class LocalFactoryTests(SynchronousTestCase):

@@ -205,15 +205,21 @@ class TargetConnector:
             self._log.warn("refused stream {streamID}: {reason}", streamID=stream.stream_id, reason=reason)
             stream.refuse(code, reason)
 
-        d = self.endpoint_for(target.host, target.port).connect(_OneShot(leg))
+        d = self.endpoint_for(target.host, target.port).connect(_OneShot(leg, stream))
         d.addCallbacks(connected, failed)
+        # The cloud gave up (RESET) before we answered: stop connecting now
+        # rather than hold a socket to a slow target until the connect timeout.
+        stream.opened.addErrback(lambda _: d.cancel())
 
 
 class _OneShot(Factory):
     noisy = False
 
-    def __init__(self, protocol: TCPSide) -> None:
+    def __init__(self, protocol: TCPSide, stream: MuxStream) -> None:
         self._protocol = protocol
+        self._stream = stream
 
-    def buildProtocol(self, addr: object) -> TCPSide:
-        return self._protocol
+    def buildProtocol(self, addr: object) -> TCPSide | None:
+        # None drops a connection made after the cloud gave up, also through
+        # an endpoint that could not stop connecting when cancelled.
+        return None if self._stream.disconnected else self._protocol
