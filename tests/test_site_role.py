@@ -307,3 +307,52 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(fatal), 1)
         self.assertIn("is not enrolled: start once with --keyfile FILE", fatal[0])
         self.assertEqual(reactor.tcpClients, [])
+
+
+class EnrollmentAttemptTests(SynchronousTestCase):
+    """A fresh site with a keyfile: enrollment attempts on a MemoryReactorClock."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        fixture = ServerFixture(self)
+        keyfile = fixture.keyfile("alpha", addresses=("127.0.0.1:5500", "127.0.0.1:5501"))
+        self.fatal: list[str] = []
+        connector = TargetConnector([], EndpointMap(), self.reactor)
+        self.service = TunnelClientService(
+            self.reactor, SiteState.load(temp_dir(self)), keyfile, connector, SitePolicy(keepalive=None), self.fatal.append,
+            jitter=lambda: 0.5,
+        )
+        self.service.startService()
+
+    def ports(self) -> list[int]:
+        return [port for _, port, *_ in self.reactor.tcpClients]
+
+    def refuse(self) -> None:
+        self.reactor.advance(ServiceTests.ATTEMPT)
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(error.ConnectionRefusedError()))
+
+    def test_unreachable_server_is_retried_at_next_address(self) -> None:
+        """
+        A network failure while enrolling is retried with backoff, at the
+        keyfile's next address, and is not fatal.
+        """
+        self.assertEqual(self.ports(), [5500])
+        self.refuse()
+        self.reactor.advance(1.499)
+        self.assertEqual(self.ports(), [5500])
+        self.reactor.advance(0.002)
+        self.assertEqual(self.ports(), [5500, 5501])
+        self.refuse()
+        self.reactor.advance(2.501)
+        self.assertEqual(self.ports(), [5500, 5501, 5500])
+        self.assertEqual(self.fatal, [])
+        self.assertIsNone(self.service.client)  # no tunnel before enrollment
+
+    def test_stop_cancels_enrollment(self) -> None:
+        """Stopping while enrollment waits to retry ends it quietly: no attempt, no fatal error."""
+        self.refuse()
+        self.successResultOf(defer.maybeDeferred(self.service.stopService))
+        self.reactor.advance(60)
+        self.assertEqual(self.ports(), [5500])
+        self.assertEqual(self.fatal, [])
