@@ -314,3 +314,16 @@ class ForwardProtocolTests(SynchronousTestCase):
         fw.pump_all()
         self.assertEqual(fw.endpoints.requested, [])
         self.assertEqual((fw.server.streams, fw.site.streams), ({}, {}))
+
+    def test_client_joining_a_congested_tunnel_stays_paused(self) -> None:
+        """
+        A client whose stream is opened while the tunnel connection is
+        paused (its TLS buffer is full) is not read from until the tunnel
+        resumes, as every other stream.
+        """
+        fw = Forwarding()
+        fw.server.pauseProducing()  # what the tunnel's transport does when its buffer fills
+        _, client_tcp = fw.client()
+        self.assertEqual(client_tcp.producerState, "paused")
+        fw.server.resumeProducing()
+        self.assertEqual(client_tcp.producerState, "producing")

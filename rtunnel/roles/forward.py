@@ -139,9 +139,12 @@ class ForwardProtocol(TCPSide):
             stream.abortConnection()
             return
         stream.opened.addErrback(self._refused)
-        self.join(stream)
         assert self.transport is not None
+        # Resume before joining: joining registers the stream's throttle,
+        # which pauses us again if the tunnel is congested. Resuming after
+        # it overrode that pause, and reads then piled up in the stream.
         self.transport.resumeProducing()
+        self.join(stream)
 
     def _open_failed(self, failure: Failure) -> None:
         self._opening = None
