@@ -290,6 +290,50 @@ class RevocationTests(SynchronousTestCase):
         self.assertIn("certificate-superseded", self.site.peer_goaway[1])  # type: ignore[index]
 
 
+class LateHello(MuxProtocol):
+    """A site that completes TLS but sends its HELLO only when told."""
+
+    held = b""
+    started = False
+
+    def connectionMade(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.started:
+            MuxProtocol.dataReceived(self, data)
+        else:
+            self.held += data
+
+    def hello(self) -> None:
+        self.started = True
+        MuxProtocol.connectionMade(self)
+        MuxProtocol.dataReceived(self, self.held)
+
+
+class RevocationRaceTests(SynchronousTestCase):
+    def test_revocation_before_hello_is_not_missed(self) -> None:
+        """
+        A site revoked after its TLS handshake but before its HELLO arrived
+        (the revocation watch had nothing registered to cut yet) is refused
+        with NOT_AUTHORIZED instead of being registered.
+        """
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        watch = RevocationWatch(server.fixture.state, server.registry)
+        site, _, pump = server.dial(key, cert, protocol=lambda: LateHello(initiator=True, clock=server.clock))
+        other = StateStore(server.fixture.state.store.path, create=False)
+        self.addCleanup(other.close)
+        other.revoke_site("alpha", datetime.now(UTC))
+        watch.check()
+        site.hello()  # type: ignore[attr-defined]
+        pump_all(pump)
+        self.assertIsNone(server.registry.session_for("alpha"))
+        self.assertEqual(server.connected, [])
+        self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIn("site-revoked", site.peer_goaway[1])  # type: ignore[index]
+
+
 class ServiceTests(SynchronousTestCase):
     """TunnelServerService started on a MemoryReactorClock."""
 

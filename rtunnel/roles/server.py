@@ -133,6 +133,17 @@ class TunnelConnection(Protocol):
 
     def _authenticated(self, site: str, mux: MuxProtocol) -> None:
         self._cancel_timer()
+        assert self.fingerprint is not None
+        try:
+            # Again: a revocation committed between the handshake and this
+            # HELLO found nothing registered to cut, and would be missed.
+            self.factory.state.store.check_site(site, self.fingerprint)
+        except SiteRejected as e:
+            self._log.warn(
+                "site {site} from {peer} rejected: {code}: {reason}", site=site, peer=self.peer, code=e.code, reason=e.message
+            )
+            mux.terminate(ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+            return
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer)
         mux.when_closed().addCallback(self._session_closed, site)
