@@ -128,7 +128,12 @@ class SiteEndpoint:
             return result
 
         def attach(stream: MuxStream) -> IProtocol:
-            protocol = protocolFactory.buildProtocol(stream.getPeer())
+            try:
+                protocol = protocolFactory.buildProtocol(stream.getPeer())
+            except BaseException:
+                # Fail the connect, and do not leave the stream open at the site.
+                stream.reset(ErrorCode.CANCEL, "the local factory failed to build a protocol")
+                raise
             if protocol is None:
                 stream.reset(ErrorCode.CANCEL, "the local factory declined the connection")
                 raise StreamOpenFailed(ErrorCode.CANCEL, "the factory's buildProtocol returned None")

@@ -115,6 +115,23 @@ class SiteEndpointTests(SynchronousTestCase):
         self.assertIsInstance(tunnel.echoes[0].lost.value, StreamReset)  # type: ignore[union-attr]
         self.assertEqual((tunnel.server.streams, tunnel.site.streams), ({}, {}))
 
+    def test_factory_raising_resets_stream(self) -> None:
+        """
+        A factory whose buildProtocol raises fails connect() with that
+        error, and the stream is reset at the site, not left open.
+        """
+
+        class Broken(Factory):
+            def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+                raise RuntimeError("no more protocols")
+
+        tunnel = Tunnel()
+        d = SiteEndpoint(tunnel.registry, "alpha", "echo", 7).connect(Broken())
+        pump_all(tunnel.pump)
+        self.failureResultOf(d, RuntimeError)
+        self.assertIsInstance(tunnel.echoes[0].lost.value, StreamReset)  # type: ignore[union-attr]
+        self.assertEqual((tunnel.server.streams, tunnel.site.streams), ({}, {}))
+
     def test_cancel_before_open_ok_abandons_stream(self) -> None:
         """
         Cancelling connect() while the site is still connecting fails it
