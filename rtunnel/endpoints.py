@@ -28,10 +28,8 @@ from twisted.internet.interfaces import IStreamClientEndpointStringParserWithRea
 from zope.interface import implementer
 
 from .adapter.stream import MuxStream, StreamOpenFailed
-from .identity.certs import validate_site_name
 from .mux.errors import ErrorCode
 from .roles.registry import SiteRegistry, SiteUnavailable
-from .roles.target import Target
 
 DEFAULT_OPEN_TIMEOUT = 5.0
 
@@ -163,6 +161,11 @@ class SiteEndpointParser:
         port_text = kwargs["port"]
         if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"rtunnel endpoint: port={port_text!r} is not a number from 1 to 65535")
+        # Imported here: the dropin imports this module whenever any program
+        # looks for Twisted plugins, and these pull in cryptography.
+        from .identity.certs import validate_site_name
+        from .roles.target import Target
+
         try:
             validate_site_name(kwargs["site"])
             # The same rules (and spelling) as --forward targets: a host no
