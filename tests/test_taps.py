@@ -232,6 +232,15 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn("rtunnel-server: error: ", str(raised.exception.code))
         self.assertIn("not a directory", str(raised.exception.code))
 
+    def test_server_make_service_reports_bad_public_address(self) -> None:
+        """An invalid --public-address ends the process with a one-line error naming it."""
+        options = server_tap.Options()
+        options.parseOptions(["--state", temp_dir(self), "--public-address", "bad host!"])
+        with self.assertRaises(SystemExit) as raised:
+            server_tap.makeService(options)
+        self.assertIn("rtunnel-server: error: invalid public address", str(raised.exception.code))
+        self.assertIn("bad host!", str(raised.exception.code))
+
     def test_site_make_service_reads_keyfile(self) -> None:
         """
         The site tap's makeService loads the state and the keyfile and
