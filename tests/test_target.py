@@ -3,8 +3,9 @@ The site's side of a stream: Target.parse (the --allow syntax) and
 TargetConnector (allowlist, connect, failure codes, in-process targets).
 
 Connection attempts go through the production endpoint factory
-(L{tcp_endpoints}, i.e. HostnameEndpoint) on a L{MemoryReactorClock}, and
-fail with the exceptions Twisted itself raises.
+(L{tcp_endpoints}: TCP endpoints for IP literals, HostnameEndpoint for
+names) on a L{MemoryReactorClock}, and fail with the exceptions Twisted
+itself raises.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class ConnectorTests(SynchronousTestCase):
         stream = self.open("10.0.0.5", 554)
         factory, connector = self.connect_attempt()
         factory.clientConnectionFailed(connector, Failure(exception))  # type: ignore[attr-defined]
-        self.reactor.advance(1)  # HostnameEndpoint reports once its attempts are over
+        self.reactor.advance(1)  # a HostnameEndpoint reports once its attempts are over
         pump_all(self.pump)
         return self.failureResultOf(stream.opened, StreamOpenFailed).value
 
