@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from attrs import frozen
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -124,7 +123,7 @@ class ForwardProtocol(TCPSide):
         self._opening = d
         d.addCallbacks(self._stream_opened, self._open_failed)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A client gone while its site is awaited gives up its place in the
         # queue: no stream is opened for nobody.
         opening, self._opening = self._opening, None
