@@ -82,7 +82,7 @@ class AuthenticationTests(SynchronousTestCase):
         session = server.registry.session_for("alpha")
         self.assertIsNotNone(session)
         self.assertIs(session, connection.inner)
-        self.assertEqual(session.fingerprint, certs.fingerprint(cert))  # type: ignore[union-attr]
+        self.assertEqual(server.registry.live(), [("alpha", certs.fingerprint(cert), session)])
         self.assertEqual(server.connected, [("alpha", "192.0.2.7:40123")])
         self.assertEqual((connection.site, connection.fingerprint), ("alpha", certs.fingerprint(cert)))
 

@@ -48,6 +48,7 @@ class _Waiter:
 class _SiteEntry:
     session: MuxProtocol | None = None
     peer: str = ""
+    fingerprint: str = ""
     waiters: list[_Waiter] = field(factory=list)
 
 
@@ -82,7 +83,7 @@ class SiteRegistry:
 
     # -- sessions ---------------------------------------------------------
 
-    def register(self, site: str, session: MuxProtocol, peer: str) -> None:
+    def register(self, site: str, session: MuxProtocol, peer: str, fingerprint: str = "") -> None:
         """
         Make C{session} the live session of C{site}, replacing (and ending)
         any older one, and hand it to whoever waits for the site.
@@ -91,6 +92,7 @@ class SiteRegistry:
         old = entry.session
         entry.session = session
         entry.peer = peer
+        entry.fingerprint = fingerprint
         if old is not None and old is not session and old.accepting_streams:
             self._log.info(
                 "site {site} reconnected from {peer}: new session replaces the one from {oldPeer}",
@@ -131,6 +133,10 @@ class SiteRegistry:
             return False
         entry.session.terminate(code, reason)
         return True
+
+    def live(self) -> list[tuple[str, str, MuxProtocol]]:
+        """(site, certificate fingerprint, session) of every live session."""
+        return [(name, e.fingerprint, e.session) for name, e in self._sites.items() if e.session is not None]
 
     def sessions(self) -> list[MuxProtocol]:
         return [e.session for e in self._sites.values() if e.session is not None]

@@ -16,7 +16,6 @@ dropped, so idle or slow connections (slowloris) cannot pile up.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Callable
 
 from attrs import frozen
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
@@ -104,20 +103,31 @@ class TunnelConnection(Protocol):
             return
         site, fingerprint = identity
         self.site, self.fingerprint = site, fingerprint
+        mux = self._new_mux(site)
+        self._become(mux)
+        if self._admitted(site, fingerprint, mux):
+            mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), lambda f: None)
+
+    def _admitted(self, site: str, fingerprint: str, mux: MuxProtocol) -> bool:
+        """
+        Ask the state store whether this site certificate may connect; if
+        not, tell the site why (GOAWAY NOT_AUTHORIZED) and close.
+        """
         try:
             self.factory.state.store.check_site(site, fingerprint)
         except SiteRejected as e:
             self._log.warn(
                 "site {site} from {peer} rejected: {code}: {reason}", site=site, peer=self.peer, code=e.code, reason=e.message
             )
-            mux = self._new_mux(site)
-            self._become(mux)
             mux.terminate(ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
-            return
-        mux = self._new_mux(site)
-        mux.fingerprint = fingerprint  # type: ignore[attr-defined]
-        mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), lambda f: None)
-        self._become(mux)
+            return False
+        except Exception:
+            # The database failed (locked, disk error): refuse this attempt;
+            # the site retries with backoff.
+            self._log.failure("could not check site {site} from {peer}; closing", site=site, peer=self.peer)
+            mux.terminate(ErrorCode.INTERNAL_ERROR, "the tunnel server could not check this site; try again")
+            return False
+        return True
 
     def _new_mux(self, site: str) -> MuxProtocol:
         policy = self.factory.policy
@@ -134,18 +144,12 @@ class TunnelConnection(Protocol):
     def _authenticated(self, site: str, mux: MuxProtocol) -> None:
         self._cancel_timer()
         assert self.fingerprint is not None
-        try:
-            # Again: a revocation committed between the handshake and this
-            # HELLO found nothing registered to cut, and would be missed.
-            self.factory.state.store.check_site(site, self.fingerprint)
-        except SiteRejected as e:
-            self._log.warn(
-                "site {site} from {peer} rejected: {code}: {reason}", site=site, peer=self.peer, code=e.code, reason=e.message
-            )
-            mux.terminate(ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+        # Again: a revocation committed between the handshake and this HELLO
+        # found nothing registered to cut, and would be missed.
+        if not self._admitted(site, self.fingerprint, mux):
             return
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
-        self.factory.registry.register(site, mux, self.peer)
+        self.factory.registry.register(site, mux, self.peer, self.fingerprint)
         mux.when_closed().addCallback(self._session_closed, site)
 
     def _session_closed(self, reason: BaseException, site: str) -> None:
@@ -230,26 +234,29 @@ class RevocationWatch:
 
     _log = Logger()
 
-    def __init__(self, state: ServerState, registry: SiteRegistry, now: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, state: ServerState, registry: SiteRegistry) -> None:
         self.state = state
         self.registry = registry
         self._last = state.store.changes_token()
 
     def check(self) -> None:
-        token = self.state.store.changes_token()
-        if token == self._last:
-            return
-        self._last = token
-        for session in self.registry.sessions():
-            site = session.label
-            fingerprint = getattr(session, "fingerprint", None)
-            if fingerprint is None:
-                continue
-            try:
-                self.state.store.check_site(site, fingerprint)
-            except SiteRejected as e:
-                self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
-                self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+        """
+        One poll. Never raises: a database error is logged and the next poll
+        tries again (a LoopingCall stops for good on an exception).
+        """
+        try:
+            token = self.state.store.changes_token()
+            if token == self._last:
+                return
+            for site, fingerprint, _ in self.registry.live():
+                try:
+                    self.state.store.check_site(site, fingerprint)
+                except SiteRejected as e:
+                    self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
+                    self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+            self._last = token
+        except Exception:
+            self._log.failure("revocation check failed; retrying at the next poll")
 
 
 def utcnow() -> datetime:
