@@ -308,3 +308,21 @@ class ObserverFailureTests(SynchronousTestCase):
         self.failureResultOf(stream.opened)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(registry.connected_sites(), {})
+
+
+class PruningTests(SynchronousTestCase):
+    def test_names_asked_for_once_are_forgotten(self) -> None:
+        """
+        A site name that was only ever waited for (never connected) leaves
+        nothing behind once its waiters expired or were cancelled, so
+        arbitrary names cannot make the registry grow.
+        """
+        clock = Clock()
+        registry = SiteRegistry(clock)
+        expired = registry.wait_for("ghost-1", 1.0)
+        cancelled = registry.wait_for("ghost-2", 1.0)
+        cancelled.cancel()
+        clock.advance(1.0)
+        self.failureResultOf(expired, SiteUnavailable)
+        self.failureResultOf(cancelled)
+        self.assertEqual(registry._sites, {})

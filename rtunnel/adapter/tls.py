@@ -113,13 +113,15 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
 class BulkTLSClientEndpoint:
     """
     Like C{wrapClientTLS(creator, endpoint)}, with L{BulkTLSProtocol}:
-    C{connect} fires with the application protocol.
+    C{connect} fires with the application protocol. C{clock} schedules the
+    TLS layer's write batching (the global reactor if not given).
     """
 
-    def __init__(self, creator: Any, wrapped: IStreamClientEndpoint) -> None:
+    def __init__(self, creator: Any, wrapped: IStreamClientEndpoint, clock: Any = None) -> None:
         self._creator = creator
         self._wrapped = wrapped
+        self._clock = clock
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        factory = BulkTLSFactory(self._creator, True, protocolFactory)
+        factory = BulkTLSFactory(self._creator, True, protocolFactory, clock=self._clock)
         return self._wrapped.connect(factory).addCallback(lambda tls: tls.wrappedProtocol)

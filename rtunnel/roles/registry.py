@@ -147,6 +147,8 @@ class SiteRegistry:
             return  # already replaced by a newer session
         entry.session = None
         entry.peer = ""
+        entry.fingerprint = ""
+        self._prune(site, entry)
         if self.on_disconnected is not None:
             try:
                 self.on_disconnected(site)
@@ -163,25 +165,33 @@ class SiteRegistry:
         session = self.session_for(site)
         if session is not None:
             return defer.succeed(session)
+        if timeout <= 0:
+            return defer.fail(SiteUnavailable(site, "not connected"))
         entry = self._sites.setdefault(site, _SiteEntry())
         if len(entry.waiters) >= self.max_pending_opens:
             return defer.fail(SiteUnavailable(site, f"{len(entry.waiters)} opens already waiting for it"))
-        if timeout <= 0:
-            return defer.fail(SiteUnavailable(site, "not connected"))
 
         def cancel(d: defer.Deferred[MuxProtocol]) -> None:
             self._drop_waiter(entry, waiter)
+            self._prune(site, entry)
 
         waiter = _Waiter(defer.Deferred(cancel))
 
         def expire() -> None:
             waiter.timer = None
             self._drop_waiter(entry, waiter)
+            self._prune(site, entry)
             waiter.deferred.errback(SiteUnavailable(site, f"not connected within {timeout:g}s"))
 
         waiter.timer = self.clock.callLater(timeout, expire)
         entry.waiters.append(waiter)
         return waiter.deferred
+
+    def _prune(self, site: str, entry: _SiteEntry) -> None:
+        """Forget a site nobody is connected as or waiting for, so that
+        names asked for once do not accumulate."""
+        if self._sites.get(site) is entry and entry.session is None and not entry.waiters:
+            del self._sites[site]
 
     @staticmethod
     def _drop_waiter(entry: _SiteEntry, waiter: _Waiter) -> None:

@@ -303,7 +303,9 @@ class TunnelClientService(MultiService):
             state.ca_certificate_pem, state.server_name, client_key=state.private_key, client_cert=state.certificate
         )
         endpoints = [
-            BulkTLSClientEndpoint(creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout))
+            BulkTLSClientEndpoint(
+                creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout), self.reactor
+            )
             for host, port in (parse_address(a) for a in state.addresses)
         ]
         self.factory = SiteMuxFactory(state.site_name, self.reactor, self.connector, self.policy, self.on_fatal)
@@ -316,6 +318,15 @@ class TunnelClientService(MultiService):
             )
             return delay
 
-        self.client = ClientService(RotatingEndpoint(endpoints), self.factory, retryPolicy=retry_policy, clock=self.reactor)
+        # A connection counts as made only once the server's HELLO arrived:
+        # a server that accepts TCP and then drops us (overloaded, or
+        # refusing our certificate) must back off like any other failure.
+        self.client = ClientService(
+            RotatingEndpoint(endpoints),
+            self.factory,
+            retryPolicy=retry_policy,
+            clock=self.reactor,
+            prepareConnection=lambda mux: mux.when_ready(),
+        )
         self.client.setServiceParent(self)
 
