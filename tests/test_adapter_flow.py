@@ -203,12 +203,14 @@ class ProducerTests(SynchronousTestCase):
         self.assertEqual(leg.producerState, "producing")
         self.assertEqual(sink.count, WINDOW + FRAME)
 
-    def test_transport_pause_pauses_every_stream(self) -> None:
+    def test_transport_pause_pauses_each_stream_as_it_writes(self) -> None:
         """
-        The MuxProtocol is a streaming producer on its transport: when the
-        transport pauses it, every stream's producer is paused (also one
-        registered meanwhile), and all resume when the transport resumes,
-        except one whose bytes still wait for credit.
+        The MuxProtocol is a streaming producer on its transport: while the
+        transport has it paused, a stream's producer is paused as soon as
+        that stream writes (or registers), so each adds at most one write to
+        the buffer; a stream that stays idle is left alone (no needless
+        epoll changes). On resume all held producers resume, except one
+        whose bytes still wait for credit.
         """
         acceptor = Acceptor(Recorder)
         client, server, pump, _ = iosim_pair(server_handler=acceptor)
@@ -223,12 +225,14 @@ class ProducerTests(SynchronousTestCase):
             legs.append(leg)
         pump.flush()
         client.pauseProducing()
-        self.assertEqual([leg.producerState for leg in legs], ["paused"] * 3)
+        streams[1].write(b"y")
+        self.assertEqual([leg.producerState for leg in legs], ["producing", "paused", "producing"])
         late = client.open_stream("h", 4)
         late_leg = StringTransport()
         late.registerProducer(late_leg, True)
         self.assertEqual(late_leg.producerState, "paused")
         streams[0].write(b"x" * (WINDOW + 1))  # one byte waits for credit
+        self.assertEqual(legs[0].producerState, "paused")
         client.resumeProducing()
         self.assertEqual(
             [leg.producerState for leg in legs + [late_leg]], ["paused", "producing", "producing", "producing"]
@@ -265,13 +269,17 @@ class ProducerTests(SynchronousTestCase):
         """
         client, server, pump, _ = iosim_pair(server_handler=Acceptor(Recorder))
         log: list[int] = []
+        streams = []
         for port in (1, 2, 3):
             stream = client.open_stream("h", port)
             stream.attach(Recorder())
             stream.registerProducer(OrderRecorder(port, log), True)
+            streams.append(stream)
         firsts = []
         for _ in range(3):
             client.pauseProducing()
+            for stream in streams:
+                stream.write(b"z")  # each is paused as it writes
             del log[:]
             client.resumeProducing()
             self.assertEqual(sorted(log), [1, 2, 3])

@@ -93,6 +93,8 @@ class MuxProtocol(Protocol):
         self.host_label = ""
         self.paused = False
         self.streams: dict[int, MuxStream] = {}
+        #: streams whose producer was paused because the tunnel was
+        self._held: dict[int, MuxStream] = {}
         self.last_rtt: float | None = None
         self.close_reason: Failure | None = None
         #: (code, reason) of the peer's GOAWAY, once one arrived
@@ -205,19 +207,25 @@ class MuxProtocol(Protocol):
     # -- IPushProducer: our transport's buffer filled or drained ------------
 
     def pauseProducing(self) -> None:
+        # Lazily: a stream's producer is paused when it next writes (each can
+        # add at most one more read to the transport's buffer). Pausing every
+        # stream here would cost two epoll changes per stream per cycle, and
+        # with a thousand mostly idle streams that is most of the work.
         self.paused = True
-        for stream in list(self.streams.values()):
-            stream._update_producer()
 
     def resumeProducing(self) -> None:
         self.paused = False
-        streams = list(self.streams.values())
-        if not streams:
+        held = list(self._held.values())
+        self._held.clear()
+        if not held:
             return
         # Rotate the starting point so the first streams do not always win.
-        self._rotation = (self._rotation + 1) % len(streams)
-        for stream in streams[self._rotation :] + streams[: self._rotation]:
+        self._rotation = (self._rotation + 1) % len(held)
+        for index, stream in enumerate(held[self._rotation :] + held[: self._rotation]):
             if self.paused:
+                # Paused again meanwhile: the rest stay held for next time.
+                for rest in (held[self._rotation :] + held[: self._rotation])[index:]:
+                    self._held[rest.stream_id] = rest
                 break
             stream._update_producer()
 
@@ -358,6 +366,7 @@ class MuxProtocol(Protocol):
 
     def _forget(self, stream: MuxStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        self._held.pop(stream.stream_id, None)
         self._maybe_finish_drain()
 
     # -- events ------------------------------------------------------------
