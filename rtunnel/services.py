@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from .adapter.tls import BulkTLSFactory
 from .endpoints import publish_registry, withdraw_registry
-from .identity.keyfile import Keyfile, read_keyfile
+from .identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, Keyfile, parse_address, read_keyfile
 from .identity.state import ServerState, SiteState
 from .identity.tlsconfig import server_tls_options
 from .roles.fatal import stop_with_status
@@ -78,9 +78,14 @@ class TunnelServerService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, config: ServerConfig, state: ServerState, reactor: Any) -> None:
+    def __init__(
+        self, config: ServerConfig, state: ServerState, reactor: Any, on_fatal: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        if on_fatal is None:
+            on_fatal = lambda message: stop_with_status(reactor, 1, message, "rtunnel-server")  # noqa: E731
+        self.on_fatal = on_fatal
         self.state = state
         self.reactor = reactor
         # The store numbers each connection so that the end of a replaced
@@ -127,6 +132,7 @@ class TunnelServerService(MultiService):
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
+            self.state.store.set_meta(PUBLIC_PORT_KEY, str(self._public_port(port)))
             for spec in self.config.forwards:
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
@@ -136,7 +142,19 @@ class TunnelServerService(MultiService):
                 self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
         except Exception:
             failure = Failure()
-            stop_with_status(self.reactor, 1, f"cannot listen on {description}: {failure.getErrorMessage()}")
+            self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
+
+    def _public_port(self, port: IListeningPort) -> int:
+        """The port sites dial: from --public-address HOST:PORT if given,
+        else the one we listen on."""
+        for address in self.config.public_addresses:
+            try:
+                host, public = parse_address(address, default_port=0)
+            except ValueError:
+                continue
+            if public:
+                return public
+        return int(getattr(port.getHost(), "port", DEFAULT_PORT))
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -164,14 +182,20 @@ def _address(port: IListeningPort) -> str:
     return f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{getattr(host, 'port', '?')}"
 
 
-def build_server_service(config: ServerConfig, reactor: Any) -> TunnelServerService:
+def build_server_service(
+    config: ServerConfig, reactor: Any, on_fatal: Callable[[str], None] | None = None
+) -> TunnelServerService:
     """
     Open (or create, on first start) the server state and build the service.
+
+    @param on_fatal: what to do when the service cannot run (a port cannot
+        be listened on); by default the process stops with exit status 1.
+        Applications embedding the server pass their own.
 
     @raise rtunnel.identity.errors.StateError: the state directory is unusable.
     """
     state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
-    return TunnelServerService(config, state, reactor)
+    return TunnelServerService(config, state, reactor, on_fatal)
 
 
 def build_site_service(

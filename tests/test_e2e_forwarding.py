@@ -6,6 +6,7 @@ forwards, a site enrolled from a keyfile, real TCP clients and services.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import selectors
 import socket
@@ -162,3 +163,15 @@ def test_sites_list_reports_the_connected_site(world):
     entries = {s["name"]: s for s in d.sites()}
     assert entries[SITE]["connected"] is True
     assert entries[SITE]["peer"].startswith("127.0.0.1:")
+
+
+def test_keyfile_without_address_names_the_port_the_server_listens_on(world, tmp_path):
+    """
+    `rtunnel keyfile create` without --address names the server's public
+    address with the port the running server listens on (not a fixed 5500).
+    """
+    d, _, _, _ = world
+    output = tmp_path / "beta.rtkey"
+    d.rtunnel("keyfile", "create", "--state", str(d.server_state), "--site", "beta", "--output", str(output))
+    addresses = json.loads(output.read_text())["addresses"]
+    assert addresses == [f"127.0.0.1:{d.server_port}"]

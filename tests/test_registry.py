@@ -70,6 +70,28 @@ class RegisterTests(SynchronousTestCase):
         self.assertIs(self.registry.session_for("alpha"), new_server)
         self.assertEqual(self.registry.connected_sites(), {"alpha": "new:2"})
 
+    def test_replacing_a_young_session_warns_of_duplicate_sites(self) -> None:
+        """
+        Replacing a session that is less than a minute old is what two site
+        processes sharing one identity do to each other: it is logged as a
+        warning naming both peers; replacing an old session is not.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        warnings: list[dict] = []
+        observer = lambda event: warnings.append(event) if event.get("log_level") is LogLevel.warn else None  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        first, second, third = (mux_pair(self.clock)[0] for _ in range(3))
+        self.registry.register("alpha", first, "10.0.0.1:1")
+        self.clock.advance(3600)
+        self.registry.register("alpha", second, "10.0.0.1:2")
+        self.assertEqual(warnings, [])
+        self.clock.advance(5)
+        self.registry.register("alpha", third, "10.0.0.2:3")
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual((warnings[0]["peer"], warnings[0]["oldPeer"]), ("10.0.0.2:3", "10.0.0.1:2"))
+
     def test_draining_old_session_is_left_to_finish(self) -> None:
         """
         A session that is already draining (the site sent GOAWAY before
@@ -205,7 +227,7 @@ class WaitTests(SynchronousTestCase):
         a = registry.open("alpha", "h", 1, 5.0)
         b = registry.open("alpha", "h", 1, 10.0)
         failure = self.failureResultOf(registry.open("alpha", "h", 1, 5.0), SiteUnavailable)
-        self.assertIn("2 opens already waiting", str(failure.value))
+        self.assertIn("too many clients already waiting for it (2)", str(failure.value))
         other = registry.open("beta", "h", 1, 5.0)
         self.assertNoResult(other)
         a.cancel()

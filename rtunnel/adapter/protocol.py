@@ -139,6 +139,11 @@ class MuxProtocol(Protocol):
         return d
 
     @property
+    def who(self) -> str:
+        """The peer for log lines: its label (the site name) and address."""
+        return f"{self.label} ({self.peer_label})" if self.label else self.peer_label
+
+    @property
     def ready(self) -> bool:
         return self.session.ready and not self._lost
 
@@ -278,6 +283,10 @@ class MuxProtocol(Protocol):
             self._maybe_finish_drain()
         return done
 
+    def abort(self) -> None:
+        """Drop the connection at once (no TLS close): the path is dead."""
+        self._close_transport(abort=True)
+
     def terminate(self, code: int, reason: str) -> None:
         """
         End the session now: fatal GOAWAY, every stream reset, connection closed.
@@ -343,11 +352,11 @@ class MuxProtocol(Protocol):
             stream.opened.callback(stream)
 
     def _refuse(self, stream: MuxStream, code: int, reason: str) -> None:
-        self._log.info(
+        self._log.debug(
             "refused stream {streamID} to {target} from {peer}: {code}: {reason}",
             streamID=stream.stream_id,
             target=f"{stream.host}:{stream.port}",
-            peer=self.peer_label,
+            peer=self.who,
             code=code_name(code),
             reason=reason,
         )
@@ -412,7 +421,7 @@ class MuxProtocol(Protocol):
         elif isinstance(event, ev.SessionFailed):
             self._log.error(
                 "tunnel session with {peer} failed: {code}: {reason}",
-                peer=self.peer_label,
+                peer=self.who,
                 code=code_name(event.code),
                 reason=event.reason,
             )
@@ -437,7 +446,7 @@ class MuxProtocol(Protocol):
         if event.fatal:
             self._log.warn(
                 "tunnel peer {peer} ended the session: {code}: {reason}",
-                peer=self.peer_label,
+                peer=self.who,
                 code=code_name(event.code),
                 reason=event.reason,
             )
@@ -445,7 +454,7 @@ class MuxProtocol(Protocol):
             self._close_after_flush()
             return
         self._log.info(
-            "tunnel peer {peer} is draining: {reason}", peer=self.peer_label, reason=event.reason or code_name(event.code)
+            "tunnel peer {peer} is draining: {reason}", peer=self.who, reason=event.reason or code_name(event.code)
         )
         if self.on_goaway is not None:
             self.on_goaway(event.code, event.reason)
@@ -473,7 +482,7 @@ class MuxProtocol(Protocol):
         if idle >= self.keepalive.timeout:
             self._log.warn(
                 "tunnel peer {peer} silent for {idle:.1f}s (timeout {timeout}s): declaring it dead",
-                peer=self.peer_label,
+                peer=self.who,
                 idle=idle,
                 timeout=self.keepalive.timeout,
             )

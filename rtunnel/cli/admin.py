@@ -28,6 +28,7 @@ from rtunnel.identity.certs import certificate_covers, dump_certificate, validat
 from rtunnel.identity.errors import IdentityError, KeyfileExists
 from rtunnel.identity.keyfile import (
     DEFAULT_PORT,
+    PUBLIC_PORT_KEY,
     Keyfile,
     format_address,
     normalize_address,
@@ -206,9 +207,10 @@ def _keyfile_create(args: argparse.Namespace, now: datetime, out: TextIO) -> int
         raise KeyfileExists(f"refusing to overwrite existing file {output}")
     state = ServerState.open_existing(args.state)
     with contextlib.closing(state):
-        addresses: list[str] = list(args.address) or [
-            format_address(host, DEFAULT_PORT) for host in state.public_addresses
-        ]
+        # The port the running server recorded (its --public-address port,
+        # else the port it listens on); 5500 for a server never started.
+        port = int(state.store.get_meta(PUBLIC_PORT_KEY) or DEFAULT_PORT)
+        addresses: list[str] = list(args.address) or [format_address(host, port) for host in state.public_addresses]
         hosts = [parse_address(a)[0] for a in addresses]
         uncovered = [h for h in hosts if not certificate_covers(state.server_certificate, h)]
         if uncovered:

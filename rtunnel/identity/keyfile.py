@@ -33,6 +33,7 @@ from rtunnel.identity.errors import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "PUBLIC_PORT_KEY",
     "FORMAT",
     "VERSION",
     "Keyfile",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 5500
+#: State-store meta key: the port sites dial, recorded by the running server.
+PUBLIC_PORT_KEY = "public_port"
 FORMAT = "rtunnel-keyfile"
 VERSION = 1
 # A real keyfile is about 1 KiB; anything far larger is not one, and reading

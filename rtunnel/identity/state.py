@@ -130,6 +130,9 @@ def _path_of(directory: FilePath[str] | str | os.PathLike[str]) -> str:
     return os.fspath(directory)
 
 
+_state_log = Logger(namespace="rtunnel.identity.state")
+
+
 def _ensure_directory(path: str, what: str) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise StateError(f"{what} {path} exists but is not a directory")
@@ -139,6 +142,14 @@ def _ensure_directory(path: str, what: str) -> None:
             os.chmod(path, 0o700)
         except OSError as e:
             raise StateError(f"cannot create {what} {path}: {e.strerror}") from None
+    elif os.stat(path).st_mode & 0o077:
+        # The secrets inside are 0600 anyway; still, say so.
+        _state_log.warn(
+            "{what} {path} is accessible to other users (mode {mode:o}); chmod 700 it",
+            what=what,
+            path=path,
+            mode=os.stat(path).st_mode & 0o777,
+        )
 
 
 def _read(path: str) -> bytes:
@@ -282,8 +293,8 @@ class ServerState:
         new ones (same key): enrolled sites keep working.
 
         @param public_addresses: host names or IP addresses sites dial (an
-            optional C{:port} is ignored); by default
-            L{default_public_addresses}.
+            optional C{:port} is ignored here); by default those recorded at
+            the last start, or L{default_public_addresses} on the first.
 
         @raise StateError: if the directory holds damaged, unreadable or only
             some of the state files.
@@ -291,15 +302,19 @@ class ServerState:
         path = _path_of(state_dir)
         when = _utcnow(now)
         try:
-            hosts = _hosts(public_addresses) or default_public_addresses()
+            given = _hosts(public_addresses)
         except AddressError as e:
             raise StateError(f"invalid public address: {e}") from None
         _ensure_directory(path, "state directory")
         present = [f for f in _SERVER_FILES if os.path.lexists(os.path.join(path, f))]
         if not present:
+            hosts = given or default_public_addresses()
             state = cls._create(path, hosts, when)
         elif len(present) == len(_SERVER_FILES):
             state = cls._load(path, create_store=False)
+            # Without --public-address, keep the addresses recorded before:
+            # keyfiles created later must still name what sites can reach.
+            hosts = given or state.store.public_addresses() or default_public_addresses()
             state._cover(hosts, when)
         else:
             missing = [f for f in _SERVER_FILES if f not in present]

@@ -161,7 +161,7 @@ class EnrollmentResponder(Protocol):
                 request.site, request.token, request.csr_pem, now
             )
         except EnrollmentRefused as e:
-            self._log.info(
+            self._log.warn(
                 # "reason", not "message": the legacy log bridge owns that key.
                 "enrollment refused for site {site} from {peer}: {code}: {reason}",
                 site=site,

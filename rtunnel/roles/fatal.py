@@ -28,14 +28,14 @@ def _apply_exit_status() -> None:
         os._exit(_exit_status)
 
 
-def stop_with_status(reactor: IReactorCore, status: int, message: str) -> None:
+def stop_with_status(reactor: IReactorCore, status: int, message: str, program: str = "rtunnel") -> None:
     """
-    Log C{message} as critical, print it on stderr, and stop the reactor so
-    that the process exits with C{status}.
+    Log C{message} as critical, print it on stderr (as C{program}: error: …),
+    and stop the reactor so that the process exits with C{status}.
     """
     global _exit_status
     _log.critical("{message}", message=message)
-    print(f"rtunnel: error: {message}", file=sys.stderr, flush=True)
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
     if _exit_status is None:
         _exit_status = status
         atexit.register(_apply_exit_status)

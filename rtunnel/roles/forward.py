@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from ..adapter.stream import MuxStream, StreamOpenFailed, StreamReset
 from ..identity.certs import validate_site_name
 from ..identity.errors import InvalidSiteName
+from ..mux.errors import code_name
 from .registry import SiteRegistry
 from .splice import TCPSide
 from .target import Target
@@ -168,12 +169,12 @@ class ForwardProtocol(TCPSide):
         )
 
     def _pipe_closed(self, reason: Failure) -> None:
-        if reason.check(StreamReset) and self.stream is not None and self.stream.opened.called:
+        if reason.check(StreamReset) and self.stream is not None and self.stream.accepted:
             self._log.debug(
                 "forward {forward}: stream of client {client} reset: {reason}",
                 forward=str(self.factory.spec),
                 client=_describe(self.peer),
-                reason=reason.getErrorMessage(),
+                reason=f"{code_name(reason.value.code)}: {reason.value.reason}",
             )
 
 

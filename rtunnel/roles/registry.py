@@ -23,6 +23,10 @@ from ..adapter.stream import MuxStream
 from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
 
 
+#: A session replaced younger than this (seconds) suggests duplicate sites.
+DUPLICATE_WINDOW = 60.0
+
+
 class SiteUnavailable(Exception):
     """
     No stream could be opened to the site: not connected within the open
@@ -49,6 +53,7 @@ class _SiteEntry:
     session: MuxProtocol | None = None
     peer: str = ""
     fingerprint: str = ""
+    since: float = 0.0
     waiters: list[_Waiter] = field(factory=list)
 
 
@@ -91,9 +96,20 @@ class SiteRegistry:
         entry = self._sites.setdefault(site, _SiteEntry())
         old = entry.session
         entry.session = session
-        entry.peer = peer
         entry.fingerprint = fingerprint
         if old is not None and old is not session and old.accepting_streams:
+            if self.clock.seconds() - entry.since < DUPLICATE_WINDOW:
+                # A takeover normally replaces a long-lived, half-dead
+                # session; replacing a young one again and again is two
+                # live processes evicting each other.
+                self._log.warn(
+                    "site {site}: session from {peer} replaces one from {oldPeer} only {age:.1f}s old; "
+                    "if this repeats, two site processes share one identity or its credentials were copied",
+                    site=site,
+                    peer=peer,
+                    oldPeer=entry.peer,
+                    age=self.clock.seconds() - entry.since,
+                )
             self._log.info(
                 "site {site} reconnected from {peer}: new session replaces the one from {oldPeer}",
                 site=site,
@@ -101,6 +117,8 @@ class SiteRegistry:
                 oldPeer=old.peer_label,
             )
             old.terminate(ErrorCode.SESSION_REPLACED, "a newer session of this site took over")
+        entry.peer = peer
+        entry.since = self.clock.seconds()
         if self.on_connected is not None:
             # A failing observer (the state database locked, say) must not
             # leave the session half registered: never served, never removed.
@@ -169,7 +187,7 @@ class SiteRegistry:
             return defer.fail(SiteUnavailable(site, "not connected"))
         entry = self._sites.setdefault(site, _SiteEntry())
         if len(entry.waiters) >= self.max_pending_opens:
-            return defer.fail(SiteUnavailable(site, f"{len(entry.waiters)} opens already waiting for it"))
+            return defer.fail(SiteUnavailable(site, f"too many clients already waiting for it ({len(entry.waiters)})"))
 
         def cancel(d: defer.Deferred[MuxProtocol]) -> None:
             self._drop_waiter(entry, waiter)

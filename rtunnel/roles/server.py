@@ -87,6 +87,7 @@ class TunnelConnection(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        self._deadline = self.factory.clock.seconds() + self.factory.policy.handshake_timeout
         self._timer = self.factory.clock.callLater(self.factory.policy.handshake_timeout, self._timed_out)
 
     def handshakeCompleted(self) -> None:
@@ -95,9 +96,9 @@ class TunnelConnection(Protocol):
         identity = peer_identity(self.transport)
         if identity is None:
             self._log.info("enrollment connection from {peer}", peer=self.peer)
-            responder = EnrollmentResponder(
-                self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=self.factory.policy.handshake_timeout
-            )
+            # The whole exchange, TLS included, gets one handshake timeout.
+            remaining = max(self._deadline - self.factory.clock.seconds(), 0.001)
+            responder = EnrollmentResponder(self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=remaining)
             self._cancel_timer()  # the responder enforces its own deadline
             self._become(responder)
             return

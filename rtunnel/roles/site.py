@@ -46,6 +46,7 @@ class SitePolicy:
     @ivar retry_initial: first reconnect delay (plus up to 1 s of jitter).
     @ivar retry_cap: the longest delay between reconnect attempts.
     @ivar connect_timeout: TCP connect to the server.
+    @ivar handshake_timeout: TLS handshake and the server's HELLO.
     @ivar drain_grace: on shutdown, how long open streams may finish.
     """
 
@@ -55,6 +56,7 @@ class SitePolicy:
     retry_initial: float = 1.0
     retry_cap: float = 30.0
     connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
     drain_grace: float = 10.0
 
 
@@ -95,16 +97,30 @@ class RotatingEndpoint:
     site with several addresses in its keyfile finds whichever is up.
     """
 
-    def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
+    _log = Logger()
+
+    def __init__(self, endpoints: Sequence[IStreamClientEndpoint], names: Sequence[str] | None = None) -> None:
         if not endpoints:
             raise ValueError("no server address")
         self._endpoints = list(endpoints)
+        self._names = list(names) if names is not None else [repr(e) for e in endpoints]
         self._next = 0
 
     def connect(self, factory: Factory) -> defer.Deferred:
-        endpoint = self._endpoints[self._next % len(self._endpoints)]
+        index = self._next % len(self._endpoints)
         self._next += 1
-        return endpoint.connect(factory)
+
+        def failed(failure: Failure) -> Failure:
+            # ClientService tells its retry policy only how many attempts
+            # failed; the operator wants to know why.
+            self._log.warn(
+                "cannot connect to tunnel server {server}: {reason}",
+                server=self._names[index],
+                reason=failure.getErrorMessage(),
+            )
+            return failure
+
+        return self._endpoints[index].connect(factory).addErrback(failed)
 
 
 class SiteMuxFactory(Factory):
@@ -130,6 +146,18 @@ class SiteMuxFactory(Factory):
         self.policy = policy
         self.on_fatal = on_fatal
         self.current: MuxProtocol | None = None
+        #: set when the service stops: an ending tunnel is then expected
+        self.stopping = False
+
+    def _handshake_deadline(self, mux: MuxProtocol) -> None:
+        if not mux.ready and mux.transport is not None and mux.close_reason is None:
+            self._log.warn(
+                "site {site}: no tunnel session with {server} within {timeout}s; dropping the connection",
+                site=self.site,
+                server=mux.peer_label,
+                timeout=self.policy.handshake_timeout,
+            )
+            mux.abort()
 
     def buildProtocol(self, addr: IAddress) -> MuxProtocol:
         mux = MuxProtocol(
@@ -142,12 +170,22 @@ class SiteMuxFactory(Factory):
             label=self.site,
         )
         self.current = mux
+        # TLS and HELLO must complete in time even with keepalive off: a
+        # path that accepts TCP and then black-holes would hang us forever.
+        deadline = self.clock.callLater(self.policy.handshake_timeout, self._handshake_deadline, mux)
+        mux.when_closed().addBoth(lambda _: deadline.cancel() if deadline.active() else None)
         mux.when_ready().addCallbacks(self._ready, lambda f: None)
         mux.when_closed().addCallback(self._closed, mux)
         return mux
 
     def _ready(self, mux: MuxProtocol) -> None:
-        self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
+        # A server that refuses us sends its HELLO and the GOAWAY saying why
+        # together: say "connected" only if no refusal came with the HELLO.
+        self.clock.callLater(0, self._announce, mux)
+
+    def _announce(self, mux: MuxProtocol) -> None:
+        if mux.peer_goaway is None and mux.ready:
+            self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
     def _closed(self, exception: BaseException, mux: MuxProtocol) -> None:
         reason = Failure(exception)
@@ -162,7 +200,10 @@ class SiteMuxFactory(Factory):
             self.on_fatal(problem)
             return
         why = f"{code_name(goaway[0])}: {goaway[1]}" if goaway is not None else reason.getErrorMessage()
-        self._log.warn("site {site}: tunnel to {server} lost: {reason}", site=self.site, server=mux.peer_label, reason=why)
+        if self.stopping:
+            self._log.info("site {site}: tunnel to {server} closed: {reason}", site=self.site, server=mux.peer_label, reason=why)
+        else:
+            self._log.warn("site {site}: tunnel to {server} lost: {reason}", site=self.site, server=mux.peer_label, reason=why)
 
 
 class TunnelClientService(MultiService):
@@ -233,6 +274,8 @@ class TunnelClientService(MultiService):
         if self._enrolling is not None and not self._enrolling.called:
             self._enrolling.cancel()
         factory = self.factory
+        if factory is not None:
+            factory.stopping = True
         if factory is not None and factory.current is not None and factory.current.ready:
             self._log.info("site {site}: draining the tunnel (grace {grace}s)", site=self.state.site_name, grace=self.policy.drain_grace)
             yield factory.current.drain(self.policy.drain_grace, "site shutting down")
@@ -322,7 +365,7 @@ class TunnelClientService(MultiService):
         # a server that accepts TCP and then drops us (overloaded, or
         # refusing our certificate) must back off like any other failure.
         self.client = ClientService(
-            RotatingEndpoint(endpoints),
+            RotatingEndpoint(endpoints, list(state.addresses)),
             self.factory,
             retryPolicy=retry_policy,
             clock=self.reactor,
