@@ -18,13 +18,18 @@ tunnel server service publishes its registry under its name while it runs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamClientEndpoint,
+    IStreamClientEndpointStringParserWithReactor,
+)
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
-from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
 from zope.interface import implementer
 
 from .adapter.stream import MuxStream, StreamOpenFailed
@@ -149,7 +154,10 @@ class SiteEndpointParser:
 
     prefix = "rtunnel"
 
-    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> SiteEndpoint:
+    def parseStreamClient(self, reactor: IReactorCore, *args: object, **params: object) -> SiteEndpoint:
+        # clientFromString passes every parameter as a str; the interface
+        # only says object.
+        kwargs = cast(dict[str, str], params)
         if args:
             raise ValueError(f"rtunnel endpoint takes only key=value parameters, got {args!r}")
         unknown = set(kwargs) - {"site", "host", "port", "timeout", "server"}

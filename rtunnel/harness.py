@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 #: twistd, run by the same interpreter (no reliance on a script on PATH).
@@ -30,7 +30,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -173,16 +174,16 @@ class Deployment:
         ]
         for spec in forwards:
             args += ["--forward", spec]
-        self.server = self.twistd("server", [*args, *extra])
+        server = self.server = self.twistd("server", [*args, *extra])
         if wait:
             wait_until(
-                lambda: port_open("127.0.0.1", self.server_port) or not self.server.running(),
+                lambda: port_open("127.0.0.1", self.server_port) or not server.running(),
                 30,
                 "the tunnel server to listen",
             )
-            if not self.server.running():
-                raise RuntimeError(f"tunnel server exited:\n{self.server.output()}")
-        return self.server
+            if not server.running():
+                raise RuntimeError(f"tunnel server exited:\n{server.output()}")
+        return server
 
     def create_keyfile(self, site: str, expires: str | None = None, address: str | None = None) -> Path:
         path = self.workdir / f"{site}-{time.monotonic_ns()}.rtkey"
@@ -211,9 +212,10 @@ class Deployment:
     def site_state(self, site: str) -> Path:
         return self.workdir / f"site-{site}-state"
 
-    def sites(self) -> list[dict]:
+    def sites(self) -> list[dict[str, Any]]:
         result = self.rtunnel("sites", "list", "--state", str(self.server_state), "--json")
-        return json.loads(result.stdout)
+        sites: list[dict[str, Any]] = json.loads(result.stdout)
+        return sites
 
     def site_connected(self, site: str) -> bool:
         return any(s["name"] == site and s["connected"] for s in self.sites())

@@ -66,15 +66,22 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        chunks = []
         connection = self._tlsConnection
-        while True:
-            try:
-                chunks.append(connection.bio_read(BIO_READ))
-            except WantReadError:
-                break
-        if chunks:
-            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        try:
+            data = connection.bio_read(BIO_READ)
+        except WantReadError:
+            return
+        if len(data) == BIO_READ:
+            # More may wait; read until the BIO is empty. (A short read means
+            # it is empty already: no second call, no WantReadError raised.)
+            chunks = [data]
+            while True:
+                try:
+                    chunks.append(connection.bio_read(BIO_READ))
+                except WantReadError:
+                    break
+            data = b"".join(chunks)
+        self.transport.write(data)
 
     def _flushReceiveBIO(self) -> None:
         chunks: list[bytes] = []

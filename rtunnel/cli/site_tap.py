@@ -34,7 +34,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options.__init__ is unannotated in Twisted
         self["allow"] = []
 
     def opt_allow(self, target: str) -> None:

@@ -579,7 +579,10 @@ class SiteState:
         path = _path_of(state_dir)
         _ensure_directory(path, "site state directory")
         state = cls(FilePath(path))
-        join = lambda name: os.path.join(path, name)  # noqa: E731
+
+        def join(name: str) -> str:
+            return os.path.join(path, name)
+
         present = [f for f in _SITE_FILES if os.path.lexists(join(f))]
         if not present:
             return state
@@ -709,7 +712,10 @@ class SiteState:
             token_sha256=keyfile.token_digest,
             enrolled_at=_utcnow(now),
         )
-        join = lambda name: os.path.join(self.directory.path, name)  # noqa: E731
+
+        def join(name: str) -> str:
+            return os.path.join(self.directory.path, name)
+
         # site.json goes last: until it is replaced, a crash leaves the old
         # identity or (with pending.key still present) a state that enrolls
         # again and gets this same certificate back.

@@ -248,7 +248,7 @@ class MuxSession:
         size = len(data)
         if size:
             if (record.state, Input.SEND_DATA) not in TRANSITIONS:
-                raise MuxUsageError(f"cannot send DATA on stream {stream_id} in state {record.state.value}")
+                raise MuxUsageError(f"cannot send DATA on stream {stream_id} in state {record.state.label}")
             if size > record.send_window:
                 raise MuxUsageError(
                     f"{size} bytes exceed the send window of {record.send_window} on stream {stream_id}"
@@ -453,10 +453,10 @@ class MuxSession:
             if inp.received:
                 raise _StreamError(
                     ErrorCode.STREAM_STATE_ERROR,
-                    f"{inp.value} not allowed on stream {record.stream_id} in state {record.state.value}",
+                    f"{inp.label} not allowed on stream {record.stream_id} in state {record.state.label}",
                 ) from None
             raise MuxUsageError(
-                f"cannot {inp.value} on stream {record.stream_id} in state {record.state.value}"
+                f"cannot {inp.label} on stream {record.stream_id} in state {record.state.label}"
             ) from None
 
     def _send_transition(self, stream_id: int, inp: Input) -> None:

@@ -12,34 +12,47 @@ import enum
 from attrs import define
 
 
-class StreamState(enum.Enum):
-    OPENING_OUT = "opening-out"
-    OPENING_OUT_FIN = "opening-out-fin"
-    OPENING_IN = "opening-in"
-    OPENING_IN_FIN = "opening-in-fin"
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed-local"
-    HALF_CLOSED_REMOTE = "half-closed-remote"
-    CLOSED = "closed"
+class StreamState(enum.IntEnum):
+    # IntEnum, not Enum: states and inputs key the transition table on the
+    # data path, and Enum hashes in Python while int hashes in C.
+    OPENING_OUT = 1
+    OPENING_OUT_FIN = 2
+    OPENING_IN = 3
+    OPENING_IN_FIN = 4
+    OPEN = 5
+    HALF_CLOSED_LOCAL = 6
+    HALF_CLOSED_REMOTE = 7
+    CLOSED = 8
+
+    @property
+    def label(self) -> str:
+        """The name docs/protocol.md uses, e.g. C{half-closed-local}."""
+        return self.name.lower().replace("_", "-")
 
 
-class Input(enum.Enum):
-    SEND_OPEN_OK = "send OPEN_OK"
-    SEND_OPEN_FAIL = "send OPEN_FAIL"
-    SEND_DATA = "send DATA"
-    SEND_FIN = "send FIN"
-    SEND_WINDOW_UPDATE = "send WINDOW_UPDATE"
-    SEND_RESET = "send RESET"
-    RECV_OPEN_OK = "receive OPEN_OK"
-    RECV_OPEN_FAIL = "receive OPEN_FAIL"
-    RECV_DATA = "receive DATA"
-    RECV_FIN = "receive FIN"
-    RECV_WINDOW_UPDATE = "receive WINDOW_UPDATE"
-    RECV_RESET = "receive RESET"
+class Input(enum.IntEnum):
+    SEND_OPEN_OK = 1
+    SEND_OPEN_FAIL = 2
+    SEND_DATA = 3
+    SEND_FIN = 4
+    SEND_WINDOW_UPDATE = 5
+    SEND_RESET = 6
+    RECV_OPEN_OK = 7
+    RECV_OPEN_FAIL = 8
+    RECV_DATA = 9
+    RECV_FIN = 10
+    RECV_WINDOW_UPDATE = 11
+    RECV_RESET = 12
 
     @property
     def received(self) -> bool:
         return self.name.startswith("RECV_")
+
+    @property
+    def label(self) -> str:
+        """E.g. C{send DATA}, C{receive WINDOW_UPDATE}."""
+        direction, _, frame = self.name.partition("_")
+        return f"{'receive' if direction == 'RECV' else 'send'} {frame}"
 
 
 S = StreamState

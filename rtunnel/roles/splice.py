@@ -15,7 +15,7 @@ from typing import Callable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -92,7 +92,7 @@ class StreamSide(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.tcp.stream_lost(reason)
 
 
@@ -152,13 +152,13 @@ class TCPSide(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.closed:
             return
         self.closed = True
         stream = self.stream
         if stream is not None and not stream.disconnected:
-            if reason.check(ConnectionDone):
+            if isinstance(reason.value, ConnectionDone):
                 stream.loseConnection()
             else:
                 stream.reset(ErrorCode.CONNECTION_RESET, f"TCP connection failed: {reason.getErrorMessage()}")
@@ -172,7 +172,7 @@ class TCPSide(Protocol):
         """
         transport = self.transport
         if not self.closed and transport is not None:
-            if reason.check(StreamReset) and self.stream is not None and self.stream.accepted:
+            if isinstance(reason.value, StreamReset) and self.stream is not None and self.stream.accepted:
                 abort = getattr(transport, "abortConnection", None)
                 (abort or transport.loseConnection)()
             else:

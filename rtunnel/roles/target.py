@@ -112,7 +112,7 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
             return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
         if address.version == 4:
             return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     return endpoint_for
 
@@ -129,17 +129,18 @@ _UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EH
 
 
 def _failure_code(failure: Failure) -> int:
-    if failure.check(error.ConnectionRefusedError):
+    value = failure.value
+    if isinstance(value, error.ConnectionRefusedError):
         return ErrorCode.TARGET_REFUSED
-    if failure.check(error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError, defer.CancelledError):
+    if isinstance(value, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError, defer.CancelledError)):
         return ErrorCode.TARGET_TIMEOUT
-    if failure.check(error.DNSLookupError):
+    if isinstance(value, error.DNSLookupError):
         return ErrorCode.TARGET_DNS_FAILURE
-    if failure.check(error.NoRouteError):
+    if isinstance(value, error.NoRouteError):
         return ErrorCode.TARGET_UNREACHABLE
     # Twisted maps only ENETUNREACH to NoRouteError; "no route to host"
     # arrives as a plain ConnectError carrying the errno.
-    if failure.check(error.ConnectError) and getattr(failure.value, "osError", None) in _UNREACHABLE_ERRNOS:
+    if isinstance(value, error.ConnectError) and getattr(value, "osError", None) in _UNREACHABLE_ERRNOS:
         return ErrorCode.TARGET_UNREACHABLE
     return ErrorCode.TARGET_ERROR
 
