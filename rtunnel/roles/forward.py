@@ -11,9 +11,11 @@ connection is closed promptly and the reason is logged.
 
 from __future__ import annotations
 
+from typing import cast
+
 from attrs import frozen
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,7 +88,9 @@ class ForwardSpec:
 
 def _split_colons(text: str) -> list[str]:
     """Split on colons outside [brackets] (IPv6 addresses)."""
-    parts, current, depth = [], [], 0
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "[":
             depth += 1
@@ -108,7 +112,7 @@ class ForwardProtocol(TCPSide):
 
     _log = Logger()
 
-    def __init__(self, factory: "ForwardFactory", peer: IAddress) -> None:
+    def __init__(self, factory: "ForwardFactory", peer: IAddress | None) -> None:
         super().__init__(on_closed=self._pipe_closed)
         self.factory = factory
         self.peer = peer
@@ -119,7 +123,7 @@ class ForwardProtocol(TCPSide):
         spec = self.factory.spec
         # Read nothing until the stream exists: one read at most waits here.
         assert self.transport is not None
-        self.transport.pauseProducing()
+        self._reading().pauseProducing()
         d = self.factory.registry.open(spec.site, spec.target.host, spec.target.port, self.factory.open_timeout)
         self._opening = d
         d.addCallbacks(self._stream_opened, self._open_failed)
@@ -143,12 +147,17 @@ class ForwardProtocol(TCPSide):
         # Resume before joining: joining registers the stream's throttle,
         # which pauses us again if the tunnel is congested. Resuming after
         # it overrode that pause, and reads then piled up in the stream.
-        self.transport.resumeProducing()
+        self._reading().resumeProducing()
         self.join(stream)
+
+    def _reading(self) -> IPushProducer:
+        # A TCP transport is its own push producer; Protocol.transport is
+        # typed only as ITransport.
+        return cast(IPushProducer, self.transport)
 
     def _open_failed(self, failure: Failure) -> None:
         self._opening = None
-        if failure.check(defer.CancelledError):
+        if isinstance(failure.value, defer.CancelledError):
             return  # the client left first
         self._log.warn(
             "forward {forward}: client {client} closed: {reason}",
@@ -159,26 +168,29 @@ class ForwardProtocol(TCPSide):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _refused(self, failure: Failure) -> None:
-        failure.trap(StreamOpenFailed)
+    def _refused(self, failure: Failure) -> Failure | None:
+        if not isinstance(failure.value, StreamOpenFailed):
+            return failure  # not ours to handle: on down the errback chain
         self._log.warn(
             "forward {forward}: site refused the stream for client {client}: {reason}",
             forward=str(self.factory.spec),
             client=_describe(self.peer),
             reason=str(failure.value),
         )
+        return None
 
     def _pipe_closed(self, reason: Failure) -> None:
-        if reason.check(StreamReset) and self.stream is not None and self.stream.accepted:
+        value = reason.value
+        if isinstance(value, StreamReset) and self.stream is not None and self.stream.accepted:
             self._log.debug(
                 "forward {forward}: stream of client {client} reset: {reason}",
                 forward=str(self.factory.spec),
                 client=_describe(self.peer),
-                reason=f"{code_name(reason.value.code)}: {reason.value.reason}",
+                reason=f"{code_name(value.code)}: {value.reason}",
             )
 
 
-def _describe(address: IAddress) -> str:
+def _describe(address: IAddress | None) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     return f"{host}:{port}" if host is not None else str(address)
@@ -199,5 +211,5 @@ class ForwardFactory(Factory):
         self.registry = registry
         self.open_timeout = open_timeout
 
-    def buildProtocol(self, addr: IAddress) -> ForwardProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ForwardProtocol:
         return ForwardProtocol(self, addr)
