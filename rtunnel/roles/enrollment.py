@@ -263,7 +263,7 @@ class EnrollmentRequester(Protocol):
         try:
             reply = self._reader.receive_data(data)
         except EnrollmentProtocolError as e:
-            self._settle(Failure(e))
+            self._settle(e)
             _drop(self.transport)
             return
         if reply is None:
@@ -271,20 +271,18 @@ class EnrollmentRequester(Protocol):
         if isinstance(reply, EnrollAccepted):
             self._settle(reply.certificate_pem)
         else:
-            self._settle(Failure(EnrollmentRefused(reply.code, reply.message)))
+            self._settle(EnrollmentRefused(reply.code, reply.message))
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.result.called:
             self._cancel_timer()
             return
-        if reason.check(ConnectionDone, ConnectionLost):
+        if isinstance(reason.value, (ConnectionDone, ConnectionLost)):
             self._settle(
-                Failure(
-                    EnrollmentIncomplete(
-                        "the connection to the tunnel server closed before it "
-                        "answered the enrollment request"
-                    )
+                EnrollmentIncomplete(
+                    "the connection to the tunnel server closed before it "
+                    "answered the enrollment request"
                 )
             )
         else:
@@ -295,21 +293,21 @@ class EnrollmentRequester(Protocol):
         if self.result.called:
             return
         self._settle(
-            Failure(
-                EnrollmentIncomplete(
-                    f"the tunnel server did not answer the enrollment request "
-                    f"within {self._timeout:g} seconds"
-                )
+            EnrollmentIncomplete(
+                f"the tunnel server did not answer the enrollment request "
+                f"within {self._timeout:g} seconds"
             )
         )
         _drop(self.transport)
 
-    def _settle(self, outcome: str | Failure) -> None:
+    def _settle(self, outcome: str | BaseException | Failure) -> None:
+        """Fire C{result}: with a certificate, or failed (C{errback} wraps
+        an exception in a L{Failure})."""
         self._cancel_timer()
-        if isinstance(outcome, Failure):
-            self.result.errback(outcome)
-        else:
+        if isinstance(outcome, str):
             self.result.callback(outcome)
+        else:
+            self.result.errback(outcome)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -335,7 +333,7 @@ def enroll(
         L{EnrollmentRequester.result} does (or with the connection error).
     """
     requester = EnrollmentRequester(EnrollRequest(site, token, csr_pem), clock, timeout)
-    connected: Deferred[object] = connectProtocol(endpoint, requester)
+    connected: Deferred[object] = connectProtocol(endpoint, requester)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def _connected(_: object) -> Deferred[str]:
         return requester.result

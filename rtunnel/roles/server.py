@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from attrs import frozen
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -74,7 +74,7 @@ class TunnelConnection(Protocol):
 
     _log = Logger()
 
-    def __init__(self, factory: TunnelServerFactory, addr: IAddress) -> None:
+    def __init__(self, factory: TunnelServerFactory, addr: IAddress | None) -> None:
         self.factory = factory
         self.peer = _describe(addr)
         self.inner: Protocol | None = None
@@ -158,7 +158,7 @@ class TunnelConnection(Protocol):
 
     def _become(self, protocol: Protocol) -> None:
         self.inner = protocol
-        protocol.makeConnection(self.transport)
+        protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         held, self._held = self._held, []
         for data in held:
             protocol.dataReceived(data)
@@ -174,7 +174,7 @@ class TunnelConnection(Protocol):
             return
         self._held.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancel_timer()
         if self.inner is not None:
@@ -210,7 +210,7 @@ class TunnelServerFactory(Factory):
     C{TLSMemoryBIOFactory(server_tls_options(state), False, factory)}).
     """
 
-    protocol = TunnelConnection  # type: ignore[assignment]
+    protocol = TunnelConnection
     noisy = False
 
     def __init__(
@@ -221,7 +221,7 @@ class TunnelServerFactory(Factory):
         self.clock = clock
         self.policy = policy
 
-    def buildProtocol(self, addr: IAddress) -> TunnelConnection:
+    def buildProtocol(self, addr: IAddress | None) -> TunnelConnection:
         return TunnelConnection(self, addr)
 
 

@@ -12,7 +12,7 @@ service logs why and stops the process with a non-zero status.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Sequence, cast
 
 from attrs import frozen
 from OpenSSL import SSL
@@ -20,7 +20,14 @@ from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -73,16 +80,17 @@ def authentication_problem(failure: Failure) -> str | None:
         from service_identity.exceptions import VerificationError
     except ImportError:  # pragma: no cover
         VerificationError = ()  # type: ignore[assignment,misc]
-    if failure.check(EnrollmentRefused):
-        return f"enrollment refused: {failure.value}"
-    if failure.check(AuthenticationFailed):
-        return str(failure.value)
-    if failure.check(PeerVerificationFailed):
-        return f"the tunnel server could not prove the identity pinned by the keyfile: {failure.value}"
-    if VerificationError and failure.check(VerificationError):
-        return f"the tunnel server's certificate does not match the pinned name: {failure.value}"
-    if failure.check(SSL.Error):
-        text = str(failure.value)
+    value = failure.value
+    if isinstance(value, EnrollmentRefused):
+        return f"enrollment refused: {value}"
+    if isinstance(value, AuthenticationFailed):
+        return str(value)
+    if isinstance(value, PeerVerificationFailed):
+        return f"the tunnel server could not prove the identity pinned by the keyfile: {value}"
+    if isinstance(value, VerificationError):  # false for the () stand-in
+        return f"the tunnel server's certificate does not match the pinned name: {value}"
+    if isinstance(value, SSL.Error):
+        text = str(value)
         if "certificate verify failed" in text:
             return "the tunnel server could not prove the identity pinned by the keyfile (certificate verify failed)"
         if "alert" in text and ("certificate" in text or "unknown ca" in text):
@@ -106,7 +114,7 @@ class RotatingEndpoint:
         self._names = list(names) if names is not None else [repr(e) for e in endpoints]
         self._next = 0
 
-    def connect(self, factory: Factory) -> defer.Deferred:
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         index = self._next % len(self._endpoints)
         self._next += 1
 
@@ -159,7 +167,7 @@ class SiteMuxFactory(Factory):
             )
             mux.abort()
 
-    def buildProtocol(self, addr: IAddress) -> MuxProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> MuxProtocol:
         mux = MuxProtocol(
             initiator=True,
             clock=self.clock,
@@ -188,7 +196,7 @@ class SiteMuxFactory(Factory):
             self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
     def _closed(self, exception: BaseException, mux: MuxProtocol) -> None:
-        reason = Failure(exception)
+        reason = Failure(exception)  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
         if self.current is mux:
             self.current = None
         goaway = mux.peer_goaway
@@ -227,7 +235,7 @@ class TunnelClientService(MultiService):
         on_fatal: Callable[[str], None],
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ is unannotated in Twisted
         self.reactor = reactor
         self.state = state
         self.keyfile = keyfile
@@ -239,6 +247,12 @@ class TunnelClientService(MultiService):
         self.factory: SiteMuxFactory | None = None
         self._enrolling: defer.Deferred[None] | None = None
         self._failed = False
+
+    @property
+    def _clock(self) -> IReactorTime:
+        # The reactor provides IReactorTime as well as IReactorTCP; zope
+        # interfaces have no intersection type to say so in the signature.
+        return cast(IReactorTime, self.reactor)
 
     def _fatal_once(self, on_fatal: Callable[[str], None]) -> Callable[[str], None]:
         def fatal(message: str) -> None:
@@ -254,7 +268,7 @@ class TunnelClientService(MultiService):
     # -- lifecycle ----------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
         if self.state.needs_enrollment(self.keyfile):
             if self.keyfile is None:
                 self.on_fatal(
@@ -270,7 +284,7 @@ class TunnelClientService(MultiService):
             self._start_tunnel()
 
     @defer.inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
         if self._enrolling is not None and not self._enrolling.called:
             self._enrolling.cancel()
         factory = self.factory
@@ -279,7 +293,7 @@ class TunnelClientService(MultiService):
         if factory is not None and factory.current is not None and factory.current.ready:
             self._log.info("site {site}: draining the tunnel (grace {grace}s)", site=self.state.site_name, grace=self.policy.drain_grace)
             yield factory.current.drain(self.policy.drain_grace, "site shutting down")
-        yield super().stopService()
+        yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
 
     # -- enrollment ---------------------------------------------------------
 
@@ -298,7 +312,7 @@ class TunnelClientService(MultiService):
         attempt = 0
 
         @defer.inlineCallbacks
-        def run():  # type: ignore[no-untyped-def]
+        def run() -> Generator[defer.Deferred[Any], Any, None]:
             nonlocal attempt
             while True:
                 host, port = addresses[attempt % len(addresses)]
@@ -307,11 +321,11 @@ class TunnelClientService(MultiService):
                 )
                 self._log.info("site {site}: enrolling with {host}:{port}", site=keyfile.site, host=host, port=port)
                 try:
-                    certificate = yield enroll(endpoint, keyfile.site, keyfile.token, csr, clock=self.reactor)
+                    certificate = yield enroll(endpoint, keyfile.site, keyfile.token, csr, clock=self._clock)
                 except defer.CancelledError:
                     raise
                 except Exception:
-                    failure = Failure()
+                    failure = Failure()  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
                     if authentication_problem(failure) is not None:
                         raise
                     delay = self._retry_delay(attempt)
@@ -322,7 +336,7 @@ class TunnelClientService(MultiService):
                         reason=failure.getErrorMessage(),
                         delay=delay,
                     )
-                    yield task.deferLater(self.reactor, delay, lambda: None)
+                    yield task.deferLater(self._clock, delay, lambda: None)
                     continue
                 self.state.complete_enrollment(keyfile, certificate)
                 return
@@ -330,7 +344,7 @@ class TunnelClientService(MultiService):
         return run()
 
     def _enroll_failed(self, failure: Failure) -> None:
-        if failure.check(defer.CancelledError):
+        if isinstance(failure.value, defer.CancelledError):
             return
         problem = authentication_problem(failure) or f"enrollment failed: {failure.getErrorMessage()}"
         self.on_fatal(problem)
@@ -342,6 +356,7 @@ class TunnelClientService(MultiService):
             return
         state = self.state
         assert state.site_name is not None and state.server_name is not None
+        assert state.ca_certificate_pem is not None
         creator = site_tls_options(
             state.ca_certificate_pem, state.server_name, client_key=state.private_key, client_cert=state.certificate
         )
@@ -351,7 +366,7 @@ class TunnelClientService(MultiService):
             )
             for host, port in (parse_address(a) for a in state.addresses)
         ]
-        self.factory = SiteMuxFactory(state.site_name, self.reactor, self.connector, self.policy, self.on_fatal)
+        self.factory = SiteMuxFactory(state.site_name, self._clock, self.connector, self.policy, self.on_fatal)
         site = state.site_name
 
         def retry_policy(failures: int) -> float:
@@ -364,12 +379,17 @@ class TunnelClientService(MultiService):
         # A connection counts as made only once the server's HELLO arrived:
         # a server that accepts TCP and then drops us (overloaded, or
         # refusing our certificate) must back off like any other failure.
+        def prepare_connection(protocol: IProtocol) -> defer.Deferred[MuxProtocol]:
+            # ClientService types what it connected as IProtocol; our factory
+            # builds only MuxProtocols.
+            return cast(MuxProtocol, protocol).when_ready()
+
         self.client = ClientService(
             RotatingEndpoint(endpoints, list(state.addresses)),
             self.factory,
             retryPolicy=retry_policy,
-            clock=self.reactor,
-            prepareConnection=lambda mux: mux.when_ready(),
+            clock=self._clock,
+            prepareConnection=prepare_connection,
         )
-        self.client.setServiceParent(self)
+        self.client.setServiceParent(self)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
 
