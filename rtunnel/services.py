@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 from attrs import frozen
 from twisted.application.service import MultiService
@@ -81,7 +81,7 @@ class TunnelServerService(MultiService):
     def __init__(
         self, config: ServerConfig, state: ServerState, reactor: Any, on_fatal: Callable[[str], None] | None = None
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ is unannotated in Twisted
         self.config = config
         if on_fatal is None:
             on_fatal = lambda message: stop_with_status(reactor, 1, message, "rtunnel-server")  # noqa: E731
@@ -114,7 +114,7 @@ class TunnelServerService(MultiService):
         self._listening: defer.Deferred[None] | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
         self.state.store.record_server_start(os.getpid(), _utcnow())
         publish_registry(self.config.name, self.registry)
         self._poll = task.LoopingCall(self._watch.check)
@@ -123,12 +123,12 @@ class TunnelServerService(MultiService):
         self._listening = self._listen_all()
 
     @defer.inlineCallbacks
-    def _listen_all(self):  # type: ignore[no-untyped-def]
+    def _listen_all(self) -> Generator[defer.Deferred[Any], Any, None]:
         description = self.config.listen
         try:
             # Our reactor, not the global one, times its small-write batching.
             tls_factory = BulkTLSFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
-            port = yield serverFromString(self.reactor, description).listen(tls_factory)
+            port = yield serverFromString(self.reactor, description).listen(tls_factory)  # type: ignore[no-untyped-call]  # unannotated in Twisted
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
@@ -136,12 +136,12 @@ class TunnelServerService(MultiService):
             for spec in self.config.forwards:
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
-                port = yield serverFromString(self.reactor, description).listen(factory)
+                port = yield serverFromString(self.reactor, description).listen(factory)  # type: ignore[no-untyped-call]  # unannotated in Twisted
                 self.forward_ports[spec] = port
                 self.ports.append(port)
                 self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
         except Exception:
-            failure = Failure()
+            failure = Failure()  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
 
     def _public_port(self, port: IListeningPort) -> int:
@@ -157,7 +157,7 @@ class TunnelServerService(MultiService):
         return int(getattr(port.getHost(), "port", DEFAULT_PORT))
 
     @defer.inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         withdraw_registry(self.config.name, self.registry)
@@ -173,13 +173,14 @@ class TunnelServerService(MultiService):
         )
         self.state.store.record_server_stop(_utcnow())
         self._log.info("tunnel server stopped")
-        yield super().stopService()
+        yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
 
 
 def _address(port: IListeningPort) -> str:
     host = port.getHost()
     addr = getattr(host, "host", "?")
-    return f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{getattr(host, 'port', '?')}"
+    number = getattr(host, "port", "?")
+    return f"[{addr}]:{number}" if ":" in addr else f"{addr}:{number}"
 
 
 def build_server_service(
