@@ -110,6 +110,7 @@ class MuxSession:
         # Bandwidth-delay probing (see WindowTuning).
         self._probe: bytes | None = None
         self._probe_sample: dict[int, int] = {}
+        self._probe_second = False
         self._probe_wait = 0
         self._probe_gap = self.tuning.probe_gap
         self._window_growth = 0
@@ -643,31 +644,42 @@ class MuxSession:
             self._probe_wait -= size
             if self._probe_wait > 0 or not self._started:
                 return
-            self._probe = os.urandom(PING_SIZE)
             self._probe_sample = {}
-            self._queue(Ping(self._probe))
+            self._probe_second = False
+            self._send_probe()
         sample = self._probe_sample
         sample[record.stream_id] = sample.get(record.stream_id, 0) + size
 
+    def _send_probe(self) -> None:
+        self._probe = os.urandom(PING_SIZE)
+        self._queue(Ping(self._probe))
+
     def _probe_answered(self) -> None:
         """
-        One round trip passed since the probe went out: grow the windows of
-        the streams that received two thirds of their window or more in it,
-        unless their reader holds half a window unconsumed (then the reader,
-        not the window, is what limits, and a larger window would only hold
-        more memory).
+        A probe spans two round trips (a second PING goes out when the first
+        is answered): a window-limited stream receives its window once per
+        round trip, so in two it receives between 1.5 and 2 windows wherever
+        the probe started within the sender's bursts, while one that is not
+        window-limited receives less. Streams that received at least one
+        window in the two round trips grow, unless their reader holds half a
+        window unconsumed (then the reader, not the window, is what limits,
+        and a larger window would only hold more memory).
         """
+        if not self._probe_second:
+            self._probe_second = True
+            self._send_probe()
+            return
         self._probe = None
         grew = False
         tuning = self.tuning
         for stream_id, received in self._probe_sample.items():
             record = self._streams.get(stream_id)
-            if record is None or received * 3 < record.window * 2 or record.window >= tuning.max_window:
+            if record is None or received < record.window or record.window >= tuning.max_window:
                 continue
             held = record.window - record.recv_window - record.unacked
             if held * 2 > record.window:
-                continue  # the reader is behind: the window is not what limits
-            wanted = min(max(record.window * 2, received * 2), tuning.max_window)
+                continue
+            wanted = min(max(record.window * 2, received), tuning.max_window)
             room = tuning.session_budget - self._window_growth
             wanted = min(wanted, record.window + max(room, 0))
             if wanted > record.window:
