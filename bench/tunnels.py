@@ -402,10 +402,11 @@ class RtunnelTunnel(Tunnel):
     """
 
     key, label, family = "rtunnel", "rtunnel", "rtunnel"
-    # >>> RTUNNEL WINDOW: set the per-stream flow-control window (bytes) here once rtunnel
-    # >>> documents it (docs/protocol.md) or logs it; the WAN table then shows window/RTT.
-    window_bytes = None
-    window_source = "TODO: rtunnel per-stream window (bench/tunnels.py RtunnelTunnel.window_bytes)"
+    # Windows start at 256 KiB and grow by bandwidth-delay probing up to
+    # WindowTuning.max_window (docs/protocol.md, "Window growth"): on the WAN
+    # path the window in use is that maximum once grown.
+    window_bytes = 16 * 1024 * 1024
+    window_source = "rtunnel WindowTuning.max_window (grown from 256 KiB by probing)"
 
     def __init__(self, workdir: Path, wan_delay_ms: float = 0.0) -> None:
         super().__init__(workdir, wan_delay_ms)

@@ -186,3 +186,31 @@ class ContinuousLinkTests(SynchronousTestCase):
         # Window / RTT = 8 MiB / 0.1 s = 84 MB/s; the last full second moves
         # at least 80% of that (without growth it would be 2.6 MB/s).
         self.assertGreater(received_by_second[2], 0.8 * 8 * MIB / 0.1)
+
+
+class LearnedWindowTests(SynchronousTestCase):
+    def test_new_streams_start_with_the_window_the_path_needed(self):
+        """
+        Once probing found that the path needs a larger window, a stream
+        opened later on the same session gets it from the start (within
+        the session budget) instead of probing up from the initial window.
+        """
+        link = Link(WindowTuning(max_window=1 * MIB, session_budget=8 * MIB, probe_gap=1))
+        first = link.open()
+        for _ in range(20):
+            link.round([first])
+        self.assertEqual(link.receiver.stream_window(first), 1 * MIB)
+        second = link.open()
+        self.assertEqual(link.receiver.stream_window(second), 1 * MIB)
+        self.assertEqual(link.round([second])[second], 1 * MIB)
+
+    def test_learned_window_is_capped_by_the_remaining_budget(self):
+        """A new stream gets no more extra window than the session budget has left."""
+        link = Link(WindowTuning(max_window=1 * MIB, session_budget=1 * MIB, probe_gap=1))
+        first = link.open()
+        for _ in range(20):
+            link.round([first])
+        second = link.open()
+        # The first stream's growth (1 MiB - 64 KiB) leaves 64 KiB of budget.
+        self.assertEqual(link.receiver.stream_window(second), INITIAL + INITIAL)
+        self.assertLessEqual(link.receiver.session_window_growth, 1 * MIB)

@@ -114,6 +114,8 @@ class MuxSession:
         self._probe_wait = 0
         self._probe_gap = self.tuning.probe_gap
         self._window_growth = 0
+        #: the largest window probing found useful on this session's path
+        self._learned_window = 0
 
     # -- state -------------------------------------------------------------
 
@@ -427,6 +429,12 @@ class MuxSession:
             self._local_opened += 1
         else:
             self._peer_opened += 1
+        if self._learned_window > window:
+            # The path is known to need a larger window: start there (within
+            # the session budget) instead of probing up from scratch, so a
+            # new video stream on a long path is fast from its first second.
+            room = self.tuning.session_budget - self._window_growth
+            self.grow_window(stream_id, min(self._learned_window, window + max(room, 0)))
 
     def _remove(self, record: StreamRecord) -> None:
         self._window_growth -= record.window - self.local_settings.initial_window
@@ -684,6 +692,7 @@ class MuxSession:
             wanted = min(wanted, record.window + max(room, 0))
             if wanted > record.window:
                 self.grow_window(stream_id, wanted)
+                self._learned_window = max(self._learned_window, wanted)
                 grew = True
         self._probe_sample = {}
         self._probe_gap = tuning.probe_gap if grew else min(self._probe_gap * 2, tuning.probe_gap * 64)
