@@ -687,7 +687,7 @@ class MuxSession:
             held = record.window - record.recv_window - record.unacked
             if held * 2 > record.window:
                 continue
-            wanted = min(max(record.window * 2, received), tuning.max_window)
+            wanted = min(max(record.window, received) * 2, tuning.max_window)
             room = tuning.session_budget - self._window_growth
             wanted = min(wanted, record.window + max(room, 0))
             if wanted > record.window:
