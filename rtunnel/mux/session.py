@@ -47,6 +47,8 @@ from .settings import Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
+#: Credit is returned once this much (or half the window, if less) was consumed.
+UPDATE_BATCH = 512 * 1024
 _GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
 _MAX_PENDING_PINGS = 64
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
@@ -312,7 +314,10 @@ class MuxSession:
                 f"consumed {size} bytes on stream {stream_id}, but only {held} were received"
             )
         record.unacked += size
-        if record.unacked >= record.window // 2 and (
+        # Half a window, but at most UPDATE_BATCH: with a large (grown)
+        # window, credit returned in half-window lumps would leave the pipe
+        # a quarter empty on average.
+        if record.unacked >= min(record.window // 2, UPDATE_BATCH) and (
             record.state,
             Input.SEND_WINDOW_UPDATE,
         ) in TRANSITIONS:
