@@ -28,6 +28,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(RUN) bench/run.py $(BENCH_ARGS)
 
+# Static checks (strict mypy with the zope plugin, ruff): not part of `make test`,
+# so that a new release of a checker cannot turn CI red overnight.
+check: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/ruff check --select F,E9 rtunnel twisted tests bench
+	$(VENV)/bin/mypy
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis _demo _bench twisted/plugins/dropin.cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -128,7 +128,7 @@ class TunnelServerService(MultiService):
         try:
             # Our reactor, not the global one, times its small-write batching.
             tls_factory = BulkTLSFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
-            port = yield serverFromString(self.reactor, description).listen(tls_factory)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+            port = yield serverFromString(self.reactor, description).listen(tls_factory)
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
@@ -136,12 +136,12 @@ class TunnelServerService(MultiService):
             for spec in self.config.forwards:
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
-                port = yield serverFromString(self.reactor, description).listen(factory)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+                port = yield serverFromString(self.reactor, description).listen(factory)
                 self.forward_ports[spec] = port
                 self.ports.append(port)
                 self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
         except Exception:
-            failure = Failure()  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
+            failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
 
     def _public_port(self, port: IListeningPort) -> int:

@@ -12,12 +12,12 @@ stream must not stall the others.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 from attrs import field, frozen, validators
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +32,13 @@ from .stream import CLEAN_CLOSE, MuxStream, StreamReset
 #: Called for each stream the peer opens; it must eventually call
 #: C{stream.accept(protocol)} or C{stream.refuse(code, reason)}.
 StreamHandler = Callable[[MuxStream], None]
+
+
+def _exception_of(reason: Failure) -> BaseException:
+    """The exception a Failure carries (always set for a connection's end)."""
+    value = reason.value
+    assert value is not None
+    return value
 
 
 @frozen
@@ -133,7 +140,7 @@ class MuxProtocol(Protocol):
         exception (a Deferred cannot carry a Failure as a success).
         """
         if self._lost:
-            return defer.succeed((self.close_reason or CLEAN_CLOSE).value)
+            return defer.succeed(_exception_of(self.close_reason or CLEAN_CLOSE))
         d: defer.Deferred[BaseException] = defer.Deferred()
         self._closed_waiters.append(d)
         return d
@@ -169,7 +176,7 @@ class MuxProtocol(Protocol):
                 set_nodelay(True)
             except Exception:
                 pass
-        transport.registerProducer(self, True)
+        cast(IConsumer, transport).registerProducer(self, True)
         self._last_received = self.clock.seconds()
         self.session.start()
         self._flush()
@@ -206,7 +213,7 @@ class MuxProtocol(Protocol):
             d.errback(reason)
         self._ready_waiters.clear()
         for waiter in self._closed_waiters:
-            waiter.callback(reason.value)
+            waiter.callback(_exception_of(reason))
         self._closed_waiters.clear()
 
     # -- IPushProducer: our transport's buffer filled or drained ------------
@@ -528,7 +535,7 @@ class MuxProtocol(Protocol):
         self._close_wanted = None
         if not self._unregistered:
             self._unregistered = True
-            transport.unregisterProducer()
+            cast(IConsumer, transport).unregisterProducer()
         if abort:
             abort_connection = getattr(transport, "abortConnection", None)
             if abort_connection is not None:

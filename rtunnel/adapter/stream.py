@@ -17,7 +17,7 @@ Backpressure, both ways:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, cast
 
 from attrs import frozen
 from twisted.internet import defer
@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IHalfCloseableProtocol,
+    IProducer,
     IProtocol,
     IPushProducer,
     ITransport,
@@ -220,11 +221,12 @@ class MuxStream:
 
     # -- IConsumer -----------------------------------------------------------
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self._producer is not None:
             raise RuntimeError(f"{self!r} already has a producer")
         if not streaming:
             raise ValueError("MuxStream takes streaming (push) producers only")
+        producer = cast(IPushProducer, producer)
         self._producer = producer
         self._producer_paused = False
         if self.disconnected:

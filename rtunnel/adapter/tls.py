@@ -20,7 +20,7 @@ unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet import defer
@@ -45,9 +45,9 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def makeConnection(self, transport: Any) -> None:
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = SOCKET_READ
-        super().makeConnection(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
 
-    def _write(self, data: bytes) -> None:  # type: ignore[override]
+    def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
         sent_total = 0
@@ -57,10 +57,10 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             try:
                 sent = self._tlsConnection.send(chunk)
             except WantReadError:
-                self._bufferedWrite(data[sent_total:])
+                self._bufferedWrite(data[sent_total:])  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
                 break
             except Error:
-                self._tlsShutdownFinished(Failure())
+                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
                 break
             sent_total += sent
         self._flushSendBIO()
@@ -81,6 +81,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 except WantReadError:
                     break
             data = b"".join(chunks)
+        assert self.transport is not None
         self.transport.write(data)
 
     def _flushReceiveBIO(self) -> None:
@@ -94,13 +95,13 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             except ZeroReturnError:
                 self._deliver(chunks)
                 chunks = []
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
+                self._shutdownTLS()  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
+                self._tlsShutdownFinished(None)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
             except Error:
                 failure = Failure()
                 self._deliver(chunks)
                 chunks = []
-                self._tlsShutdownFinished(failure)
+                self._tlsShutdownFinished(failure)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
         self._deliver(chunks)
         self._flushSendBIO()
 
@@ -131,4 +132,8 @@ class BulkTLSClientEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         factory = BulkTLSFactory(self._creator, True, protocolFactory, clock=self._clock)
-        return self._wrapped.connect(factory).addCallback(lambda tls: tls.wrappedProtocol)
+
+        def unwrap(tls: IProtocol) -> IProtocol:
+            return cast(BulkTLSProtocol, tls).wrappedProtocol
+
+        return self._wrapped.connect(factory).addCallback(unwrap)

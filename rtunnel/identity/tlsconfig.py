@@ -159,7 +159,7 @@ def _verifier(
         protocol = None if ref is None else ref()
         fail_verification = getattr(protocol, "failVerification", None)
         if fail_verification is not None:
-            fail_verification(Failure(error))  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
+            fail_verification(Failure(error))
         return False
 
     def callback(conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:

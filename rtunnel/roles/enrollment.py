@@ -333,7 +333,7 @@ def enroll(
         L{EnrollmentRequester.result} does (or with the connection error).
     """
     requester = EnrollmentRequester(EnrollRequest(site, token, csr_pem), clock, timeout)
-    connected: Deferred[object] = connectProtocol(endpoint, requester)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+    connected: Deferred[object] = connectProtocol(endpoint, requester)
 
     def _connected(_: object) -> Deferred[str]:
         return requester.result

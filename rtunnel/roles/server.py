@@ -158,7 +158,7 @@ class TunnelConnection(Protocol):
 
     def _become(self, protocol: Protocol) -> None:
         self.inner = protocol
-        protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        protocol.makeConnection(self.transport)
         held, self._held = self._held, []
         for data in held:
             protocol.dataReceived(data)

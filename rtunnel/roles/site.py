@@ -196,7 +196,7 @@ class SiteMuxFactory(Factory):
             self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
     def _closed(self, exception: BaseException, mux: MuxProtocol) -> None:
-        reason = Failure(exception)  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
+        reason = Failure(exception)
         if self.current is mux:
             self.current = None
         goaway = mux.peer_goaway
@@ -325,7 +325,7 @@ class TunnelClientService(MultiService):
                 except defer.CancelledError:
                     raise
                 except Exception:
-                    failure = Failure()  # type: ignore[no-untyped-call]  # Failure.__init__ is unannotated in Twisted
+                    failure = Failure()
                     if authentication_problem(failure) is not None:
                         raise
                     delay = self._retry_delay(attempt)
@@ -391,5 +391,5 @@ class TunnelClientService(MultiService):
             clock=self._clock,
             prepareConnection=prepare_connection,
         )
-        self.client.setServiceParent(self)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
+        self.client.setServiceParent(self)
 

@@ -112,7 +112,7 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
             return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
         if address.version == 4:
             return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
     return endpoint_for
 
