@@ -309,3 +309,42 @@ class BuilderTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 5598)])
         self.assertIsNotNone(service.client)  # type: ignore[attr-defined]
+
+
+class FlowOptionTests(SynchronousTestCase):
+    def test_window_and_frame_options_reach_both_configs(self) -> None:
+        """
+        --window, --max-frame-size and --max-window set what each role
+        announces and how far its windows may grow; --max-window 0 turns
+        growth off.
+        """
+        from rtunnel.cli import server_tap, site_tap
+
+        server = server_tap.Options()
+        server.parseOptions(["--state", "/tmp/x", "--window", "1M", "--max-frame-size", "128K", "--max-window", "0"])
+        policy = server.config.policy
+        self.assertEqual((policy.settings.initial_window, policy.settings.max_frame_size), (1 << 20, 128 << 10))
+        self.assertFalse(policy.tuning.enabled)
+        site = site_tap.Options()
+        site.parseOptions(["--state", "/tmp/y", "--window", "65536", "--max-window", "4M", "--max-streams", "10"])
+        policy = site.config.policy
+        self.assertEqual((policy.settings.initial_window, policy.settings.max_streams), (65536, 10))
+        self.assertEqual(policy.tuning.max_window, 4 << 20)
+        self.assertTrue(policy.tuning.enabled)
+
+    def test_bad_sizes_are_usage_errors(self) -> None:
+        """Sizes that are not sizes, or out of the protocol's ranges, are one-line usage errors."""
+        from twisted.python import usage
+
+        from rtunnel.cli import site_tap
+
+        for argv, words in (
+            (["--window", "lots"], "is not a size"),
+            (["--window", "512"], "--window must be"),
+            (["--max-frame-size", "8K"], "--max-frame-size 16K-16M"),
+            (["--window", "1M", "--max-window", "512K"], "must not be smaller"),
+        ):
+            options = site_tap.Options()
+            with self.assertRaises(usage.UsageError) as caught:
+                options.parseOptions(["--state", "/tmp/y", *argv])
+            self.assertIn(words, str(caught.exception))

@@ -9,6 +9,7 @@ import math
 from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
+from ..mux.settings import Settings, WindowTuning
 
 
 def positive_float(name: str, text: str) -> float:
@@ -54,6 +55,48 @@ def keepalive_from(options: usage.Options) -> Keepalive | None:
         raise usage.UsageError("--keepalive-timeout must not be shorter than --keepalive")
     return Keepalive(interval=interval, timeout=timeout)
 
+
+def byte_size(name: str, text: str) -> int:
+    """C{65536}, C{256K}, C{16M} (binary units)."""
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in "KMG":
+        number, unit = number[:-1], number[-1]
+    if not number.isascii() or not number.isdigit():
+        raise usage.UsageError(f"--{name}: {text!r} is not a size in bytes (like 65536, 256K, 16M)")
+    return int(number) * units[unit]
+
+
+def flow_from(options: usage.Options, **settings: int) -> tuple[Settings, WindowTuning]:
+    """
+    The multiplexer settings this end announces (C{--window},
+    C{--max-frame-size}, plus C{settings}) and its window growth
+    (C{--max-window}; 0 turns growth off).
+    """
+    window = byte_size("window", options["window"])
+    frame = byte_size("max-frame-size", options["max-frame-size"])
+    max_window = byte_size("max-window", options["max-window"])
+    try:
+        announced = Settings(initial_window=window, max_frame_size=frame, **settings)
+    except ValueError as e:
+        raise usage.UsageError(
+            f"--window must be 1K-1G and --max-frame-size 16K-16M: {e.args[0] if e.args else e}"
+        ) from None
+    if max_window == 0:
+        return announced, WindowTuning(enabled=False)
+    if max_window < window:
+        raise usage.UsageError("--max-window must not be smaller than --window (0 turns growth off)")
+    try:
+        return announced, WindowTuning(max_window=max_window)
+    except ValueError:
+        raise usage.UsageError(f"--max-window {options['max-window']!r} is out of range (up to 1G)") from None
+
+
+FLOW_PARAMETERS = [
+    ["window", None, "256K", "Initial receive window of each stream (bytes; K and M suffixes)."],
+    ["max-window", None, "16M", "Largest window a stream may grow to on a long path (0: no growth)."],
+    ["max-frame-size", None, "64K", "Largest DATA frame this end accepts."],
+]
 
 KEEPALIVE_PARAMETERS = [
     ["keepalive", None, "10", "Seconds of silence before pinging the peer (0: off)."],

@@ -13,7 +13,7 @@ from ..identity.errors import IdentityError
 from ..roles.forward import ForwardSpec
 from ..roles.server import ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
-from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float, positive_int
+from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -31,6 +31,7 @@ class Options(usage.Options):
         ["max-streams-per-site", None, "1024", "Most streams open at once to one site; further clients are refused."],
         ["max-pending-opens", None, "256", "Most clients waiting at once for one absent site."],
         *KEEPALIVE_PARAMETERS,
+        *FLOW_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -53,6 +54,7 @@ class Options(usage.Options):
         if not self["state"]:
             raise usage.UsageError("--state DIR is required")
         keepalive = keepalive_from(self)
+        settings, tuning = flow_from(self)
         self.config = ServerConfig(
             state_dir=self["state"],
             listen=self["listen"],
@@ -63,6 +65,8 @@ class Options(usage.Options):
             max_streams_per_site=positive_int("max-streams-per-site", self["max-streams-per-site"]),
             max_pending_opens=positive_int("max-pending-opens", self["max-pending-opens"]),
             policy=ServerPolicy(
+                settings=settings,
+                tuning=tuning,
                 keepalive=keepalive,
                 handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
             ),

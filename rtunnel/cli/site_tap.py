@@ -13,8 +13,8 @@ from ..identity.errors import IdentityError
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
-from ..mux.settings import MAX_STREAMS, Settings
-from .options import KEEPALIVE_PARAMETERS, keepalive_from, positive_float, positive_int
+from ..mux.settings import MAX_STREAMS
+from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -31,6 +31,7 @@ class Options(usage.Options):
         ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
         ["max-streams", None, "1024", "Most streams the cloud may have open at this site at once."],
         *KEEPALIVE_PARAMETERS,
+        *FLOW_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -48,13 +49,17 @@ class Options(usage.Options):
         if not self["state"]:
             raise usage.UsageError("--state DIR is required")
         connect_timeout = positive_float("connect-timeout", self["connect-timeout"])
+        settings, tuning = flow_from(
+            self, max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS)
+        )
         self.config = SiteConfig(
             state_dir=self["state"],
             keyfile=self["keyfile"],
             allow=tuple(self["allow"]),
             target_connect_timeout=connect_timeout,
             policy=SitePolicy(
-                settings=Settings(max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS)),
+                settings=settings,
+                tuning=tuning,
                 keepalive=keepalive_from(self),
                 retry_cap=positive_float("retry-cap", self["retry-cap"]),
                 connect_timeout=connect_timeout,
