@@ -19,7 +19,7 @@ from OpenSSL import SSL
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -316,8 +316,8 @@ class TunnelClientService(MultiService):
             nonlocal attempt
             while True:
                 host, port = addresses[attempt % len(addresses)]
-                endpoint = wrapClientTLS(
-                    creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout)
+                endpoint = BulkTLSClientEndpoint(
+                    creator, HostnameEndpoint(self.reactor, host, port, timeout=self.policy.connect_timeout), self.reactor
                 )
                 self._log.info("site {site}: enrolling with {host}:{port}", site=keyfile.site, host=host, port=port)
                 try:
