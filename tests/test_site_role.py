@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from rtunnel.identity.errors import EnrollmentIncomplete, EnrollmentRefused, PeerVerificationFailed
 from rtunnel.identity.state import SiteState
+from rtunnel.adapter.protocol import MuxProtocol
 from rtunnel.mux import ErrorCode
 from rtunnel.roles.registry import SiteRegistry
 from rtunnel.roles.server import ServerPolicy, TunnelServerFactory
@@ -35,7 +36,7 @@ from rtunnel.roles.site import (
 )
 from rtunnel.roles.target import Target, TargetConnector
 
-from tests.roles_helpers import EndpointMap, Holder, ServerFixture, pump_all, temp_dir, tls_connect
+from tests.roles_helpers import EndpointMap, Holder, ServerFixture, mux_pair, pump_all, temp_dir, tls_connect
 
 
 def _failure(exception: BaseException) -> Failure:
@@ -237,6 +238,31 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), count, f"attempt before {delay}s")
         self.reactor.advance(0.002)
         self.assertEqual(len(self.reactor.tcpClients), count + 1, f"no attempt at {delay}s")
+
+    def test_hello_with_goaway_is_a_failed_attempt(self) -> None:
+        """
+        A server that refuses the session (HELLO and a fatal GOAWAY in one
+        write, as TunnelConnection does when its database fails) does not
+        count as a made connection: prepare_connection fails, so
+        ClientService backs off instead of reconnecting at once; a plain
+        HELLO does count.
+        """
+        from twisted.test.iosim import connectedServerAndClient
+
+        self.build()
+        refusing = MuxProtocol(initiator=False, clock=self.reactor)
+        refusing.refuse_session(ErrorCode.INTERNAL_ERROR, "could not check this site")
+        refused_site = MuxProtocol(initiator=True, clock=self.reactor)
+        d = self.service.prepare_connection(refused_site)
+        _, _, pump = connectedServerAndClient(lambda: refusing, lambda: refused_site, clock=self.reactor, greet=False)
+        pump_all(pump)
+        self.reactor.advance(0)
+        failure = self.failureResultOf(d, ConnectionError)
+        self.assertIn("INTERNAL_ERROR", str(failure.value))
+        _, good_site, _ = mux_pair(self.reactor)
+        accepted = self.service.prepare_connection(good_site)
+        self.reactor.advance(0)
+        self.successResultOf(accepted)
 
     def test_first_retry_within_one_to_two_seconds(self) -> None:
         """

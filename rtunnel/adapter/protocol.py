@@ -119,6 +119,7 @@ class MuxProtocol(Protocol):
         self._rotation = 0
         self._lost = False
         self._unregistered = False
+        self._refusal: tuple[int, str] | None = None
         self._closing = False
         self._close_wanted: bool | None = None  # close (True: abort) once the current input is handled
 
@@ -179,8 +180,23 @@ class MuxProtocol(Protocol):
         cast(IConsumer, transport).registerProducer(self, True)
         self._last_received = self.clock.seconds()
         self.session.start()
+        if self._refusal is not None:
+            # HELLO and the fatal GOAWAY leave in one write: the peer sees
+            # the refusal in the same read as the HELLO, never a session
+            # that looks established for a moment.
+            self.terminate(*self._refusal)
+            return
         self._flush()
         self._schedule_keepalive()
+
+    def refuse_session(self, code: int, reason: str) -> None:
+        """
+        Before the connection is made: answer the peer's arrival with HELLO
+        and a fatal GOAWAY C{code}, then close.
+        """
+        if self.transport is not None:
+            raise RuntimeError("refuse_session() is for a protocol not yet connected; use terminate()")
+        self._refusal = (code, reason)
 
     def dataReceived(self, data: bytes) -> None:
         self._last_received = self.clock.seconds()
@@ -507,7 +523,7 @@ class MuxProtocol(Protocol):
         self._drain_call = None
         if self.streams:
             self._log.warn(
-                "drain grace over: resetting {count} streams to {peer}", count=len(self.streams), peer=self.peer_label
+                "drain grace over: resetting {count} streams to {peer}", count=len(self.streams), peer=self.who
             )
         self.terminate(ErrorCode.GOING_AWAY, "drain grace period over")
 

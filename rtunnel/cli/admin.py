@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         type=_argument_type(normalize_address, "address"),
         help=(
-            f"server address the site dials (repeatable; default: the server's "
-            f"public addresses, port {DEFAULT_PORT}); IPv6 as [::1]:{DEFAULT_PORT}"
+            "server address the site dials (repeatable; default: the server's "
+            "public addresses with the port it recorded when it last started: its "
+            f"--public-address port, else its listen port; {DEFAULT_PORT} if never started); "
+            f"IPv6 as [::1]:{DEFAULT_PORT}"
         ),
     )
     create.add_argument(

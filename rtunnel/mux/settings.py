@@ -49,10 +49,12 @@ class WindowTuning:
     A stream whose sender is held back by its window on a long path (a WAN:
     50 ms each way makes a 256 KiB window worth only 2.5 MB/s) gets a larger
     window, found by bandwidth-delay probing in the manner of gRPC: a PING
-    is sent when data arrives, and the bytes each stream received until its
-    answer are that stream's bandwidth-delay product. A stream that received
-    at least two thirds of its window in one round trip was limited by the
-    window, so its window is doubled (to at least twice what it received).
+    is sent when data arrives and another when it is answered, and the bytes
+    each stream received until the second answer are two round trips' worth.
+    A stream that received at least one window in them was limited by the
+    window, so its window grows to twice what it received (at least double);
+    streams opened later start at the largest window found
+    (docs/protocol.md, "Window growth").
 
     Memory stays bounded: no stream's window exceeds C{max_window}, and the
     growth of all windows of a session together never exceeds

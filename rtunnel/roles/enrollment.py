@@ -200,7 +200,7 @@ class EnrollmentResponder(Protocol):
         self._finished = True
         self._log.info(
             "dropping enrollment connection from {peer}: no complete request "
-            "within {timeout} seconds",
+            "within {timeout:.1f} seconds",
             peer=self.peer,
             timeout=self._timeout,
         )

@@ -105,14 +105,19 @@ class TunnelConnection(Protocol):
         site, fingerprint = identity
         self.site, self.fingerprint = site, fingerprint
         mux = self._new_mux(site)
+        refusal = self._refusal(site, fingerprint)
+        if refusal is not None:
+            mux.refuse_session(*refusal)
+            self._become(mux)
+            return
         self._become(mux)
-        if self._admitted(site, fingerprint, mux):
-            mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), lambda f: None)
+        mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), lambda f: None)
 
-    def _admitted(self, site: str, fingerprint: str, mux: MuxProtocol) -> bool:
+    def _refusal(self, site: str, fingerprint: str) -> tuple[int, str] | None:
         """
-        Ask the state store whether this site certificate may connect; if
-        not, tell the site why (GOAWAY NOT_AUTHORIZED) and close.
+        Ask the state store whether this site certificate may connect:
+        C{None} if it may, else the GOAWAY code and reason that tell the
+        site why not.
         """
         try:
             self.factory.state.store.check_site(site, fingerprint)
@@ -120,15 +125,13 @@ class TunnelConnection(Protocol):
             self._log.warn(
                 "site {site} from {peer} rejected: {code}: {reason}", site=site, peer=self.peer, code=e.code, reason=e.message
             )
-            mux.terminate(ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
-            return False
+            return ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}"
         except Exception:
             # The database failed (locked, disk error): refuse this attempt;
-            # the site retries with backoff.
+            # the site backs off and retries.
             self._log.failure("could not check site {site} from {peer}; closing", site=site, peer=self.peer)
-            mux.terminate(ErrorCode.INTERNAL_ERROR, "the tunnel server could not check this site; try again")
-            return False
-        return True
+            return ErrorCode.INTERNAL_ERROR, "the tunnel server could not check this site; try again"
+        return None
 
     def _new_mux(self, site: str) -> MuxProtocol:
         policy = self.factory.policy
@@ -147,7 +150,9 @@ class TunnelConnection(Protocol):
         assert self.fingerprint is not None
         # Again: a revocation committed between the handshake and this HELLO
         # found nothing registered to cut, and would be missed.
-        if not self._admitted(site, self.fingerprint, mux):
+        refusal = self._refusal(site, self.fingerprint)
+        if refusal is not None:
+            mux.terminate(*refusal)
             return
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)

@@ -181,7 +181,13 @@ class SiteMuxFactory(Factory):
         # TLS and HELLO must complete in time even with keepalive off: a
         # path that accepts TCP and then black-holes would hang us forever.
         deadline = self.clock.callLater(self.policy.handshake_timeout, self._handshake_deadline, mux)
-        mux.when_closed().addBoth(lambda _: deadline.cancel() if deadline.active() else None)
+
+        def settled(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        mux.when_ready().addBoth(settled)
+        mux.when_closed().addBoth(settled)
         mux.when_ready().addCallbacks(self._ready, lambda f: None)
         mux.when_closed().addCallback(self._closed, mux)
         return mux
@@ -351,6 +357,28 @@ class TunnelClientService(MultiService):
 
     # -- the tunnel ---------------------------------------------------------
 
+    def prepare_connection(self, protocol: IProtocol) -> defer.Deferred[None]:
+        """
+        A connection counts as made once the server's HELLO arrived and no
+        refusal came with it: a server that accepts TCP and then drops us
+        (overloaded, refusing our certificate), or that sends HELLO and
+        GOAWAY together (its database failed), is backed off from like any
+        other failure (ClientService counts a failure here as a failed
+        attempt).
+        """
+        # ClientService types what it connected as IProtocol; our factory
+        # builds only MuxProtocols.
+        mux = cast(MuxProtocol, protocol)
+
+        def check() -> None:
+            if mux.peer_goaway is not None or not mux.ready:
+                code, reason = mux.peer_goaway or (ErrorCode.CONNECTION_RESET, "connection closed")
+                raise ConnectionError(f"tunnel server ended the session at once: {code_name(code)}: {reason}")
+
+        # A GOAWAY sent with the HELLO is handled in the same turn: look once
+        # that turn is over.
+        return mux.when_ready().addCallback(lambda _: task.deferLater(self._clock, 0, check))
+
     def _start_tunnel(self) -> None:
         if not self.running or self._failed:
             return
@@ -376,20 +404,12 @@ class TunnelClientService(MultiService):
             )
             return delay
 
-        # A connection counts as made only once the server's HELLO arrived:
-        # a server that accepts TCP and then drops us (overloaded, or
-        # refusing our certificate) must back off like any other failure.
-        def prepare_connection(protocol: IProtocol) -> defer.Deferred[MuxProtocol]:
-            # ClientService types what it connected as IProtocol; our factory
-            # builds only MuxProtocols.
-            return cast(MuxProtocol, protocol).when_ready()
-
         self.client = ClientService(
             RotatingEndpoint(endpoints, list(state.addresses)),
             self.factory,
             retryPolicy=retry_policy,
             clock=self._clock,
-            prepareConnection=prepare_connection,
+            prepareConnection=self.prepare_connection,
         )
         self.client.setServiceParent(self)
 
