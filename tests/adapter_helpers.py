@@ -6,9 +6,7 @@ bytes per stream), and throwaway TLS certificates.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import random
 import struct
 from typing import Callable
@@ -392,72 +390,16 @@ class Link:
 
 def make_tls_material(hostname: str = "localhost") -> tuple[bytes, bytes]:
     """
-    A throwaway ECDSA P-256 CA and a server certificate it signed for
-    C{hostname} and 127.0.0.1. Returns (CA certificate PEM, server
-    certificate + key PEM).
+    A throwaway CA and a server certificate it signed for C{hostname} and
+    127.0.0.1, made by rtunnel's own certificate code (ECDSA P-256).
+    Returns (CA certificate PEM, server certificate + key PEM).
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from rtunnel.identity import certs
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rtunnel test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(hostname), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return ca_cert.public_bytes(pem), cert.public_bytes(pem) + key_pem
+    ca_key, ca_cert = certs.create_ca("rtunnel test CA")
+    key = certs.generate_private_key()
+    cert = certs.issue_server_certificate(ca_key, ca_cert, key, [hostname, "127.0.0.1"])
+    return certs.dump_certificate(ca_cert).encode(), certs.dump_certificate(cert).encode() + certs.dump_private_key(key)
 
 
 # -- one end against hand-made frames ---------------------------------------
