@@ -121,10 +121,13 @@ class ForwardProtocol(TCPSide):
     def connectionMade(self) -> None:
         super().connectionMade()
         spec = self.factory.spec
-        # Read nothing until the stream exists: one read at most waits here.
         assert self.transport is not None
-        self._reading().pauseProducing()
         d = self.factory.registry.open(spec.site, spec.target.host, spec.target.port, self.factory.open_timeout)
+        if not d.called:
+            # The site is away: read nothing until the stream exists (one
+            # read at most waits here). When it is connected the stream
+            # exists already, and pausing would cost two epoll changes.
+            self._reading().pauseProducing()
         self._opening = d
         d.addCallbacks(self._stream_opened, self._open_failed)
 
