@@ -325,35 +325,69 @@ class FrameDecoder:
         Never raises for bad input: at the first malformed frame it returns
         the good frames before it and sets L{error}; later calls return
         nothing.
+
+        Frames lying wholly inside C{data} are cut out of it directly; only
+        an incomplete frame at the end is copied into the buffer (and
+        completed from the next call's bytes), so each byte is copied once,
+        into its frame's payload.
         """
         if self._failed is not None:
             return []
-        buf = self._buffer
-        buf += data
         frames: list[Frame] = []
-        offset = 0
-        end = len(buf)
-        view = memoryview(buf)
+        rest: memoryview | None = memoryview(data)
         try:
-            while end - offset >= HEADER_SIZE:
-                ftype, flags, stream_id, length = HEADER.unpack_from(buf, offset)
-                if length > self._limit:
-                    raise ProtocolError(
-                        ErrorCode.FRAME_SIZE_ERROR,
-                        f"frame of {length} bytes exceeds the limit of {self._limit}",
-                    )
-                stop = offset + HEADER_SIZE + length
-                if stop > end:
-                    break
-                payload = bytes(view[offset + HEADER_SIZE : stop])
-                frames.append(parse_frame(ftype, flags, stream_id, payload))
-                self._limit = self.max_length
-                offset = stop
+            if self._buffer:
+                rest = self._complete(rest, frames)
+            if rest is not None and len(rest):
+                self._cut(rest, frames)
         except ProtocolError as e:
             self._failed = e
-            offset = end
-        finally:
-            view.release()
-            if offset:
-                del buf[:offset]
+            self._buffer.clear()
         return frames
+
+    def _check_length(self, length: int) -> None:
+        if length > self._limit:
+            raise ProtocolError(
+                ErrorCode.FRAME_SIZE_ERROR,
+                f"frame of {length} bytes exceeds the limit of {self._limit}",
+            )
+
+    def _complete(self, view: memoryview | None, frames: list[Frame]) -> memoryview | None:
+        """Finish the buffered frame from C{view}; return what is left of it,
+        or C{None} if the frame is still incomplete."""
+        assert view is not None
+        buf = self._buffer
+        if len(buf) < HEADER_SIZE:
+            take = HEADER_SIZE - len(buf)
+            buf += view[:take]
+            view = view[take:]
+            if len(buf) < HEADER_SIZE:
+                return None
+        ftype, flags, stream_id, length = HEADER.unpack_from(buf, 0)
+        self._check_length(length)
+        need = HEADER_SIZE + length - len(buf)
+        buf += view[:need]
+        view = view[need:]
+        if len(buf) < HEADER_SIZE + length:
+            return None
+        payload = bytes(buf[HEADER_SIZE:])
+        buf.clear()
+        frames.append(parse_frame(ftype, flags, stream_id, payload))
+        self._limit = self.max_length
+        return view
+
+    def _cut(self, view: memoryview, frames: list[Frame]) -> None:
+        """Cut every whole frame out of C{view}; buffer the incomplete rest."""
+        offset = 0
+        end = len(view)
+        while end - offset >= HEADER_SIZE:
+            ftype, flags, stream_id, length = HEADER.unpack_from(view, offset)
+            self._check_length(length)
+            stop = offset + HEADER_SIZE + length
+            if stop > end:
+                break
+            frames.append(parse_frame(ftype, flags, stream_id, bytes(view[offset + HEADER_SIZE : stop])))
+            self._limit = self.max_length
+            offset = stop
+        if offset < end:
+            self._buffer += view[offset:]
