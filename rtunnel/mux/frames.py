@@ -338,7 +338,7 @@ class FrameDecoder:
         try:
             if self._buffer:
                 rest = self._complete(rest, frames)
-            if rest is not None and len(rest):
+            if rest is not None:
                 self._cut(rest, frames)
         except ProtocolError as e:
             self._failed = e
@@ -380,14 +380,16 @@ class FrameDecoder:
         """Cut every whole frame out of C{view}; buffer the incomplete rest."""
         offset = 0
         end = len(view)
+        unpack = HEADER.unpack_from
         while end - offset >= HEADER_SIZE:
-            ftype, flags, stream_id, length = HEADER.unpack_from(view, offset)
-            self._check_length(length)
+            ftype, flags, stream_id, length = unpack(view, offset)
+            if length > self._limit:
+                self._check_length(length)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
             frames.append(parse_frame(ftype, flags, stream_id, bytes(view[offset + HEADER_SIZE : stop])))
-            self._limit = self.max_length
             offset = stop
+            self._limit = self.max_length
         if offset < end:
             self._buffer += view[offset:]
