@@ -59,8 +59,10 @@ MiB = 1 << 20
 
 PLANS = {
     # bulk_s: target length of one measured transfer; conn_s/rtt_s: length of a latency run
+    # wan_s: long enough that a tunnel which sizes its window to the path
+    # (rtunnel) is measured mostly in its steady state, as a video stream is.
     "full": dict(reps=5, bulk_s=1.2, rtt_s=1.0, conn_s=1.2, hold_n=1000, hold_reps=3,
-                 wan_reps=3, wan_s=3.0, wan_rtt_s=1.0),
+                 wan_reps=3, wan_s=6.0, wan_rtt_s=1.0),
     "quick": dict(reps=2, bulk_s=0.4, rtt_s=0.4, conn_s=0.4, hold_n=1000, hold_reps=1,
                   wan_reps=1, wan_s=1.2, wan_rtt_s=0.5),
 }
@@ -339,9 +341,9 @@ class Bench:
             self.fail(t, "wan_rtt", e)
         for metric, mode in (("wan_down1", "down"), ("wan_up1", "up")):
             try:
-                # A 32 MiB warm-up: tunnels that size their windows to the path
+                # A 64 MiB warm-up: tunnels that size their windows to the path
                 # (rtunnel) are measured once they have, as over any long transfer.
-                self.bulk("wan", t, metric, mode, 1, p["wan_s"], 32 * MiB)
+                self.bulk("wan", t, metric, mode, 1, p["wan_s"], 64 * MiB)
             except MeasureError as e:
                 self.fail(t, metric, e)
 
