@@ -326,8 +326,11 @@ class FlowOptionTests(SynchronousTestCase):
         self.assertEqual((policy.settings.initial_window, policy.settings.max_frame_size), (1 << 20, 128 << 10))
         self.assertFalse(policy.tuning.enabled)
         site = site_tap.Options()
-        site.parseOptions(["--state", "/tmp/y", "--window", "65536", "--max-window", "4M", "--max-streams", "10"])
+        site.parseOptions(
+            ["--state", "/tmp/y", "--window", "65536", "--max-window", "4M", "--max-streams", "10", "--handshake-timeout", "7"]
+        )
         policy = site.config.policy
+        self.assertEqual(policy.handshake_timeout, 7.0)
         self.assertEqual((policy.settings.initial_window, policy.settings.max_streams), (65536, 10))
         self.assertEqual(policy.tuning.max_window, 4 << 20)
         self.assertTrue(policy.tuning.enabled)

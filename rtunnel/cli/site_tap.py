@@ -30,6 +30,7 @@ class Options(usage.Options):
         ["retry-cap", None, "30", "Longest delay in seconds between reconnect attempts."],
         ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
         ["max-streams", None, "1024", "Most streams the cloud may have open at this site at once."],
+        ["handshake-timeout", None, "30", "Seconds for TLS and the server's HELLO on each connection to the server."],
         *KEEPALIVE_PARAMETERS,
         *FLOW_PARAMETERS,
     ]
@@ -63,6 +64,7 @@ class Options(usage.Options):
                 keepalive=keepalive_from(self),
                 retry_cap=positive_float("retry-cap", self["retry-cap"]),
                 connect_timeout=connect_timeout,
+                handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
                 drain_grace=positive_float("drain-grace", self["drain-grace"]),
             ),
         )
