@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .adapter.address import describe
 from .adapter.tls import BulkTLSFactory
 from .endpoints import publish_registry, withdraw_registry
 from .identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, Keyfile, parse_address, read_keyfile
@@ -177,10 +178,7 @@ class TunnelServerService(MultiService):
 
 
 def _address(port: IListeningPort) -> str:
-    host = port.getHost()
-    addr = getattr(host, "host", "?")
-    number = getattr(host, "port", "?")
-    return f"[{addr}]:{number}" if ":" in addr else f"{addr}:{number}"
+    return describe(port.getHost())
 
 
 def build_server_service(

@@ -16,7 +16,6 @@ from typing import Callable, cast
 
 from attrs import field, frozen, validators
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -27,6 +26,7 @@ from ..mux import events as ev
 from ..mux.errors import ErrorCode, SessionClosing, code_name
 from ..mux.session import MuxSession
 from ..mux.settings import Settings, WindowTuning
+from .address import describe
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
 
 #: Called for each stream the peer opens; it must eventually call
@@ -60,10 +60,6 @@ class Keepalive:
     def _check_timeout(self, attribute: object, value: float) -> None:
         if not value >= self.interval:
             raise ValueError(f"keepalive timeout {value}s is shorter than the ping interval {self.interval}s")
-
-
-class SessionLost(ConnectionLost):
-    """The tunnel connection carrying the stream went away."""
 
 
 @implementer(IPushProducer)
@@ -166,8 +162,7 @@ class MuxProtocol(Protocol):
         assert transport is not None
         for what, getter in (("peer_label", "getPeer"), ("host_label", "getHost")):
             try:
-                addr = getattr(transport, getter)()
-                setattr(self, what, f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}")
+                setattr(self, what, describe(getattr(transport, getter)()))
             except Exception:
                 setattr(self, what, "")
         # Small frames (PING, OPEN, interactive bytes) must not wait for Nagle.
@@ -567,4 +562,4 @@ class MuxProtocol(Protocol):
             setattr(self, name, None)
 
 
-__all__ = ["Keepalive", "MuxProtocol", "SessionLost", "StreamHandler", "ConnectionDone"]
+__all__ = ["Keepalive", "MuxProtocol", "StreamHandler"]

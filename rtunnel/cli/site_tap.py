@@ -10,10 +10,10 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ..identity.errors import IdentityError
+from ..mux.settings import MAX_STREAMS
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
-from ..mux.settings import MAX_STREAMS
 from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
 
 

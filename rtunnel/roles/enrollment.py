@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rtunnel.adapter.address import describe
 from rtunnel.identity.certs import fingerprint, load_certificate, validate_site_name
 from rtunnel.identity.enrollment import (
     EnrollAccepted,
@@ -75,12 +76,7 @@ def _describe_peer(transport: object) -> str:
     get_peer = getattr(transport, "getPeer", None)
     if get_peer is None:
         return "unknown"
-    address = get_peer()
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return describe(get_peer())
 
 
 def _site_for_log(site: str) -> str:

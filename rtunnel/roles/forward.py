@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..adapter.address import describe
 from ..adapter.stream import MuxStream, StreamOpenFailed, StreamReset
 from ..identity.certs import validate_site_name
 from ..identity.errors import InvalidSiteName
@@ -165,7 +166,7 @@ class ForwardProtocol(TCPSide):
         self._log.warn(
             "forward {forward}: client {client} closed: {reason}",
             forward=str(self.factory.spec),
-            client=_describe(self.peer),
+            client=describe(self.peer),
             reason=failure.getErrorMessage(),
         )
         if self.transport is not None:
@@ -177,7 +178,7 @@ class ForwardProtocol(TCPSide):
         self._log.warn(
             "forward {forward}: site refused the stream for client {client}: {reason}",
             forward=str(self.factory.spec),
-            client=_describe(self.peer),
+            client=describe(self.peer),
             reason=str(failure.value),
         )
         return None
@@ -188,15 +189,9 @@ class ForwardProtocol(TCPSide):
             self._log.debug(
                 "forward {forward}: stream of client {client} reset: {reason}",
                 forward=str(self.factory.spec),
-                client=_describe(self.peer),
+                client=describe(self.peer),
                 reason=f"{code_name(value.code)}: {value.reason}",
             )
-
-
-def _describe(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    return f"{host}:{port}" if host is not None else str(address)
 
 
 class ForwardFactory(Factory):

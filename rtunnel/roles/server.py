@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..adapter.address import describe
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..identity.errors import SiteRejected
@@ -54,12 +55,6 @@ class ServerPolicy:
     max_preauth_bytes: int = 256 * 1024
 
 
-def _describe(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    return f"{host}:{port}" if host is not None else str(address)
-
-
 def _refuse_site_streams(stream: MuxStream) -> None:
     # Sites do not open streams into the cloud in this version.
     stream.refuse(ErrorCode.TARGET_NOT_ALLOWED, "the tunnel server accepts no streams from sites")
@@ -76,7 +71,7 @@ class TunnelConnection(Protocol):
 
     def __init__(self, factory: TunnelServerFactory, addr: IAddress | None) -> None:
         self.factory = factory
-        self.peer = _describe(addr)
+        self.peer = describe(addr)
         self.inner: Protocol | None = None
         self.site: str | None = None
         self.fingerprint: str | None = None
