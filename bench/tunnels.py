@@ -8,7 +8,10 @@ Topology, the same for every tunnel::
   the proof that the load generator is not the bottleneck.
 * ``SshTunnel``: OpenSSH ``ssh -R`` against a private ``sshd`` that the bench
   runs itself (own config, host key, authorized_keys, PidFile, port); the
-  system's sshd and ~/.ssh are never touched.
+  system's sshd and ~/.ssh are never touched.  With ``nodelay=True`` (column
+  ``ssh-nodelay``) both run with ``bench/nodelay.c`` preloaded, which forces
+  TCP_NODELAY on every TCP socket they connect or accept; the bench checks that
+  it took effect and measures only what Nagle affects there (RTT, new connections).
 * ``RtunnelTunnel``: ``twistd rtunnel-server`` + ``twistd rtunnel``, started
   exactly by the CLI contract (see the class); skipped with a reason while the
   plugins do not exist yet.
@@ -24,6 +27,7 @@ Every process is started here with ``start_new_session=True`` and recorded;
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -41,6 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SITE_NAME = "bench"
 SSHD = "/usr/sbin/sshd"
+#: LD_PRELOAD shim built from bench/nodelay.c by run.py (into _bench/, like loadgen)
+NODELAY_SO = REPO / "_bench" / "nodelay.so"
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (unified syscall table, Linux 5.6+)
 
 _started: list[subprocess.Popen] = []  # every process this module started, for cleanup
 
@@ -187,6 +194,75 @@ class Relay:
         end_process(self.proc)
 
 
+def _with_preload(env: dict[str, str], so: Path) -> dict[str, str]:
+    old = env.get("LD_PRELOAD", "")
+    return dict(env, LD_PRELOAD=f"{so} {old}".strip())
+
+
+# Run under LD_PRELOAD=nodelay.so: a blocking connect, a non-blocking one (EINPROGRESS) and an
+# accept, each socket's TCP_NODELAY read back (0 without the shim: Linux's default).
+_NODELAY_PROBE = """
+import errno, socket
+opt = lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(2)
+c = socket.create_connection(ls.getsockname()); a, _ = ls.accept()
+n = socket.socket(); n.setblocking(False)
+e = n.connect_ex(ls.getsockname())
+assert e in (0, errno.EINPROGRESS), e
+print(opt(c), opt(a), opt(n))
+"""
+
+
+def probe_nodelay_shim(so: Path) -> None:
+    """Raise TunnelUnavailable unless a test program under ``LD_PRELOAD=so`` gets TCP_NODELAY=1."""
+    r = subprocess.run([sys.executable, "-c", _NODELAY_PROBE], capture_output=True, text=True, timeout=30,
+                       env=_with_preload(dict(os.environ), so))
+    if r.returncode != 0 or r.stdout.split() != ["1", "1", "1"]:
+        raise TunnelUnavailable(f"TCP_NODELAY shim {so} not effective in a test program (connect, non-blocking "
+                                f"connect, accept read back {r.stdout.strip() or '-'}; rc {r.returncode}; "
+                                f"{r.stderr.strip()[-300:]})")
+
+
+def maps_library(pid: int, name: str) -> bool:
+    """Whether ``name`` is mapped into process ``pid`` (i.e. the preloaded library is loaded)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.rstrip().endswith(name) for line in f)
+    except OSError:
+        return False
+
+
+def tcp_nodelay_of(pid: int) -> dict[int, int]:
+    """socket inode -> TCP_NODELAY of each connected TCP socket of ``pid`` (one of our descendants).
+
+    Reads the real sockets: each fd is duplicated into this process with
+    pidfd_getfd(2) and asked with getsockopt; the duplicate is closed again
+    (the target's socket is not affected).  OSError if the kernel refuses.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: dict[int, int] = {}
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if not link.startswith("socket:["):
+                continue
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"pidfd_getfd({pid}, {name}): {os.strerror(err)}")
+            with socket.socket(fileno=fd) as s:
+                if (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
+                        and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    out[int(link[8:-1])] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        os.close(pidfd)
+    return out
+
+
 # ---------------------------------------------------------------- tunnels
 class Tunnel:
     """Interface: ``start(site_port)``, ``stop()``, ``pids()``, ``forward_port``."""
@@ -197,6 +273,8 @@ class Tunnel:
     #: flow-control window per stream in bytes (bounds WAN throughput at window/RTT), if known
     window_bytes: int | None = None
     window_source = ""
+    #: measure only the 64 B echo RTT and new connections (no bulk, idle RSS, CPU or WAN)
+    latency_only = False
 
     def __init__(self, workdir: Path, wan_delay_ms: float = 0.0) -> None:
         self.workdir = workdir.resolve()  # sshd wants absolute paths in its config
@@ -271,6 +349,12 @@ class SshTunnel(Tunnel):
     the listener itself only waits for new connections and is left out).
     Left as users run it: ``-N`` keeps Nagle on the SSH connection (see
     FIELD-NOTES: it caps sequential new-connection rates at ~25/s).
+
+    ``nodelay=True``: the same aes128-gcm setup with ``LD_PRELOAD=_bench/nodelay.so``
+    in the environment of sshd (inherited by its re-exec and per-connection
+    children) and of ssh, so every TCP socket either connects or accepts gets
+    TCP_NODELAY.  ``check_available`` runs a test program under the shim;
+    ``start`` then checks the running tunnel (see ``_verify_nodelay``).
     """
 
     family = "ssh"
@@ -279,18 +363,27 @@ class SshTunnel(Tunnel):
     window_source = "OpenSSH CHAN_TCP_WINDOW_DEFAULT"
     HOST_ALIAS = "rtunnel-bench-sshd"
 
-    def __init__(self, workdir: Path, cipher: str | None, wan_delay_ms: float = 0.0) -> None:
+    def __init__(self, workdir: Path, cipher: str | None, wan_delay_ms: float = 0.0, nodelay: bool = False) -> None:
         super().__init__(workdir, wan_delay_ms)
         self.cipher = cipher
+        self.nodelay = nodelay
+        self.latency_only = nodelay  # Nagle only affects small messages and new connections
         short = (cipher or "chacha20-poly1305@openssh.com").split("@")[0]
         self.key = "ssh-" + ("aes128-gcm" if cipher and "aes128-gcm" in cipher else short.split("-")[0])
         self.label = f"ssh -R {short}" + ("" if cipher else " (default)")
+        if nodelay:
+            self.key, self.label = "ssh-nodelay", f"ssh -R {short} + TCP_NODELAY"
+        self.env = _with_preload(dict(os.environ), NODELAY_SO) if nodelay else None
         self.sshd: subprocess.Popen | None = None
         self.client: subprocess.Popen | None = None
         self._seen: set[int] = set()
 
     def check_available(self) -> None:
         self.info["openssh"] = ensure_openssh()
+        if self.nodelay:
+            if not NODELAY_SO.exists():
+                raise TunnelUnavailable(f"{NODELAY_SO} not built (gcc bench/nodelay.c)")
+            probe_nodelay_shim(NODELAY_SO)
 
     def _client_argv(self, port: int, extra: list[str]) -> list[str]:
         d = self.workdir
@@ -333,7 +426,7 @@ class SshTunnel(Tunnel):
         t = subprocess.run([SSHD, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True, timeout=10)
         if t.returncode != 0:
             raise RuntimeError(f"sshd -t: {t.stderr.strip()}")
-        self.sshd = spawn([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+        self.sshd = spawn([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log", env=self.env)
         wait_port(sshd_port, 10, self.sshd)
         port = sshd_port
         if self.wan_delay_ms:
@@ -342,7 +435,7 @@ class SshTunnel(Tunnel):
         # Which cipher these options really negotiate: one short verbose login (not the tunnel, whose
         # -v logging would cost CPU on every forwarded connection).
         probe = subprocess.run(self._client_argv(port, ["-v", f"{user}@127.0.0.1", "true"]),
-                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, env=self.env)
         ciphers = [ln.split("cipher:")[1].split()[0] for ln in probe.stderr.splitlines()
                    if "kex: server->client cipher:" in ln]
         if probe.returncode != 0 or not ciphers:
@@ -351,9 +444,57 @@ class SshTunnel(Tunnel):
         self.forward_port = free_port()
         self.client = spawn(
             self._client_argv(port, ["-N", "-R", f"{self.forward_port}:127.0.0.1:{site_port}", f"{user}@127.0.0.1"]),
-            d / "ssh.log")
-        self.info["command"] = " ".join(self.client.args)
+            d / "ssh.log", env=self.env)
+        self.info["command"] = (f"LD_PRELOAD={NODELAY_SO} " if self.nodelay else "") + " ".join(self.client.args)
         wait_echo(self.forward_port, 30, [self.sshd, self.client])
+        if self.nodelay:
+            self._verify_nodelay()
+
+    def _verify_nodelay(self) -> None:
+        """Raise RuntimeError unless the shim is in effect in ssh and in sshd and its children.
+
+        With one forwarded stream held open (so that both of its legs exist):
+        nodelay.so must be mapped in the ssh client, the sshd listener and every
+        child of it, and TCP_NODELAY must read 1 on every connected TCP socket of
+        ssh (to sshd, to the site) and of sshd's children (from ssh, from the
+        forward-port client), read through pidfd_getfd + getsockopt.  If the
+        kernel refuses pidfd_getfd, the mapping check and the test program of
+        ``check_available`` have to do, and the report says so.
+        """
+        assert self.sshd is not None and self.client is not None
+        so = NODELAY_SO.name
+        with socket.create_connection(("127.0.0.1", self.forward_port), timeout=10) as held:
+            held.sendall(b"ECHO" + bytes(12) + b"x" * 64)
+            got = b""
+            while len(got) < 64:
+                chunk = held.recv(64 - len(got))
+                if not chunk:
+                    raise RuntimeError("TCP_NODELAY check: the held echo stream closed")
+                got += chunk
+            kids = procstats.descendants(self.sshd.pid)
+            missing = [pid for pid in [self.client.pid, self.sshd.pid] + kids if not maps_library(pid, so)]
+            if missing or not kids:
+                raise RuntimeError(f"TCP_NODELAY shim: {so} not loaded in PIDs {missing} "
+                                   f"(ssh {self.client.pid}, sshd {self.sshd.pid}, children {kids})")
+            try:
+                client = tcp_nodelay_of(self.client.pid)
+                server: dict[int, int] = {}
+                for pid in kids:
+                    server.update(tcp_nodelay_of(pid))
+            except OSError as e:
+                self.info["nodelay_check"] = (
+                    f"{so} mapped in ssh, the sshd listener and its children ({len(kids)}); a test program under "
+                    f"the shim read TCP_NODELAY=1 after connect and accept; the live sockets could not be "
+                    f"read ({e})")
+                return
+        off = {ino for ino, v in {**client, **server}.items() if not v}
+        if off or len(client) < 2 or len(server) < 2:
+            raise RuntimeError(f"TCP_NODELAY shim not in effect: connected TCP sockets ssh {client}, sshd children "
+                               f"{server} (inode -> TCP_NODELAY; want >= 2 each, all 1)")
+        self.info["nodelay_check"] = (
+            f"{so} mapped in ssh, the sshd listener and its children ({len(kids)}); with a forwarded stream open, "
+            f"TCP_NODELAY read 1 (pidfd_getfd + getsockopt) on all {len(client)} connected TCP sockets of ssh "
+            f"and all {len(server)} of sshd's children")
 
     def pids(self) -> list[int]:
         out: list[int] = []
@@ -474,7 +615,8 @@ class RtunnelTunnel(Tunnel):
 
 
 def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
-    """Tunnel objects for ``--only`` names: direct, ssh (both ciphers), ssh-aes128-gcm, ssh-chacha20, rtunnel."""
+    """Tunnel objects for ``--only`` names: direct, ssh (all three ssh columns), ssh-aes128-gcm,
+    ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel."""
     suffix = "-wan" if wan_delay_ms else ""
     out: list[Tunnel] = []
     for name in selection:
@@ -482,8 +624,13 @@ def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) ->
             out.append(DirectTunnel(root / f"direct{suffix}", wan_delay_ms))
         if name in ("ssh", "ssh-aes128-gcm"):
             out.append(SshTunnel(root / f"ssh-aes{suffix}", "aes128-gcm@openssh.com", wan_delay_ms))
+        if name in ("ssh", "ssh-nodelay") and not wan_delay_ms:
+            out.append(SshTunnel(root / "ssh-nodelay", "aes128-gcm@openssh.com", nodelay=True))
         if name in ("ssh", "ssh-chacha20"):
             out.append(SshTunnel(root / f"ssh-chacha{suffix}", None, wan_delay_ms))
         if name == "rtunnel":
             out.append(RtunnelTunnel(root / f"rtunnel{suffix}", wan_delay_ms))
-    return out
+    unique: dict[str, Tunnel] = {}  # "ssh,ssh-aes128-gcm" names one column once
+    for t in out:
+        unique.setdefault(t.key, t)
+    return list(unique.values())
