@@ -12,7 +12,9 @@ Per-call Python work, not the cipher, is what limits a tunnel here
    BIO into one transport write;
  - gathers every record decrypted from one socket read into one
    C{dataReceived};
- - reads the socket in larger pieces.
+ - reads the socket in larger pieces;
+ - sends on its TCP transport at once when nothing is queued
+   (L{rtunnel.adapter.eager}).
 
 The TLS behaviour (handshake, verification, shutdown, errors) is Twisted's,
 unchanged.
@@ -30,6 +32,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .eager import send_eagerly
+
 #: Largest plaintext handed to OpenSSL in one call.
 WRITE_CHUNK = 256 * 1024
 #: Read size for the BIO and for one TLS record's plaintext.
@@ -45,6 +49,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def makeConnection(self, transport: Any) -> None:
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = SOCKET_READ
+        send_eagerly(transport)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol's own method, unannotated
 
     def _write(self, data: bytes) -> None:

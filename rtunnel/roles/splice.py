@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..adapter.eager import send_eagerly
 from ..adapter.stream import MuxStream, StreamReset
 from ..mux.errors import ErrorCode
 
@@ -119,6 +120,7 @@ class TCPSide(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        send_eagerly(self.transport)
 
     def join(self, stream: MuxStream) -> None:
         """
