@@ -12,6 +12,7 @@ timeout, DNS), so the cloud-side log says what went wrong at the site.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import re
 from typing import Callable, Iterable, Mapping
@@ -33,7 +34,13 @@ from .splice import TCPSide
 _NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
+@functools.lru_cache(maxsize=4096)
 def _canonical_host(host: str) -> str:
+    """
+    One spelling per host, so that allowlist entries match however the cloud
+    wrote it. Cached: every stream asks, mostly for the same few hosts, and
+    C{ipaddress} parsing is a visible share of a new connection's cost.
+    """
     host = host.strip().lower().rstrip(".")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -106,23 +113,27 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
     """
 
     def endpoint_for(host: str, port: int) -> IStreamClientEndpoint:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+        version = _ip_version(host)
+        if version is None:
             return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
-        if address.version == 4:
+        if version == 4:
             return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
     return endpoint_for
 
 
-def _is_ip(host: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _ip_version(host: str) -> int | None:
+    """4 or 6 for an IP literal, None for a name (cached like L{_canonical_host})."""
     try:
-        ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).version
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _is_ip(host: str) -> bool:
+    return _ip_version(host) is not None
 
 
 _UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
