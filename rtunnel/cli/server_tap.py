@@ -13,6 +13,7 @@ from ..identity.errors import IdentityError
 from ..roles.forward import ForwardSpec
 from ..roles.server import ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
+from .malloc import tune_malloc
 from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
 
 
@@ -76,6 +77,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    tune_malloc()
     try:
         return build_server_service(options.config, reactor)
     except IdentityError as e:

@@ -14,6 +14,7 @@ from ..mux.settings import MAX_STREAMS
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
+from .malloc import tune_malloc
 from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
 
 
@@ -73,6 +74,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    tune_malloc()
     try:
         return build_site_service(options.config, reactor)
     except IdentityError as e:
