@@ -20,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 
 from .adapter.address import describe

@@ -18,7 +18,7 @@ from attrs import field, frozen, validators
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

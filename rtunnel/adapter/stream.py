@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ITransport,
 )
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from cryptography import x509
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.filepath import FilePath
 
 from rtunnel.identity.certs import (

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from twisted.internet.interfaces import IReactorCore
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 
 _log = Logger()
 _exit_status: int | None = None

@@ -17,7 +17,7 @@ from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 
 from ..adapter.address import describe

@@ -16,7 +16,7 @@ from typing import Callable
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 
 from ..adapter.protocol import MuxProtocol
 from ..adapter.stream import MuxStream

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from attrs import frozen
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

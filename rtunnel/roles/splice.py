@@ -16,7 +16,7 @@ from typing import Callable
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
