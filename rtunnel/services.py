@@ -32,11 +32,37 @@ from .identity.tlsconfig import server_tls_options
 from .roles.fatal import stop_with_status
 from .roles.forward import ForwardFactory, ForwardSpec
 from .roles.registry import SiteRegistry
-from .roles.server import RevocationWatch, ServerPolicy, TunnelServerFactory
+from .roles.descriptors import RESERVED, DescriptorWatch, soft_limit
+from .roles.server import AdmissionGate, RevocationWatch, ServerPolicy, TunnelServerFactory
 from .roles.site import SitePolicy, TunnelClientService
 from .roles.target import Target, TargetConnector, tcp_endpoints
 
 DEFAULT_LISTEN = "tcp:5500"
+#: Listen backlog of the tunnel port unless its endpoint description sets
+#: one. Twisted's default of 50 overflowed when a thousand sites came back
+#: after a restart (384 SYNs dropped, each a one-second stall or worse).
+TUNNEL_BACKLOG = 1024
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def with_backlog(description: str, backlog: int = TUNNEL_BACKLOG) -> str:
+    """
+    C{description} with C{backlog=BACKLOG} added, for the endpoint types
+    that take one (tcp, tcp6, unix, ssl), unless it already names one.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in {"tcp", "tcp6", "unix", "ssl"} or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def effective_max_preauth(configured: int, fd_limit: int) -> int:
+    """
+    The pre-auth cap actually applied: at most a quarter of the descriptors
+    the process may open, so that pre-auth connections alone can never take
+    the descriptors sites and forward clients need.
+    """
+    return max(1, min(configured, (fd_limit - RESERVED) // 4))
 
 
 def _utcnow() -> datetime:
@@ -107,6 +133,8 @@ class TunnelServerService(MultiService):
             max_streams_per_site=config.max_streams_per_site,
         )
         self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
+        self.gate: AdmissionGate | None = None
+        self.descriptors = DescriptorWatch(reactor)
         self.ports: list[IListeningPort] = []
         self.tunnel_port: IListeningPort | None = None
         self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
@@ -121,15 +149,25 @@ class TunnelServerService(MultiService):
         self._poll = task.LoopingCall(self._watch.check)
         self._poll.clock = self.reactor
         self._poll.start(self.config.revocation_poll, now=False)
+        self.descriptors.start()
         self._listening = self._listen_all()
 
     @defer.inlineCallbacks
     def _listen_all(self) -> Generator[defer.Deferred[Any], Any, None]:
-        description = self.config.listen
+        description = with_backlog(self.config.listen)
         try:
             # Our reactor, not the global one, times its small-write batching.
             tls_factory = BulkTLSFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
-            port = yield serverFromString(self.reactor, description).listen(tls_factory)
+            limit = effective_max_preauth(self.config.policy.max_preauth, soft_limit())
+            if limit < self.config.policy.max_preauth:
+                self._log.warn(
+                    "at most {limit} unauthenticated connections at once (--max-preauth {configured} lowered to a "
+                    "quarter of the file descriptor limit)",
+                    limit=limit,
+                    configured=self.config.policy.max_preauth,
+                )
+            self.gate = AdmissionGate(tls_factory, self.factory, limit)
+            port = yield serverFromString(self.reactor, description).listen(self.gate)
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
@@ -141,6 +179,15 @@ class TunnelServerService(MultiService):
                 self.forward_ports[spec] = port
                 self.ports.append(port)
                 self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
+                if not spec.bind.startswith(_LOOPBACK):
+                    self._log.warn(
+                        "forward {forward} is bound to {bind}, not loopback: anyone who can reach that address "
+                        "reaches {site}:{target} without authentication (docs/security.md, forward clients)",
+                        forward=str(spec),
+                        bind=spec.bind,
+                        site=spec.site,
+                        target=str(spec.target),
+                    )
         except Exception:
             failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
@@ -161,6 +208,7 @@ class TunnelServerService(MultiService):
     def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        self.descriptors.stop()
         withdraw_registry(self.config.name, self.registry)
         ports, self.ports = self.ports, []
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,7 +32,7 @@ from rtunnel.identity.enrollment import EnrollRequest
 from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder
 from rtunnel.roles.forward import ForwardSpec
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
-from rtunnel.roles.server import RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
+from rtunnel.roles.server import AdmissionGate, RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
 from rtunnel.services import ServerConfig, build_server_service
 
 from tests.roles_helpers import SITE_PEER, Built, Recorder, ServerFixture, Watching, pump_all, tls_connect
@@ -241,6 +244,152 @@ class HandshakeLimitTests(SynchronousTestCase):
         self.assertEqual(decode_reply(reply[8:]).code, "bad-request")  # type: ignore[union-attr]
 
 
+class CertificateTransport(StringTransport):
+    """A transport whose TLS peer presented C{certificate} (already verified)."""
+
+    def __init__(self, certificate) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(peerAddress=SITE_PEER)
+        self.certificate = certificate
+
+    def getPeerCertificate(self):  # type: ignore[no-untyped-def]
+        return self.certificate
+
+
+class LogCapture:
+    """Collects the log events emitted while a test runs."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self, containing: str = "") -> list[str]:
+        texts = [formatEvent(e) for e in self.events]
+        return [t for t in texts if containing in t]
+
+
+class PreauthTests(SynchronousTestCase):
+    """
+    A connection that is not an authenticated session is aborted once the
+    handshake timeout has passed since accept, whatever state it is in,
+    and at most max_preauth exist at once.
+    """
+
+    def _connection(self, server: Server, transport: StringTransport) -> TunnelConnection:
+        connection = server.factory.buildProtocol(SITE_PEER)
+        connection.makeConnection(transport)
+        return connection
+
+    def test_silent_enrollment_client_is_aborted_at_the_deadline(self) -> None:
+        """
+        A client without a certificate that sends one byte to the
+        enrollment responder, gets its refusal and then never closes (no
+        close_notify) loses its socket when the handshake timeout has
+        passed since accept: aborted, not waited on.
+        """
+        server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=30.0))
+        transport = StringTransport(peerAddress=SITE_PEER)
+        connection = self._connection(server, transport)
+        server.clock.advance(5)
+        connection.handshakeCompleted()
+        connection.dataReceived(b"\x00")
+        connection.dataReceived(b"RTEN\x00\x00\x00\x02{]")
+        self.assertEqual(transport.value()[:4], b"RTEN")  # the refusal went out
+        self.assertTrue(transport.disconnecting)  # a polite close, which a silent peer never completes
+        self.assertFalse(transport.disconnected)
+        server.clock.advance(24.9)
+        self.assertFalse(transport.disconnected)
+        server.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)  # aborted
+        connection.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(server.factory.preauth, 0)
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+
+    def test_refused_site_that_never_closes_is_aborted(self) -> None:
+        """
+        A revoked site is refused (HELLO and GOAWAY) and the connection
+        closed politely; if the peer never completes that close, the
+        socket is aborted at the handshake deadline.
+        """
+        server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=30.0))
+        key, cert = server.fixture.enroll("alpha")
+        server.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+        transport = CertificateTransport(cert)
+        connection = self._connection(server, transport)
+        connection.handshakeCompleted()
+        self.assertIn(b"site-revoked", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(server.factory.preauth, 1)
+        server.clock.advance(30)
+        self.assertTrue(transport.disconnected)
+
+    def test_preauth_count_follows_connections(self) -> None:
+        """
+        Every accepted connection counts as pre-auth until it becomes an
+        authenticated session or is gone.
+        """
+        server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=10.0))
+        key, cert = server.fixture.enroll("alpha")
+        silent, _, pump = server.dial(protocol=Recorder, tls=False)
+        self.assertEqual(server.factory.preauth, 1)
+        site, _, _ = server.dial(key, cert)
+        self.assertTrue(site.ready)
+        self.assertEqual(server.factory.preauth, 1)  # the site no longer counts
+        server.clock.advance(10)
+        pump_all(pump)
+        self.assertIsNotNone(silent.lost)
+        self.assertEqual(server.factory.preauth, 0)
+
+    def test_gate_refuses_at_accept_beyond_the_limit(self) -> None:
+        """
+        Once max_preauth connections are pre-auth, the admission gate
+        closes new ones at accept (no protocol, so no TLS object), with one
+        warning per ten seconds that counts the refusals; below the limit
+        again, connections are accepted.
+        """
+        server = Server(self)
+        log = LogCapture(self)
+        inner = Built(Recorder)
+        gate = AdmissionGate(inner, server.factory, limit=2)
+        server.factory.preauth = 2
+        for _ in range(100):
+            self.assertIsNone(gate.buildProtocol(SITE_PEER))
+        self.assertEqual(inner.built, [])
+        [line] = log.lines("refusing connections on the tunnel port")
+        self.assertIn("limit (--max-preauth) is 2", line)
+        server.clock.advance(10)
+        self.assertIsNone(gate.buildProtocol(SITE_PEER))
+        [_, second] = log.lines("refusing connections on the tunnel port")
+        self.assertIn("101 refused so far", second)
+        server.factory.preauth = 1
+        self.assertIsNotNone(gate.buildProtocol(SITE_PEER))
+
+    def test_refused_client_certificate_is_logged_and_rate_limited(self) -> None:
+        """
+        A client certificate rejected in the handshake (here: issued by
+        another CA) gets a warning naming the peer and the reason; repeated
+        attempts from the same host are rate-limited, with a count.
+        """
+        server = Server(self)
+        log = LogCapture(self)
+        ca_key, ca_cert = certs.create_ca("someone else's CA")
+        key = certs.generate_private_key()
+        foreign = certs.issue_site_certificate(ca_key, ca_cert, certs.create_csr(key, "alpha"), "alpha")
+        for _ in range(20):
+            site, _, _ = server.dial(key, foreign)
+            self.assertFalse(site.ready)
+        lines = log.lines("refused TLS connection from 192.0.2.7:40123")
+        self.assertEqual(len(lines), 5, lines)  # the burst, then silence
+        self.assertIn("client certificate refused", lines[0])
+        self.assertIn("not issued by", lines[0])
+        server.clock.advance(5)
+        site, _, _ = server.dial(key, foreign)
+        [*_, last] = log.lines("refused TLS connection from 192.0.2.7:40123")
+        self.assertIn("(15 similar from this host not logged)", last)
+        self.assertEqual(server.factory.preauth, 0)
+
+
 class RevocationTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = Server(self)
@@ -288,6 +437,27 @@ class RevocationTests(SynchronousTestCase):
         pump_all(self.pump)
         self.assertEqual(self.site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
         self.assertIn("certificate-superseded", self.site.peer_goaway[1])  # type: ignore[index]
+
+
+class OwnEnrollmentTests(SynchronousTestCase):
+    def test_reenrollment_through_this_server_cuts_superseded_session(self) -> None:
+        """
+        A re-enrollment redeemed by this very server process (through its
+        own database connection, whose commits SQLite's data_version does
+        not count) ends the session of the superseded certificate within
+        one poll, as a revocation would.
+        """
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        watch = RevocationWatch(server.fixture.state, server.registry)
+        site, _, pump = server.dial(key, cert)
+        watch.check()
+        server.fixture.enroll("alpha")  # the same ServerState: the server's own connection
+        watch.check()
+        pump_all(pump)
+        self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIn("certificate-superseded", site.peer_goaway[1])  # type: ignore[index]
+        self.assertIsNone(server.registry.session_for("alpha"))
 
 
 class LateHello(MuxProtocol):
@@ -371,16 +541,41 @@ class ServiceTests(SynchronousTestCase):
 
     def test_start_listens_and_publishes(self) -> None:
         """
-        Starting listens for sites (with TLS added) and on every forward
-        with a backlog of 1024, and publishes the registry by name.
+        Starting listens for sites (with TLS added, behind the pre-auth
+        admission gate) and on every forward, all with a backlog of 1024,
+        and publishes the registry by name.
         """
         self.start()
         ports = [(port, backlog, interface) for port, _, backlog, interface in self.reactor.tcpServers]
-        self.assertEqual(ports[0][0], 5500)
+        self.assertEqual(ports[0][:2], (5500, 1024))
         self.assertEqual(ports[1:], [(8080, 1024, "127.0.0.1"), (8081, 1024, "::1")])
-        self.assertIsInstance(self.reactor.tcpServers[0][1], TLSMemoryBIOFactory)
+        gate = self.reactor.tcpServers[0][1]
+        self.assertIsInstance(gate, AdmissionGate)
+        self.assertIsInstance(gate.wrapped, TLSMemoryBIOFactory)
         self.assertIs(published_registry("svc-test"), self.service.registry)
         self.assertEqual(len(self.service.forward_ports), 2)
+
+    def test_forward_on_a_public_address_is_warned_about(self) -> None:
+        """
+        A forward bound to a non-loopback address gets a warning at start
+        saying that anyone who reaches it reaches the site's target without
+        authentication; loopback forwards get none.
+        """
+        log = LogCapture(self)
+        config = ServerConfig(
+            state_dir=self.fixture.directory,
+            listen="tcp:5501:interface=127.0.0.1",
+            forwards=(ForwardSpec.parse("0.0.0.0:8090:alpha:10.0.0.5:554"), ForwardSpec.parse("8091:alpha:h:1")),
+            policy=ServerPolicy(keepalive=None),
+            name="svc-public",
+        )
+        service = build_server_service(config, self.reactor)
+        self.addCleanup(service.state.close)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [line] = log.lines("not loopback")
+        self.assertIn("forward 0.0.0.0:8090 -> alpha:10.0.0.5:554 is bound to 0.0.0.0", line)
+        self.assertIn("without authentication", line)
 
     def test_site_connects_through_the_service(self) -> None:
         """

@@ -107,8 +107,10 @@ class _ServerIdentity(Protocol):
     ca_certificate: x509.Certificate
 
 
-def _describe(errno: int) -> str:
-    return _VERIFY_ERRORS.get(errno, f"OpenSSL verification error {errno}")
+def _describe(errno: int, peer_role: str = "server") -> str:
+    text = _VERIFY_ERRORS.get(errno, f"OpenSSL verification error {errno}")
+    # The site pins the CA from its keyfile; the server trusts its own CA.
+    return text if peer_role == "server" else text.replace("the pinned rtunnel CA", "this server's CA")
 
 
 def _base_context() -> SSL.Context:
@@ -170,7 +172,7 @@ def _verifier(
                 where = "" if depth == 0 else f" (certificate {depth} of its chain)"
                 return fail(
                     PeerVerificationFailed(
-                        f"{peer_role} certificate refused{where}: {_describe(errno)}",
+                        f"{peer_role} certificate refused{where}: {_describe(errno, peer_role)}",
                         errno,
                         depth,
                     )

@@ -9,8 +9,15 @@ handshake is done it knows who is calling:
    current one becomes a mux session in the registry;
  - a client without a certificate may only enroll (redeem a one-time token);
  - anything else is told why (GOAWAY NOT_AUTHORIZED) and disconnected.
-A connection that has not got that far within the handshake timeout is
-dropped, so idle or slow connections (slowloris) cannot pile up.
+Until a connection is an authenticated session it is I{pre-auth}: it costs a
+socket and a TLS object but has proven nothing. Each pre-auth connection is
+aborted (never politely closed: a TLS close waits for the peer's
+close_notify, which a silent peer never sends) once the handshake timeout
+has passed since it was accepted, whatever it is doing then: in the TLS
+handshake, enrolling, waiting to read an enrollment reply, or refused. And
+at most C{max_preauth} may exist at once: L{AdmissionGate} closes the excess
+at accept, before any TLS work, so that silent or slow clients (slowloris)
+can never take the descriptors that sites and forward clients need.
 """
 
 from __future__ import annotations
@@ -18,18 +25,27 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from attrs import frozen
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..adapter.address import describe
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
-from ..identity.errors import SiteRejected
+from ..identity.errors import PeerVerificationFailed, SiteRejected
 from ..identity.state import ServerState
 from ..identity.tlsconfig import peer_identity
+from ..logs import Logger
+from ..logsafe import LogBudget, printable
 from ..mux.errors import ErrorCode
 from ..mux.settings import Settings, WindowTuning
 from .enrollment import EnrollmentResponder
@@ -46,6 +62,10 @@ class ServerPolicy:
         enrollment) must finish within this many seconds.
     @ivar max_preauth_bytes: bytes a connection may send before it is
         authenticated; more is an attack or a confused peer.
+    @ivar max_preauth: connections that are not (yet) authenticated sessions
+        that may exist at once; more are closed at accept. Sites reconnecting
+        after a restart are pre-auth for one handshake (about a millisecond
+        of server CPU each), so this bounds a burst, not the fleet.
     """
 
     settings: Settings = Settings()
@@ -53,6 +73,7 @@ class ServerPolicy:
     keepalive: Keepalive | None = Keepalive()
     handshake_timeout: float = 30.0
     max_preauth_bytes: int = 256 * 1024
+    max_preauth: int = 1024
 
 
 def _refuse_site_streams(stream: MuxStream) -> None:
@@ -79,6 +100,10 @@ class TunnelConnection(Protocol):
         self._held_size = 0
         self._timer: IDelayedCall | None = None
         self._lost = False
+        self._handshaken = False
+        #: counted in the factory's pre-auth connections until authenticated or gone
+        self._preauth = True
+        factory.preauth += 1
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
@@ -88,13 +113,15 @@ class TunnelConnection(Protocol):
     def handshakeCompleted(self) -> None:
         if self._lost:
             return
+        self._handshaken = True
         identity = peer_identity(self.transport)
         if identity is None:
             self._log.info("enrollment connection from {peer}", peer=self.peer)
             # The whole exchange, TLS included, gets one handshake timeout.
+            # Our own timer stays armed: the responder's ends with its reply,
+            # and a client that then never closes must not keep the socket.
             remaining = max(self._deadline - self.factory.clock.seconds(), 0.001)
             responder = EnrollmentResponder(self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=remaining)
-            self._cancel_timer()  # the responder enforces its own deadline
             self._become(responder)
             return
         site, fingerprint = identity
@@ -117,9 +144,16 @@ class TunnelConnection(Protocol):
         try:
             self.factory.state.store.check_site(site, fingerprint)
         except SiteRejected as e:
-            self._log.warn(
-                "site {site} from {peer} rejected: {code}: {reason}", site=site, peer=self.peer, code=e.code, reason=e.message
-            )
+            allowed, suppressed = self.factory.log_budget.allow(("rejected", site), self.factory.clock.seconds())
+            if allowed:
+                self._log.warn(
+                    "site {site} from {peer} rejected: {code}: {reason}{suppressed}",
+                    site=site,
+                    peer=self.peer,
+                    code=e.code,
+                    reason=e.message,
+                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                )
             return ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}"
         except Exception:
             # The database failed (locked, disk error): refuse this attempt;
@@ -141,14 +175,15 @@ class TunnelConnection(Protocol):
         )
 
     def _authenticated(self, site: str, mux: MuxProtocol) -> None:
-        self._cancel_timer()
         assert self.fingerprint is not None
         # Again: a revocation committed between the handshake and this HELLO
         # found nothing registered to cut, and would be missed.
         refusal = self._refusal(site, self.fingerprint)
         if refusal is not None:
-            mux.terminate(*refusal)
+            mux.terminate(*refusal)  # still pre-auth: the deadline aborts a peer that never closes
             return
+        self._cancel_timer()
+        self._leave_preauth()
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
         mux.when_closed().addCallback(self._session_closed, site)
@@ -177,19 +212,63 @@ class TunnelConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancel_timer()
+        self._leave_preauth()
+        if not self._handshaken:
+            self._report_failed_handshake(reason)
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
+    def _leave_preauth(self) -> None:
+        if self._preauth:
+            self._preauth = False
+            self.factory.preauth -= 1
+
+    def _report_failed_handshake(self, reason: Failure) -> None:
+        """
+        A TLS handshake that failed is worth a line: a refused client
+        certificate (wrong CA, wrong purpose, expired) is a site with the
+        wrong credentials or someone trying. Rate-limited per kind and peer
+        host, since anyone can cause these at will.
+        """
+        value = reason.value
+        if isinstance(value, PeerVerificationFailed):
+            kind, level, what = "certificate", "warn", str(value)
+        elif isinstance(value, SSL.Error):
+            kind, level, what = "tls", "info", _ssl_reason(value)
+        else:
+            return  # closed before or during the handshake: nothing to say
+        host = self.peer.rpartition(":")[0]
+        allowed, suppressed = self.factory.log_budget.allow((kind, host), self.factory.clock.seconds())
+        if not allowed:
+            return
+        log = self._log.warn if level == "warn" else self._log.info
+        log(
+            "refused TLS connection from {peer}: {reason}{suppressed}",
+            peer=self.peer,
+            reason=printable(what),
+            suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
+        )
+
     def _timed_out(self) -> None:
         self._timer = None
+        if not self._preauth:
+            return  # an authenticated session: its keepalive watches it now
         inner = self.inner
-        if isinstance(inner, MuxProtocol) and inner.ready:
-            return
-        self._log.warn(
-            "dropping {peer}: no authenticated session within {timeout}s",
-            peer=self.peer,
-            timeout=self.factory.policy.handshake_timeout,
-        )
+        if isinstance(inner, EnrollmentResponder) and inner.reply is not None:
+            what = "enrollment answered but the client did not close"
+        elif self._handshaken:
+            what = "no authenticated session"
+        else:
+            what = "TLS handshake not finished"
+        allowed, suppressed = self.factory.log_budget.allow(("timeout", self.peer.rpartition(":")[0]), self.factory.clock.seconds())
+        if allowed:
+            self._log.warn(
+                "dropping {peer}: {what} within {timeout}s{suppressed}",
+                peer=self.peer,
+                what=what,
+                timeout=self.factory.policy.handshake_timeout,
+                suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
+            )
         self._abort()
 
     def _abort(self) -> None:
@@ -204,10 +283,20 @@ class TunnelConnection(Protocol):
         self._timer = None
 
 
+def _ssl_reason(error: SSL.Error) -> str:
+    """OpenSSL's reason strings out of the nested list pyOpenSSL gives."""
+    reasons = [str(item[2]) for item in (error.args[0] if error.args and isinstance(error.args[0], list) else []) if len(item) > 2]
+    return "TLS error: " + ("; ".join(reasons) if reasons else str(error))
+
+
 class TunnelServerFactory(Factory):
     """
     The factory behind the server's TLS listener (wrap it with
-    C{TLSMemoryBIOFactory(server_tls_options(state), False, factory)}).
+    C{TLSMemoryBIOFactory(server_tls_options(state), False, factory)}, and
+    that with L{AdmissionGate} to cap pre-auth connections).
+
+    @ivar preauth: connections accepted that are not (yet) authenticated
+        sessions: in the TLS handshake, enrolling, or refused and closing.
     """
 
     protocol = TunnelConnection
@@ -220,9 +309,59 @@ class TunnelServerFactory(Factory):
         self.registry = registry
         self.clock = clock
         self.policy = policy
+        self.preauth = 0
+        #: one budget for the lines any client can cause (refused handshakes, timeouts)
+        self.log_budget = LogBudget(rate=0.2, burst=5)
 
     def buildProtocol(self, addr: IAddress | None) -> TunnelConnection:
         return TunnelConnection(self, addr)
+
+
+@implementer(IProtocolFactory)
+class AdmissionGate:
+    """
+    The outermost factory of the tunnel listener: refuses a connection at
+    accept (the socket is closed before any TLS object exists) while
+    C{limit} connections are already pre-auth.
+
+    A refused site sees its connection closed at once and backs off like
+    after any failed attempt; a flood of silent clients costs us one
+    C{accept} and one C{close} each beyond the limit.
+    """
+
+    _log = Logger()
+
+    def __init__(self, wrapped: IProtocolFactory, server: TunnelServerFactory, limit: int) -> None:
+        self.wrapped = wrapped
+        self.server = server
+        self.limit = limit
+        self.refused = 0
+        self._budget = LogBudget(rate=0.1, burst=1)
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        if self.server.preauth >= self.limit:
+            self.refused += 1
+            allowed, suppressed = self._budget.allow("full", self.server.clock.seconds())
+            if allowed:
+                self._log.warn(
+                    "refusing connections on the tunnel port (from {peer} and others): {count} connections are not "
+                    "authenticated yet, the limit (--max-preauth) is {limit}; {refused} refused so far",
+                    peer=describe(addr),
+                    count=self.server.preauth,
+                    limit=self.limit,
+                    refused=self.refused,
+                )
+            return None
+        return self.wrapped.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:
+        return "rtunnel"
 
 
 class RevocationWatch:
