@@ -14,7 +14,7 @@ from hashlib import sha256
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 
@@ -200,6 +200,56 @@ def test_validate_csr_refuses_bad_signature() -> None:
     tampered = x509.load_der_x509_csr(bytes(der))
     with pytest.raises(CertificateError, match="signature"):
         certs.validate_csr(tampered, "alpha")
+
+
+class _SignatureSpy:
+    """A real certificate request that records whether its signature was checked."""
+
+    def __init__(self, csr: x509.CertificateSigningRequest) -> None:
+        self._csr = csr
+        self.signature_checked = False
+
+    @property
+    def is_signature_valid(self) -> bool:
+        self.signature_checked = True
+        return self._csr.is_signature_valid
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._csr, name)
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        lambda: ec.generate_private_key(ec.SECP521R1()),
+    ],
+    ids=["rsa", "p521"],
+)
+def test_validate_csr_checks_key_type_before_the_signature(make_key) -> None:  # type: ignore[no-untyped-def]
+    """
+    A request over a key that is not P-256 is refused for its key type
+    without its signature ever being verified: before authentication, a
+    client must not be able to make us spend CPU on an expensive signature
+    (an RSA key with a huge public exponent costs milliseconds).
+    """
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alpha")]))
+        .sign(make_key(), hashes.SHA256())
+    )
+    spy = _SignatureSpy(csr)
+    with pytest.raises(CertificateError, match="not (an ECDSA )?P-256"):
+        certs.validate_csr(spy, "alpha")  # type: ignore[arg-type]
+    assert not spy.signature_checked
+
+
+def test_validate_csr_checks_the_name_before_the_signature() -> None:
+    """A P-256 request for another site is refused before its signature is verified."""
+    spy = _SignatureSpy(certs.create_csr(certs.generate_private_key(), "beta"))
+    with pytest.raises(CertificateError, match="'beta', not for site 'alpha'"):
+        certs.validate_csr(spy, "alpha")  # type: ignore[arg-type]
+    assert not spy.signature_checked
 
 
 def test_site_name_of_refuses_non_site_certificates(authority: Authority) -> None:

@@ -402,6 +402,49 @@ class ConnectionStatusTests(_StoreTestCase):
         self.assertFalse(pid_alive(0))
 
 
+class LookupTests(_StoreTestCase):
+    def _steps(self, call) -> int:  # type: ignore[no-untyped-def]
+        """SQLite virtual-machine steps (in hundreds) that C{call} costs."""
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        self.store._db.set_progress_handler(count, 100)
+        try:
+            call()
+        finally:
+            self.store._db.set_progress_handler(None, 100)
+        return steps[0]
+
+    def test_site_matches_list_sites(self) -> None:
+        """
+        site(NAME) gives the same record as list_sites() for enrolled,
+        revoked and pending sites, and None for a name nobody knows.
+        """
+        self.enroll(_Site("alpha"))
+        self.enroll(_Site("beta"))
+        self.store.revoke_site("beta", later(1))
+        self.store.create_token("gamma", timedelta(hours=1), NOW)
+        for record in self.store.list_sites():
+            self.assertEqual(self.store.site(record.name), record)
+        self.assertIsNone(self.store.site("delta"))
+
+    def test_site_does_not_scan_every_site(self) -> None:
+        """
+        Looking one site up costs the same with 2,000 known sites as with
+        one (`rtunnel keyfile create` used to go through every site).
+        """
+        self.enroll(_Site("alpha"))
+        small = self._steps(lambda: self.store.site("alpha"))
+        for index in range(2000):
+            self.store.create_token(f"site-{index}", timedelta(hours=1), NOW)
+        large = self._steps(lambda: self.store.site("alpha"))
+        self.assertLessEqual(large, small + 2)
+        self.assertGreater(self._steps(self.store.list_sites), 10 * max(large, 1))
+
+
 class ConcurrencyTests(_StoreTestCase):
     def test_wal_mode_and_private_file(self) -> None:
         """
@@ -425,6 +468,23 @@ class ConcurrencyTests(_StoreTestCase):
         other.revoke_site("alpha", later(1))
         self.assertNotEqual(self.store.changes_token(), before)
         self.assertEqual(self.store.revoked_sites(), frozenset({"alpha"}))
+
+    def test_changes_token_sees_own_enrollments_and_revocations(self) -> None:
+        """
+        Enrollments and revocations committed through this very connection
+        (the server enrolls sites through its own) change the token too,
+        although SQLite's data_version does not count them; connection
+        status updates do not.
+        """
+        self.enroll(_Site())
+        before = self.store.changes_token()
+        self.store.mark_connected("alpha", "192.0.2.9:40000", later(1))
+        self.assertEqual(self.store.changes_token(), before)
+        self.enroll(_Site())  # the same site again: a new certificate
+        after_enrollment = self.store.changes_token()
+        self.assertNotEqual(after_enrollment, before)
+        self.store.revoke_site("alpha", later(2))
+        self.assertNotEqual(self.store.changes_token(), after_enrollment)
 
     def test_readers_are_not_blocked_by_a_writer(self) -> None:
         """

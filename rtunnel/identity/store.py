@@ -183,6 +183,9 @@ class StateStore:
         """
         self.path = os.fspath(path)
         self._process_alive = process_alive
+        #: admission changes committed through this connection (enrollments,
+        #: revocations), which SQLite's data_version does not count
+        self._own_changes = 0
         p = Path(self.path)
         if p.is_dir():
             raise StateError(f"state database {self.path} is a directory")
@@ -483,6 +486,7 @@ class StateStore:
                 "certificate_pem = excluded.certificate_pem, revoked_at = NULL",
                 (site, stamp, cert_fp, certificate_pem),
             )
+            self._own_changes += 1
             return certificate_pem
 
     # -- admission --------------------------------------------------------
@@ -543,6 +547,7 @@ class StateStore:
                 db.execute("INSERT INTO sites (name, revoked_at) VALUES (?, ?)", (name, stamp))
             elif row["revoked_at"] is None:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
+            self._own_changes += 1
         record = self.site(name)
         assert record is not None
         return record
@@ -557,15 +562,20 @@ class StateStore:
             ).fetchall()
         return frozenset(r[0] for r in rows)
 
-    def changes_token(self) -> int:
+    def changes_token(self) -> tuple[int, int]:
         """
-        A number that changes whenever another connection (the CLI, another
-        process) commits to the database; cheap enough to poll every second
-        before re-reading L{revoked_sites}.  Commits through this instance
-        do not change it.
+        A value that changes whenever admission may have changed: another
+        connection (the CLI, another process) committed anything, or this
+        one enrolled or revoked a site. Cheap enough to poll every second
+        before re-checking the live sessions.
+
+        SQLite's C{data_version} alone does not change for commits made
+        through the same connection, and the server enrolls sites through
+        its own: a re-enrollment would then leave the superseded
+        certificate's session alive.
         """
         with self._guard():
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
 
     # -- connection status ------------------------------------------------
 
@@ -659,12 +669,28 @@ class StateStore:
 
     def site(self, name: str) -> SiteRecord | None:
         """
-        The record of one site, or C{None} if it is not known.
+        The record of one site, or C{None} if it is not known. One indexed
+        lookup, whatever the number of sites.
         """
-        for record in self.list_sites():
-            if record.name == name:
-                return record
-        return None
+        alive = self._server_alive()
+        with self._guard():
+            row = self._db.execute(
+                """
+                SELECT ? AS name, s.enrolled_at, s.revoked_at, s.connected,
+                       s.peer, s.connected_since, s.last_seen,
+                       s.certificate_fingerprint,
+                       (SELECT max(t.expires_at) FROM tokens t WHERE t.site = ?
+                          AND t.spent_at IS NULL AND t.withdrawn_at IS NULL)
+                         AS token_expires,
+                       s.name IS NOT NULL
+                         OR EXISTS (SELECT 1 FROM tokens t WHERE t.site = ?) AS known
+                FROM (SELECT 1) LEFT JOIN sites s ON s.name = ?
+                """,
+                (name, name, name, name),
+            ).fetchone()
+        if row is None or not row["known"]:
+            return None
+        return self._record(row, alive)
 
     @staticmethod
     def _record(row: sqlite3.Row, alive: bool) -> SiteRecord:
