@@ -13,7 +13,6 @@ Python (no Twisted), so that the sans-IO core can use it too.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Hashable
 
 from attrs import define, field
@@ -23,29 +22,13 @@ __all__ = ["LogBudget", "MAX_PRINTABLE", "printable"]
 #: Longest peer-supplied text that appears in one log line (characters).
 MAX_PRINTABLE = 256
 
-# Characters that are safe in a log line however it is displayed.
-_SAFE_CACHE: dict[str, bool] = {}
-
-
-def _safe_char(char: str) -> bool:
-    known = _SAFE_CACHE.get(char)
-    if known is not None:
-        return known
-    # Cc: C0/C1 controls (CR, LF, ESC, ...); Cf: format characters, which
-    # include the bidi overrides and isolates (U+202A-202E, U+2066-2069)
-    # and zero-width marks; Zl/Zp: line and paragraph separators; Co/Cn:
-    # private use and unassigned code points, whose rendering is anyone's guess.
-    safe = unicodedata.category(char) not in {"Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs"}
-    if len(_SAFE_CACHE) < 4096:
-        _SAFE_CACHE[char] = safe
-    return safe
-
 
 def printable(text: object, limit: int = MAX_PRINTABLE) -> str:
     """
-    C{text} as it may appear in a log line: every control, format (bidi),
-    separator or unassigned character replaced by a Python-style escape
-    (C{\\r}, C{\\x1b}, C{\\u202e}), a backslash doubled so that an escape
+    C{text} as it may appear in a log line: every character that is not
+    printable (controls, bidi and other format characters, separators
+    other than the space, unassigned code points) replaced by a
+    Python-style escape (C{\\r}, C{\\x1b}, C{\\u202e}), a backslash doubled so that an escape
     cannot be faked, and cut to C{limit} characters (with C{…} and the
     original length).
 
@@ -60,9 +43,11 @@ def printable(text: object, limit: int = MAX_PRINTABLE) -> str:
         for char in text:
             if char == "\\":
                 parts.append("\\\\")
-            elif char.isascii() and char.isprintable():
-                parts.append(char)
-            elif _safe_char(char):
+            elif char.isprintable():
+                # Python's definition, as repr() uses it: no control (Cc),
+                # format (Cf: the bidi overrides and isolates, zero-width
+                # marks), separator other than the space (Zl, Zp, Zs),
+                # surrogate, private-use or unassigned character.
                 parts.append(char)
             else:
                 code = ord(char)

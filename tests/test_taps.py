@@ -11,6 +11,7 @@ import os
 from twisted.application.service import IServiceMaker
 from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -98,6 +99,7 @@ class ServerOptionsTests(SynchronousTestCase):
             "--keepalive=4",
             "--keepalive-timeout=20",
             "--drain-grace=3",
+            "--max-preauth=64",
         )
         self.assertEqual(config.state_dir, "/s")
         self.assertEqual(config.listen, "tcp:6000:interface=0.0.0.0")
@@ -107,7 +109,23 @@ class ServerOptionsTests(SynchronousTestCase):
         )
         self.assertEqual((config.open_timeout, config.drain_grace), (2.5, 3.0))
         self.assertEqual((config.max_streams_per_site, config.max_pending_opens), (50, 9))
-        self.assertEqual(config.policy, ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0))
+        self.assertEqual(
+            config.policy, ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0, max_preauth=64)
+        )
+
+    def test_log_level(self) -> None:
+        """--log-level picks the threshold of rtunnel's own log lines; info by default."""
+        for tap in (server_tap, site_tap):
+            options = tap.Options()
+            options.parseOptions(["--state=/s"])
+            self.assertEqual(options.log_level, LogLevel.info)
+            for name, level in (("debug", LogLevel.debug), ("WARN", LogLevel.warn), ("warning", LogLevel.warn)):
+                options = tap.Options()
+                options.parseOptions(["--state=/s", f"--log-level={name}"])
+                self.assertEqual(options.log_level, level)
+            with self.assertRaises(usage.UsageError) as raised:
+                tap.Options().parseOptions(["--state=/s", "--log-level=chatty"])
+            self.assertIn("--log-level: 'chatty' is not one of debug, info, warn, error, critical", str(raised.exception))
 
     def test_keepalive_off(self) -> None:
         """--keepalive 0 (in any spelling) or off turns keepalive off."""
@@ -135,6 +153,7 @@ class ServerOptionsTests(SynchronousTestCase):
             (("--drain-grace=later",), "--drain-grace: 'later' is not a number of seconds"),
             (("--max-streams-per-site=0",), "--max-streams-per-site: must be at least 1, got 0"),
             (("--max-pending-opens=many",), "--max-pending-opens: 'many' is not a whole number"),
+            (("--max-preauth=0",), "--max-preauth: must be at least 1, got 0"),
         ]
         for argv, message in cases:
             args = argv if argv == () else ("--state=/s", *argv)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
+from ..logs import set_level
 from ..mux.settings import Settings, WindowTuning
 
 
@@ -103,3 +105,25 @@ KEEPALIVE_PARAMETERS = [
     ["keepalive-timeout", None, None, "Seconds of silence after which the peer is dead (default: 3 x --keepalive)."],
     ["drain-grace", None, "10", "On SIGTERM, seconds that open streams get to finish."],
 ]
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+LOG_PARAMETERS = [
+    ["log-level", None, "info", "Lowest level of rtunnel's own log lines: debug, info, warn, error or critical."],
+]
+
+
+def log_level_from(options: usage.Options) -> LogLevel:
+    """C{--log-level NAME}, checked."""
+    name = str(options["log-level"]).strip().lower()
+    if name == "warning":
+        name = "warn"
+    if name not in LOG_LEVELS:
+        raise usage.UsageError(f"--log-level: {options['log-level']!r} is not one of {', '.join(LOG_LEVELS)}")
+    return LogLevel.levelWithName(name)
+
+
+def apply_log_level(level: LogLevel) -> None:
+    """Make C{level} the threshold of rtunnel's loggers in this process."""
+    set_level(level)

@@ -14,7 +14,18 @@ from ..roles.forward import ForwardSpec
 from ..roles.server import ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
 from .malloc import tune_malloc
-from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
+from ..roles.descriptors import describe_capacity, raise_soft_limit
+from .options import (
+    FLOW_PARAMETERS,
+    KEEPALIVE_PARAMETERS,
+    LOG_PARAMETERS,
+    apply_log_level,
+    flow_from,
+    keepalive_from,
+    log_level_from,
+    positive_float,
+    positive_int,
+)
 
 
 class Options(usage.Options):
@@ -31,8 +42,15 @@ class Options(usage.Options):
         ["handshake-timeout", None, "30", "Seconds a site connection has to finish TLS and authenticate or enroll."],
         ["max-streams-per-site", None, "1024", "Most streams open at once to one site; further clients are refused."],
         ["max-pending-opens", None, "256", "Most clients waiting at once for one absent site."],
+        [
+            "max-preauth",
+            None,
+            str(ServerPolicy().max_preauth),
+            "Most connections on the tunnel port that are not authenticated yet; more are closed at accept.",
+        ],
         *KEEPALIVE_PARAMETERS,
         *FLOW_PARAMETERS,
+        *LOG_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -56,6 +74,7 @@ class Options(usage.Options):
             raise usage.UsageError("--state DIR is required")
         keepalive = keepalive_from(self)
         settings, tuning = flow_from(self)
+        self.log_level = log_level_from(self)
         self.config = ServerConfig(
             state_dir=self["state"],
             listen=self["listen"],
@@ -70,6 +89,7 @@ class Options(usage.Options):
                 tuning=tuning,
                 keepalive=keepalive,
                 handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
+                max_preauth=positive_int("max-preauth", self["max-preauth"]),
             ),
         )
 
@@ -78,6 +98,10 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     tune_malloc()
+    apply_log_level(options.log_level)
+    # One descriptor per site: a server must not stop at the default soft
+    # limit (1,024 under systemd) when the hard limit allows more.
+    describe_capacity(*raise_soft_limit())
     try:
         return build_server_service(options.config, reactor)
     except IdentityError as e:

@@ -15,7 +15,18 @@ from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
 from .malloc import tune_malloc
-from .options import FLOW_PARAMETERS, KEEPALIVE_PARAMETERS, flow_from, keepalive_from, positive_float, positive_int
+from ..roles.descriptors import raise_soft_limit
+from .options import (
+    FLOW_PARAMETERS,
+    KEEPALIVE_PARAMETERS,
+    LOG_PARAMETERS,
+    apply_log_level,
+    flow_from,
+    keepalive_from,
+    log_level_from,
+    positive_float,
+    positive_int,
+)
 
 
 class Options(usage.Options):
@@ -34,6 +45,7 @@ class Options(usage.Options):
         ["handshake-timeout", None, "30", "Seconds for TLS and the server's HELLO on each connection to the server."],
         *KEEPALIVE_PARAMETERS,
         *FLOW_PARAMETERS,
+        *LOG_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -50,6 +62,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["state"]:
             raise usage.UsageError("--state DIR is required")
+        self.log_level = log_level_from(self)
         connect_timeout = positive_float("connect-timeout", self["connect-timeout"])
         settings, tuning = flow_from(
             self, max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS)
@@ -75,6 +88,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     tune_malloc()
+    apply_log_level(options.log_level)
+    raise_soft_limit()  # one descriptor per stream's target connection
     try:
         return build_site_service(options.config, reactor)
     except IdentityError as e:
