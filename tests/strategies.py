@@ -42,7 +42,19 @@ small_stream_ids = st.integers(1, 12)
 codes = u16
 hosts = st.text(HOST_ALPHABET, min_size=1, max_size=MAX_HOST_BYTES)
 ports = st.integers(1, 65535)
-reasons = st.text(max_size=300).filter(lambda s: len(s.encode("utf-8")) <= MAX_REASON_BYTES)
+#: Reasons that travel unchanged: a received reason is escaped for logs
+#: (L{rtunnel.logsafe.printable}), so controls, format characters and
+#: backslashes come back escaped; tests/test_mux_flood.py covers those.
+reasons = st.text(
+    st.characters(
+        exclude_categories=("Cc", "Cf", "Zl", "Zp", "Zs", "Co", "Cn", "Cs"),
+        include_characters=" ",
+        exclude_characters="\\",
+    ),
+    max_size=300,
+).filter(lambda s: s.isprintable() and len(s.encode("utf-8")) <= MAX_REASON_BYTES)
+#: Any reason text at all, as an application might pass it.
+any_reasons = st.text(max_size=300).filter(lambda s: len(s.encode("utf-8")) <= MAX_REASON_BYTES)
 payloads = st.binary(max_size=2048)
 
 

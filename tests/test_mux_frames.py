@@ -270,3 +270,32 @@ class MalformedFrameTests(SynchronousTestCase):
         with self.assertRaises(ProtocolError) as cm:
             parse_frame(0x42, 0, 1, b"")
         self.assertEqual(cm.exception.code, ErrorCode.PROTOCOL_ERROR)
+
+
+class ReasonEscapingTests(SynchronousTestCase):
+    """
+    Reasons are the peer's text: the decoder escapes them (one choke point
+    for OPEN_FAIL, RESET and GOAWAY), so no log line or exception message
+    built from one can carry a control character.
+    """
+
+    def test_controls_and_bidi_escaped(self):
+        """A carriage return, an ANSI escape, a bidi override and a
+        backslash in a received reason come out as visible escapes."""
+        nasty = "ok\r\n2026-01-01 [forged#info] \x1b[31mred\u202egnp.exe\\x"
+        frames = primed_decoder().feed(
+            encode(Reset(3, 7, nasty)) + encode(OpenFail(5, 33, nasty)) + encode(GoAway(0, 1, nasty))
+        )
+        expected = "ok\\r\\n2026-01-01 [forged#info] \\x1b[31mred\\u202egnp.exe\\\\x"
+        self.assertEqual([f.reason for f in frames], [expected] * 3)
+        for frame in frames:
+            self.assertTrue(frame.reason.isprintable())
+
+    @given(s.any_reasons)
+    def test_every_reason_printable(self, reason):
+        """Whatever reason an application sent, the received one is
+        printable, and a reason that was printable arrives unchanged."""
+        (frame,) = primed_decoder().feed(encode(GoAway(0, 0, reason)))
+        self.assertTrue(frame.reason.isprintable())
+        if reason.isprintable() and "\\" not in reason:
+            self.assertEqual(frame.reason, reason)

@@ -15,6 +15,7 @@ from typing import Union
 
 from attrs import frozen
 
+from ..logsafe import printable
 from .errors import ErrorCode, ProtocolError
 
 HEADER = struct.Struct(">BBII")
@@ -186,15 +187,22 @@ def encode(frame: Frame) -> bytes:
 
 
 def _reason(payload: bytes, what: str) -> str:
+    """
+    The reason text of a received OPEN_FAIL, RESET or GOAWAY, escaped with
+    L{printable}: every peer-supplied reason passes here, so none can carry
+    a carriage return, an ANSI escape or a bidi control into a log line or
+    an exception message. Plain ASCII reasons come back unchanged.
+    """
     if len(payload) > MAX_REASON_BYTES:
         raise ProtocolError(
             ErrorCode.FRAME_SIZE_ERROR,
             f"{what} reason of {len(payload)} bytes exceeds {MAX_REASON_BYTES}",
         )
     try:
-        return payload.decode("utf-8")
+        text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} reason is not UTF-8") from None
+    return printable(text, limit=MAX_REASON_BYTES)
 
 
 def _valid_host(host: bytes) -> bool:
