@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from rtunnel.mux import events as ev
 from rtunnel.mux.frames import HEADER, HEADER_SIZE, Frame, Hello, encode, parse_frame
 from rtunnel.mux.session import MuxSession
-from rtunnel.mux.settings import Settings
+from rtunnel.mux.settings import FloodLimits, Settings
 
 
 class SessionPair:
@@ -21,7 +21,8 @@ class SessionPair:
     to cross; with C{byte_at_a_time} every delivery is cut into 1-byte reads.
 
     Every event either end reports is also appended to its log in
-    L{events}, keyed by the receiving session.
+    L{events}, keyed by the receiving session. Deliveries pass L{now} as
+    the time of arrival (C{None}: no time, so no flood rate caps).
     """
 
     def __init__(
@@ -31,10 +32,13 @@ class SessionPair:
         *,
         handshake: bool = True,
         byte_at_a_time: bool = False,
+        client_flood: FloodLimits | None = None,
+        server_flood: FloodLimits | None = None,
     ) -> None:
-        self.client = MuxSession(initiator=True, settings=client_settings)
-        self.server = MuxSession(initiator=False, settings=server_settings)
+        self.client = MuxSession(initiator=True, settings=client_settings, flood_limits=client_flood)
+        self.server = MuxSession(initiator=False, settings=server_settings, flood_limits=server_flood)
         self.byte_at_a_time = byte_at_a_time
+        self.now: float | None = None
         self.events: dict[MuxSession, list[ev.Event]] = {self.client: [], self.server: []}
         if handshake:
             self.client.start()
@@ -61,9 +65,9 @@ class SessionPair:
         events: list[ev.Event] = []
         if self.byte_at_a_time:
             for i in range(len(data)):
-                events += receiver.receive_data(data[i : i + 1])
+                events += receiver.receive_data(data[i : i + 1], now=self.now)
         elif data:
-            events = receiver.receive_data(data)
+            events = receiver.receive_data(data, now=self.now)
         self.events[receiver] += events
         return events
 
@@ -100,12 +104,13 @@ def ready_session(
     initiator: bool = True,
     settings: Settings | None = None,
     peer_settings: Settings | None = None,
+    flood_limits: FloodLimits | None = None,
 ) -> MuxSession:
     """
     A started session that has received a valid HELLO from a scripted peer,
     with its own HELLO already taken from the output.
     """
-    session = MuxSession(initiator=initiator, settings=settings)
+    session = MuxSession(initiator=initiator, settings=settings, flood_limits=flood_limits)
     session.start()
     p = peer_settings or Settings()
     events = feed(session, Hello(p.version, p.max_frame_size, p.initial_window, p.max_streams))
@@ -114,12 +119,12 @@ def ready_session(
     return session
 
 
-def feed(session: MuxSession, *frames: Frame | bytes) -> list[ev.Event]:
+def feed(session: MuxSession, *frames: Frame | bytes, now: float | None = None) -> list[ev.Event]:
     """
     Hand C{session} the wire bytes of C{frames} (raw bytes pass as they are)
-    in one read; return its events.
+    in one read, arrived at C{now}; return its events.
     """
-    return session.receive_data(b"".join(f if isinstance(f, bytes) else encode(f) for f in frames))
+    return session.receive_data(b"".join(f if isinstance(f, bytes) else encode(f) for f in frames), now=now)
 
 
 def decode_all(data: bytes) -> list[Frame]:

@@ -32,6 +32,10 @@ class ErrorCode(enum.IntEnum):
     SESSION_REPLACED = 11
     NOT_AUTHORIZED = 12
     CONNECTION_RESET = 13
+    #: The peer flooded the session: frames that do nothing, beyond what
+    #: L{rtunnel.mux.settings.FloodLimits} allows, or replies it never reads
+    #: (HTTP/2's ENHANCE_YOUR_CALM).
+    ENHANCE_YOUR_CALM = 14
     TARGET_NOT_ALLOWED = 32
     TARGET_REFUSED = 33
     TARGET_UNREACHABLE = 34

@@ -133,6 +133,36 @@ class SessionFailed:
     reason: str
 
 
+@frozen
+class FloodDetected:
+    """
+    The peer went past one of the session's L{FloodLimits}: it sent more
+    frames of a useless kind than allowed (C{count} of them in C{seconds}),
+    or left C{count} replies unread (C{seconds} is then C{None}). Reported
+    just before the L{SessionFailed} with ENHANCE_YOUR_CALM that ends the
+    session, so that the adapter can log who and what with named fields.
+
+    @ivar what: the kind: C{"PING"}, C{"empty DATA"}, C{"refused OPEN"},
+        or C{"unread replies"}.
+    @ivar limit: the limit, as it reads in a log line.
+    @ivar detail: for unread replies, which replies (e.g. C{"4097 PING
+        ACKs"}); empty otherwise.
+    """
+
+    what: str
+    count: int
+    seconds: float | None
+    limit: str
+    detail: str = ""
+
+    @property
+    def rate(self) -> float | None:
+        """Frames per second over C{seconds}, for the useless kinds."""
+        if self.seconds is None:
+            return None
+        return self.count / max(self.seconds, 1e-3)
+
+
 Event = Union[
     SessionReady,
     StreamRequested,
@@ -146,5 +176,6 @@ Event = Union[
     PongReceived,
     PingReceived,
     GoAwayReceived,
+    FloodDetected,
     SessionFailed,
 ]

@@ -4,9 +4,17 @@ The multiplexing engine: all protocol state and rules, no I/O.
 Bytes from the peer go into L{MuxSession.receive_data}, which returns events;
 commands (open, send, end, reset, consume, ping, go away) only queue bytes, which
 L{MuxSession.data_to_send} hands out. The same engine runs on both ends: the
-role only picks stream-id parity (initiator odd, acceptor even). A peer that
-breaks a stream rule gets that stream reset; one that breaks a session rule gets
-a GOAWAY and a L{SessionFailed} event. Nothing the peer sends raises.
+role only picks stream-id parity (initiator odd, acceptor even) and, unless
+given, which L{FloodLimits} apply. A peer that breaks a stream rule gets that
+stream reset; one that breaks a session rule gets a GOAWAY and a
+L{SessionFailed} event. Nothing the peer sends raises.
+
+Flood protection (docs/protocol.md, "Flood protection"): frames that do
+nothing useful (PINGs, empty DATA, refused OPENs) are counted per kind against
+token buckets over the time the caller passes in; replies the peer's frames
+elicit are counted while the caller reports that the peer reads nothing
+(L{MuxSession.set_peer_reading}). Past a limit the session ends with GOAWAY
+ENHANCE_YOUR_CALM, reported as L{FloodDetected} then L{SessionFailed}.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from .frames import (
     WindowUpdate,
     encode,
 )
-from .settings import Settings, WindowTuning
+from .flood import EMPTY_DATA, PING, REFUSED_OPEN, UselessFrames
+from .settings import FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
@@ -52,6 +61,23 @@ UPDATE_BATCH = 512 * 1024
 _GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
 _MAX_PENDING_PINGS = 64
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
+
+
+class _Flood(ProtocolError):
+    """
+    Raised inside frame handling when the peer went past a flood limit.
+    """
+
+    def __init__(self, event: ev.FloodDetected) -> None:
+        if event.seconds is None:
+            reason = (
+                f"too many unanswered control replies: {event.detail} queued while the peer reads nothing"
+                f" (limit {event.limit})"
+            )
+        else:
+            reason = f"too many {event.what} frames: {event.count} in {event.seconds:.3f}s (allowed {event.limit})"
+        super().__init__(ErrorCode.ENHANCE_YOUR_CALM, reason)
+        self.event = event
 
 
 class _StreamError(Exception):
@@ -82,13 +108,24 @@ class MuxSession:
 
     @param initiator: C{True} on the end that dialed the connection (odd ids).
     @param settings: what this end accepts; sent in our HELLO.
+    @param tuning: how receive windows grow; without it they stay at
+        C{initial_window}.
+    @param flood_limits: what this end tolerates from a flooding peer;
+        without it, those of this end's role (L{FloodLimits.for_role}: the
+        tunnel server's on the acceptor, the site's on the initiator).
     """
 
     def __init__(
-        self, *, initiator: bool, settings: Settings | None = None, tuning: WindowTuning | None = None
+        self,
+        *,
+        initiator: bool,
+        settings: Settings | None = None,
+        tuning: WindowTuning | None = None,
+        flood_limits: FloodLimits | None = None,
     ) -> None:
         self.initiator = initiator
         self.local_settings = settings if settings is not None else Settings()
+        self.flood_limits = flood_limits if flood_limits is not None else FloodLimits.for_role(initiator)
         # Without tuning, windows stay at initial_window: the plain protocol.
         self.tuning = tuning if tuning is not None else WindowTuning(enabled=False)
         self.peer_settings: Settings | None = None
@@ -118,6 +155,13 @@ class MuxSession:
         self._window_growth = 0
         #: the largest window probing found useful on this session's path
         self._learned_window = 0
+        # Flood protection: the time of the current input (None: no rate
+        # caps), useless frames per kind, and replies the peer left unread.
+        self._now: float | None = None
+        self._useless = UselessFrames(self.flood_limits)
+        self._peer_reading = True
+        self._reply_debt = 0
+        self._debt_kinds: dict[str, int] = {}
 
     # -- state -------------------------------------------------------------
 
@@ -183,6 +227,38 @@ class MuxSession:
         record = self._streams.get(stream_id)
         return record.recv_window if record is not None else 0
 
+    @property
+    def reply_debt(self) -> int:
+        """
+        Replies elicited by the peer's own frames (PING ACKs, OPEN_FAIL
+        refusals, RESETs answering a broken stream rule) queued since the
+        caller reported that the peer stopped reading (L{set_peer_reading}).
+        """
+        return self._reply_debt
+
+    @property
+    def reading_should_pause(self) -> bool:
+        """
+        The peer reads nothing and its frames made us queue at least
+        C{flood_limits.reply_pause} replies meanwhile: stop reading from it
+        until it reads again. (Never merely because the peer reads nothing:
+        two ends that both stopped reading whenever their own writes were
+        blocked would deadlock.)
+        """
+        return self._reply_debt >= self.flood_limits.reply_pause
+
+    def set_peer_reading(self, reading: bool) -> None:
+        """
+        Tell the session whether the peer reads what we send: C{False} once
+        our transport paused us (its buffer is full), C{True} once it
+        resumed. Only meanwhile do replies the peer elicits count as unread
+        (L{reply_debt}); resuming clears the count.
+        """
+        self._peer_reading = reading
+        if reading and self._reply_debt:
+            self._reply_debt = 0
+            self._debt_kinds = {}
+
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call."""
         if not self._out:
@@ -232,11 +308,26 @@ class MuxSession:
         self._send_transition(stream_id, Input.SEND_OPEN_OK)
         self._queue(OpenOk(stream_id))
 
-    def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
-        """Answer the peer's OPEN with OPEN_FAIL; the stream is gone."""
+    def refuse_stream(self, stream_id: int, code: int, reason: str) -> list[ev.Event]:
+        """
+        Answer the peer's OPEN with OPEN_FAIL; the stream is gone.
+
+        A refused OPEN is a useless frame of the peer's
+        (C{flood_limits.refused_opens}): past the allowance the session
+        fails, and the events saying so are returned (L{FloodDetected},
+        then every live stream's L{StreamReset} and L{SessionFailed}, as
+        from L{receive_data}); normally the list is empty.
+        """
         _check_code(code)
         self._send_transition(stream_id, Input.SEND_OPEN_FAIL)
         self._queue(OpenFail(stream_id, code, reason))
+        events: list[ev.Event] = []
+        try:
+            self._refused_open()
+        except _Flood as e:
+            events.append(e.event)
+            self._fail(e.code, e.reason, events)
+        return events
 
     def send_data(self, stream_id: int, data: bytes, fin: bool = False) -> bool:
         """
@@ -375,17 +466,22 @@ class MuxSession:
 
     # -- input -------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[ev.Event]:
+    def receive_data(self, data: bytes, now: float | None = None) -> list[ev.Event]:
         """
         Process bytes from the peer; return what happened, in order. Never
         raises for anything the peer sends.
 
+        @param now: the time the bytes arrived, in seconds (any origin, the
+            same for every call): the allowances of L{FloodLimits} are rates
+            over it. Without it, useless frames are not rate-capped.
         @raise MuxUsageError: L{start} was not called first.
         """
         if not self._started:
             raise MuxUsageError("session not started: call start() before receive_data()")
         if self._failed:
             return []
+        if now is not None:
+            self._now = now
         events: list[ev.Event] = []
         decoder = self._decoder
         try:
@@ -394,6 +490,8 @@ class MuxSession:
                 if self._failed:
                     return events
         except ProtocolError as e:
+            if isinstance(e, _Flood):
+                events.append(e.event)
             self._fail(e.code, e.reason, events)
             return events
         if decoder.error is not None:
@@ -404,6 +502,31 @@ class MuxSession:
 
     def _queue(self, frame: Frame) -> None:
         self._out += encode(frame)
+
+    def _spend(self, kind: str) -> None:
+        """Count one useless frame of C{kind}; raise L{_Flood} past its allowance."""
+        if self._now is not None:
+            flood = self._useless.spend(kind, self._now)
+            if flood is not None:
+                raise _Flood(flood)
+
+    def _owe(self, kind: str) -> None:
+        """
+        A reply of C{kind}, elicited by the peer's frame, was queued while
+        the peer reads nothing; raise L{_Flood} past the reply limit.
+        """
+        self._reply_debt += 1
+        self._debt_kinds[kind] = self._debt_kinds.get(kind, 0) + 1
+        limit = self.flood_limits.reply_limit
+        if self._reply_debt > limit:
+            detail = ", ".join(f"{count} {name}s" for name, count in self._debt_kinds.items())
+            raise _Flood(ev.FloodDetected("unread replies", self._reply_debt, None, f"{limit} replies", detail))
+
+    def _refused_open(self) -> None:
+        # After an OPEN_FAIL answering the peer's OPEN was queued.
+        if not self._peer_reading:
+            self._owe("OPEN_FAIL")
+        self._spend(REFUSED_OPEN)
 
     def _fail(self, code: ErrorCode, reason: str, events: list[ev.Event]) -> None:
         self.go_away(code, reason)
@@ -495,6 +618,8 @@ class MuxSession:
         if isinstance(frame, Data):
             record = self._streams.get(frame.stream_id)
             if record is None:
+                if not frame.data and not frame.fin:
+                    self._spend(EMPTY_DATA)
                 self._check_not_idle(frame)
                 return
             try:
@@ -519,7 +644,8 @@ class MuxSession:
                 if frame.opaque == self._probe:
                     self._probe_answered()
                     return
-                # Only an answer to one of our PINGs is news; others are ignored.
+                # Only an answer to one of our PINGs is news; others are
+                # ignored, and count as useless.
                 pending = self._pings.get(frame.opaque, 0)
                 if pending:
                     if pending == 1:
@@ -527,9 +653,16 @@ class MuxSession:
                     else:
                         self._pings[frame.opaque] = pending - 1
                     events.append(ev.PongReceived(frame.opaque))
+                else:
+                    self._spend(PING)
             else:
+                # Counted before it is answered: the PING past the allowance
+                # gets the GOAWAY instead.
+                self._spend(PING)
                 self._queue(Ping(frame.opaque, ack=True))
                 events.append(ev.PingReceived(frame.opaque))
+                if not self._peer_reading:
+                    self._owe("PING ACK")
         elif isinstance(frame, GoAway):
             self._on_goaway(frame, events)
         elif isinstance(frame, Hello):
@@ -575,6 +708,7 @@ class MuxSession:
         self._highest_peer_id = stream_id
         if self._goaway_sent:
             self._queue(OpenFail(stream_id, ErrorCode.GOING_AWAY, "going away: no new streams"))
+            self._refused_open()
             return
         if self._peer_opened >= self.local_settings.max_streams:
             self._queue(
@@ -584,6 +718,7 @@ class MuxSession:
                     f"too many streams (limit {self.local_settings.max_streams})",
                 )
             )
+            self._refused_open()
             return
         self._last_processed_peer_id = stream_id
         self._add_stream(stream_id, StreamState.OPENING_IN, False, frame.host, frame.port)
@@ -605,6 +740,10 @@ class MuxSession:
             if self.tuning.enabled:
                 self._sample(record, size)
             events.append(ev.DataReceived(record.stream_id, frame.data))
+        elif not frame.fin:
+            # Neither bytes nor FIN: a frame that does nothing (counted
+            # only here, off the path of DATA that carries bytes).
+            self._spend(EMPTY_DATA)
         if frame.fin:
             record.state = self._next_state(record, Input.RECV_FIN)
             events.append(ev.StreamEnded(record.stream_id))
@@ -707,6 +846,8 @@ class MuxSession:
         self._remove(record)
         self._queue(Reset(record.stream_id, error.code, error.reason))
         events.append(ev.StreamReset(record.stream_id, error.code, error.reason, by_peer=False))
+        if not self._peer_reading:
+            self._owe("RESET")
 
 
 __all__ = ["MuxSession", "SUPPORTED_VERSIONS", "code_name"]

@@ -74,3 +74,97 @@ class WindowTuning:
     max_window: int = field(default=16 * MIB, validator=_in_range(MIN_WINDOW, MAX_INITIAL_WINDOW))
     session_budget: int = field(default=64 * MIB, validator=_in_range(0, 2**40))
     probe_gap: int = field(default=256 * KIB, validator=_in_range(1, 2**40))
+
+
+@frozen
+class Allowance:
+    """
+    How many frames of one useless kind a peer may send: C{burst} at once,
+    then C{rate} per second on average (a token bucket: C{burst} tokens,
+    refilled at C{rate} per second, one spent per frame).
+    """
+
+    rate: float = field(validator=[validators.instance_of((int, float)), validators.gt(0)])
+    burst: int = field(validator=_in_range(1, 2**31 - 1))
+
+    def describe(self) -> str:
+        """How the allowance reads in a log line and a GOAWAY reason."""
+        return f"{self.burst} at once, then {self.rate:g}/s"
+
+
+@frozen
+class FloodLimits:
+    """
+    What a session tolerates from a peer that sends frames which do nothing
+    useful, or does not read the replies its frames elicit
+    (docs/protocol.md, "Flood protection"). Past any of them the session
+    ends with GOAWAY ENHANCE_YOUR_CALM and a reason saying which limit.
+
+    The lessons are HTTP/2's: the ping, reset and settings floods
+    (CVE-2019-9512, -9514, -9515) queue a reply per frame for a peer that
+    reads nothing; the empty-frames flood (CVE-2019-9518) and rapid reset
+    (CVE-2023-44487) cost the receiver work per frame with nothing to show.
+
+    Allowances (C{None}: not counted) are per session, token buckets over
+    the time the caller passes to L{MuxSession.receive_data}; a caller that
+    passes no time gets no rate caps (the reply limits still apply).
+
+    @ivar pings: PINGs received (and PING ACKs that answer nothing). A
+        legitimate rtunnel peer sends one keepalive PING per 10 s when idle
+        and two per window probe, probes being at least 256 KiB of data
+        apart (16 MiB once windows stop growing): under 100 a second even
+        at 700 MB/s, a few hundred in a burst while windows grow.
+    @ivar empty_data: DATA frames with no payload and no FIN. rtunnel never
+        sends one.
+    @ivar refused_opens: OPENs from the peer that this end refused (by the
+        caller's C{refuse_stream}, or by the session: stream limit, going
+        away). On the tunnel server every OPEN a site sends is refused:
+        sites may not open streams. On the site an OPEN the site refuses
+        comes from a cloud client (a target not allowed, a connect that
+        failed) that may retry in a loop; cutting the site's tunnel for it
+        would let one bad client disturb all the others, so sites do not
+        count them (L{FloodLimits.for_site}).
+    @ivar reply_pause: replies elicited by the peer's own frames (PING
+        ACKs, OPEN_FAIL refusals, RESETs answering a broken stream rule)
+        queued while the peer reads nothing (our transport paused us) at
+        which the adapter stops reading from the peer until it reads again.
+    @ivar reply_limit: as C{reply_pause}, at which the session ends: what
+        one read can still add after reading stopped is bounded by it.
+    @ivar stall_timeout: seconds reading may stay stopped for unread replies
+        before the adapter ends the session (it owns the clock).
+    """
+
+    pings: Allowance | None = Allowance(rate=200, burst=1000)
+    empty_data: Allowance | None = Allowance(rate=10, burst=100)
+    refused_opens: Allowance | None = Allowance(rate=10, burst=100)
+    reply_pause: int = field(default=128, validator=_in_range(1, 2**31 - 1))
+    reply_limit: int = field(default=4096, validator=_in_range(1, 2**31 - 1))
+    stall_timeout: float = field(default=30.0, validator=[validators.instance_of((int, float)), validators.gt(0)])
+
+    @reply_limit.validator
+    def _check_reply_limit(self, attribute: object, value: int) -> None:
+        if value < self.reply_pause:
+            raise ValueError(f"reply_limit {value} is below reply_pause {self.reply_pause}")
+
+    @classmethod
+    def for_server(cls) -> FloodLimits:
+        """The tunnel server's limits (the defaults): every OPEN from a site is refused, and counted."""
+        return cls()
+
+    @classmethod
+    def for_site(cls) -> FloodLimits:
+        """
+        The site's limits: refused OPENs are not counted (a cloud client
+        retrying a refused target must not cut the tunnel), and far more
+        unread replies are tolerated before the session ends (the server
+        opens a stream per client connection; the refusals of a burst of
+        them may arrive in one read while the server is slow to read).
+        Reading still stops at C{reply_pause}, for as long as the server
+        does not read.
+        """
+        return cls(refused_opens=None, reply_limit=65536)
+
+    @classmethod
+    def for_role(cls, initiator: bool) -> FloodLimits:
+        """The limits of the site (initiator) or of the tunnel server (acceptor)."""
+        return cls.for_site() if initiator else cls.for_server()
