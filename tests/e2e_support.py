@@ -159,3 +159,94 @@ class Relay:
                     s.close()
                 except OSError:
                     pass
+
+
+#: A TLS record: alert, TLS 1.2, two bytes: fatal, bad_certificate.
+BAD_CERTIFICATE_ALERT = b"\x15\x03\x03\x00\x02\x02\x2a"
+
+
+class AlertingPath:
+    """
+    The network path to the tunnel server, with an on-path attacker on it:
+    while C{alerts} is above zero, each new connection's first bytes (the
+    ClientHello) are answered with a forged plaintext TLS alert and the
+    connection is closed; other connections are relayed to the server.
+    L{cut} closes every relayed connection (the path dropped them).
+    """
+
+    def __init__(self, target_port: int, alerts: int) -> None:
+        self.target_port = target_port
+        self.alerts = alerts
+        self.alerted = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._relayed: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                forge = self.alerts > 0
+                if forge:
+                    self.alerts -= 1
+            if forge:
+                threading.Thread(target=self._forge, args=(client,), daemon=True).start()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._relayed += [client, server]
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    def _forge(self, client: socket.socket) -> None:
+        with client:
+            try:
+                client.settimeout(10)
+                client.recv(65536)  # the ClientHello
+                client.sendall(BAD_CERTIFICATE_ALERT)
+            except OSError:
+                pass
+        with self._lock:
+            self.alerted += 1
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            relayed, self._relayed = self._relayed, []
+        for s in relayed:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.cut()

@@ -16,6 +16,9 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -26,13 +29,18 @@ from rtunnel.adapter.protocol import MuxProtocol
 from rtunnel.mux import ErrorCode
 from rtunnel.roles.registry import SiteRegistry
 from rtunnel.roles.server import ServerPolicy, TunnelServerFactory
+from rtunnel.identity import certs
+from rtunnel.identity.tlsconfig import site_tls_options
 from rtunnel.roles.site import (
     AuthenticationFailed,
+    Outcome,
     RotatingEndpoint,
     SiteMuxFactory,
     SitePolicy,
     TunnelClientService,
+    Verdict,
     authentication_problem,
+    judge,
 )
 from rtunnel.roles.target import Target, TargetConnector
 
@@ -46,28 +54,59 @@ def _failure(exception: BaseException) -> Failure:
         return Failure()
 
 
-class AuthenticationProblemTests(SynchronousTestCase):
-    def test_fatal(self) -> None:
+class JudgeTests(SynchronousTestCase):
+    def test_refusals_from_the_authenticated_server_are_final(self) -> None:
         """
-        Refused enrollment, a server that fails verification (OpenSSL or
-        service_identity), a server that rejects our certificate, and our
-        own AuthenticationFailed are fatal, each with a readable reason.
+        An enrollment refusal, our own AuthenticationFailed, and a TLS alert
+        rejecting our certificate that arrived after the handshake completed
+        (encrypted, so from the server) mean giving up, each with a
+        readable reason.
+        """
+        cases = [
+            (EnrollmentRefused("token-spent", "already used"), False, "enrollment refused: token-spent: already used"),
+            (AuthenticationFailed("revoked"), False, "revoked"),
+            (SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")]), True, "rejected this site's certificate"),
+            (SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]), True, "rejected this site's certificate"),
+            (SSL.Error([("SSL routines", "", "tlsv13 alert certificate required")]), True, "rejected this site's"),
+        ]
+        for exception, established, reason in cases:
+            outcome = judge(_failure(exception), established)
+            self.assertIs(outcome.verdict, Verdict.REFUSED, repr(exception))
+            self.assertIn(reason, outcome.reason, repr(exception))
+            self.assertIsNotNone(authentication_problem(_failure(exception), established))
+
+    def test_a_server_that_fails_verification_is_retried(self) -> None:
+        """
+        A server that cannot prove the pinned identity (OpenSSL or
+        service_identity) may be an impostor on the path: retried, slowly.
         """
         cases = {
-            EnrollmentRefused("token-spent", "already used"): "enrollment refused: token-spent: already used",
-            PeerVerificationFailed("server certificate refused", 20, 1): "could not prove the identity pinned by the keyfile",
+            PeerVerificationFailed("server certificate refused", 20, 1): "could not prove the identity pinned",
             VerificationError(errors=["DNS mismatch"]): "does not match the pinned name",
             SSL.Error([("SSL routines", "", "certificate verify failed")]): "certificate verify failed",
-            SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")]): "rejected this site's certificate",
-            SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]): "rejected this site's certificate",
-            AuthenticationFailed("revoked"): "revoked",
         }
         for exception, reason in cases.items():
-            problem = authentication_problem(_failure(exception))
-            self.assertIsNotNone(problem, repr(exception))
-            self.assertIn(reason, problem, repr(exception))  # type: ignore[arg-type]
+            outcome = judge(_failure(exception))
+            self.assertIs(outcome.verdict, Verdict.VERIFICATION, repr(exception))
+            self.assertIn(reason, outcome.reason)
+            self.assertIsNone(authentication_problem(_failure(exception)))
 
-    def test_retryable(self) -> None:
+    def test_alerts_before_the_server_is_authenticated_are_retried(self) -> None:
+        """
+        Seven plaintext bytes (a bad_certificate alert in answer to the
+        ClientHello) can come from anyone on the path: a TLS failure to
+        retry, never a reason to stop. Other TLS errors likewise.
+        """
+        for exception in (
+            SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]),
+            SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")]),
+            SSL.Error([("SSL routines", "", "wrong version number")]),
+        ):
+            outcome = judge(_failure(exception), tls_established=False)
+            self.assertIs(outcome.verdict, Verdict.TLS, repr(exception))
+        self.assertIn("anyone on the path", judge(_failure(SSL.Error([("", "", "sslv3 alert bad certificate")]))).reason)
+
+    def test_network_faults_are_retried(self) -> None:
         """
         Network faults are not authentication problems: they are retried
         with backoff.
@@ -82,7 +121,33 @@ class AuthenticationProblemTests(SynchronousTestCase):
             SSL.Error([("SSL routines", "", "unexpected eof while reading")]),
             defer.CancelledError(),
         ):
+            self.assertIs(judge(_failure(exception)).verdict, Verdict.NETWORK, repr(exception))
             self.assertIsNone(authentication_problem(_failure(exception)), repr(exception))
+
+
+class AlertOnHello(Protocol):
+    """An on-path attacker: answers the first bytes (the ClientHello) with a plaintext fatal alert."""
+
+    answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.write(b"\x15\x03\x03\x00\x02\x02\x2a")  # type: ignore[union-attr]  # alert, fatal, bad_certificate
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class LogCapture:
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self, containing: str) -> list[str]:
+        return [t for t in map(formatEvent, self.events) if containing in t]
+
+    def levels(self, containing: str) -> list[str]:
+        return [e["log_level"].name for e in self.events if containing in formatEvent(e)]
 
 
 class SiteOverTLS:
@@ -140,28 +205,68 @@ class SiteMuxFactoryTests(SynchronousTestCase):
         pump_all(pump)
         self.assertEqual(world.fatal, ["tunnel server refused site alpha: site-revoked: by the operator"])
 
-    def test_wrong_server_is_fatal(self) -> None:
+    def test_wrong_server_is_retried_with_an_error(self) -> None:
         """
-        A server whose certificate does not chain to the pinned CA is fatal
-        (the keyfile pins another server), with OpenSSL's reason explained.
+        A server whose certificate does not chain to the pinned CA is not
+        fatal (it may be an impostor on the path): an error names the cause
+        and the attempt counts as a verification failure, which the retry
+        policy backs off from slowly.
         """
         world = SiteOverTLS(self)
+        log = LogCapture(self)
         other = ServerFixture(self)
         key, cert = world.fixture.enroll("alpha")
-        from rtunnel.identity.tlsconfig import site_tls_options
-
         world.dial(site_tls_options(other.ca_pem, "localhost", client_key=key, client_cert=cert))
-        self.assertEqual(len(world.fatal), 1)
-        self.assertIn("could not prove the identity pinned by the keyfile", world.fatal[0])
-        self.assertIn("CA other than the pinned rtunnel CA", world.fatal[0])
+        self.assertEqual(world.fatal, [])
+        self.assertIs(world.factory.last_outcome.verdict, Verdict.VERIFICATION)  # type: ignore[union-attr]
+        [line] = log.lines("failed verification")
+        self.assertIn("CA other than the pinned rtunnel CA", line)
+        self.assertEqual(log.levels("failed verification"), ["error"])
 
-    def test_wrong_server_name_is_fatal(self) -> None:
-        """A server certificate not valid for the pinned name is fatal."""
+    def test_wrong_server_name_is_retried_with_an_error(self) -> None:
+        """A server certificate not valid for the pinned name is retried the same way."""
         world = SiteOverTLS(self)
+        log = LogCapture(self)
         key, cert = world.fixture.enroll("alpha")
         world.dial(world.fixture.site_options(key, cert, server_name="tunnel.example"))
+        self.assertEqual(world.fatal, [])
+        [line] = log.lines("failed verification")
+        self.assertIn("not valid for 'tunnel.example'", line)
+
+    def test_certificate_rejected_by_the_verified_server_is_fatal(self) -> None:
+        """
+        When the server, already verified, rejects our certificate (here:
+        issued by another CA), its alert arrives after the handshake
+        completed, encrypted: that is a refusal, and final.
+        """
+        world = SiteOverTLS(self)
+        ca_key, ca_cert = certs.create_ca("someone else's CA")
+        key = certs.generate_private_key()
+        foreign = certs.issue_site_certificate(ca_key, ca_cert, certs.create_csr(key, "alpha"), "alpha")
+        world.dial(world.fixture.site_options(key, foreign))
         self.assertEqual(len(world.fatal), 1)
-        self.assertIn("not valid for 'tunnel.example'", world.fatal[0])
+        self.assertIn("rejected this site's certificate", world.fatal[0])
+
+    def test_plaintext_alert_in_answer_to_the_hello_is_retried(self) -> None:
+        """
+        An on-path attacker answering the ClientHello with a plaintext
+        bad_certificate alert (seven bytes) cannot stop the site: the
+        attempt is logged as a TLS error and retried.
+        """
+        world = SiteOverTLS(self)
+        log = LogCapture(self)
+        key, cert = world.fixture.enroll("alpha")
+        client_tls = TLSMemoryBIOFactory(world.fixture.site_options(key, cert), True, world.factory, clock=world.clock)
+        _, attacker, pump = connectedServerAndClient(
+            lambda: AlertOnHello(), lambda: client_tls.buildProtocol(None), greet=False, clock=world.clock
+        )
+        pump_all(pump)
+        self.assertTrue(attacker.answered)  # type: ignore[attr-defined]
+        self.assertEqual(world.fatal, [])
+        self.assertIs(world.factory.last_outcome.verdict, Verdict.TLS)  # type: ignore[union-attr]
+        [line] = log.lines("TLS with tunnel server")
+        self.assertIn("alert bad certificate", line)
+        self.assertIn("retrying", line)
 
     def test_drain_and_loss_are_not_fatal(self) -> None:
         """
@@ -289,6 +394,19 @@ class ServiceTests(SynchronousTestCase):
         for expected in (1, 2, 4, 8, 16, 20, 20, 20):
             self.refuse()
             self.next_attempt_after(expected + 0.999)
+        self.assertEqual(self.fatal, [])
+
+    def test_backoff_after_a_verification_failure_reaches_the_longer_cap(self) -> None:
+        """
+        After the server failed verification, delays keep doubling past
+        retry_cap up to verify_retry_cap (5 minutes by default).
+        """
+        self.build(jitter=lambda: 0.0, retry_cap=20.0)
+        assert self.service.factory is not None
+        self.service.factory.last_outcome = Outcome(Verdict.VERIFICATION, "impostor")
+        for expected in (1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300):
+            self.refuse()
+            self.next_attempt_after(expected)
         self.assertEqual(self.fatal, [])
 
     def test_site_down_for_days_keeps_retrying(self) -> None:

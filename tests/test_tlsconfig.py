@@ -28,6 +28,7 @@ from rtunnel.identity.tlsconfig import (
     TLS12_CIPHERS,
     TLS13_CIPHERSUITES,
     ServerTLSOptions,
+    client_refusal,
     peer_identity,
     server_tls_options,
     site_tls_options,
@@ -371,7 +372,7 @@ class PurposeTests(TestCase):
         and no identity is derived.
         """
         server, site = Recorder(), Recorder(b"pretend site")
-        tls_pair(
+        _, server_tls, _ = tls_pair(
             server_tls_options(_AUTHORITY),
             site_tls_options(
                 _AUTHORITY.ca_pem,
@@ -385,8 +386,21 @@ class PurposeTests(TestCase):
         self.assertFalse(server.handshook)
         self.assertEqual(server.received, b"")
         assert server.lost is not None
-        self.assertIsInstance(server.lost.value, PeerVerificationFailed)
-        self.assertEqual(server.lost.value.code, INVALID_PURPOSE)
+        refusal = client_refusal(server_tls)
+        self.assertIsInstance(refusal, PeerVerificationFailed)
+        self.assertEqual(refusal.code, INVALID_PURPOSE)  # type: ignore[union-attr]
+        self._site_told(site)
+
+    def _site_told(self, site: Recorder) -> None:
+        """
+        The refused client was told by an alert, after its own handshake
+        had completed (TLS 1.3: the server checks the client certificate
+        last), so it can tell the refusal came from the verified server.
+        """
+        self.assertTrue(site.handshook)
+        assert site.lost is not None
+        self.assertIsInstance(site.lost.value, SSL.Error)
+        self.assertIn("alert", str(site.lost.value))
 
     def test_client_certificate_from_another_ca(self) -> None:
         """
@@ -395,7 +409,7 @@ class PurposeTests(TestCase):
         other = Authority.create()
         key, cert = other.site("alpha")
         server, site = Recorder(), Recorder(b"pretend site")
-        tls_pair(
+        _, server_tls, _ = tls_pair(
             server_tls_options(_AUTHORITY),
             site_tls_options(_AUTHORITY.ca_pem, "tunnel.example", key, cert),
             server,
@@ -404,7 +418,8 @@ class PurposeTests(TestCase):
         self.assertFalse(server.handshook)
         self.assertEqual(server.received, b"")
         assert server.lost is not None
-        self.assertIsInstance(server.lost.value, PeerVerificationFailed)
+        self.assertIsInstance(client_refusal(server_tls), PeerVerificationFailed)
+        self._site_told(site)
 
 
 class _FakeTransport:

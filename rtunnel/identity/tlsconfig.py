@@ -69,6 +69,7 @@ __all__ = [
     "server_tls_options_for",
     "site_tls_options",
     "peer_identity",
+    "client_refusal",
     "ServerTLSOptions",
     "SiteTLSOptions",
 ]
@@ -138,6 +139,21 @@ def _passthrough(
     return bool(ok)
 
 
+#: Why a client certificate was refused, per server-side TLS protocol.
+_refused_clients: weakref.WeakKeyDictionary[Any, PeerVerificationFailed] = weakref.WeakKeyDictionary()
+
+
+def client_refusal(tls_protocol: object) -> PeerVerificationFailed | None:
+    """
+    Why the server refused the client certificate on C{tls_protocol}, if it
+    did (the connection then ends with OpenSSL's generic error).
+    """
+    try:
+        return _refused_clients.get(tls_protocol)
+    except TypeError:
+        return None
+
+
 def _verifier(
     tls_protocol: object,
     peer_role: str,
@@ -147,9 +163,17 @@ def _verifier(
     Build a per-connection OpenSSL verify callback.
 
     It refuses whatever OpenSSL refused, and additionally (when
-    C{server_name} is given) a leaf certificate not valid for that name; each
-    refusal is reported to the TLS protocol as a L{PeerVerificationFailed}
-    so that C{connectionLost} says why.
+    C{server_name} is given) a leaf certificate not valid for that name,
+    with a L{PeerVerificationFailed} that says why.
+
+    How the refusal ends the connection differs by side. The site, refusing
+    a server, reports the error to the TLS protocol (C{failVerification}),
+    which aborts: an impostor is told nothing. The server, refusing a
+    client certificate, lets OpenSSL fail the handshake, which sends the
+    client a TLS alert (Twisted flushes it before closing): a site learns
+    from its own, already verified server that its certificate is refused,
+    and can stop instead of retrying; the reason is kept for the server's
+    log (L{client_refusal}).
     """
     ref: weakref.ReferenceType[Any] | None
     try:
@@ -159,6 +183,11 @@ def _verifier(
 
     def fail(error: PeerVerificationFailed) -> bool:
         protocol = None if ref is None else ref()
+        if protocol is None:
+            return False
+        if peer_role == "client":
+            _refused_clients[protocol] = error
+            return False
         fail_verification = getattr(protocol, "failVerification", None)
         if fail_verification is not None:
             fail_verification(Failure(error))

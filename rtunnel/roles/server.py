@@ -43,7 +43,7 @@ from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..identity.errors import PeerVerificationFailed, SiteRejected
 from ..identity.state import ServerState
-from ..identity.tlsconfig import peer_identity
+from ..identity.tlsconfig import client_refusal, peer_identity
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..mux.errors import ErrorCode
@@ -230,7 +230,7 @@ class TunnelConnection(Protocol):
         wrong credentials or someone trying. Rate-limited per kind and peer
         host, since anyone can cause these at will.
         """
-        value = reason.value
+        value = client_refusal(self.transport) or reason.value
         if isinstance(value, PeerVerificationFailed):
             kind, level, what = "certificate", "warn", str(value)
         elif isinstance(value, SSL.Error):

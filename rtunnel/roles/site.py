@@ -2,15 +2,26 @@
 The tunnel role, run at the site: enroll once with a keyfile, then keep one
 mutually authenticated TLS connection to the tunnel server up, forever.
 
-Network failures are retried with exponential backoff and jitter (first retry
-within about a second, capped). Authentication failures are not: a token that
-is spent, expired or for another site, a revoked site, or a server that cannot
-prove the identity pinned by the keyfile will not fix themselves, so the
-service logs why and stops the process with a non-zero status.
+A site behind a firewall is often reachable only through its tunnel, so it
+gives up only on a refusal that provably comes from its own, authenticated
+tunnel server: an enrollment refusal (sent over TLS after the server was
+verified), a GOAWAY NOT_AUTHORIZED (a multiplexer frame, so inside mutual
+TLS), or a TLS alert rejecting its certificate that arrived after the
+handshake completed (encrypted, so from the server). Then it logs why and
+stops the process with a non-zero status.
+
+Everything else is retried with exponential backoff and jitter (first retry
+within about a second): network faults, and also TLS failures that anyone on
+the path could cause (a plaintext alert in answer to the ClientHello is seven
+bytes). A server that fails verification may be an impostor on the path or a
+misconfiguration; it is logged as an error naming the cause and retried with
+a longer cap (L{SitePolicy.verify_retry_cap}), so a passing attack never
+turns into a visit on site.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from typing import Any, Callable, Generator, Sequence, cast
 
@@ -22,6 +33,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
+    IHandshakeListener,
     IProtocol,
     IProtocolFactory,
     IReactorTCP,
@@ -39,6 +51,7 @@ from ..identity.errors import EnrollmentRefused, PeerVerificationFailed
 from ..identity.keyfile import Keyfile, parse_address
 from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
+from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
 from ..mux.settings import Settings, WindowTuning
 from .enrollment import enroll
@@ -52,6 +65,10 @@ class SitePolicy:
 
     @ivar retry_initial: first reconnect delay (plus up to 1 s of jitter).
     @ivar retry_cap: the longest delay between reconnect attempts.
+    @ivar verify_retry_cap: the longest delay after the server failed
+        verification (an impostor, or a keyfile for another server): such a
+        failure does not pass in seconds, and each attempt costs the real
+        server nothing but costs us a handshake.
     @ivar connect_timeout: TCP connect to the server.
     @ivar handshake_timeout: TLS handshake and the server's HELLO.
     @ivar drain_grace: on shutdown, how long open streams may finish.
@@ -62,6 +79,7 @@ class SitePolicy:
     keepalive: Keepalive | None = Keepalive()
     retry_initial: float = 1.0
     retry_cap: float = 30.0
+    verify_retry_cap: float = 300.0
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     drain_grace: float = 10.0
@@ -71,10 +89,44 @@ class AuthenticationFailed(Exception):
     """The server or this site failed authentication; retrying cannot help."""
 
 
-def authentication_problem(failure: Failure) -> str | None:
+class Verdict(enum.Enum):
+    """What a failed connection or enrollment attempt means for the site."""
+
+    #: the authenticated server said no: give up
+    REFUSED = "refused"
+    #: the server could not prove the pinned identity: retry, slowly
+    VERIFICATION = "verification"
+    #: TLS failed in a way anyone on the path could cause: retry
+    TLS = "tls"
+    #: the network: retry
+    NETWORK = "network"
+
+
+@frozen
+class Outcome:
+    verdict: Verdict
+    reason: str
+
+
+# Alerts a server sends when it rejects the client's certificate.
+_CERTIFICATE_ALERTS = ("certificate", "unknown ca", "access denied")
+# TLS "errors" that are the connection ending under the handshake: the network.
+_EOF_ERRORS = ("unexpected eof", "connection reset", "eof while reading")
+
+
+def _ssl_text(error: SSL.Error) -> str:
+    items = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(item[2]) for item in items if isinstance(item, tuple) and len(item) > 2]
+    return "; ".join(reasons) if reasons else str(error)
+
+
+def judge(failure: Failure, tls_established: bool = False) -> Outcome:
     """
-    Say why C{failure} is an authentication failure, or C{None} if it looks
-    like a network fault worth retrying.
+    Say what a failed attempt means.
+
+    @param tls_established: the TLS handshake had completed (the server's
+        certificate and Finished were verified) before the failure, so a
+        TLS alert received now was encrypted by the server itself.
     """
     try:
         from service_identity.exceptions import VerificationError
@@ -82,20 +134,42 @@ def authentication_problem(failure: Failure) -> str | None:
         VerificationError = ()  # type: ignore[assignment,misc]
     value = failure.value
     if isinstance(value, EnrollmentRefused):
-        return f"enrollment refused: {value}"
+        return Outcome(Verdict.REFUSED, f"enrollment refused: {printable(value)}")
     if isinstance(value, AuthenticationFailed):
-        return str(value)
+        return Outcome(Verdict.REFUSED, str(value))
     if isinstance(value, PeerVerificationFailed):
-        return f"the tunnel server could not prove the identity pinned by the keyfile: {value}"
+        return Outcome(
+            Verdict.VERIFICATION, f"the tunnel server could not prove the identity pinned by the keyfile: {value}"
+        )
     if isinstance(value, VerificationError):  # false for the () stand-in
-        return f"the tunnel server's certificate does not match the pinned name: {value}"
+        return Outcome(Verdict.VERIFICATION, f"the tunnel server's certificate does not match the pinned name: {value}")
     if isinstance(value, SSL.Error):
-        text = str(value)
+        text = printable(_ssl_text(value))
         if "certificate verify failed" in text:
-            return "the tunnel server could not prove the identity pinned by the keyfile (certificate verify failed)"
-        if "alert" in text and ("certificate" in text or "unknown ca" in text):
-            return f"the tunnel server rejected this site's certificate ({text})"
-    return None
+            return Outcome(
+                Verdict.VERIFICATION,
+                "the tunnel server could not prove the identity pinned by the keyfile (certificate verify failed)",
+            )
+        if "alert" in text and any(a in text for a in _CERTIFICATE_ALERTS):
+            if tls_established:
+                return Outcome(Verdict.REFUSED, f"the tunnel server rejected this site's certificate ({text})")
+            return Outcome(
+                Verdict.TLS,
+                f"TLS alert before the server was authenticated ({text}): from the server or from anyone on the path",
+            )
+        if any(e in text.lower() for e in _EOF_ERRORS):
+            return Outcome(Verdict.NETWORK, f"connection closed during the TLS handshake ({text})")
+        return Outcome(Verdict.TLS, f"TLS failed: {text}")
+    return Outcome(Verdict.NETWORK, printable(failure.getErrorMessage()))
+
+
+def authentication_problem(failure: Failure, tls_established: bool = False) -> str | None:
+    """
+    Why C{failure} means giving up, or C{None} if the attempt should be
+    retried (see L{judge}).
+    """
+    outcome = judge(failure, tls_established)
+    return outcome.reason if outcome.verdict is Verdict.REFUSED else None
 
 
 @implementer(IStreamClientEndpoint)
@@ -131,6 +205,20 @@ class RotatingEndpoint:
         return self._endpoints[index].connect(factory).addErrback(failed)
 
 
+@implementer(IHandshakeListener)
+class SiteTunnelProtocol(MuxProtocol):
+    """
+    The site end of a tunnel connection. It also notes when TLS was
+    established: only an alert received after that can be trusted to come
+    from the server (see L{judge}).
+    """
+
+    tls_established = False
+
+    def handshakeCompleted(self) -> None:
+        self.tls_established = True
+
+
 class SiteMuxFactory(Factory):
     """
     Builds the site end of each tunnel connection and watches how it ends.
@@ -156,6 +244,8 @@ class SiteMuxFactory(Factory):
         self.current: MuxProtocol | None = None
         #: set when the service stops: an ending tunnel is then expected
         self.stopping = False
+        #: how the last attempt ended (the retry policy picks its cap by it)
+        self.last_outcome: Outcome | None = None
 
     def _handshake_deadline(self, mux: MuxProtocol) -> None:
         if not mux.ready and mux.transport is not None and mux.close_reason is None:
@@ -168,7 +258,8 @@ class SiteMuxFactory(Factory):
             mux.abort()
 
     def buildProtocol(self, addr: IAddress | None) -> MuxProtocol:
-        mux = MuxProtocol(
+        self.last_outcome = None
+        mux = SiteTunnelProtocol(
             initiator=True,
             clock=self.clock,
             settings=self.policy.settings,
@@ -207,13 +298,33 @@ class SiteMuxFactory(Factory):
             self.current = None
         goaway = mux.peer_goaway
         if goaway is not None and goaway[0] == ErrorCode.NOT_AUTHORIZED:
-            self.on_fatal(f"tunnel server refused site {self.site}: {goaway[1]}")
+            # A multiplexer frame: it came through mutual TLS, from our server.
+            self.on_fatal(f"tunnel server refused site {self.site}: {printable(goaway[1])}")
             return
-        problem = authentication_problem(reason)
-        if problem is not None:
-            self.on_fatal(problem)
+        outcome = judge(reason, getattr(mux, "tls_established", False))
+        self.last_outcome = outcome
+        if outcome.verdict is Verdict.REFUSED:
+            self.on_fatal(outcome.reason)
             return
-        why = f"{code_name(goaway[0])}: {goaway[1]}" if goaway is not None else reason.getErrorMessage()
+        if outcome.verdict is Verdict.VERIFICATION:
+            self._log.error(
+                "site {site}: tunnel server {server} failed verification: {reason}; retrying with backoff up to "
+                "{cap:g}s (an impostor on the path, or a keyfile for another server)",
+                site=self.site,
+                server=mux.peer_label,
+                reason=outcome.reason,
+                cap=self.policy.verify_retry_cap,
+            )
+            return
+        if outcome.verdict is Verdict.TLS:
+            self._log.error(
+                "site {site}: TLS with tunnel server {server} failed: {reason}; retrying with backoff",
+                site=self.site,
+                server=mux.peer_label,
+                reason=outcome.reason,
+            )
+            return
+        why = f"{code_name(goaway[0])}: {printable(goaway[1])}" if goaway is not None else outcome.reason
         if self.stopping:
             self._log.info("site {site}: tunnel to {server} closed: {reason}", site=self.site, server=mux.peer_label, reason=why)
         else:
@@ -303,13 +414,15 @@ class TunnelClientService(MultiService):
 
     # -- enrollment ---------------------------------------------------------
 
-    def _retry_delay(self, attempt: int) -> float:
-        """Exponential backoff from C{retry_initial}, capped, plus jitter so
-        that many sites cut off at once do not all return at once."""
+    def _retry_delay(self, attempt: int, slow: bool = False) -> float:
+        """Exponential backoff from C{retry_initial}, capped (at the longer
+        C{verify_retry_cap} if C{slow}), plus jitter so that many sites cut
+        off at once do not all return at once."""
         # The exponent is bounded: 2.0**1024 overflows, which a site cut off
         # for about nine hours reached, and ClientService then never retried.
         growth = 2.0 ** min(attempt, 64)
-        return min(self.policy.retry_initial * growth, self.policy.retry_cap) + self.jitter()
+        cap = max(self.policy.verify_retry_cap, self.policy.retry_cap) if slow else self.policy.retry_cap
+        return min(self.policy.retry_initial * growth, cap) + self.jitter()
 
     def _enroll(self, keyfile: Keyfile) -> defer.Deferred[None]:
         addresses = [parse_address(a) for a in keyfile.addresses]
@@ -332,16 +445,29 @@ class TunnelClientService(MultiService):
                     raise
                 except Exception:
                     failure = Failure()
-                    if authentication_problem(failure) is not None:
+                    outcome = judge(failure)
+                    if outcome.verdict is Verdict.REFUSED:
                         raise
-                    delay = self._retry_delay(attempt)
+                    slow = outcome.verdict is Verdict.VERIFICATION
+                    delay = self._retry_delay(attempt, slow)
                     attempt += 1
-                    self._log.warn(
-                        "site {site}: enrollment attempt failed: {reason}; retrying in {delay:.1f}s",
-                        site=keyfile.site,
-                        reason=failure.getErrorMessage(),
-                        delay=delay,
-                    )
+                    if outcome.verdict is Verdict.NETWORK:
+                        self._log.warn(
+                            "site {site}: enrollment attempt failed: {reason}; retrying in {delay:.1f}s",
+                            site=keyfile.site,
+                            reason=outcome.reason,
+                            delay=delay,
+                        )
+                    else:
+                        self._log.error(
+                            "site {site}: enrollment attempt with {host}:{port} failed: {reason}; the token was not "
+                            "sent; retrying in {delay:.1f}s",
+                            site=keyfile.site,
+                            host=host,
+                            port=port,
+                            reason=outcome.reason,
+                            delay=delay,
+                        )
                     yield task.deferLater(self._clock, delay, lambda: None)
                     continue
                 self.state.complete_enrollment(keyfile, certificate)
@@ -352,7 +478,7 @@ class TunnelClientService(MultiService):
     def _enroll_failed(self, failure: Failure) -> None:
         if isinstance(failure.value, defer.CancelledError):
             return
-        problem = authentication_problem(failure) or f"enrollment failed: {failure.getErrorMessage()}"
+        problem = authentication_problem(failure) or f"enrollment failed: {printable(failure.getErrorMessage())}"
         self.on_fatal(problem)
 
     # -- the tunnel ---------------------------------------------------------
@@ -397,8 +523,11 @@ class TunnelClientService(MultiService):
         self.factory = SiteMuxFactory(state.site_name, self._clock, self.connector, self.policy, self.on_fatal)
         site = state.site_name
 
+        factory = self.factory
+
         def retry_policy(failures: int) -> float:
-            delay = self._retry_delay(failures - 1)
+            last = factory.last_outcome
+            delay = self._retry_delay(failures - 1, slow=last is not None and last.verdict is Verdict.VERIFICATION)
             self._log.info(
                 "site {site}: reconnect attempt {attempt} in {delay:.1f}s", site=site, delay=delay, attempt=failures
             )
