@@ -291,7 +291,7 @@ class ServerFixture:
         """A real site state directory enrolled with this server."""
         state = SiteState.load(temp_dir(case))
         keyfile = self.keyfile(site, addresses)
-        csr = state.enrollment_request(site)
+        csr = state.enrollment_request(site, keyfile.token_digest)
         pem = self.state.enroll(site, keyfile.token, csr, datetime.now(UTC))
         state.complete_enrollment(keyfile, pem)
         return state

@@ -48,13 +48,15 @@ from rtunnel.identity.errors import (
     EnrollmentRefused,
     PeerVerificationFailed,
 )
-from rtunnel.identity.keyfile import Keyfile
+from rtunnel.identity.keyfile import Keyfile, token_digest
 from rtunnel.identity.state import ServerState, SiteState
 from rtunnel.identity.tlsconfig import peer_identity, server_tls_options, site_tls_options
 from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder, enroll
 from tests.helpers_identity import Authority, Recorder, TestCase, tls_pair
 
 _REQUEST = EnrollRequest("alpha", "T" * 43, "-----BEGIN CERTIFICATE REQUEST-----\n...")
+#: the token digest a test's pending key is bound to (these tests need no real keyfile)
+PENDING_FOR = "ab" * 32
 
 texts = st.text(max_size=200)
 
@@ -522,7 +524,7 @@ class ExchangeTests(TestCase):
         self, site: str, token: str, csr: str | None = None, server_name: str = "tunnel.example"
     ) -> tuple[EnrollmentRequester, EnrollmentResponder, list[Any]]:
         if csr is None:
-            csr = self.site.enrollment_request(site)
+            csr = self.site.enrollment_request(site, PENDING_FOR)
         requester = EnrollmentRequester(EnrollRequest(site, token, csr), self.clock)
         responder = EnrollmentResponder(self.server, self.clock)
         with capturedLogs() as events:
@@ -549,7 +551,7 @@ class ExchangeTests(TestCase):
         and its next connection is identified and admitted by the server.
         """
         keyfile_token = self.token()
-        csr = self.site.enrollment_request("alpha")
+        csr = self.site.enrollment_request("alpha", token_digest(keyfile_token))
         server_factory = TLSMemoryBIOFactory(
             server_tls_options(self.server),
             False,
@@ -651,7 +653,7 @@ class ExchangeTests(TestCase):
         with the same key and token returns the same certificate.
         """
         token = self.token()
-        csr = self.site.enrollment_request("alpha")
+        csr = self.site.enrollment_request("alpha", PENDING_FOR)
         requester = EnrollmentRequester(EnrollRequest("alpha", token, csr), self.clock)
         responder = EnrollmentResponder(self.server, self.clock)
         client_factory = TLSMemoryBIOFactory(
@@ -678,13 +680,13 @@ class ExchangeTests(TestCase):
         self.failureResultOf(requester.result, EnrollmentIncomplete)
         assert isinstance(responder.reply, EnrollAccepted)
 
-        retry, _, _ = self.exchange("alpha", token, self.site.enrollment_request("alpha"))
+        retry, _, _ = self.exchange("alpha", token, self.site.enrollment_request("alpha", PENDING_FOR))
         self.assertEqual(self.successResultOf(retry.result), responder.reply.certificate_pem)
 
     def _impostor(self, server_options: object, server_name: str = "tunnel.example") -> EnrollmentRequester:
         token = self.token()
         requester = EnrollmentRequester(
-            EnrollRequest("alpha", token, self.site.enrollment_request("alpha")), self.clock
+            EnrollRequest("alpha", token, self.site.enrollment_request("alpha", PENDING_FOR)), self.clock
         )
         server = Recorder()
         tls_pair(server_options, site_tls_options(self.ca_pem, server_name), server, requester, self.clock)

@@ -292,7 +292,7 @@ class SiteStateTests(TestCase):
         )
 
     def enroll(self, site_state: SiteState, keyfile: Keyfile) -> str:
-        csr = site_state.enrollment_request(keyfile.site)
+        csr = site_state.enrollment_request(keyfile.site, keyfile.token_digest)
         pem = self.server.enroll(keyfile.site, keyfile.token, csr, NOW)
         site_state.complete_enrollment(keyfile, pem, NOW)
         return pem
@@ -310,16 +310,67 @@ class SiteStateTests(TestCase):
 
     def test_pending_key_is_private_and_reused(self) -> None:
         """
-        The enrollment key is written 0600 and reused by a retry, so both
-        requests are over the same public key.
+        The enrollment key is written 0600 and reused by a retry with the
+        same keyfile, so both requests are over the same public key.
         """
         site = SiteState.load(self.directory)
-        first = certs.load_csr(site.enrollment_request("alpha"))
-        self.assertEqual(_mode(self.directory / "pending.key"), 0o600)
-        second = certs.load_csr(SiteState.load(self.directory).enrollment_request("alpha"))
+        keyfile = self.keyfile()
+        first = certs.load_csr(site.enrollment_request("alpha", keyfile.token_digest))
+        [pending] = self.directory.glob("pending-*.key")
+        self.assertEqual(pending.name, f"pending-{keyfile.token_digest[:16]}.key")
+        self.assertEqual(_mode(pending), 0o600)
+        second = certs.load_csr(SiteState.load(self.directory).enrollment_request("alpha", keyfile.token_digest))
         self.assertEqual(
             certs.public_key_fingerprint(first), certs.public_key_fingerprint(second)
         )
+
+    def test_a_new_keyfile_never_reuses_a_pending_key(self) -> None:
+        """
+        A pending key left by an enrollment with another keyfile, or planted
+        (also under the old name pending.key), is deleted, never certified:
+        the new keyfile's request is over a fresh key.
+        """
+        site = SiteState.load(self.directory)
+        planted = certs.generate_private_key()
+        (self.directory / "pending.key").write_bytes(certs.dump_private_key(planted))
+        earlier = self.keyfile()
+        earlier_csr = certs.load_csr(site.enrollment_request("alpha", earlier.token_digest))
+        keyfile = self.keyfile()
+        csr = certs.load_csr(site.enrollment_request("alpha", keyfile.token_digest))
+        fingerprints = {certs.public_key_fingerprint(planted), certs.public_key_fingerprint(earlier_csr)}
+        self.assertNotIn(certs.public_key_fingerprint(csr), fingerprints)
+        self.assertEqual(
+            [p.name for p in self.directory.glob("pending*.key")], [f"pending-{keyfile.token_digest[:16]}.key"]
+        )
+
+    def test_state_directory_writable_by_others_is_refused(self) -> None:
+        """
+        As OpenSSH's StrictModes does, a state directory that its group or
+        anyone can write is refused (a key planted there would be
+        certified); one that others can only read is used, with a warning.
+        """
+        for mode, refused in ((0o770, True), (0o703, True), (0o722, True), (0o750, False), (0o755, False)):
+            directory = Path(self.mktemp())
+            directory.mkdir()
+            directory.chmod(mode)
+            if refused:
+                error = self.assertRaises(StateError, SiteState.load, directory)
+                self.assertIn("refusing to use it", str(error))
+                self.assertIn(f"mode {mode:o}", str(error))
+                error = self.assertRaises(StateError, ServerState.load_or_create, directory, ["tunnel.example"])
+                self.assertIn("writable by", str(error))
+            else:
+                SiteState.load(directory)
+
+    def test_state_directory_owned_by_another_user_is_refused(self) -> None:
+        """A state directory owned by someone else (neither us nor root) is refused."""
+        if os.geteuid() != 0:
+            self.skipTest("only root can give a directory to another user")
+        directory = Path(self.mktemp())
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 4242, 4242)
+        error = self.assertRaises(StateError, SiteState.load, directory)
+        self.assertIn("owned by user id 4242", str(error))
 
     def test_enrollment_is_stored_and_reloaded(self) -> None:
         """
@@ -330,7 +381,7 @@ class SiteStateTests(TestCase):
         site = SiteState.load(self.directory)
         pem = self.enroll(site, keyfile)
         self.assertTrue(site.is_enrolled)
-        self.assertFalse((self.directory / "pending.key").exists())
+        self.assertEqual(list(self.directory.glob("pending*.key")), [])
         self.assertEqual(_mode(self.directory / "site.key"), 0o600)
         info = json.loads((self.directory / "site.json").read_text())
         self.assertEqual(info["site"], "alpha")
@@ -382,7 +433,7 @@ class SiteStateTests(TestCase):
         """
         keyfile = self.keyfile()
         site = SiteState.load(self.directory)
-        csr = certs.load_csr(site.enrollment_request("alpha"))
+        csr = certs.load_csr(site.enrollment_request("alpha", keyfile.token_digest))
         other = Authority.create()
         forged = certs.issue_site_certificate(other.ca_key, other.ca_certificate, csr, "alpha")
         self.assertRaises(
@@ -397,7 +448,7 @@ class SiteStateTests(TestCase):
         """
         keyfile = self.keyfile()
         site = SiteState.load(self.directory)
-        site.enrollment_request("alpha")
+        site.enrollment_request("alpha", keyfile.token_digest)
         csr = certs.create_csr(certs.generate_private_key(), "alpha")
         cert = self.server.issue_site_certificate(csr, "alpha")
         error = self.assertRaises(
@@ -421,7 +472,7 @@ class SiteStateTests(TestCase):
         """
         keyfile = self.keyfile()
         site = SiteState.load(self.directory)
-        csr = site.enrollment_request("alpha")
+        csr = site.enrollment_request("alpha", keyfile.token_digest)
         pem = self.server.enroll("alpha", keyfile.token, csr, NOW)
         # Simulate the crash: another identity's files next to pending.key.
         other = SiteState.load(self.mktemp())
@@ -435,7 +486,7 @@ class SiteStateTests(TestCase):
         )
         reloaded = SiteState.load(self.directory)
         self.assertFalse(reloaded.is_enrolled)
-        retry_csr = reloaded.enrollment_request("alpha")
+        retry_csr = reloaded.enrollment_request("alpha", keyfile.token_digest)
         self.assertEqual(self.server.enroll("alpha", keyfile.token, retry_csr, NOW), pem)
         reloaded.complete_enrollment(keyfile, pem)
         self.assertTrue(SiteState.load(self.directory).is_enrolled)

@@ -16,7 +16,8 @@ Site (L{SiteState}), one directory of mode 0700::
     ca.crt         the pinned CA of the tunnel server (from the keyfile)
     site.json      site name, server addresses and name, SHA-256 of the
                    enrollment token
-    pending.key    (only during enrollment) the key being certified
+    pending-<T>.key  (only during enrollment) the key being certified for
+                   the keyfile whose token digest begins with T
 
 State is created on first use and reused afterwards.  Anything damaged,
 unreadable or incomplete raises L{StateError} naming the file: replacing it
@@ -102,7 +103,8 @@ SITE_KEY = "site.key"
 SITE_CERT = "site.crt"
 SITE_CA_CERT = "ca.crt"
 SITE_INFO = "site.json"
-PENDING_KEY = "pending.key"
+PENDING_KEY = "pending.key"  # before 0.2: one pending key, whatever the keyfile
+_PENDING_PREFIX = "pending-"
 _SITE_FILES = (SITE_KEY, SITE_CERT, SITE_CA_CERT, SITE_INFO)
 _SITE_INFO_FORMAT = "rtunnel-site-state"
 
@@ -134,6 +136,14 @@ _state_log = Logger(namespace="rtunnel.identity.state")
 
 
 def _ensure_directory(path: str, what: str) -> None:
+    """
+    Create C{path} (mode 0700) or check the existing directory the way
+    OpenSSH's StrictModes checks C{~/.ssh}: owned by us (or root) and
+    writable by nobody else, or refused. Whoever can write into a state
+    directory can plant a key that gets certified, or replace the pinned CA;
+    a directory merely readable by others is only warned about (the secrets
+    inside are 0600 anyway).
+    """
     if os.path.lexists(path) and not os.path.isdir(path):
         raise StateError(f"{what} {path} exists but is not a directory")
     if not os.path.isdir(path):
@@ -142,13 +152,25 @@ def _ensure_directory(path: str, what: str) -> None:
             os.chmod(path, 0o700)
         except OSError as e:
             raise StateError(f"cannot create {what} {path}: {e.strerror}") from None
-    elif os.stat(path).st_mode & 0o077:
-        # The secrets inside are 0600 anyway; still, say so.
+        return
+    info = os.stat(path)
+    mode = info.st_mode & 0o777
+    if info.st_uid not in (os.geteuid(), 0):
+        raise StateError(
+            f"{what} {path} is owned by user id {info.st_uid}, not by this user ({os.geteuid()}) or root; "
+            "refusing to use it (another user could replace the keys and certificates in it)"
+        )
+    if mode & 0o022:
+        raise StateError(
+            f"{what} {path} is writable by {'others' if mode & 0o002 else 'its group'} (mode {mode:o}); "
+            f"refusing to use it (whoever can write there can plant keys): chmod 700 {path}"
+        )
+    if mode & 0o077:
         _state_log.warn(
             "{what} {path} is accessible to other users (mode {mode:o}); chmod 700 it",
             what=what,
             path=path,
-            mode=os.stat(path).st_mode & 0o777,
+            mode=mode,
         )
 
 
@@ -216,6 +238,19 @@ def _fsync_directory(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pending_keys(directory: str) -> list[str]:
+    """The pending keys in a site state directory (also the pre-0.2 name)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(
+        os.path.join(directory, n)
+        for n in names
+        if n == PENDING_KEY or (n.startswith(_PENDING_PREFIX) and n.endswith(".key"))
+    )
 
 
 def _load_cert_file(path: str) -> x509.Certificate:
@@ -587,7 +622,7 @@ class SiteState:
         if not present:
             return state
         if len(present) != len(_SITE_FILES) or SITE_INFO not in present:
-            if os.path.lexists(join(PENDING_KEY)):
+            if _pending_keys(path):
                 # An enrollment was interrupted while its files were being
                 # moved into place: enroll again (the server hands out the
                 # same certificate for the same pending key).
@@ -613,7 +648,7 @@ class SiteState:
             except CertificateError as e:
                 problem = f"{SITE_CERT}: {e}"
         if problem is not None:
-            if os.path.lexists(join(PENDING_KEY)):
+            if _pending_keys(path):
                 return state
             raise StateError(f"site state in {path} is inconsistent: {problem}")
         state.private_key = key
@@ -654,18 +689,29 @@ class SiteState:
         assert self.info is not None
         return keyfile.token_digest != self.info.token_sha256
 
-    def _pending_key_path(self) -> str:
-        return os.path.join(self.directory.path, PENDING_KEY)
+    def _pending_key_path(self, token_digest: str) -> str:
+        return os.path.join(self.directory.path, f"{_PENDING_PREFIX}{token_digest[:16]}.key")
 
-    def enrollment_request(self, site: str) -> str:
+    def enrollment_request(self, site: str, token_digest: str) -> str:
         """
-        Return a PEM certificate request for C{site} over the pending key,
-        generating that key (mode 0600) unless an earlier, interrupted
-        enrollment left one: a retry then presents the same key, which the
-        server accepts for an already-spent token.
+        Return a PEM certificate request for C{site} over the pending key of
+        the keyfile whose token has the SHA-256 C{token_digest}.
+
+        The key is generated (mode 0600) for that keyfile; only a retry with
+        the same keyfile, after an interrupted enrollment, presents it again
+        (which the server accepts for an already-spent token). A pending key
+        left for any other keyfile, or planted, is deleted, never certified:
+        every new keyfile enrolls a fresh key.
         """
         validate_site_name(site)
-        path = self._pending_key_path()
+        path = self._pending_key_path(token_digest)
+        for other in _pending_keys(self.directory.path):
+            if other != path:
+                try:
+                    os.unlink(other)
+                except OSError as e:
+                    raise StateError(f"cannot remove stale {other}: {e.strerror}") from None
+                self._log.info("removed {path}, a pending key of another enrollment", path=other)
         if os.path.lexists(path):
             key = _load_key_file(path, self._log)
         else:
@@ -687,10 +733,10 @@ class SiteState:
         @raise StateError: if there is no pending key or files cannot be
             written.
         """
-        path = self._pending_key_path()
+        path = self._pending_key_path(keyfile.token_digest)
         if not os.path.lexists(path):
             raise StateError(
-                f"no enrollment in progress in {self.directory.path} ({PENDING_KEY} missing)"
+                f"no enrollment in progress in {self.directory.path} ({os.path.basename(path)} missing)"
             )
         key = _load_key_file(path, self._log)
         cert = load_certificate(certificate_pem, "certificate from the tunnel server")

@@ -426,7 +426,7 @@ class TunnelClientService(MultiService):
 
     def _enroll(self, keyfile: Keyfile) -> defer.Deferred[None]:
         addresses = [parse_address(a) for a in keyfile.addresses]
-        csr = self.state.enrollment_request(keyfile.site)
+        csr = self.state.enrollment_request(keyfile.site, keyfile.token_digest)
         creator = site_tls_options(keyfile.ca_certificate_pem, keyfile.server_name)
         attempt = 0
 
