@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 from rtunnel.identity import certs
 from rtunnel.identity.errors import CertificateError, PeerVerificationFailed
 from rtunnel.identity.tlsconfig import (
+    KEY_EXCHANGE_GROUPS,
     TLS12_CIPHERS,
     TLS13_CIPHERSUITES,
     ServerTLSOptions,
@@ -83,6 +84,7 @@ class _RawOptions:
         ciphers: str | None = None,
         suites: str | None = None,
         certificate: tuple[certs.PrivateKey, x509.Certificate] | None = None,
+        groups: str | None = None,
     ) -> None:
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(min_version)
@@ -94,6 +96,10 @@ class _RawOptions:
         if certificate is not None:
             ctx.use_privatekey(certificate[0])
             ctx.use_certificate(certificate[1])
+        if groups is not None:
+            from OpenSSL._util import lib
+
+            assert lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()), groups
         self.context = ctx
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -107,6 +113,12 @@ def _site_options(server_name: str = "tunnel.example", with_certificate: bool = 
     if with_certificate:
         return site_tls_options(_AUTHORITY.ca_pem, server_name, _SITE_KEY, _SITE_CERT)
     return site_tls_options(_AUTHORITY.ca_pem, server_name)
+
+
+def _supports(group: str) -> bool:
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_CTX_set1_curves_list(SSL.Context(SSL.TLS_METHOD)._context, group.encode()))
 
 
 class HandshakeTests(TestCase):
@@ -159,6 +171,33 @@ class HandshakeTests(TestCase):
         )
         self.assertTrue(client.handshook)
         self.assertEqual(client_tls.getHandle().get_cipher_name(), "TLS_AES_128_GCM_SHA256")
+
+    def test_key_exchange_prefers_the_hybrid_post_quantum_group(self) -> None:
+        """
+        Site and server agree on X25519MLKEM768 (the OpenSSL linked here
+        offers it; else X25519), as OpenSSH now defaults to a hybrid.
+        """
+        server, site = Recorder(), Recorder()
+        client_tls, server_tls, _ = tls_pair(server_tls_options(_AUTHORITY), _site_options(), server, site)
+        self.assertTrue(site.handshook)
+        expected = KEY_EXCHANGE_GROUPS[0].split(":")[0] if _supports("X25519MLKEM768") else "X25519"
+        self.assertEqual(client_tls.getHandle().get_group_name(), expected)
+        self.assertEqual(server_tls.getHandle().get_group_name(), expected)
+
+    def test_key_exchange_groups_are_pinned(self) -> None:
+        """
+        A client offering only finite-field DH finds no common group; one
+        offering only P-256 or only X25519 gets it.
+        """
+        server, client = Recorder(), Recorder(b"x")
+        tls_pair(server_tls_options(_AUTHORITY), _RawOptions(groups="ffdhe2048:ffdhe3072"), server, client)
+        self.assertFalse(client.handshook)
+        self.assertEqual(server.received, b"")
+        for group in ("P-256", "X25519"):
+            server, client = Recorder(), Recorder()
+            client_tls, _, _ = tls_pair(server_tls_options(_AUTHORITY), _RawOptions(groups=group), server, client)
+            self.assertTrue(client.handshook, group)
+            self.assertEqual(client_tls.getHandle().get_group_name(), {"P-256": "secp256r1", "X25519": "x25519"}[group])
 
     def test_tls12_client_gets_ecdhe_aes_gcm(self) -> None:
         """

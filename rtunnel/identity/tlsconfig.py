@@ -9,6 +9,10 @@ Policy, on both ends:
     C{TLS_AES_256_GCM_SHA384}, in that order (AES-128 is the cheapest and as
     strong in practice; see FIELD-NOTES), with the server's order deciding;
   - TLS 1.2 suites: ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only;
+  - key exchange groups pinned (L{KEY_EXCHANGE_GROUPS}): the hybrid
+    post-quantum X25519MLKEM768 where the linked OpenSSL offers it (as
+    OpenSSH now defaults to a hybrid), then X25519, then P-256; never
+    finite-field DH, which a client could otherwise choose;
   - no compression, renegotiation, session tickets or session cache: a
     tunnel is one long-lived connection, and every handshake re-verifies the
     peer fully.
@@ -63,6 +67,7 @@ from rtunnel.identity.certs import (
 from rtunnel.identity.errors import CertificateError, PeerVerificationFailed
 
 __all__ = [
+    "KEY_EXCHANGE_GROUPS",
     "TLS13_CIPHERSUITES",
     "TLS12_CIPHERS",
     "server_tls_options",
@@ -101,6 +106,49 @@ _VERIFY_ERRORS = {
 
 _log = Logger()
 
+#: Key exchange groups, most preferred first, each list a fallback for an
+#: OpenSSL that does not know a name in the one before it.
+KEY_EXCHANGE_GROUPS = (
+    "X25519MLKEM768:X25519:P-256",
+    "X25519:P-256",
+)
+
+
+def _groups_setter() -> Any:
+    """
+    OpenSSL's C{SSL_CTX_set1_groups_list} (under its older name), which
+    pyOpenSSL does not wrap: reached through pyOpenSSL's private binding,
+    so checked here once. Without it, OpenSSL's default groups apply (which
+    include finite-field DH) and one warning says so.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        setter = lib.SSL_CTX_set1_curves_list
+        probe = SSL.Context(SSL.TLS_METHOD)
+        if not setter(probe._context, KEY_EXCHANGE_GROUPS[-1].encode("ascii")):  # type: ignore[attr-defined]
+            raise ValueError("refused the basic group list")
+    except Exception as e:  # any change of pyOpenSSL's internals
+        _log.warn(
+            "cannot pin the TLS key exchange groups with this pyOpenSSL ({error}); OpenSSL's defaults apply",
+            error=str(e),
+        )
+        return None
+    return setter
+
+
+_set_groups = _groups_setter()
+
+
+def _pin_groups(ctx: SSL.Context) -> str | None:
+    """Pin the key exchange groups of C{ctx}; return the list applied."""
+    if _set_groups is None:
+        return None
+    for groups in KEY_EXCHANGE_GROUPS:
+        if _set_groups(ctx._context, groups.encode("ascii")):  # type: ignore[attr-defined]
+            return groups
+    return None
+
 
 class _ServerIdentity(Protocol):
     server_key: PrivateKey
@@ -130,6 +178,7 @@ def _base_context() -> SSL.Context:
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
     ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode("ascii"))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    _pin_groups(ctx)
     return ctx
 
 
