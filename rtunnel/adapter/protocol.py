@@ -5,9 +5,15 @@ production) and presents its streams as L{MuxStream} transports.
 The protocol only moves bytes and dispatches events; every protocol rule is
 the core's. It is an L{IPushProducer} on its transport: when the transport's
 buffer is full every stream's producer is paused, and on resume they are
-resumed in a rotating order so that no stream is always served first. It never
-pauses reading from the tunnel: memory is bounded by the windows, and one slow
-stream must not stall the others.
+resumed in a rotating order so that no stream is always served first.
+
+It pauses reading from the tunnel in one case only: the peer does not read
+(our transport paused us) *and* its own frames made us queue at least
+C{FloodLimits.reply_pause} replies meanwhile (PING ACKs, OPEN_FAIL refusals,
+RESETs answering a broken rule). Reading resumes when the transport resumes
+us. Data never pauses reading: memory for it is bounded by the windows, and
+one slow stream must not stall the others (see L{MuxProtocol} for why this
+rule cannot deadlock two ends).
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from attrs import field, frozen, validators
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rtunnel.logs import Logger
+
+from ..logsafe import LogBudget, printable
 from ..mux import events as ev
 from ..mux.errors import ErrorCode, SessionClosing, code_name
 from ..mux.session import MuxSession
-from ..mux.settings import Settings, WindowTuning
+from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .address import describe
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
 
@@ -67,11 +75,43 @@ class MuxProtocol(Protocol):
     """
     One end of a multiplexed tunnel connection.
 
+    Flood protection (docs/protocol.md, "Flood protection"): the session
+    caps frames that do nothing useful over the clock's time and ends the
+    session with GOAWAY ENHANCE_YOUR_CALM past a limit (logged as a warning
+    naming the peer, the kind of frame and the rate). Replies elicited by
+    the peer's frames that pile up while the peer reads nothing stop our
+    reading:
+
+     - Reading stops only while our transport has paused us (the peer is
+       not reading what we send) and the peer's own frames made us queue
+       C{flood_limits.reply_pause} replies since; it resumes as soon as the
+       transport resumes us. After C{flood_limits.stall_timeout} seconds
+       stopped, or past C{flood_limits.reply_limit} replies, the session
+       ends (GOAWAY ENHANCE_YOUR_CALM, then the connection is aborted).
+     - This cannot deadlock two ends running this protocol. Reading never
+       stops merely because our writes are blocked (two ends doing that with
+       full buffers would both wait forever); it stops only when the peer
+       keeps asking for replies it does not read. A legitimate peer has at
+       most a few reply-eliciting frames outstanding while it is not
+       reading: it pings when idle (one per keepalive interval) and probes
+       windows with one PING at a time, waiting for its answer; a site
+       never opens streams. So a legitimate peer never makes us stop
+       reading, and for both ends to stop, each would have to flood the
+       other. Against a peer that does flood, the stop ends when it reads,
+       or the session ends: never a hang.
+
     @param initiator: C{True} on the end that dialed (it uses odd stream ids).
     @param clock: for keepalive timers; injected so tests use L{Clock}.
     @param stream_handler: decides on streams the peer opens; without one,
         every such open is refused.
     @param keepalive: ping/timeout policy, or C{None} for none.
+    @param flood_limits: what this end tolerates from a flooding peer;
+        C{None} for those of its role (L{FloodLimits.for_role}: the tunnel
+        server's on the acceptor, the site's on the initiator).
+    @param close_timeout: seconds a polite close (TLS close_notify, then
+        waiting for the peer's) may take before the connection is aborted:
+        a peer that never answers must not keep the socket. C{None}: wait
+        forever.
     """
 
     _log = Logger()
@@ -86,8 +126,13 @@ class MuxProtocol(Protocol):
         stream_handler: StreamHandler | None = None,
         keepalive: Keepalive | None = None,
         label: str = "",
+        flood_limits: FloodLimits | None = None,
+        close_timeout: float | None = 5.0,
     ) -> None:
-        self.session = MuxSession(initiator=initiator, settings=settings, tuning=tuning)
+        if close_timeout is not None and not close_timeout > 0:
+            raise ValueError(f"close_timeout must be positive or None, not {close_timeout!r}")
+        self.session = MuxSession(initiator=initiator, settings=settings, tuning=tuning, flood_limits=flood_limits)
+        self.close_timeout = close_timeout
         self.clock = clock
         self.stream_handler = stream_handler
         self.keepalive = keepalive
@@ -118,6 +163,14 @@ class MuxProtocol(Protocol):
         self._refusal: tuple[int, str] | None = None
         self._closing = False
         self._close_wanted: bool | None = None  # close (True: abort) once the current input is handled
+        self._close_call: IDelayedCall | None = None
+        #: we paused our transport's reading: replies the peer does not read
+        #: piled up (resumed with the transport), or the peer flooded us (for good)
+        self.reading_paused = False
+        self._flooded = False
+        self._stall_call: IDelayedCall | None = None
+        #: per-session budget for log lines the peer can trigger at will
+        self._log_budget = LogBudget(rate=1.0, burst=5.0, max_keys=16)
 
     # -- observers -----------------------------------------------------------
 
@@ -194,16 +247,18 @@ class MuxProtocol(Protocol):
         self._refusal = (code, reason)
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_received = self.clock.seconds()
+        now = self._last_received = self.clock.seconds()
         self._in_receive = True
         try:
-            for event in self.session.receive_data(data):
+            for event in self.session.receive_data(data, now):
                 if self._closing:
                     break  # terminated meanwhile: act on nothing more of this input
                 self._dispatch(event)
         finally:
             self._in_receive = False
         self._flush()
+        if self.paused and self.session.reading_should_pause and not self._closing:
+            self._pause_reading_for_replies()
         # A close asked for (terminate) or a drain finished during this input
         # happens only now that the frames it produced have been written.
         if self._close_wanted is not None:
@@ -235,9 +290,14 @@ class MuxProtocol(Protocol):
         # stream here would cost two epoll changes per stream per cycle, and
         # with a thousand mostly idle streams that is most of the work.
         self.paused = True
+        # The peer is not reading: replies it elicits from now on are unread.
+        self.session.set_peer_reading(False)
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.session.set_peer_reading(True)
+        if self.reading_paused:
+            self._resume_reading()
         held = list(self._held.values())
         self._held.clear()
         if not held:
@@ -370,18 +430,27 @@ class MuxProtocol(Protocol):
             stream.opened.callback(stream)
 
     def _refuse(self, stream: MuxStream, code: int, reason: str) -> None:
-        self._log.debug(
-            "refused stream {streamID} to {target} from {peer}: {code}: {reason}",
-            streamID=stream.stream_id,
-            target=f"{stream.host}:{stream.port}",
-            peer=self.who,
-            code=code_name(code),
-            reason=reason,
-        )
+        # One line per OPEN the peer sends: rate-limited per session.
+        suppressed = self._log_allowance("refused")
+        if suppressed is not None:
+            self._log.debug(
+                "refused stream {streamID} to {target} from {peer}: {code}: {reason}"
+                + (" ({suppressed} similar suppressed)" if suppressed else ""),
+                streamID=stream.stream_id,
+                target=f"{stream.host}:{stream.port}",
+                peer=self.who,
+                code=code_name(code),
+                reason=printable(reason),
+                suppressed=suppressed,
+            )
+        failure: list[ev.Event] = []
         if self.session.stream_state(stream.stream_id) is not None:
-            self.session.refuse_stream(stream.stream_id, code, reason)
+            failure = self.session.refuse_stream(stream.stream_id, code, reason)
         stream._terminate(Failure(StreamReset(code, reason)))
         self._flush()
+        # A refusal past the allowance of refused OPENs ended the session.
+        for event in failure:
+            self._dispatch(event)
 
     def _reset(self, stream: MuxStream, code: int, reason: str) -> None:
         self.session.reset_stream(stream.stream_id, code, reason)
@@ -390,6 +459,16 @@ class MuxProtocol(Protocol):
     def _consumed(self, stream: MuxStream, size: int) -> None:
         self.session.consumed(stream.stream_id, size)
         self._flush()
+
+    def _log_allowance(self, key: str) -> int | None:
+        """
+        For a log line the peer can trigger at will: C{None} if it must be
+        left out now (L{LogBudget}: 5 at once, then one a second, per
+        session and C{key}); otherwise how many like it were left out
+        since the last one logged.
+        """
+        allowed, suppressed = self._log_budget.allow(key, self.clock.seconds())
+        return suppressed if allowed else None
 
     def _forget(self, stream: MuxStream) -> None:
         self.streams.pop(stream.stream_id, None)
@@ -436,13 +515,16 @@ class MuxProtocol(Protocol):
                 d.callback(self)
         elif isinstance(event, ev.GoAwayReceived):
             self._on_goaway(event)
+        elif isinstance(event, ev.FloodDetected):
+            self._on_flood(event)
         elif isinstance(event, ev.SessionFailed):
-            self._log.error(
-                "tunnel session with {peer} failed: {code}: {reason}",
-                peer=self.who,
-                code=code_name(event.code),
-                reason=event.reason,
-            )
+            if not self._flooded:  # a flood was logged as such just before
+                self._log.error(
+                    "tunnel session with {peer} failed: {code}: {reason}",
+                    peer=self.who,
+                    code=code_name(event.code),
+                    reason=event.reason,
+                )
             self._end_all_streams(event.code, event.reason)
             self._close_after_flush()
 
@@ -455,7 +537,15 @@ class MuxProtocol(Protocol):
         try:
             self.stream_handler(stream)
         except Exception:
-            self._log.failure("stream handler failed for stream {streamID}", streamID=event.stream_id)
+            suppressed = self._log_allowance("handler")
+            if suppressed is not None:
+                self._log.failure(
+                    "stream handler failed for stream {streamID} from {peer}"
+                    + (" ({suppressed} similar suppressed)" if suppressed else ""),
+                    streamID=event.stream_id,
+                    peer=self.who,
+                    suppressed=suppressed,
+                )
             if not stream.disconnected and stream.protocol is None:
                 stream.refuse(ErrorCode.INTERNAL_ERROR, "internal error")
 
@@ -477,6 +567,94 @@ class MuxProtocol(Protocol):
         if self.on_goaway is not None:
             self.on_goaway(event.code, event.reason)
 
+    def _on_flood(self, event: ev.FloodDetected) -> None:
+        """
+        The peer went past a flood limit; the session ends with the
+        SessionFailed that follows. Read nothing more from it: its input
+        would only be discarded, and reading it costs the other sessions.
+        """
+        self._flooded = True
+        if event.seconds is None:
+            self._log.warn(
+                "tunnel peer {peer} reads nothing: {detail} queued for it (limit {limit});"
+                " ending the session with ENHANCE_YOUR_CALM",
+                peer=self.who,
+                what=event.what,
+                count=event.count,
+                detail=event.detail,
+                limit=event.limit,
+            )
+        else:
+            self._log.warn(
+                "tunnel peer {peer} flooded the session with {what} frames: {count} in {seconds:.3f}s"
+                " ({rate:.0f}/s; allowed {limit}); ending it with ENHANCE_YOUR_CALM",
+                peer=self.who,
+                what=event.what,
+                count=event.count,
+                seconds=event.seconds,
+                rate=event.rate,
+                limit=event.limit,
+            )
+        self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        transport = self.transport
+        if self.reading_paused or transport is None or self._lost:
+            return
+        self.reading_paused = True
+        cast(IPushProducer, transport).pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+        transport = self.transport
+        if not self.reading_paused or self._flooded or transport is None or self._lost:
+            return
+        self.reading_paused = False
+        cast(IPushProducer, transport).resumeProducing()
+
+    def _pause_reading_for_replies(self) -> None:
+        """
+        The peer reads nothing and keeps asking for replies: stop reading
+        until our transport resumes us (the peer read), for at most
+        C{stall_timeout} seconds.
+        """
+        if self.reading_paused:
+            return
+        suppressed = self._log_allowance("paused")
+        if suppressed is not None:
+            self._log.info(
+                "tunnel peer {peer} reads nothing and {count} control replies wait for it: pausing reading from it"
+                + (" ({suppressed} similar suppressed)" if suppressed else ""),
+                peer=self.who,
+                count=self.session.reply_debt,
+                suppressed=suppressed,
+            )
+        self._pause_reading()
+        self._stall_call = self.clock.callLater(self.session.flood_limits.stall_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_call = None
+        if self._lost or not self.reading_paused:
+            return
+        timeout = self.session.flood_limits.stall_timeout
+        count = self.session.reply_debt
+        self._flooded = True
+        self._log.warn(
+            "tunnel peer {peer} read nothing for {timeout}s while {count} control replies waited for it;"
+            " ending the session with ENHANCE_YOUR_CALM",
+            peer=self.who,
+            timeout=timeout,
+            count=count,
+        )
+        self.terminate(
+            ErrorCode.ENHANCE_YOUR_CALM,
+            f"too many unanswered control replies: {count} queued while the peer read nothing for {timeout:g}s",
+        )
+        # It reads nothing: a polite close would wait for nothing.
+        self._close_transport(abort=True)
+
     def _end_all_streams(self, code: int, reason: str) -> None:
         for stream in list(self.streams.values()):
             stream._terminate(Failure(StreamReset(code, reason)))
@@ -496,6 +674,12 @@ class MuxProtocol(Protocol):
     def _keepalive_tick(self) -> None:
         self._keepalive_call = None
         assert self.keepalive is not None
+        if self.reading_paused:
+            # We stopped reading (a peer that reads nothing; see
+            # _pause_reading_for_replies): its silence is ours, and the
+            # stall timeout decides.
+            self._keepalive_call = self.clock.callLater(self.keepalive.interval, self._keepalive_tick)
+            return
         idle = self.clock.seconds() - self._last_received
         if idle >= self.keepalive.timeout:
             self._log.warn(
@@ -533,7 +717,9 @@ class MuxProtocol(Protocol):
         """
         Close the tunnel connection. We unregister as its producer first:
         a TLS transport does not start its shutdown while a producer is
-        registered, and would otherwise wait forever.
+        registered, and would otherwise wait forever. A polite close (TLS
+        sends close_notify and waits for the peer's) is aborted if the
+        connection is not gone within C{close_timeout} seconds.
         """
         transport = self.transport
         if transport is None or self._lost:
@@ -553,9 +739,25 @@ class MuxProtocol(Protocol):
                 abort_connection()
                 return
         transport.loseConnection()
+        if self.close_timeout is not None and self._close_call is None and not self._lost:
+            self._close_call = self.clock.callLater(self.close_timeout, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._close_call = None
+        transport = self.transport
+        if self._lost or transport is None:
+            return
+        self._log.info(
+            "tunnel peer {peer} did not finish closing within {timeout}s: aborting the connection",
+            peer=self.who,
+            timeout=self.close_timeout,
+        )
+        abort_connection = getattr(transport, "abortConnection", None)
+        if abort_connection is not None:
+            abort_connection()
 
     def _cancel_timers(self) -> None:
-        for name in ("_keepalive_call", "_drain_call"):
+        for name in ("_keepalive_call", "_drain_call", "_close_call", "_stall_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()

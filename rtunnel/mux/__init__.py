@@ -7,11 +7,13 @@ docs/protocol.md for the wire protocol it implements.
 
 from .errors import ErrorCode, MuxUsageError, ProtocolError, SessionClosing, StreamLimitReached, code_name
 from .session import MuxSession
-from .settings import Settings
+from .settings import Allowance, FloodLimits, Settings
 from .streams import StreamState
 
 __all__ = [
+    "Allowance",
     "ErrorCode",
+    "FloodLimits",
     "MuxSession",
     "MuxUsageError",
     "ProtocolError",
