@@ -203,7 +203,7 @@ class RateFloodTests(SynchronousTestCase):
         self.assertEqual(warning["peer"], "flooder (192.168.1.1:54321)")
         self.assertEqual((warning["what"], warning["count"]), ("PING", 1001))
         self.assertIn(
-            "tunnel peer flooder (192.168.1.1:54321) flooded the session with PING frames: 1001 in 0.000s",
+            "tunnel peer flooder (192.168.1.1:54321) flooded the session with PING frames: 1001 in one read",
             formatEvent(warning),
         )
         self.assertIn("allowed 1000 at once, then 200/s", formatEvent(warning))
@@ -342,3 +342,18 @@ class NoDeadlockTests(SynchronousTestCase):
         self.assertEqual(back.count, 8 * MIB)
         self.assertEqual(sinks[0].count, 8 * MIB)
         self.assertNotIn(True, paused_reading)
+
+
+class FloodRateLineTests(SynchronousTestCase):
+    def test_flood_over_time_logs_its_rate(self):
+        """A flood spread over reads is logged with its duration and rate."""
+        clock = Clock()
+        log = LogCapture(self)
+        peer = Peer(clock)
+        for _ in range(20):
+            clock.advance(0.1)
+            peer.mux.dataReceived(PING * 100)
+        [warning] = [e for e in log.events if e["log_level"] == LogLevel.warn]
+        text = formatEvent(warning)
+        # 100 a read every 0.1 s: 1,000 allowed at once plus 20 per 0.1 s.
+        self.assertIn("flooded the session with PING frames: 1241 in 1.200s (1034/s; allowed 1000 at once", text)

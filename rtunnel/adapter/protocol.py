@@ -585,9 +585,11 @@ class MuxProtocol(Protocol):
                 limit=event.limit,
             )
         else:
+            # All of them in one read (no time passed): no rate to speak of.
             self._log.warn(
-                "tunnel peer {peer} flooded the session with {what} frames: {count} in {seconds:.3f}s"
-                " ({rate:.0f}/s; allowed {limit}); ending it with ENHANCE_YOUR_CALM",
+                "tunnel peer {peer} flooded the session with {what} frames: {count} "
+                + ("in {seconds:.3f}s ({rate:.0f}/s; " if event.rate is not None else "in one read (")
+                + "allowed {limit}); ending it with ENHANCE_YOUR_CALM",
                 peer=self.who,
                 what=event.what,
                 count=event.count,

@@ -157,10 +157,11 @@ class FloodDetected:
 
     @property
     def rate(self) -> float | None:
-        """Frames per second over C{seconds}, for the useless kinds."""
-        if self.seconds is None:
+        """Frames per second over C{seconds}; C{None} for unread replies, or
+        when they all came at once (in one read: no time passed)."""
+        if not self.seconds:
             return None
-        return self.count / max(self.seconds, 1e-3)
+        return self.count / self.seconds
 
 
 Event = Union[

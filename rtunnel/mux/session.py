@@ -75,7 +75,8 @@ class _Flood(ProtocolError):
                 f" (limit {event.limit})"
             )
         else:
-            reason = f"too many {event.what} frames: {event.count} in {event.seconds:.3f}s (allowed {event.limit})"
+            during = f"in {event.seconds:.3f}s" if event.seconds else "in one read"
+            reason = f"too many {event.what} frames: {event.count} {during} (allowed {event.limit})"
         super().__init__(ErrorCode.ENHANCE_YOUR_CALM, reason)
         self.event = event
 
