@@ -76,6 +76,11 @@ class WindowTuning:
     probe_gap: int = field(default=256 * KIB, validator=_in_range(1, 2**40))
 
 
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, not {value!r}")
+
+
 @frozen
 class Allowance:
     """
@@ -84,8 +89,8 @@ class Allowance:
     refilled at C{rate} per second, one spent per frame).
     """
 
-    rate: float = field(validator=[validators.instance_of((int, float)), validators.gt(0)])
-    burst: int = field(validator=_in_range(1, 2**31 - 1))
+    rate: float = field(validator=lambda _, attribute, value: _check_positive(attribute.name, value))
+    burst: int = field(validator=[validators.instance_of(int), validators.ge(1), validators.le(2**31 - 1)])
 
     def describe(self) -> str:
         """How the allowance reads in a log line and a GOAWAY reason."""
@@ -139,7 +144,9 @@ class FloodLimits:
     refused_opens: Allowance | None = Allowance(rate=10, burst=100)
     reply_pause: int = field(default=128, validator=_in_range(1, 2**31 - 1))
     reply_limit: int = field(default=4096, validator=_in_range(1, 2**31 - 1))
-    stall_timeout: float = field(default=30.0, validator=[validators.instance_of((int, float)), validators.gt(0)])
+    stall_timeout: float = field(
+        default=30.0, validator=lambda _, attribute, value: _check_positive(attribute.name, value)
+    )
 
     @reply_limit.validator
     def _check_reply_limit(self, attribute: object, value: int) -> None:
