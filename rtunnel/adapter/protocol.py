@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, cast
 
-from attrs import field, frozen, validators
+from attrs import define, field, frozen, validators
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -68,6 +68,29 @@ class Keepalive:
     def _check_timeout(self, attribute: object, value: float) -> None:
         if not value >= self.interval:
             raise ValueError(f"keepalive timeout {value}s is shorter than the ping interval {self.interval}s")
+
+
+@define
+class _Edges:
+    """
+    A L{MuxProtocol}'s state used only at the session's edges: closing,
+    floods, log lines the peer triggers. Kept in one attribute so that the
+    protocol's own stay within the 30 for which CPython 3.11 shares instance
+    dictionary keys: past that every attribute access, on the data path
+    too, is slower.
+    """
+
+    close_timeout: float | None
+    #: unregistered as the transport's producer (closing)
+    unregistered: bool = False
+    close_call: IDelayedCall | None = None
+    #: we paused our transport's reading: replies the peer does not read
+    #: piled up (resumed with the transport), or it flooded us (for good)
+    reading_paused: bool = False
+    flooded: bool = False
+    stall_call: IDelayedCall | None = None
+    #: per-session budget for log lines the peer can trigger at will
+    log_budget: LogBudget = field(factory=lambda: LogBudget(rate=1.0, burst=5.0, max_keys=16))
 
 
 @implementer(IPushProducer)
@@ -132,7 +155,7 @@ class MuxProtocol(Protocol):
         if close_timeout is not None and not close_timeout > 0:
             raise ValueError(f"close_timeout must be positive or None, not {close_timeout!r}")
         self.session = MuxSession(initiator=initiator, settings=settings, tuning=tuning, flood_limits=flood_limits)
-        self.close_timeout = close_timeout
+        self._edges = _Edges(close_timeout)
         self.clock = clock
         self.stream_handler = stream_handler
         self.keepalive = keepalive
@@ -159,18 +182,9 @@ class MuxProtocol(Protocol):
         self._draining = False
         self._rotation = 0
         self._lost = False
-        self._unregistered = False
         self._refusal: tuple[int, str] | None = None
         self._closing = False
         self._close_wanted: bool | None = None  # close (True: abort) once the current input is handled
-        self._close_call: IDelayedCall | None = None
-        #: we paused our transport's reading: replies the peer does not read
-        #: piled up (resumed with the transport), or the peer flooded us (for good)
-        self.reading_paused = False
-        self._flooded = False
-        self._stall_call: IDelayedCall | None = None
-        #: per-session budget for log lines the peer can trigger at will
-        self._log_budget = LogBudget(rate=1.0, burst=5.0, max_keys=16)
 
     # -- observers -----------------------------------------------------------
 
@@ -199,6 +213,16 @@ class MuxProtocol(Protocol):
     def who(self) -> str:
         """The peer for log lines: its label (the site name) and address."""
         return f"{self.label} ({self.peer_label})" if self.label else self.peer_label
+
+    @property
+    def close_timeout(self) -> float | None:
+        """Seconds a polite close may take before it is aborted (C{None}: no limit)."""
+        return self._edges.close_timeout
+
+    @property
+    def reading_paused(self) -> bool:
+        """We stopped reading from the peer (unread replies, or a flood)."""
+        return self._edges.reading_paused
 
     @property
     def ready(self) -> bool:
@@ -296,7 +320,7 @@ class MuxProtocol(Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         self.session.set_peer_reading(True)
-        if self.reading_paused:
+        if self._edges.reading_paused:
             self._resume_reading()
         held = list(self._held.values())
         self._held.clear()
@@ -467,7 +491,7 @@ class MuxProtocol(Protocol):
         session and C{key}); otherwise how many like it were left out
         since the last one logged.
         """
-        allowed, suppressed = self._log_budget.allow(key, self.clock.seconds())
+        allowed, suppressed = self._edges.log_budget.allow(key, self.clock.seconds())
         return suppressed if allowed else None
 
     def _forget(self, stream: MuxStream) -> None:
@@ -518,7 +542,7 @@ class MuxProtocol(Protocol):
         elif isinstance(event, ev.FloodDetected):
             self._on_flood(event)
         elif isinstance(event, ev.SessionFailed):
-            if not self._flooded:  # a flood was logged as such just before
+            if not self._edges.flooded:  # a flood was logged as such just before
                 self._log.error(
                     "tunnel session with {peer} failed: {code}: {reason}",
                     peer=self.who,
@@ -573,7 +597,7 @@ class MuxProtocol(Protocol):
         SessionFailed that follows. Read nothing more from it: its input
         would only be discarded, and reading it costs the other sessions.
         """
-        self._flooded = True
+        self._edges.flooded = True
         if event.seconds is None:
             self._log.warn(
                 "tunnel peer {peer} reads nothing: {detail} queued for it (limit {limit});"
@@ -601,19 +625,20 @@ class MuxProtocol(Protocol):
 
     def _pause_reading(self) -> None:
         transport = self.transport
-        if self.reading_paused or transport is None or self._lost:
+        if self._edges.reading_paused or transport is None or self._lost:
             return
-        self.reading_paused = True
+        self._edges.reading_paused = True
         cast(IPushProducer, transport).pauseProducing()
 
     def _resume_reading(self) -> None:
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = None
+        edges = self._edges
+        if edges.stall_call is not None and edges.stall_call.active():
+            edges.stall_call.cancel()
+        edges.stall_call = None
         transport = self.transport
-        if not self.reading_paused or self._flooded or transport is None or self._lost:
+        if not edges.reading_paused or edges.flooded or transport is None or self._lost:
             return
-        self.reading_paused = False
+        edges.reading_paused = False
         cast(IPushProducer, transport).resumeProducing()
 
     def _pause_reading_for_replies(self) -> None:
@@ -622,7 +647,7 @@ class MuxProtocol(Protocol):
         until our transport resumes us (the peer read), for at most
         C{stall_timeout} seconds.
         """
-        if self.reading_paused:
+        if self._edges.reading_paused:
             return
         suppressed = self._log_allowance("paused")
         if suppressed is not None:
@@ -634,15 +659,15 @@ class MuxProtocol(Protocol):
                 suppressed=suppressed,
             )
         self._pause_reading()
-        self._stall_call = self.clock.callLater(self.session.flood_limits.stall_timeout, self._stalled)
+        self._edges.stall_call = self.clock.callLater(self.session.flood_limits.stall_timeout, self._stalled)
 
     def _stalled(self) -> None:
-        self._stall_call = None
-        if self._lost or not self.reading_paused:
+        self._edges.stall_call = None
+        if self._lost or not self._edges.reading_paused:
             return
         timeout = self.session.flood_limits.stall_timeout
         count = self.session.reply_debt
-        self._flooded = True
+        self._edges.flooded = True
         self._log.warn(
             "tunnel peer {peer} read nothing for {timeout}s while {count} control replies waited for it;"
             " ending the session with ENHANCE_YOUR_CALM",
@@ -676,7 +701,7 @@ class MuxProtocol(Protocol):
     def _keepalive_tick(self) -> None:
         self._keepalive_call = None
         assert self.keepalive is not None
-        if self.reading_paused:
+        if self._edges.reading_paused:
             # We stopped reading (a peer that reads nothing; see
             # _pause_reading_for_replies): its silence is ours, and the
             # stall timeout decides.
@@ -732,8 +757,8 @@ class MuxProtocol(Protocol):
             self._close_wanted = abort or bool(self._close_wanted)
             return
         self._close_wanted = None
-        if not self._unregistered:
-            self._unregistered = True
+        if not self._edges.unregistered:
+            self._edges.unregistered = True
             cast(IConsumer, transport).unregisterProducer()
         if abort:
             abort_connection = getattr(transport, "abortConnection", None)
@@ -741,11 +766,12 @@ class MuxProtocol(Protocol):
                 abort_connection()
                 return
         transport.loseConnection()
-        if self.close_timeout is not None and self._close_call is None and not self._lost:
-            self._close_call = self.clock.callLater(self.close_timeout, self._close_expired)
+        edges = self._edges
+        if edges.close_timeout is not None and edges.close_call is None and not self._lost:
+            edges.close_call = self.clock.callLater(edges.close_timeout, self._close_expired)
 
     def _close_expired(self) -> None:
-        self._close_call = None
+        self._edges.close_call = None
         transport = self.transport
         if self._lost or transport is None:
             return
@@ -759,11 +785,16 @@ class MuxProtocol(Protocol):
             abort_connection()
 
     def _cancel_timers(self) -> None:
-        for name in ("_keepalive_call", "_drain_call", "_close_call", "_stall_call"):
+        for name in ("_keepalive_call", "_drain_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+        edges = self._edges
+        for call in (edges.close_call, edges.stall_call):
+            if call is not None and call.active():
+                call.cancel()
+        edges.close_call = edges.stall_call = None
 
 
 __all__ = ["Keepalive", "MuxProtocol", "StreamHandler"]

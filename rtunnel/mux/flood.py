@@ -1,6 +1,7 @@
 """
-Counting frames that do nothing useful, per kind, against the allowances of
-L{FloodLimits}: token buckets over time passed in by the caller (no clock).
+A session's flood accounting against its L{FloodLimits}: frames that do
+nothing useful, per kind (token buckets over time passed in by the caller,
+no clock), and replies the peer leaves unread.
 """
 
 from __future__ import annotations
@@ -25,14 +26,27 @@ class _Bucket:
     since: float
 
 
-class UselessFrames:
+class FloodMeter:
     """
-    One token bucket per kind of useless frame: C{burst} tokens, refilled
-    at C{rate} per second, one spent per frame. A frame that finds the
-    bucket empty is one too many.
+    A session's flood accounting, kept in one object (the session's own
+    attributes stay few: past 30, CPython 3.11 stops sharing instance
+    dictionary keys and every attribute access on the data path slows).
+
+     - Useless frames: one token bucket per kind, C{burst} tokens refilled
+       at C{rate} per second over L{now}, one spent per frame; a frame that
+       finds the bucket empty is one too many.
+     - Unread replies: counted while L{peer_reading} is false, cleared when
+       it becomes true again.
+
+    @ivar now: the time of the current input (C{None}: no rate caps).
     """
 
     def __init__(self, limits: FloodLimits) -> None:
+        self.limits = limits
+        self.now: float | None = None
+        self.peer_reading = True
+        self.reply_debt = 0
+        self._debt_kinds: dict[str, int] = {}
         self._allowances: dict[str, Allowance | None] = {
             PING: limits.pings,
             EMPTY_DATA: limits.empty_data,
@@ -40,13 +54,33 @@ class UselessFrames:
         }
         self._buckets: dict[str, _Bucket] = {}
 
-    def spend(self, kind: str, now: float) -> FloodDetected | None:
+    def set_peer_reading(self, reading: bool) -> None:
+        self.peer_reading = reading
+        if reading and self.reply_debt:
+            self.reply_debt = 0
+            self._debt_kinds = {}
+
+    def owe(self, kind: str) -> FloodDetected | None:
         """
-        Count one frame of C{kind} received at C{now}; return what to report
-        if it is beyond the allowance, else C{None}.
+        Count one reply of C{kind} queued while the peer reads nothing;
+        return what to report past the reply limit, else C{None}.
         """
+        self.reply_debt += 1
+        self._debt_kinds[kind] = self._debt_kinds.get(kind, 0) + 1
+        limit = self.limits.reply_limit
+        if self.reply_debt <= limit:
+            return None
+        detail = ", ".join(f"{count} {name}s" for name, count in self._debt_kinds.items())
+        return FloodDetected("unread replies", self.reply_debt, None, f"{limit} replies", detail)
+
+    def spend(self, kind: str) -> FloodDetected | None:
+        """
+        Count one useless frame of C{kind} received at L{now}; return what
+        to report if it is beyond the allowance, else C{None}.
+        """
+        now = self.now
         allowance = self._allowances[kind]
-        if allowance is None:
+        if allowance is None or now is None:
             return None
         bucket = self._buckets.get(kind)
         if bucket is None:
@@ -69,4 +103,4 @@ class UselessFrames:
         return None
 
 
-__all__ = ["EMPTY_DATA", "PING", "REFUSED_OPEN", "UselessFrames"]
+__all__ = ["EMPTY_DATA", "PING", "REFUSED_OPEN", "FloodMeter"]

@@ -51,7 +51,7 @@ from .frames import (
     WindowUpdate,
     encode,
 )
-from .flood import EMPTY_DATA, PING, REFUSED_OPEN, UselessFrames
+from .flood import EMPTY_DATA, PING, REFUSED_OPEN, FloodMeter
 from .settings import FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
@@ -126,7 +126,7 @@ class MuxSession:
     ) -> None:
         self.initiator = initiator
         self.local_settings = settings if settings is not None else Settings()
-        self.flood_limits = flood_limits if flood_limits is not None else FloodLimits.for_role(initiator)
+        limits = flood_limits if flood_limits is not None else FloodLimits.for_role(initiator)
         # Without tuning, windows stay at initial_window: the plain protocol.
         self.tuning = tuning if tuning is not None else WindowTuning(enabled=False)
         self.peer_settings: Settings | None = None
@@ -157,12 +157,9 @@ class MuxSession:
         #: the largest window probing found useful on this session's path
         self._learned_window = 0
         # Flood protection: the time of the current input (None: no rate
-        # caps), useless frames per kind, and replies the peer left unread.
-        self._now: float | None = None
-        self._useless = UselessFrames(self.flood_limits)
-        self._peer_reading = True
-        self._reply_debt = 0
-        self._debt_kinds: dict[str, int] = {}
+        # caps), useless frames per kind, and replies the peer left unread;
+        # one attribute (see FloodMeter).
+        self._flood = FloodMeter(limits)
 
     # -- state -------------------------------------------------------------
 
@@ -229,13 +226,18 @@ class MuxSession:
         return record.recv_window if record is not None else 0
 
     @property
+    def flood_limits(self) -> FloodLimits:
+        """What this end tolerates from a flooding peer."""
+        return self._flood.limits
+
+    @property
     def reply_debt(self) -> int:
         """
         Replies elicited by the peer's own frames (PING ACKs, OPEN_FAIL
         refusals, RESETs answering a broken stream rule) queued since the
         caller reported that the peer stopped reading (L{set_peer_reading}).
         """
-        return self._reply_debt
+        return self._flood.reply_debt
 
     @property
     def reading_should_pause(self) -> bool:
@@ -246,7 +248,7 @@ class MuxSession:
         two ends that both stopped reading whenever their own writes were
         blocked would deadlock.)
         """
-        return self._reply_debt >= self.flood_limits.reply_pause
+        return self._flood.reply_debt >= self._flood.limits.reply_pause
 
     def set_peer_reading(self, reading: bool) -> None:
         """
@@ -255,10 +257,7 @@ class MuxSession:
         resumed. Only meanwhile do replies the peer elicits count as unread
         (L{reply_debt}); resuming clears the count.
         """
-        self._peer_reading = reading
-        if reading and self._reply_debt:
-            self._reply_debt = 0
-            self._debt_kinds = {}
+        self._flood.set_peer_reading(reading)
 
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call."""
@@ -482,7 +481,7 @@ class MuxSession:
         if self._failed:
             return []
         if now is not None:
-            self._now = now
+            self._flood.now = now
         events: list[ev.Event] = []
         decoder = self._decoder
         try:
@@ -506,27 +505,23 @@ class MuxSession:
 
     def _spend(self, kind: str) -> None:
         """Count one useless frame of C{kind}; raise L{_Flood} past its allowance."""
-        if self._now is not None:
-            flood = self._useless.spend(kind, self._now)
-            if flood is not None:
-                raise _Flood(flood)
+        flood = self._flood.spend(kind)
+        if flood is not None:
+            raise _Flood(flood)
 
     def _owe(self, kind: str) -> None:
         """
-        A reply of C{kind}, elicited by the peer's frame, was queued while
-        the peer reads nothing; raise L{_Flood} past the reply limit.
+        A reply of C{kind}, elicited by the peer's frame, was queued; if the
+        peer reads nothing, count it, and raise L{_Flood} past the reply limit.
         """
-        self._reply_debt += 1
-        self._debt_kinds[kind] = self._debt_kinds.get(kind, 0) + 1
-        limit = self.flood_limits.reply_limit
-        if self._reply_debt > limit:
-            detail = ", ".join(f"{count} {name}s" for name, count in self._debt_kinds.items())
-            raise _Flood(ev.FloodDetected("unread replies", self._reply_debt, None, f"{limit} replies", detail))
+        if not self._flood.peer_reading:
+            flood = self._flood.owe(kind)
+            if flood is not None:
+                raise _Flood(flood)
 
     def _refused_open(self) -> None:
         # After an OPEN_FAIL answering the peer's OPEN was queued.
-        if not self._peer_reading:
-            self._owe("OPEN_FAIL")
+        self._owe("OPEN_FAIL")
         self._spend(REFUSED_OPEN)
 
     def _fail(self, code: ErrorCode, reason: str, events: list[ev.Event]) -> None:
@@ -662,8 +657,7 @@ class MuxSession:
                 self._spend(PING)
                 self._queue(Ping(frame.opaque, ack=True))
                 events.append(ev.PingReceived(frame.opaque))
-                if not self._peer_reading:
-                    self._owe("PING ACK")
+                self._owe("PING ACK")
         elif isinstance(frame, GoAway):
             self._on_goaway(frame, events)
         elif isinstance(frame, Hello):
@@ -847,8 +841,7 @@ class MuxSession:
         self._remove(record)
         self._queue(Reset(record.stream_id, error.code, error.reason))
         events.append(ev.StreamReset(record.stream_id, error.code, error.reason, by_peer=False))
-        if not self._peer_reading:
-            self._owe("RESET")
+        self._owe("RESET")
 
 
 __all__ = ["MuxSession", "SUPPORTED_VERSIONS", "code_name"]
