@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # tree on PYTHONPATH makes `twistd rtunnel…` find the dropin (see docs/development.md).
 RUN    := PYTHONPATH=$(CURDIR) $(PY)
 
-.PHONY: all venv test demo bench check clean
+.PHONY: all venv test demo bench bench-fleet check clean
 
 all: test
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) bench/run.py $(BENCH_ARGS)
+
+# One twistd rtunnel-server, 1,000 and 10,000 sites from 4 driver processes
+# (docs/performance.md, "Fleet"); FLEET_ARGS=--quick for a 500-site smoke run.
+bench-fleet: $(STAMP)
+	$(RUN) bench/fleet.py $(FLEET_ARGS)
 
 # Static checks (strict mypy with the zope plugin, ruff): not part of `make test`,
 # so that a new release of a checker cannot turn CI red overnight.
