@@ -169,6 +169,19 @@ def fd_count(pid: int) -> int:
         return 0
 
 
+def activity(pid: int) -> dict[str, int]:
+    """How often a process went to sleep: voluntary context switches
+    (/proc/PID/status); for a reactor, about one per epoll_wait that slept."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                out["wakeups"] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
 def sysctl(name: str) -> str:
     try:
         return Path("/proc/sys/" + name.replace(".", "/")).read_text().strip()
@@ -696,9 +709,11 @@ class Fleet:
         rss_a = self.rss_kib()
         self.events()
         self.spy(f"{name}-server", self.server.pid, rate=200)
+        a0 = activity(self.server.pid)
         c0, l0, t0, wall0 = self.cpu(), listen_counters(), time.monotonic(), time.time()
         time.sleep(self.plan["idle_s"])
         c1, l1, t1, wall1 = self.cpu(), listen_counters(), time.monotonic(), time.time()
+        a1 = activity(self.server.pid)
         rss_b = self.rss_kib()
         self.unspy()
         sts = self.status(0.0)
@@ -720,6 +735,7 @@ class Fleet:
             "drivers_rss_kib": sum(procstats.rss_kib(d.proc.pid) for d in self.drivers),
             "site_events": self.events(),
             "wall": [wall0, wall1],
+            "per_s": {k: (a1[k] - a0.get(k, 0)) / (t1 - t0) for k in a1},
         }
         self.res["phases"][name] = ph
         self.probe(name, trim=name == "idle_steady")
@@ -1032,7 +1048,9 @@ def report(results: list[dict[str, Any]], failures: dict[int, str], info: dict[s
                            f"RSS {i['rss_kib'] / 1024:.1f} MiB ({i['rss_kib_start'] / 1024:.1f} at the window's start) "
                            f"= {i['kib_per_site']:.1f} KiB per site over the 0-site RSS; {i['server_fds']:,} fds open "
                            f"in the server; {i['new_sessions']} sessions (re)made during settle + window; drivers' RSS "
-                           f"{i['drivers_rss_kib'] / 1024:.0f} MiB together.")
+                           f"{i['drivers_rss_kib'] / 1024:.0f} MiB together."
+                           + (f" The server's reactor slept (voluntary context switches) "
+                              f"{i['per_s'].get('wakeups', 0):,.0f} times per second." if i.get("per_s") else ""))
         for name, label in (("sigterm", "SIGTERM"), ("kill9", "kill -9")):
             p = ph(n, name)
             if p:
@@ -1155,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: blocks
     WORK.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
+    load_before = os.getloadavg()[0]
     results: list[dict[str, Any]] = []
     failures: dict[int, str] = {}
     try:
@@ -1177,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
     info = machine_info(args)
+    # Other sessions' jobs on these shared 2-core machines take CPU from the server and the drivers.
+    info["load average (1 min)"] = f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end (includes the benchmark)"
     for r in results:
         info[f"run time at N = {r['n']:,}"] = f"{r['run_s'] / 60:.1f} min"
     label = mode if canonical or mode == "quick" else "custom"
