@@ -930,7 +930,7 @@ def timeline_rows(timeline: list[list[float]], label: str) -> list[str]:
             for r in (up, srv, drv):
                 r.append("–")
             continue
-        row = at(m)
+        row = timeline[-1] if m == end else at(m)
         span = max(row[0] - prev[0], 1e-6)
         up.append(f"{int(row[1]):,}")
         srv.append(f"{100 * (row[2] - prev[2]) / span:.0f}")

@@ -126,9 +126,13 @@ class CountingObserver:
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_level") not in self.LEVELS:
             return
-        failure = event.get("log_failure")
+        failure = event.get("log_failure") or event.get("failure")
+        text = event.get("log_text")
         if failure is not None:
             key = f"traceback: {failure.type.__name__}: {str(failure.value)[:120]}"
+        elif event.get("log_format") == "{log_text}" and text:
+            # a legacy log.err() (an unhandled error): its last line names the exception
+            key = "traceback: " + str(text).strip().splitlines()[-1][:140]
         else:
             key = str(event.get("log_format") or event.get("log_text") or "?")
             reason = event.get("reason")
