@@ -2,8 +2,8 @@
 
 Usage (from the repo root)::
 
-    make bench-fleet                               # N = 1,000 and 10,000 (~15 min on 2 cores)
-    make bench-fleet FLEET_ARGS=--quick            # N = 500, shorter windows (~2 min)
+    make bench-fleet                               # N = 1,000 and 10,000 (~7.5 min on 2 cores)
+    make bench-fleet FLEET_ARGS=--quick            # N = 500, shorter windows (~1 min)
     make bench-fleet FLEET_ARGS="--sizes 2000 --drivers 2 --backlog 1024"
     make bench-fleet FLEET_ARGS=--help
 
@@ -1119,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description="rtunnel fleet benchmark: one tunnel server, N sites",
                                  epilog="See docs/performance.md, section Fleet.")
-    ap.add_argument("--quick", action="store_true", help="N = 500, shorter windows (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="N = 500, shorter windows (~1 min)")
     ap.add_argument("--sizes", help="comma list of N (default: full 1000,10000; quick 500)")
     ap.add_argument("--drivers", type=int, default=4, help="driver processes (default 4)")
     ap.add_argument("--forwards", type=int, default=4, help="forwards (each to its own site) for the echo test")
