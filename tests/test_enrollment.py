@@ -93,10 +93,13 @@ def test_request_round_trip_in_any_chunking(site: str, token: str, csr: str, cut
     assert all(r is None for r in results[:-1])
 
 
+printable_texts = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")).filter(lambda c: c != "\\") | st.just(" "), max_size=200)
+
+
 @given(
     reply=st.one_of(
         st.builds(EnrollAccepted, texts),
-        st.builds(EnrollRejected, st.text(max_size=64), texts),
+        st.builds(EnrollRejected, printable_texts.filter(lambda t: len(t) <= 64), printable_texts),
     ),
     cuts=st.lists(st.integers(0, 10**6), max_size=8),
 )
@@ -106,6 +109,17 @@ def test_reply_round_trip_in_any_chunking(reply: Any, cuts: list[int]) -> None:
     """
     results = _feed(ReplyReader(), encode_reply(reply), cuts)
     assert results[-1] == reply
+
+
+def test_refusal_text_is_escaped() -> None:
+    """
+    A refusal's code and message are for humans (the site logs them and
+    prints them on stderr): a carriage return, an ANSI escape or a bidi
+    control in them arrives escaped, so it cannot forge or hide a line.
+    """
+    raw = EnrollRejected("token-spent\x1b[2J", "spent\r\n2026-01-01 [-] site enrolled\u202e")
+    [reply] = [r for r in _feed(ReplyReader(), encode_reply(raw), []) if r is not None]
+    assert reply == EnrollRejected("token-spent\\x1b[2J", "spent\\r\\n2026-01-01 [-] site enrolled\\u202e")
 
 
 @given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 10**6), max_size=4))

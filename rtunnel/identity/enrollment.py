@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 from attrs import field, frozen
 
+from rtunnel.logsafe import printable
 from rtunnel.identity.errors import EnrollmentProtocolError
 
 __all__ = [
@@ -206,9 +207,11 @@ def decode_reply(body: bytes) -> EnrollReply:
     if ok is True:
         return EnrollAccepted(_string(document, "certificate", MAX_MESSAGE_SIZE))
     if ok is False:
+        # Text for humans, shown in the site's log and on its stderr: escaped,
+        # so that a control or bidi character cannot forge or hide a line.
         return EnrollRejected(
-            _string(document, "code", _MAX_CODE),
-            _string(document, "message", _MAX_MESSAGE_TEXT),
+            printable(_string(document, "code", _MAX_CODE), _MAX_CODE),
+            printable(_string(document, "message", _MAX_MESSAGE_TEXT), _MAX_MESSAGE_TEXT),
         )
     raise EnrollmentProtocolError("enrollment reply has no boolean 'ok' field")
 
