@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -156,6 +157,25 @@ class ConnectorTests(SynchronousTestCase):
         self.assertIn("10.0.0.6:554", failure.value.reason)
         self.assertEqual(self.endpoints.requested, [])
         self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_refusals_are_logged_rate_limited(self) -> None:
+        """
+        A cloud client hammering a target that is not allowed costs at most
+        a few log lines a second (per target), every one refused all the
+        same; the next line allowed says how many were left out.
+        """
+        events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        streams = [self.open("10.0.0.6", 554) for _ in range(200)]
+        for stream in streams:
+            self.assertEqual(self.failureResultOf(stream.opened, StreamOpenFailed).value.code, ErrorCode.TARGET_NOT_ALLOWED)
+        lines = [formatEvent(e) for e in events if "not in the allowlist" in formatEvent(e)]
+        self.assertEqual(len(lines), 5)
+        self.clock.advance(1)
+        self.open("10.0.0.6", 554)
+        last = [formatEvent(e) for e in events if "not in the allowlist" in formatEvent(e)][-1]
+        self.assertIn("(195 similar not logged)", last)
 
     def test_allowlist_matches_canonical_spelling(self) -> None:
         """

@@ -47,7 +47,7 @@ from ..identity.tlsconfig import client_refusal, peer_identity
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..mux.errors import ErrorCode
-from ..mux.settings import Settings, WindowTuning
+from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .enrollment import EnrollmentResponder
 from .registry import SiteRegistry
 from .splice import set_nodelay
@@ -172,6 +172,7 @@ class TunnelConnection(Protocol):
             stream_handler=_refuse_site_streams,
             keepalive=policy.keepalive,
             label=site,
+            flood_limits=FloodLimits.for_server(),
         )
 
     def _authenticated(self, site: str, mux: MuxProtocol) -> None:

@@ -53,7 +53,7 @@ from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
 from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
-from ..mux.settings import Settings, WindowTuning
+from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .enrollment import enroll
 from .target import TargetConnector
 
@@ -267,6 +267,7 @@ class SiteMuxFactory(Factory):
             stream_handler=self.connector,
             keepalive=self.policy.keepalive,
             label=self.site,
+            flood_limits=FloodLimits.for_site(),
         )
         self.current = mux
         # TLS and HELLO must complete in time even with keepalive off: a

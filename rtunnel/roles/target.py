@@ -23,6 +23,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from rtunnel.logs import Logger
+from rtunnel.logsafe import LogBudget
 from twisted.python.failure import Failure
 
 from ..adapter.stream import MuxStream
@@ -180,6 +181,7 @@ class TargetConnector:
         self.endpoint_for = endpoint_for
         self.clock = clock
         self.local_factories = dict(local_factories or {})
+        self._budget = LogBudget(rate=1.0, burst=5)
 
     def __call__(self, stream: MuxStream) -> None:
         target = Target(_canonical_host(stream.host), stream.port)
@@ -192,11 +194,16 @@ class TargetConnector:
                 stream.accept(protocol)
             return
         if target not in self.allow:
-            self._log.warn(
-                "refused stream {streamID} to {target}: not in the allowlist (--allow)",
-                streamID=stream.stream_id,
-                target=str(target),
-            )
+            # The cloud's clients decide how often this happens: one line per
+            # target and second at most, with a count of what was left out.
+            allowed, suppressed = self._budget.allow(target, self.clock.seconds())
+            if allowed:
+                self._log.warn(
+                    "refused stream {streamID} to {target}: not in the allowlist (--allow){suppressed}",
+                    streamID=stream.stream_id,
+                    target=str(target),
+                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                )
             stream.refuse(ErrorCode.TARGET_NOT_ALLOWED, f"{target} is not allowed at this site")
             return
         leg = TCPSide()
@@ -214,7 +221,14 @@ class TargetConnector:
                 return
             code = _failure_code(failure)
             reason = f"connecting to {target} failed: {failure.getErrorMessage()}"
-            self._log.warn("refused stream {streamID}: {reason}", streamID=stream.stream_id, reason=reason)
+            allowed, suppressed = self._budget.allow((target, code), self.clock.seconds())
+            if allowed:
+                self._log.warn(
+                    "refused stream {streamID}: {reason}{suppressed}",
+                    streamID=stream.stream_id,
+                    reason=reason,
+                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                )
             stream.refuse(code, reason)
 
         d = self.endpoint_for(target.host, target.port).connect(_OneShot(leg, stream))
