@@ -173,7 +173,7 @@ class ConnectorTests(SynchronousTestCase):
         lines = [formatEvent(e) for e in events if "not in the allowlist" in formatEvent(e)]
         self.assertEqual(len(lines), 5)
         self.clock.advance(1)
-        self.open("10.0.0.6", 554)
+        self.failureResultOf(self.open("10.0.0.6", 554).opened, StreamOpenFailed)
         last = [formatEvent(e) for e in events if "not in the allowlist" in formatEvent(e)][-1]
         self.assertIn("(195 similar not logged)", last)
 
