@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -64,14 +65,26 @@ def _env() -> dict[str, str]:
 class Process:
     """One child process with its log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log: Path, nofile: int | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log = log
         self._logfile = open(log, "ab")
         self._terminated = False
+
+        def limit() -> None:
+            # As `ulimit -n NOFILE` would, soft and hard, before exec.
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.popen = subprocess.Popen(
-            self.argv, stdout=self._logfile, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, stdin=subprocess.DEVNULL
+            self.argv,
+            stdout=self._logfile,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=limit if nofile is not None else None,
         )
 
     @property
@@ -140,10 +153,10 @@ class Deployment:
 
     # -- commands ----------------------------------------------------------
 
-    def twistd(self, name: str, args: Sequence[str]) -> Process:
+    def twistd(self, name: str, args: Sequence[str], nofile: int | None = None) -> Process:
         log = self.workdir / f"{name}.log"
         argv = [self.python, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *args]
-        proc = Process(name, argv, log)
+        proc = Process(name, argv, log, nofile)
         self.processes.append(proc)
         return proc
 
@@ -162,7 +175,9 @@ class Deployment:
             raise RuntimeError(f"rtunnel {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def start_server(self, forwards: Sequence[str] = (), extra: Sequence[str] = (), wait: bool = True) -> Process:
+    def start_server(
+        self, forwards: Sequence[str] = (), extra: Sequence[str] = (), wait: bool = True, nofile: int | None = None
+    ) -> Process:
         args = [
             "rtunnel-server",
             "--state",
@@ -174,7 +189,7 @@ class Deployment:
         ]
         for spec in forwards:
             args += ["--forward", spec]
-        server = self.server = self.twistd("server", [*args, *extra])
+        server = self.server = self.twistd("server", [*args, *extra], nofile)
         if wait:
             wait_until(
                 lambda: port_open("127.0.0.1", self.server_port) or not server.running(),
