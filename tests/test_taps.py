@@ -79,7 +79,7 @@ class ServerOptionsTests(SynchronousTestCase):
                 listen="tcp:5500",
                 open_timeout=5.0,
                 drain_grace=10.0,
-                policy=ServerPolicy(keepalive=Keepalive(10.0, 30.0), handshake_timeout=30.0),
+                policy=ServerPolicy(keepalive=Keepalive(25.0, 30.0), handshake_timeout=30.0),
             ),
         )
 
@@ -135,6 +135,21 @@ class ServerOptionsTests(SynchronousTestCase):
     def test_keepalive_timeout_defaults_to_three_intervals(self) -> None:
         """Without --keepalive-timeout the peer is dead after three intervals of silence."""
         self.assertEqual(parse_server("--state=/s", "--keepalive=5").policy.keepalive, Keepalive(5.0, 15.0))
+
+    def test_server_keepalive_leaves_pinging_to_sites(self) -> None:
+        """
+        The server pings after 25 s of silence and gives up after 30 s: the
+        sites (10 s) ping first. --keepalive 25 alone is the default again;
+        --keepalive-timeout alone keeps the interval at 5/6 of the timeout
+        at most, so a shorter timeout (accepted before the server's own
+        defaults existed) still gets a ping before it expires.
+        """
+        self.assertEqual(ServerPolicy().keepalive, Keepalive(25.0, 30.0))
+        self.assertEqual(parse_server("--state=/s", "--keepalive=25").policy.keepalive, Keepalive(25.0, 75.0))
+        self.assertEqual(parse_server("--state=/s", "--keepalive-timeout=60").policy.keepalive, Keepalive(25.0, 60.0))
+        self.assertEqual(parse_server("--state=/s", "--keepalive-timeout=15").policy.keepalive, Keepalive(12.5, 15.0))
+        help_text = str(server_tap.Options())
+        self.assertIn("default 25", help_text)
 
     def test_usage_errors(self) -> None:
         """Each bad value is a usage error naming the option and the value."""
@@ -202,6 +217,19 @@ class SiteOptionsTests(SynchronousTestCase):
                 drain_grace=2.0,
             ),
         )
+
+    def test_keepalive_defaults(self) -> None:
+        """
+        The site pings after 10 s of silence and gives up after 30 s; a
+        --keepalive-timeout alone keeps the 10-s interval (and may not be
+        shorter than it).
+        """
+        self.assertEqual(parse_site("--state=/s", "--keepalive-timeout=60").policy.keepalive, Keepalive(10.0, 60.0))
+        self.assertEqual(parse_site("--state=/s", "--keepalive=4").policy.keepalive, Keepalive(4.0, 12.0))
+        self.assertIsNone(parse_site("--state=/s", "--keepalive=off").policy.keepalive)
+        with self.assertRaises(usage.UsageError) as raised:
+            parse_site("--state=/s", "--keepalive-timeout=5")
+        self.assertIn("--keepalive-timeout must not be shorter than --keepalive", str(raised.exception))
 
     def test_usage_errors(self) -> None:
         """Each bad value is a usage error naming the option and the value."""

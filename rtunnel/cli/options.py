@@ -38,21 +38,37 @@ def positive_int(name: str, text: str, maximum: int | None = None) -> int:
     return value
 
 
-def keepalive_from(options: usage.Options) -> Keepalive | None:
+def keepalive_from(
+    options: usage.Options, default: Keepalive, interval_share: float | None = None
+) -> Keepalive | None:
     """
     C{--keepalive SECONDS} (0 turns keepalive off) and C{--keepalive-timeout
-    SECONDS} (default: three intervals).
+    SECONDS}.
+
+    Neither given: C{default}. Only C{--keepalive}: the timeout is three
+    intervals. Only C{--keepalive-timeout}: the interval is C{default}'s,
+    but (with C{interval_share}) at most that share of the timeout, so that
+    an end which mostly leaves pinging to its peer still pings before it
+    would give up.
     """
     interval_text = options["keepalive"]
-    try:
-        off = interval_text == "off" or float(interval_text) == 0
-    except ValueError:
-        off = False  # positive_float explains
-    if off:
-        return None
-    interval = positive_float("keepalive", interval_text)
     timeout_text = options["keepalive-timeout"]
-    timeout = positive_float("keepalive-timeout", timeout_text) if timeout_text else 3 * interval
+    if interval_text is None:
+        if timeout_text is None:
+            return default
+        timeout = positive_float("keepalive-timeout", timeout_text)
+        interval = default.interval
+        if interval_share is not None:
+            interval = min(interval, interval_share * timeout)
+    else:
+        try:
+            off = interval_text == "off" or float(interval_text) == 0
+        except ValueError:
+            off = False  # positive_float explains
+        if off:
+            return None
+        interval = positive_float("keepalive", interval_text)
+        timeout = positive_float("keepalive-timeout", timeout_text) if timeout_text else 3 * interval
     if timeout < interval:
         raise usage.UsageError("--keepalive-timeout must not be shorter than --keepalive")
     return Keepalive(interval=interval, timeout=timeout)
@@ -100,9 +116,22 @@ FLOW_PARAMETERS = [
     ["max-frame-size", None, "64K", "Largest DATA frame this end accepts."],
 ]
 
-KEEPALIVE_PARAMETERS = [
-    ["keepalive", None, "10", "Seconds of silence before pinging the peer (0: off)."],
-    ["keepalive-timeout", None, None, "Seconds of silence after which the peer is dead (default: 3 x --keepalive)."],
+
+def keepalive_parameters(default: Keepalive, timeout_default: str) -> list[list[str | None]]:
+    """C{--keepalive} and C{--keepalive-timeout}, with the defaults of one role
+    (given only in the help: L{keepalive_from} must see what was given)."""
+    return [
+        ["keepalive", None, None, f"Seconds of silence before pinging the peer (0: off; default {default.interval:g})."],
+        [
+            "keepalive-timeout",
+            None,
+            None,
+            f"Seconds of silence after which the peer is dead (default: {timeout_default}).",
+        ],
+    ]
+
+
+DRAIN_PARAMETERS = [
     ["drain-grace", None, "10", "On SIGTERM, seconds that open streams get to finish."],
 ]
 

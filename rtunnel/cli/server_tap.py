@@ -11,17 +11,18 @@ from twisted.python import usage
 
 from ..identity.errors import IdentityError
 from ..roles.forward import ForwardSpec
-from ..roles.server import ServerPolicy
+from ..roles.server import SERVER_KEEPALIVE, ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
 from .malloc import tune_malloc
 from ..roles.descriptors import describe_capacity, raise_soft_limit
 from .options import (
     FLOW_PARAMETERS,
-    KEEPALIVE_PARAMETERS,
+    DRAIN_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
     flow_from,
     keepalive_from,
+    keepalive_parameters,
     log_level_from,
     positive_float,
     positive_int,
@@ -48,7 +49,12 @@ class Options(usage.Options):
             str(ServerPolicy().max_preauth),
             "Most connections on the tunnel port that are not authenticated yet; more are closed at accept.",
         ],
-        *KEEPALIVE_PARAMETERS,
+        *keepalive_parameters(
+            SERVER_KEEPALIVE,
+            f"{SERVER_KEEPALIVE.timeout:g}; 3 x --keepalive when that is given; sites ping first, the server"
+            " mostly only answers",
+        ),
+        *DRAIN_PARAMETERS,
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
     ]
@@ -72,7 +78,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["state"]:
             raise usage.UsageError("--state DIR is required")
-        keepalive = keepalive_from(self)
+        keepalive = keepalive_from(self, SERVER_KEEPALIVE, SERVER_KEEPALIVE.interval / SERVER_KEEPALIVE.timeout)
         settings, tuning = flow_from(self)
         self.log_level = log_level_from(self)
         self.config = ServerConfig(

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from ..identity.errors import IdentityError
 from ..mux.settings import MAX_STREAMS
+from ..adapter.protocol import Keepalive
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
@@ -18,11 +19,12 @@ from .malloc import tune_malloc
 from ..roles.descriptors import raise_soft_limit
 from .options import (
     FLOW_PARAMETERS,
-    KEEPALIVE_PARAMETERS,
+    DRAIN_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
     flow_from,
     keepalive_from,
+    keepalive_parameters,
     log_level_from,
     positive_float,
     positive_int,
@@ -43,7 +45,8 @@ class Options(usage.Options):
         ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
         ["max-streams", None, "1024", "Most streams the cloud may have open at this site at once."],
         ["handshake-timeout", None, "30", "Seconds for TLS and the server's HELLO on each connection to the server."],
-        *KEEPALIVE_PARAMETERS,
+        *keepalive_parameters(Keepalive(), "3 x --keepalive"),
+        *DRAIN_PARAMETERS,
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
     ]
@@ -75,7 +78,7 @@ class Options(usage.Options):
             policy=SitePolicy(
                 settings=settings,
                 tuning=tuning,
-                keepalive=keepalive_from(self),
+                keepalive=keepalive_from(self, Keepalive()),
                 retry_cap=positive_float("retry-cap", self["retry-cap"]),
                 connect_timeout=connect_timeout,
                 handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
