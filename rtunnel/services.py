@@ -134,13 +134,20 @@ class TunnelServerService(MultiService):
         )
         self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
         self.gate: AdmissionGate | None = None
-        self.descriptors = DescriptorWatch(reactor)
+        self.forward_factories: list[ForwardFactory] = []
+        # Listing /proc/self/fd every 2 s is costly with many sites: it is
+        # read only when the connections we hold come near the warning level.
+        self.descriptors = DescriptorWatch(reactor, estimate=self._connections)
         self.ports: list[IListeningPort] = []
         self.tunnel_port: IListeningPort | None = None
         self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
         self._watch = RevocationWatch(state, self.registry)
         self._poll: task.LoopingCall | None = None
         self._listening: defer.Deferred[None] | None = None
+
+    def _connections(self) -> int:
+        """Connections this server holds a descriptor for: sites (and would-be sites), forward clients."""
+        return self.factory.connections + sum(f.connections for f in self.forward_factories)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
@@ -175,6 +182,7 @@ class TunnelServerService(MultiService):
             for spec in self.config.forwards:
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
+                self.forward_factories.append(factory)
                 port = yield serverFromString(self.reactor, description).listen(factory)
                 self.forward_ports[spec] = port
                 self.ports.append(port)

@@ -108,6 +108,92 @@ class DescriptorWatchTests(SynchronousTestCase):
         clock.pump([2] * 2)
         self.assertEqual(len(log.lines("out of file descriptors")), 2)
 
+    def test_estimate_spares_the_listing_far_below_the_limit(self) -> None:
+        """
+        With an estimate of the connections held, /proc is listed once to
+        learn what else is open, then only every recount interval while the
+        estimate plus that remainder stays below 70 % of the limit.
+        """
+        listings = [0]
+        conns = [100]
+
+        def count() -> int:
+            listings[0] += 1
+            return conns[0] + 40  # 40 descriptors that are not connections
+
+        clock = Clock()
+        watch = DescriptorWatch(clock, interval=2.0, count=count, limit=lambda: 1000, estimate=lambda: conns[0])
+        watch.start()
+        self.addCleanup(watch.stop)
+        self.assertEqual(listings[0], 1)  # start: can this system count at all?
+        clock.advance(2)
+        self.assertEqual(listings[0], 2)  # the first check learns the remainder
+        clock.pump([2] * 28)  # 56 s
+        self.assertEqual(listings[0], 2)
+        clock.pump([2] * 2)  # 60 s after the last listing: list again
+        self.assertEqual(listings[0], 3)
+
+    def test_estimate_near_the_level_lists_and_warns(self) -> None:
+        """
+        Once the estimate reaches 70 % of the limit every check lists /proc,
+        so the warning at 80 % and the error at the limit come as without
+        an estimate; falling back below 70 % spares the listing again and
+        re-arms the warning.
+        """
+        log = Events(self)
+        listings = [0]
+        conns = [100]
+
+        def count() -> int:
+            listings[0] += 1
+            return conns[0] + 40
+
+        clock = Clock()
+        watch = DescriptorWatch(clock, interval=2.0, count=count, limit=lambda: 1000, estimate=lambda: conns[0])
+        watch.start()
+        self.addCleanup(watch.stop)
+        clock.advance(2)
+        conns[0] = 700  # 740 with the remainder
+        clock.advance(2)
+        self.assertEqual(listings[0], 3)
+        self.assertEqual(log.lines("before the limit is reached"), [])
+        conns[0] = 780
+        clock.advance(2)
+        [line] = log.lines("before the limit is reached")
+        self.assertIn("820 of 1000 in use (82%)", line)
+        conns[0] = 960
+        clock.advance(2)
+        self.assertEqual(len(log.lines("out of file descriptors")), 1)
+        conns[0] = 100
+        clock.advance(2)  # listed: 140, below 70 %
+        before = listings[0]
+        clock.pump([2] * 5)
+        self.assertEqual(listings[0], before)
+        conns[0] = 800
+        clock.advance(2)
+        self.assertEqual(len(log.lines("before the limit is reached")), 2)
+
+    def test_estimate_misses_a_leak_for_at_most_the_recount_interval(self) -> None:
+        """
+        Descriptors the estimate does not know of (a leak elsewhere) are
+        found at the next recount, within a minute.
+        """
+        log = Events(self)
+        leaked = [40]
+        clock = Clock()
+        watch = DescriptorWatch(
+            clock, interval=2.0, count=lambda: 100 + leaked[0], limit=lambda: 1000, estimate=lambda: 100
+        )
+        watch.start()
+        self.addCleanup(watch.stop)
+        clock.advance(2)
+        leaked[0] = 800
+        clock.pump([2] * 29)
+        self.assertEqual(log.lines("file descriptors:"), [])
+        clock.advance(2)
+        [line] = log.lines("file descriptors:")
+        self.assertIn("900 of 1000 in use", line)
+
     def test_counts_this_process(self) -> None:
         """open_descriptors counts real descriptors: one more after opening a file."""
         before = open_descriptors()

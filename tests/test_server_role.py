@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.internet.task import Clock
@@ -590,6 +590,24 @@ class ServiceTests(SynchronousTestCase):
         assert record is not None
         self.assertEqual(record.peer, "192.0.2.7:40123")
         self.assertTrue(record.connected)
+
+    def test_descriptor_estimate_counts_held_connections(self) -> None:
+        """
+        The descriptor watch estimates from the connections the service
+        holds (sites, would-be sites and forward clients), so it need not
+        list /proc while they are few.
+        """
+        self.start()
+        self.assertIsNotNone(self.service.descriptors.estimate)
+        self.assertEqual(self.service._connections(), 0)
+        site, pump = self.dial_site()
+        client = self.service.forward_factories[0].buildProtocol(SITE_PEER)
+        self.assertEqual(self.service._connections(), 2)
+        client.makeConnection(StringTransport())
+        client.connectionLost(Failure(ConnectionDone()))
+        site.abort()
+        pump_all(pump)
+        self.assertEqual(self.service._connections(), 0)
 
     def test_revocation_poll_cuts_site(self) -> None:
         """

@@ -133,6 +133,7 @@ class ForwardProtocol(TCPSide):
         d.addCallbacks(self._stream_opened, self._open_failed)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connections -= 1
         # A client gone while its site is awaited gives up its place in the
         # queue: no stream is opened for nobody.
         opening, self._opening = self._opening, None
@@ -200,6 +201,8 @@ class ForwardFactory(Factory):
 
     @param open_timeout: how long a client waits for an absent site to come
         back before its connection is closed.
+    @ivar connections: client connections open now (one descriptor each;
+        L{rtunnel.roles.descriptors.DescriptorWatch} estimates with it).
     """
 
     noisy = False
@@ -208,6 +211,8 @@ class ForwardFactory(Factory):
         self.spec = spec
         self.registry = registry
         self.open_timeout = open_timeout
+        self.connections = 0
 
     def buildProtocol(self, addr: IAddress | None) -> ForwardProtocol:
+        self.connections += 1
         return ForwardProtocol(self, addr)
