@@ -116,6 +116,38 @@ class MuxSession:
         tunnel server's on the acceptor, the site's on the initiator).
     """
 
+    # A server holds one session per site: slots save the instance dictionary.
+    __slots__ = (
+        "initiator",
+        "local_settings",
+        "tuning",
+        "peer_settings",
+        "version",
+        "_out",
+        "_decoder",
+        "_streams",
+        "_next_local_id",
+        "_peer_parity",
+        "_highest_peer_id",
+        "_last_processed_peer_id",
+        "_peer_opened",
+        "_local_opened",
+        "_started",
+        "_goaway_sent",
+        "_fatal_sent",
+        "_goaway_received",
+        "_failed",
+        "_pings",
+        "_probe",
+        "_probe_sample",
+        "_probe_second",
+        "_probe_wait",
+        "_probe_gap",
+        "_window_growth",
+        "_learned_window",
+        "_flood",
+    )
+
     def __init__(
         self,
         *,
