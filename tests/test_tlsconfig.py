@@ -461,6 +461,66 @@ class PurposeTests(TestCase):
         self._site_told(site)
 
 
+class SharedVerifierTests(TestCase):
+    """
+    The server verifies client certificates with one callback on its
+    context, none per connection (each cost 1.9 KiB per connected site):
+    the refusal is still found for the connection it belongs to.
+    """
+
+    def _handshake(self, server: SSL.Connection, client: SSL.Connection) -> None:
+        for _ in range(20):  # a TLS 1.3 handshake takes two round trips; bounded
+            for conn in (client, server):
+                try:
+                    conn.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                except SSL.Error:
+                    pass  # the refusal
+            moved = False
+            for src, dst in ((client, server), (server, client)):
+                try:
+                    data = src.bio_read(1 << 16)
+                except SSL.WantReadError:
+                    continue
+                dst.bio_write(data)
+                moved = True
+            if not moved:
+                return
+
+    def test_refusal_found_by_the_connection(self) -> None:
+        """
+        Two server connections share the context's callback; a refused
+        client certificate on one is found through that connection (as a
+        TLS protocol's getHandle gives it, without Twisted's app data), and
+        nothing is found for the other, accepted one.
+        """
+        options = server_tls_options(_AUTHORITY)
+        other = Authority.create()
+        bad_key, bad_cert = other.site("alpha")
+        good_key, good_cert = _AUTHORITY.site("beta")
+        refused, accepted = options.serverConnectionForTLS(object()), options.serverConnectionForTLS(object())
+        for server, (key, cert) in ((refused, (bad_key, bad_cert)), (accepted, (good_key, good_cert))):
+            server.set_accept_state()
+            client = site_tls_options(_AUTHORITY.ca_pem, "tunnel.example", key, cert).clientConnectionForTLS(object())
+            client.set_connect_state()
+            self._handshake(server, client)
+
+        class Handle:
+            def __init__(self, connection: SSL.Connection) -> None:
+                self.connection = connection
+
+            def getHandle(self) -> SSL.Connection:
+                return self.connection
+
+        refusal = client_refusal(Handle(refused))
+        self.assertIsInstance(refusal, PeerVerificationFailed)
+        self.assertIn("client certificate refused", str(refusal))
+        self.assertIsNone(client_refusal(Handle(accepted)))
+        self.assertIsNotNone(accepted.get_peer_certificate())
+        self.assertIsNone(client_refusal(object()))
+
+
 class _FakeTransport:
     def __init__(self, cert: object) -> None:
         self.cert = cert

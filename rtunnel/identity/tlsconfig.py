@@ -188,7 +188,8 @@ def _passthrough(
     return bool(ok)
 
 
-#: Why a client certificate was refused, per server-side TLS protocol.
+#: Why a client certificate was refused, per server-side OpenSSL connection
+#: (and per its app data: the TLS protocol, as Twisted sets it).
 _refused_clients: weakref.WeakKeyDictionary[Any, PeerVerificationFailed] = weakref.WeakKeyDictionary()
 
 
@@ -196,33 +197,70 @@ def client_refusal(tls_protocol: object) -> PeerVerificationFailed | None:
     """
     Why the server refused the client certificate on C{tls_protocol}, if it
     did (the connection then ends with OpenSSL's generic error).
+
+    Found by the protocol's OpenSSL connection (C{getHandle()}, public API
+    of Twisted's TLS protocol, until its C{connectionLost} has run: the
+    server asks from within it), or by the protocol itself, which Twisted
+    makes the connection's app data (so that a caller may also ask later).
     """
     try:
-        return _refused_clients.get(tls_protocol)
+        found = _refused_clients.get(tls_protocol)
     except TypeError:
-        return None
+        found = None
+    if found is None:
+        get_handle = getattr(tls_protocol, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if handle is not None:
+            found = _refused_clients.get(handle)
+    return found
 
 
-def _verifier(
-    tls_protocol: object,
-    peer_role: str,
-    server_name: str | None,
-) -> Any:
+def _refusal(peer_role: str, errno: int, depth: int) -> PeerVerificationFailed:
+    where = "" if depth == 0 else f" (certificate {depth} of its chain)"
+    return PeerVerificationFailed(f"{peer_role} certificate refused{where}: {_describe(errno, peer_role)}", errno, depth)
+
+
+def _verify_client(conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:
     """
-    Build a per-connection OpenSSL verify callback.
+    The server's verify callback: one for every connection, set on the
+    context. A callback per connection (a closure and pyOpenSSL's cffi
+    trampoline for it) cost 1.9 KiB of memory per connected site; this one
+    needs nothing per connection, since the refusal is kept per OpenSSL
+    connection, which the TLS protocol hands out (L{client_refusal}).
 
-    It refuses whatever OpenSSL refused, and additionally (when
-    C{server_name} is given) a leaf certificate not valid for that name,
-    with a L{PeerVerificationFailed} that says why.
+    It refuses whatever OpenSSL refused and lets OpenSSL fail the
+    handshake, which sends the client a TLS alert (Twisted flushes it
+    before closing): a site learns from its own, already verified server
+    that its certificate is refused, and can stop instead of retrying. The
+    reason is kept for the server's log (L{client_refusal}).
+    """
+    # An exception escaping an OpenSSL callback is lost or printed to
+    # stderr, so catch everything and log it properly.
+    try:
+        if not ok:
+            refusal = _refused_clients[conn] = _refusal("client", errno, depth)
+            owner = conn.get_app_data()
+            if owner is not None:
+                try:
+                    _refused_clients[owner] = refusal
+                except TypeError:
+                    pass  # not weakly referenceable: found by the connection only
+        return bool(ok)
+    except BaseException:
+        _log.failure("while verifying a TLS client certificate")
+        return False
 
-    How the refusal ends the connection differs by side. The site, refusing
-    a server, reports the error to the TLS protocol (C{failVerification}),
-    which aborts: an impostor is told nothing. The server, refusing a
-    client certificate, lets OpenSSL fail the handshake, which sends the
-    client a TLS alert (Twisted flushes it before closing): a site learns
-    from its own, already verified server that its certificate is refused,
-    and can stop instead of retrying; the reason is kept for the server's
-    log (L{client_refusal}).
+
+def _verifier(tls_protocol: object, server_name: str) -> Any:
+    """
+    Build the site's OpenSSL verify callback for one connection to the
+    server.
+
+    It refuses whatever OpenSSL refused, and additionally a leaf
+    certificate not valid for C{server_name}, with a
+    L{PeerVerificationFailed} that says why, reported to the TLS protocol
+    (C{failVerification}), which aborts: an impostor is told nothing.
+    (The server, refusing a client, does otherwise: L{_verify_client}.)
     """
     ref: weakref.ReferenceType[Any] | None
     try:
@@ -234,9 +272,6 @@ def _verifier(
         protocol = None if ref is None else ref()
         if protocol is None:
             return False
-        if peer_role == "client":
-            _refused_clients[protocol] = error
-            return False
         fail_verification = getattr(protocol, "failVerification", None)
         if fail_verification is not None:
             fail_verification(Failure(error))
@@ -247,15 +282,8 @@ def _verifier(
         # stderr, so catch everything and log it properly.
         try:
             if not ok:
-                where = "" if depth == 0 else f" (certificate {depth} of its chain)"
-                return fail(
-                    PeerVerificationFailed(
-                        f"{peer_role} certificate refused{where}: {_describe(errno, peer_role)}",
-                        errno,
-                        depth,
-                    )
-                )
-            if depth == 0 and server_name is not None:
+                return fail(_refusal("server", errno, depth))
+            if depth == 0:
                 leaf = cert.to_cryptography()
                 try:
                     if _is_ip(server_name):
@@ -263,14 +291,7 @@ def _verifier(
                     else:
                         verify_certificate_hostname(leaf, server_name)
                 except (_SIVerificationError, _SICertificateError):
-                    return fail(
-                        PeerVerificationFailed(
-                            f"{peer_role} certificate is not valid for "
-                            f"{server_name!r}",
-                            None,
-                            0,
-                        )
-                    )
+                    return fail(PeerVerificationFailed(f"server certificate is not valid for {server_name!r}", None, 0))
             return True
         except BaseException:
             _log.failure("while verifying a TLS peer certificate")
@@ -310,7 +331,7 @@ class ServerTLSOptions:
         assert store is not None
         store.add_cert(ca)
         ctx.add_client_ca(ca_certificate)
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _passthrough)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _verify_client)
         ctx.set_verify_depth(2)
         # Needed whenever client certificates are verified, even with the
         # session cache off.
@@ -321,12 +342,7 @@ class ServerTLSOptions:
         """
         Create the OpenSSL connection for one accepted TCP connection.
         """
-        connection = SSL.Connection(self._context, None)
-        connection.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
-            _verifier(tlsProtocol, "client", None),
-        )
-        return connection
+        return SSL.Connection(self._context, None)
 
     def getContext(self) -> SSL.Context:
         """
@@ -375,7 +391,7 @@ class SiteTLSOptions:
             connection.set_tlsext_host_name(self.server_name.encode("ascii"))
         connection.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            _verifier(tlsProtocol, "server", self.server_name),
+            _verifier(tlsProtocol, self.server_name),
         )
         return connection
 
