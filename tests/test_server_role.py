@@ -32,7 +32,7 @@ from rtunnel.identity.enrollment import EnrollRequest
 from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder
 from rtunnel.roles.forward import ForwardSpec
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
-from rtunnel.roles.server import AdmissionGate, RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
+from rtunnel.roles.server import AdmissionGate, GatedConnection, RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
 from rtunnel.services import ServerConfig, build_server_service
 
 from tests.roles_helpers import SITE_PEER, Built, Recorder, ServerFixture, Watching, pump_all, tls_connect
@@ -390,6 +390,139 @@ class PreauthTests(SynchronousTestCase):
         self.assertEqual(server.factory.preauth, 0)
 
 
+class WaitingRoomTests(SynchronousTestCase):
+    """
+    The tunnel port's waiting room: every connection is accepted at once,
+    at most max_handshakes are handshaking, the others wait unread (no TLS
+    object yet) in order of arrival, and the handshake timeout counts from
+    accept for all of them.
+    """
+
+    def setUp(self) -> None:
+        self.server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=30.0))
+        self.tls = TLSMemoryBIOFactory(self.server.fixture.server_options(), False, self.server.factory, clock=self.server.clock)
+        self.gate = AdmissionGate(self.tls, self.server.factory, limit=100, handshakes=2)
+
+    def arrive(self) -> tuple[GatedConnection, StringTransport]:
+        connection = self.gate.buildProtocol(SITE_PEER)
+        assert isinstance(connection, GatedConnection)
+        transport = StringTransport(peerAddress=SITE_PEER)
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def test_beyond_the_slots_connections_wait_unread_in_order(self) -> None:
+        """
+        Two handshake slots: the first two connections get a TLS protocol
+        at once; the next wait with reading paused and nothing built. A
+        slot comes free when its holder's first bytes (the ClientHello)
+        were handled or it is gone, and goes to the one that waited
+        longest.
+        """
+        arrived = [self.arrive() for _ in range(4)]
+        (a, ta), (b, tb), (c, tc), (d, td) = arrived
+        self.assertIsNotNone(a.inner)
+        self.assertIsNotNone(b.inner)
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+        self.assertEqual((c.inner, d.inner), (None, None))
+        self.assertEqual((tc.producerState, td.producerState), ("paused", "paused"))
+        self.assertEqual((self.gate.in_handshake, self.gate.waiting, self.server.factory.preauth), (2, 2, 2))
+        self.assertEqual(self.gate.preauth, 4)
+        a.dataReceived(b"\x16\x03\x01\x00")  # the start of a ClientHello
+        self.assertIsNotNone(c.inner)
+        self.assertEqual(tc.producerState, "producing")
+        self.assertIsNone(d.inner)
+        b.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(d.inner)
+        self.assertEqual(td.producerState, "producing")
+        self.assertEqual((self.gate.in_handshake, self.gate.waiting), (2, 0))
+        a.dataReceived(b"\x01")  # later bytes of an admitted connection change nothing
+        self.assertEqual(self.gate.in_handshake, 2)
+
+    def test_waiting_connection_gone_gives_up_its_place(self) -> None:
+        """A connection that goes while it waits is skipped; the next in line is admitted."""
+        (a, _), _, (c, _), (d, _) = [self.arrive() for _ in range(4)]
+        c.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.waiting, 1)
+        a.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(c.inner)
+        self.assertIsNotNone(d.inner)
+        self.assertEqual(self.gate.waiting, 0)
+
+    def test_deadline_counts_from_accept(self) -> None:
+        """
+        A connection admitted after waiting 10 s has the 20 s that are left
+        of the handshake timeout, not 30; one that waited the whole timeout
+        is aborted without ever being read (one line says how many).
+        """
+        log = LogCapture(self)
+        self.gate = AdmissionGate(self.tls, self.server.factory, limit=100, handshakes=1, grace=10.0)
+        self.arrive()
+        late, late_transport = self.arrive()
+        self.server.clock.advance(10)  # the first one's slot is given back: the second is admitted
+        self.assertIsNotNone(late.inner)
+        self.server.clock.advance(19.9)
+        self.assertFalse(late_transport.disconnected)
+        self.server.clock.advance(0.1)
+        self.assertTrue(late_transport.disconnected)  # aborted 30 s after its accept
+
+        self.gate = AdmissionGate(self.tls, self.server.factory, limit=100, handshakes=1, grace=100.0)
+        self.arrive()
+        never, never_transport = self.arrive()
+        self.server.clock.advance(29.9)
+        self.assertFalse(never_transport.disconnected)
+        self.server.clock.advance(0.1)
+        self.assertTrue(never_transport.disconnected)
+        self.assertIsNone(never.inner)  # never read, no TLS object
+        never.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.gate.waiting, 0)
+        [line] = log.lines("for their turn to handshake")
+        self.assertIn("dropping 1 connections on the tunnel port that waited 30.0s", line)
+
+    def test_silent_client_gives_its_slot_back_after_the_grace(self) -> None:
+        """
+        An admitted client that sends nothing holds its slot for one second
+        only (it costs no CPU); it stays pre-auth and is aborted at its
+        deadline like any other.
+        """
+        (silent, silent_transport), _, (c, _) = [self.arrive() for _ in range(3)]
+        self.server.clock.advance(0.9)
+        self.assertIsNone(c.inner)
+        self.server.clock.advance(0.1)  # both silent ones give their slots back
+        self.assertIsNotNone(c.inner)
+        self.assertEqual(self.gate.in_handshake, 1)
+        self.assertEqual(self.server.factory.preauth, 3)
+        self.server.clock.advance(29)
+        self.assertTrue(silent_transport.disconnected)
+
+    def test_limit_counts_waiting_connections(self) -> None:
+        """max_preauth counts those waiting: beyond it, connections are closed at accept."""
+        self.gate = AdmissionGate(self.tls, self.server.factory, limit=3, handshakes=1)
+        for _ in range(3):
+            self.arrive()
+        self.assertEqual((self.gate.in_handshake, self.gate.waiting), (1, 2))
+        self.assertIsNone(self.gate.buildProtocol(SITE_PEER))
+        self.assertEqual(self.gate.refused, 1)
+
+    def test_bytes_read_while_waiting_are_handed_over_on_admission(self) -> None:
+        """
+        A transport that reads although paused (iosim does) loses nothing:
+        the bytes go, in order, to the protocol built on admission.
+        """
+        recorders = Built(Recorder)
+        gate = AdmissionGate(recorders, self.server.factory, limit=10, handshakes=1)
+        first = gate.buildProtocol(SITE_PEER)
+        second = gate.buildProtocol(SITE_PEER)
+        assert isinstance(first, GatedConnection) and isinstance(second, GatedConnection)
+        first.makeConnection(StringTransport())
+        second.makeConnection(StringTransport())
+        second.dataReceived(b"one ")
+        second.dataReceived(b"two")
+        self.assertEqual(len(recorders.built), 1)
+        first.dataReceived(b"hello")
+        [_, admitted] = recorders.built
+        self.assertEqual(bytes(admitted.data), b"one two")  # type: ignore[attr-defined]
+
+
 class RevocationTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = Server(self)
@@ -458,6 +591,47 @@ class OwnEnrollmentTests(SynchronousTestCase):
         self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
         self.assertIn("certificate-superseded", site.peer_goaway[1])  # type: ignore[index]
         self.assertIsNone(server.registry.session_for("alpha"))
+
+
+class OwnChangesTests(SynchronousTestCase):
+    def test_own_enrollments_recheck_only_their_sites(self) -> None:
+        """
+        While the only database changes are the server's own enrollments,
+        a poll re-checks just the enrolled sites (here none is live), not
+        every live session; a change by another process re-checks them all.
+        """
+        server = Server(self)
+        live = {}
+        for name in ("alpha", "gamma"):
+            key, cert = server.fixture.enroll(name)
+            live[name] = server.dial(key, cert)
+        watch = RevocationWatch(server.fixture.state, server.registry)
+        store = server.fixture.state.store
+        checked: list[str] = []
+        check_site = store.check_site
+
+        def recording(site: str, fingerprint: str) -> None:
+            checked.append(site)
+            check_site(site, fingerprint)
+
+        store.check_site = recording  # type: ignore[method-assign]
+        for name in ("beta", "delta"):
+            server.fixture.enroll(name)
+        watch.check()
+        self.assertEqual(checked, [])
+        server.fixture.enroll("gamma")  # supersedes a live session: only it is checked, and cut
+        watch.check()
+        self.assertEqual(checked, ["gamma"])
+        site, _, pump = live["gamma"]
+        pump_all(pump)
+        self.assertIn("certificate-superseded", site.peer_goaway[1])  # type: ignore[index]
+        other = StateStore(store.path, create=False)
+        self.addCleanup(other.close)
+        other.revoke_site("delta", datetime.now(UTC))
+        checked.clear()
+        watch.check()
+        self.assertEqual(checked, ["alpha"])  # every live session
+        self.assertIsNotNone(server.registry.session_for("alpha"))
 
 
 class LateHello(MuxProtocol):
@@ -627,6 +801,41 @@ class ServiceTests(SynchronousTestCase):
         pump_all(pump)
         self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
         self.assertIsNone(self.service.registry.session_for("alpha"))
+
+    def test_stop_logs_and_records_once_for_all_sessions(self) -> None:
+        """
+        While stopping, sessions end without a "disconnected" line and a
+        database write each: one line gives the count, and the server's
+        stop record marks every site disconnected. Before the stop, a
+        session's end is logged and recorded as always.
+        """
+        log = LogCapture(self)
+        writes: list[str] = []
+        store = self.service.state.store
+        mark = store.mark_disconnected
+
+        def recording(site: str, *args: object) -> None:
+            writes.append(site)
+            mark(site, *args)  # type: ignore[arg-type]
+
+        store.mark_disconnected = recording  # type: ignore[method-assign]
+        self.start()
+        site, pump = self.dial_site()
+        site.abort()
+        pump_all(pump)
+        self.assertEqual(writes, ["alpha"])
+        self.assertEqual(len(log.lines("site alpha from 192.0.2.7:40123 disconnected")), 1)
+        site, pump = self.dial_site()
+        stopped = self.service.stopService()
+        pump_all(pump)
+        self.successResultOf(stopped)
+        self.assertEqual(site.peer_goaway[0], ErrorCode.GOING_AWAY)  # type: ignore[index]
+        self.assertEqual(writes, ["alpha"])
+        self.assertEqual(len(log.lines("site alpha from 192.0.2.7:40123 disconnected")), 1)
+        [line] = log.lines("drained 1 site sessions in")
+        record = store.site("alpha")
+        assert record is not None
+        self.assertFalse(record.connected)
 
     def test_stop_drains_sessions_and_withdraws(self) -> None:
         """

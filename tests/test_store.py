@@ -486,6 +486,23 @@ class ConcurrencyTests(_StoreTestCase):
         self.store.revoke_site("alpha", later(2))
         self.assertNotEqual(self.store.changes_token(), after_enrollment)
 
+    def test_own_changes_name_their_sites_once(self) -> None:
+        """
+        take_own_changes names the sites enrolled or revoked through this
+        connection since the last call, each once; other connections'
+        changes and connection status updates are not in it.
+        """
+        self.enroll(_Site("alpha"))
+        self.enroll(_Site("beta"))
+        self.enroll(_Site("alpha"))
+        self.assertEqual(self.store.take_own_changes(), frozenset({"alpha", "beta"}))
+        self.assertEqual(self.store.take_own_changes(), frozenset())
+        self.store.mark_connected("alpha", "192.0.2.9:40000", later(1))
+        self.open().revoke_site("beta", later(2))
+        self.assertEqual(self.store.take_own_changes(), frozenset())
+        self.store.revoke_site("alpha", later(3))
+        self.assertEqual(self.store.take_own_changes(), frozenset({"alpha"}))
+
     def test_readers_are_not_blocked_by_a_writer(self) -> None:
         """
         While another process holds the write lock, reads proceed and see

@@ -100,6 +100,7 @@ class ServerOptionsTests(SynchronousTestCase):
             "--keepalive-timeout=20",
             "--drain-grace=3",
             "--max-preauth=64",
+            "--max-handshakes=16",
         )
         self.assertEqual(config.state_dir, "/s")
         self.assertEqual(config.listen, "tcp:6000:interface=0.0.0.0")
@@ -110,7 +111,7 @@ class ServerOptionsTests(SynchronousTestCase):
         self.assertEqual((config.open_timeout, config.drain_grace), (2.5, 3.0))
         self.assertEqual((config.max_streams_per_site, config.max_pending_opens), (50, 9))
         self.assertEqual(
-            config.policy, ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0, max_preauth=64)
+            config.policy, ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0, max_preauth=64, max_handshakes=16)
         )
 
     def test_log_level(self) -> None:
@@ -169,6 +170,7 @@ class ServerOptionsTests(SynchronousTestCase):
             (("--max-streams-per-site=0",), "--max-streams-per-site: must be at least 1, got 0"),
             (("--max-pending-opens=many",), "--max-pending-opens: 'many' is not a whole number"),
             (("--max-preauth=0",), "--max-preauth: must be at least 1, got 0"),
+            (("--max-handshakes=0",), "--max-handshakes: must be at least 1, got 0"),
         ]
         for argv, message in cases:
             args = argv if argv == () else ("--state=/s", *argv)

@@ -47,7 +47,15 @@ class Options(usage.Options):
             "max-preauth",
             None,
             str(ServerPolicy().max_preauth),
-            "Most connections on the tunnel port that are not authenticated yet; more are closed at accept.",
+            "Most connections on the tunnel port that are not authenticated yet, waiting ones included; more are "
+            "closed at accept (at most a quarter of the descriptor limit applies).",
+        ],
+        [
+            "max-handshakes",
+            None,
+            str(ServerPolicy().max_handshakes),
+            "TLS handshakes the server works on at once; further connections on the tunnel port wait their turn, "
+            "unread.",
         ],
         *keepalive_parameters(
             SERVER_KEEPALIVE,
@@ -96,6 +104,7 @@ class Options(usage.Options):
                 keepalive=keepalive,
                 handshake_timeout=positive_float("handshake-timeout", self["handshake-timeout"]),
                 max_preauth=positive_int("max-preauth", self["max-preauth"]),
+                max_handshakes=positive_int("max-handshakes", self["max-handshakes"]),
             ),
         )
 

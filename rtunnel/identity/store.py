@@ -184,8 +184,10 @@ class StateStore:
         self.path = os.fspath(path)
         self._process_alive = process_alive
         #: admission changes committed through this connection (enrollments,
-        #: revocations), which SQLite's data_version does not count
+        #: revocations), which SQLite's data_version does not count, and the
+        #: sites they concern (until L{take_own_changes})
         self._own_changes = 0
+        self._own_changed_sites: set[str] = set()
         p = Path(self.path)
         if p.is_dir():
             raise StateError(f"state database {self.path} is a directory")
@@ -487,6 +489,7 @@ class StateStore:
                 (site, stamp, cert_fp, certificate_pem),
             )
             self._own_changes += 1
+            self._own_changed_sites.add(site)
             return certificate_pem
 
     # -- admission --------------------------------------------------------
@@ -548,6 +551,7 @@ class StateStore:
             elif row["revoked_at"] is None:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
             self._own_changes += 1
+            self._own_changed_sites.add(name)
         record = self.site(name)
         assert record is not None
         return record
@@ -576,6 +580,19 @@ class StateStore:
         """
         with self._guard():
             return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
+
+    def take_own_changes(self) -> frozenset[str]:
+        """
+        The sites enrolled or revoked through this connection since the last
+        call (the changes L{changes_token} counts in its second part).
+
+        A poller that sees only its own changes re-checks just these sites
+        instead of every live one: during an enrollment wave through the
+        server's own connection, each poll would otherwise re-check all of
+        them.
+        """
+        changed, self._own_changed_sites = frozenset(self._own_changed_sites), set()
+        return changed
 
     # -- connection status ------------------------------------------------
 

@@ -156,6 +156,13 @@ class SiteRegistry:
         """(site, certificate fingerprint, session) of every live session."""
         return [(name, e.fingerprint, e.session) for name, e in self._sites.items() if e.session is not None]
 
+    def live_session(self, site: str) -> tuple[str, MuxProtocol] | None:
+        """(certificate fingerprint, session) of the live session of C{site}, if any."""
+        entry = self._sites.get(site)
+        if entry is None or entry.session is None:
+            return None
+        return entry.fingerprint, entry.session
+
     def sessions(self) -> list[MuxProtocol]:
         return [e.session for e in self._sites.values() if e.session is not None]
 

@@ -22,7 +22,10 @@ can never take the descriptors that sites and forward clients need.
 
 from __future__ import annotations
 
+import enum
+from collections import deque
 from datetime import datetime, timezone
+from typing import cast
 
 from attrs import frozen
 from OpenSSL import SSL
@@ -32,6 +35,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IProtocolFactory,
+    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -74,9 +78,12 @@ class ServerPolicy:
     @ivar max_preauth_bytes: bytes a connection may send before it is
         authenticated; more is an attack or a confused peer.
     @ivar max_preauth: connections that are not (yet) authenticated sessions
-        that may exist at once; more are closed at accept. Sites reconnecting
-        after a restart are pre-auth for one handshake (about a millisecond
-        of server CPU each), so this bounds a burst, not the fleet.
+        that may exist at once, those waiting for a handshake slot included;
+        more are closed at accept. Sites reconnecting after a restart are
+        pre-auth for one handshake (about a millisecond of server CPU each),
+        so this bounds a burst, not the fleet.
+    @ivar max_handshakes: TLS handshakes worked on at once; further
+        connections wait their turn, unread (L{AdmissionGate}).
     """
 
     settings: Settings = Settings()
@@ -85,6 +92,7 @@ class ServerPolicy:
     handshake_timeout: float = 30.0
     max_preauth_bytes: int = 256 * 1024
     max_preauth: int = 1024
+    max_handshakes: int = 64
 
 
 def _refuse_site_streams(stream: MuxStream) -> None:
@@ -112,6 +120,9 @@ class TunnelConnection(Protocol):
         self._timer: IDelayedCall | None = None
         self._lost = False
         self._handshaken = False
+        #: when the socket was accepted (set by the L{AdmissionGate} that let
+        #: it wait), else when the connection is made: the deadline counts from it
+        self.accepted_at: float | None = None
         #: counted in the factory's pre-auth connections until authenticated or gone
         self._preauth = True
         factory.preauth += 1
@@ -119,8 +130,9 @@ class TunnelConnection(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self._deadline = self.factory.clock.seconds() + self.factory.policy.handshake_timeout
-        self._timer = self.factory.clock.callLater(self.factory.policy.handshake_timeout, self._timed_out)
+        now = self.factory.clock.seconds()
+        self._deadline = (now if self.accepted_at is None else self.accepted_at) + self.factory.policy.handshake_timeout
+        self._timer = self.factory.clock.callLater(max(self._deadline - now, 0.0), self._timed_out)
 
     def handshakeCompleted(self) -> None:
         if self._lost:
@@ -202,6 +214,8 @@ class TunnelConnection(Protocol):
         mux.when_closed().addCallback(self._session_closed, site)
 
     def _session_closed(self, reason: BaseException, site: str) -> None:
+        if self.factory.stopping:
+            return  # the server is draining every session: it logs one line for all
         self._log.info("site {site} from {peer} disconnected: {reason}", site=site, peer=self.peer, reason=str(reason))
 
     def _become(self, protocol: Protocol) -> None:
@@ -328,6 +342,8 @@ class TunnelServerFactory(Factory):
         self.policy = policy
         self.preauth = 0
         self.connections = 0
+        #: the server is shutting down: sessions end without a line each
+        self.stopping = False
         #: one budget for the lines any client can cause (refused handshakes, timeouts)
         self.log_budget = LogBudget(rate=0.2, burst=5)
 
@@ -335,29 +351,127 @@ class TunnelServerFactory(Factory):
         return TunnelConnection(self, addr)
 
 
+class _Turn(enum.Enum):
+    """Where a connection stands in the tunnel port's waiting room."""
+
+    WAITING = "waiting"  # accepted, not read, in line
+    HANDSHAKE = "handshake"  # admitted; its first bytes not yet handled: holds a slot
+    ADMITTED = "admitted"  # admitted, slot given back
+    GONE = "gone"
+
+
+class GatedConnection(Protocol):
+    """
+    What the tunnel port's socket talks to: a place in L{AdmissionGate}'s
+    waiting room, then a pass-through to the TLS protocol built on
+    admission (C{inner}). Only reads pass through it; the TLS protocol
+    writes to the socket directly.
+    """
+
+    __slots__ = ("gate", "addr", "accepted_at", "admitted_at", "inner", "turn", "early")
+
+    def __init__(self, gate: AdmissionGate, addr: IAddress) -> None:
+        self.gate = gate
+        self.addr: IAddress | None = addr
+        self.accepted_at = 0.0
+        self.admitted_at = 0.0
+        self.inner: IProtocol | None = None
+        self.turn = _Turn.WAITING
+        #: bytes read before admission (transports that ignore pauseProducing)
+        self.early: list[bytes] | None = None
+
+    def connectionMade(self) -> None:
+        self.gate._arrived(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is None:
+            if self.turn is _Turn.WAITING:
+                self.early = (self.early or []) + [data]
+            return
+        inner.dataReceived(data)
+        if self.turn is _Turn.HANDSHAKE:
+            self.gate._release(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        turn, self.turn = self.turn, _Turn.GONE
+        if turn is _Turn.WAITING:
+            self.gate.waiting -= 1
+        elif turn is _Turn.HANDSHAKE:
+            self.gate._release(self)
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.connectionLost(reason)
+
+
 @implementer(IProtocolFactory)
 class AdmissionGate:
     """
-    The outermost factory of the tunnel listener: refuses a connection at
-    accept (the socket is closed before any TLS object exists) while
-    C{limit} connections are already pre-auth.
+    The outermost factory of the tunnel listener, and its waiting room.
 
-    A refused site sees its connection closed at once and backs off like
-    after any failed attempt; a flood of silent clients costs us one
-    C{accept} and one C{close} each beyond the limit.
+    It refuses a connection at accept (the socket is closed before any TLS
+    object exists) while C{limit} connections are already pre-auth, waiting
+    ones included: a refused site sees its connection closed at once and
+    backs off like after any failed attempt; a flood of silent clients
+    costs us one C{accept} and one C{close} each beyond the limit.
+
+    The others are accepted at once, and handshake in order of arrival, at
+    most C{handshakes} at a time: a connection beyond that waits with its
+    socket not read (so it costs no CPU, and epoll reports nothing for it)
+    until a slot is free. Why: a TLS handshake costs the server about a
+    millisecond of CPU, and after a restart ten thousand sites connect
+    within seconds. Read all at once, hundreds of ClientHellos made one
+    reactor turn last a second or more, during which nothing was accepted:
+    the kernel's accept queue (1,024) overflowed and every SYN dropped cost
+    its site one to seven seconds. With the slots each turn stays short, so
+    the accept queue keeps draining.
+
+    A slot is held from admission until the connection's first bytes have
+    been handled (the ClientHello: the expensive half of the server's
+    handshake work), it is gone, or C{grace} seconds have passed (a client
+    that sends nothing costs no CPU, and must not keep others waiting).
+    A waiting connection is aborted once the handshake timeout has passed
+    since it was accepted, like any pre-auth connection; one that is
+    admitted gets what is left of that timeout.
     """
 
     _log = Logger()
 
-    def __init__(self, wrapped: IProtocolFactory, server: TunnelServerFactory, limit: int) -> None:
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        server: TunnelServerFactory,
+        limit: int,
+        handshakes: int = 64,
+        grace: float = 1.0,
+    ) -> None:
+        if handshakes < 1:
+            raise ValueError(f"handshakes must be at least 1, not {handshakes}")
         self.wrapped = wrapped
         self.server = server
         self.limit = limit
+        self.handshakes = handshakes
+        self.grace = grace
         self.refused = 0
+        #: connections waiting for a slot, and those dropped at the deadline
+        self.waiting = 0
+        self.expired = 0
+        #: slots taken
+        self.in_handshake = 0
+        self._line: deque[GatedConnection] = deque()
+        #: slot holders in order of admission (a dict as an ordered set)
+        self._holders: dict[GatedConnection, None] = {}
+        self._line_timer: IDelayedCall | None = None
+        self._grace_timer: IDelayedCall | None = None
         self._budget = LogBudget(rate=0.1, burst=1)
 
+    @property
+    def preauth(self) -> int:
+        """Connections not (yet) authenticated: waiting, or past admission."""
+        return self.server.preauth + self.waiting
+
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        if self.server.preauth >= self.limit:
+        if self.preauth >= self.limit:
             self.refused += 1
             allowed, suppressed = self._budget.allow("full", self.server.clock.seconds())
             if allowed:
@@ -365,18 +479,125 @@ class AdmissionGate:
                     "refusing connections on the tunnel port (from {peer} and others): {count} connections are not "
                     "authenticated yet, the limit (--max-preauth) is {limit}; {refused} refused so far",
                     peer=describe(addr),
-                    count=self.server.preauth,
+                    count=self.preauth,
                     limit=self.limit,
                     refused=self.refused,
                 )
             return None
-        return self.wrapped.buildProtocol(addr)
+        return GatedConnection(self, addr)
+
+    # -- the waiting room ----------------------------------------------------
+
+    def _arrived(self, connection: GatedConnection) -> None:
+        connection.accepted_at = self.server.clock.seconds()
+        if self.waiting == 0 and self.in_handshake < self.handshakes:
+            self._admit(connection)
+            return
+        transport = connection.transport
+        assert transport is not None
+        cast(IPushProducer, transport).pauseProducing()
+        self.waiting += 1
+        self._line.append(connection)
+        if self._line_timer is None:
+            self._arm_line_timer()
+
+    def _admit(self, connection: GatedConnection) -> None:
+        transport = connection.transport
+        assert transport is not None and connection.addr is not None
+        connection.turn = _Turn.HANDSHAKE
+        connection.admitted_at = self.server.clock.seconds()
+        self.in_handshake += 1
+        self._holders[connection] = None
+        if self._grace_timer is None:
+            self._grace_timer = self.server.clock.callLater(self.grace, self._grace_over)
+        inner = self.wrapped.buildProtocol(connection.addr)
+        connection.addr = None
+        if inner is None:
+            self._release(connection)
+            connection.turn = _Turn.GONE
+            transport.loseConnection()
+            return
+        tunnel = getattr(inner, "wrappedProtocol", None)
+        if isinstance(tunnel, TunnelConnection):
+            tunnel.accepted_at = connection.accepted_at  # its deadline counts from accept
+        connection.inner = inner
+        inner.makeConnection(transport)
+        cast(IPushProducer, transport).resumeProducing()
+        early, connection.early = connection.early, None
+        for data in early or ():
+            connection.dataReceived(data)
+
+    def _release(self, connection: GatedConnection) -> None:
+        """C{connection} gives its slot back; admit whoever is next in line."""
+        if connection.turn is _Turn.HANDSHAKE:
+            connection.turn = _Turn.ADMITTED
+        if connection in self._holders:
+            del self._holders[connection]
+            self.in_handshake -= 1
+        while self.in_handshake < self.handshakes and self._line:
+            waiting = self._line.popleft()
+            if waiting.turn is _Turn.WAITING:
+                self.waiting -= 1
+                self._admit(waiting)
+
+    def _arm_line_timer(self) -> None:
+        self._line_timer = None
+        while self._line and self._line[0].turn is not _Turn.WAITING:
+            self._line.popleft()
+        if self._line:
+            timeout = self.server.policy.handshake_timeout
+            due = self._line[0].accepted_at + timeout - self.server.clock.seconds()
+            self._line_timer = self.server.clock.callLater(max(due, 0.0), self._line_deadline)
+
+    def _line_deadline(self) -> None:
+        """Abort the connections that waited the whole handshake timeout."""
+        self._line_timer = None
+        now = self.server.clock.seconds()
+        timeout = self.server.policy.handshake_timeout
+        count = 0
+        while self._line and self._line[0].accepted_at + timeout <= now:
+            waiting = self._line.popleft()
+            if waiting.turn is _Turn.WAITING:
+                count += 1
+                transport = waiting.transport
+                if transport is not None:
+                    abort = getattr(transport, "abortConnection", None)
+                    (abort or transport.loseConnection)()
+        if count:
+            self.expired += count
+            allowed, suppressed = self._budget.allow("expired", now)
+            if allowed:
+                self._log.warn(
+                    "dropping {count} connections on the tunnel port that waited {timeout}s for their turn to "
+                    "handshake ({handshakes} at a time); {expired} dropped so far",
+                    count=count,
+                    timeout=timeout,
+                    handshakes=self.handshakes,
+                    expired=self.expired,
+                )
+        self._arm_line_timer()
+
+    def _grace_over(self) -> None:
+        """Slots held C{grace} seconds by clients that sent nothing are given back."""
+        self._grace_timer = None
+        now = self.server.clock.seconds()
+        for holder in list(self._holders):
+            if holder.admitted_at + self.grace > now:
+                break
+            self._release(holder)
+        if self._holders:
+            oldest = next(iter(self._holders))
+            self._grace_timer = self.server.clock.callLater(oldest.admitted_at + self.grace - now, self._grace_over)
 
     def doStart(self) -> None:
         self.wrapped.doStart()
 
     def doStop(self) -> None:
         self.wrapped.doStop()
+        for timer in (self._line_timer, self._grace_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._line_timer = self._grace_timer = None
 
     def logPrefix(self) -> str:
         return "rtunnel"
@@ -388,6 +609,10 @@ class RevocationWatch:
     C{rtunnel sites revoke} command or a new keyfile), within one poll
     interval. Polling a SQLite change counter every second costs nothing and
     needs no signal plumbing between the CLI and the server process.
+
+    When the only changes since the last poll are the server's own
+    (enrollments it redeemed, which the store names), only those sites are
+    re-checked; a change by another process re-checks every live session.
     """
 
     _log = Logger()
@@ -396,6 +621,9 @@ class RevocationWatch:
         self.state = state
         self.registry = registry
         self._last = state.store.changes_token()
+        state.store.take_own_changes()  # what happened before is no change to us
+        #: sites changed through our own connection, not yet re-checked
+        self._pending: set[str] = set()
 
     def check(self) -> None:
         """
@@ -403,18 +631,31 @@ class RevocationWatch:
         tries again (a LoopingCall stops for good on an exception).
         """
         try:
-            token = self.state.store.changes_token()
+            store = self.state.store
+            token = store.changes_token()
             if token == self._last:
                 return
-            for site, fingerprint, _ in self.registry.live():
-                try:
-                    self.state.store.check_site(site, fingerprint)
-                except SiteRejected as e:
-                    self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
-                    self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+            self._pending |= store.take_own_changes()
+            if token[0] != self._last[0]:
+                # Another process committed: anything may have changed.
+                for site, fingerprint, _ in self.registry.live():
+                    self._recheck(site, fingerprint)
+            else:
+                for site in sorted(self._pending):
+                    live = self.registry.live_session(site)
+                    if live is not None:
+                        self._recheck(site, live[0])
+            self._pending.clear()
             self._last = token
         except Exception:
             self._log.failure("revocation check failed; retrying at the next poll")
+
+    def _recheck(self, site: str, fingerprint: str) -> None:
+        try:
+            self.state.store.check_site(site, fingerprint)
+        except SiteRejected as e:
+            self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
+            self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
 
 
 def utcnow() -> datetime:
