@@ -417,8 +417,13 @@ class MuxProtocol(Protocol):
             self._draining = True
             self.session.go_away(ErrorCode.GOING_AWAY, reason)
             self._flush()
-            self._drain_call = self.clock.callLater(grace, self._drain_expired)
             self._maybe_finish_drain()
+            if not self._closing:
+                # Streams are still open (or the close waits for this input's
+                # end): they get the grace period. A session with nothing open
+                # closed above and needs no timer, which a server draining ten
+                # thousand idle sessions would only schedule and cancel.
+                self._drain_call = self.clock.callLater(grace, self._drain_expired)
         return done
 
     def abort(self) -> None:
