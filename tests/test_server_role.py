@@ -480,18 +480,19 @@ class WaitingRoomTests(SynchronousTestCase):
 
     def test_silent_client_gives_its_slot_back_after_the_grace(self) -> None:
         """
-        An admitted client that sends nothing holds its slot for one second
-        only (it costs no CPU); it stays pre-auth and is aborted at its
-        deadline like any other.
+        An admitted client that sends nothing holds its slot for a quarter
+        of a second only (it costs no CPU); it stays pre-auth and is aborted
+        at its deadline like any other.
         """
+        self.assertEqual(self.gate.grace, 0.25)
         (silent, silent_transport), _, (c, _) = [self.arrive() for _ in range(3)]
-        self.server.clock.advance(0.9)
+        self.server.clock.advance(0.24)
         self.assertIsNone(c.inner)
-        self.server.clock.advance(0.1)  # both silent ones give their slots back
+        self.server.clock.advance(0.01)  # both silent ones give their slots back
         self.assertIsNotNone(c.inner)
         self.assertEqual(self.gate.in_handshake, 1)
         self.assertEqual(self.server.factory.preauth, 3)
-        self.server.clock.advance(29)
+        self.server.clock.advance(29.75)
         self.assertTrue(silent_transport.disconnected)
 
     def test_limit_counts_waiting_connections(self) -> None:

@@ -92,7 +92,7 @@ class ServerPolicy:
     handshake_timeout: float = 30.0
     max_preauth_bytes: int = 256 * 1024
     max_preauth: int = 1024
-    max_handshakes: int = 64
+    max_handshakes: int = 16
 
 
 def _refuse_site_streams(stream: MuxStream) -> None:
@@ -424,12 +424,22 @@ class AdmissionGate:
     reactor turn last a second or more, during which nothing was accepted:
     the kernel's accept queue (1,024) overflowed and every SYN dropped cost
     its site one to seven seconds. With the slots each turn stays short, so
-    the accept queue keeps draining.
+    the accept queue keeps draining. Short matters twice: Twisted's
+    listening port accepts at most as many connections per turn as it did
+    the turn before plus 20 (after a quiet spell, one), so a burst is
+    taken in at a rate that grows with the number of turns per second.
+    Throughput does not need many slots: each admitted connection's work
+    follows in the next turns, and one core does about as many handshakes
+    a second whether 16 or 64 start per turn.
 
     A slot is held from admission until the connection's first bytes have
     been handled (the ClientHello: the expensive half of the server's
-    handshake work), it is gone, or C{grace} seconds have passed (a client
-    that sends nothing costs no CPU, and must not keep others waiting).
+    handshake work), it is gone, or C{grace} seconds have passed. A client
+    that sends nothing costs no CPU and must not keep others waiting; a
+    site's ClientHello follows its TCP handshake at once, and is there to
+    read when it is admitted. Silent clients can therefore hold up the line
+    only by connecting C{handshakes / grace} times a second (64), about as
+    often as filling the C{limit} once per handshake timeout takes.
     A waiting connection is aborted once the handshake timeout has passed
     since it was accepted, like any pre-auth connection; one that is
     admitted gets what is left of that timeout.
@@ -442,8 +452,8 @@ class AdmissionGate:
         wrapped: IProtocolFactory,
         server: TunnelServerFactory,
         limit: int,
-        handshakes: int = 64,
-        grace: float = 1.0,
+        handshakes: int = 16,
+        grace: float = 0.25,
     ) -> None:
         if handshakes < 1:
             raise ValueError(f"handshakes must be at least 1, not {handshakes}")
