@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from OpenSSL import SSL
 from service_identity.exceptions import VerificationError
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHostnameResolver, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -387,24 +387,39 @@ class ServiceTests(SynchronousTestCase):
 
     def test_backoff_doubles_up_to_the_cap(self) -> None:
         """
-        Delays double from 1 s up to retry_cap, plus the jitter (at most
-        1 s), and stay at the cap.
+        Retry k waits between D and 2D, D doubling from 1 s up to half of
+        retry_cap: with the largest jitter 2, 4, 8, 16 s, then the cap (20 s)
+        for good; with none, half of that.
         """
-        self.build(jitter=lambda: 0.999, retry_cap=20.0)
-        for expected in (1, 2, 4, 8, 16, 20, 20, 20):
-            self.refuse()
-            self.next_attempt_after(expected + 0.999)
-        self.assertEqual(self.fatal, [])
+        for jitter, delays in ((1.0, (2, 4, 8, 16, 20, 20, 20)), (0.0, (1, 2, 4, 8, 10, 10, 10))):
+            self.build(jitter=lambda: jitter, retry_cap=20.0)
+            for expected in delays:
+                self.refuse()
+                self.next_attempt_after(expected)
+            self.assertEqual(self.fatal, [])
+            self.service.stopService()
+
+    def test_retries_of_many_sites_spread_over_each_doubling(self) -> None:
+        """
+        Sites refused together do not come back together: the third retry
+        falls anywhere between 4 and 8 s, not within one second of 4 s.
+        """
+        delays = []
+        for jitter in (0.0, 0.5, 0.999):
+            self.build(jitter=lambda: jitter)
+            delays.append(self.service._retry_delay(2))
+        self.assertEqual(delays, [4.0, 6.0, 7.996])
 
     def test_backoff_after_a_verification_failure_reaches_the_longer_cap(self) -> None:
         """
         After the server failed verification, delays keep doubling past
-        retry_cap up to verify_retry_cap (5 minutes by default).
+        retry_cap, up to half of verify_retry_cap (5 minutes by default)
+        before the jitter.
         """
         self.build(jitter=lambda: 0.0, retry_cap=20.0)
         assert self.service.factory is not None
         self.service.factory.last_outcome = Outcome(Verdict.VERIFICATION, "impostor")
-        for expected in (1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300):
+        for expected in (1, 2, 4, 8, 16, 32, 64, 128, 150, 150):
             self.refuse()
             self.next_attempt_after(expected)
         self.assertEqual(self.fatal, [])
@@ -420,7 +435,7 @@ class ServiceTests(SynchronousTestCase):
             self.reactor.advance(30.0)
         self.assertEqual(len(self.attempts()), 1101)
         self.refuse()
-        self.next_attempt_after(30.0)
+        self.next_attempt_after(15.0)
 
     def test_addresses_rotate(self) -> None:
         """Successive attempts go to the keyfile's addresses in turn."""
@@ -437,6 +452,35 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(defer.maybeDeferred(self.service.stopService))
         self.reactor.advance(100)
         self.assertEqual(len(self.attempts()), 1)
+
+    def test_ip_literal_server_is_dialled_without_resolving(self) -> None:
+        """
+        A server address that is an IP literal (v4 or v6) is connected to
+        directly; only a name goes through the reactor's resolver.
+        """
+        reactor = MemoryReactorClock()
+        asked: list[str] = []
+        resolver = reactor.nameResolver
+
+        @implementer(IHostnameResolver)
+        class Recording:
+            def resolveHostName(self, receiver, hostName, *args, **kwargs):  # type: ignore[no-untyped-def]
+                asked.append(hostName)
+                return resolver.resolveHostName(receiver, hostName, *args, **kwargs)
+
+        reactor.installNameResolver(Recording())
+        state = ServerFixture(self).enrolled_site_state(self, "alpha", ("127.0.0.1:5500", "[::1]:5501", "localhost:5502"))
+        connector = TargetConnector([], EndpointMap(), reactor)
+        policy = SitePolicy(keepalive=None, retry_cap=1.0)
+        service = TunnelClientService(reactor, state, None, connector, policy, lambda _: None, jitter=lambda: 0.0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        for _ in range(2):
+            _, _, factory, _, _ = reactor.tcpClients[-1]
+            factory.clientConnectionFailed(reactor.connectors[-1], Failure(error.ConnectionRefusedError()))
+            reactor.advance(1.5)
+        self.assertEqual([host for host, *_ in reactor.tcpClients[:2]], ["127.0.0.1", "::1"])
+        self.assertEqual(asked, ["localhost"])
 
     def test_unenrolled_without_keyfile_is_fatal(self) -> None:
         """
@@ -488,7 +532,7 @@ class EnrollmentAttemptTests(SynchronousTestCase):
         self.reactor.advance(0.002)
         self.assertEqual(self.ports(), [5500, 5501])
         self.refuse()
-        self.reactor.advance(2.501)
+        self.reactor.advance(3.001)  # 2 s doubled, spread by the jitter (0.5): 3 s
         self.assertEqual(self.ports(), [5500, 5501, 5500])
         self.assertEqual(self.fatal, [])
         self.assertIsNone(self.service.client)  # no tunnel before enrollment
