@@ -38,27 +38,31 @@ class FloodMeter:
      - Unread replies: counted while L{peer_reading} is false, cleared when
        it becomes true again.
 
+    A tunnel server holds one per site, so it keeps no dictionary of its
+    own: its attributes are slots, a bucket is made for a kind when the
+    first frame of it comes, and the count of unread replies by kind when
+    the first is owed (before: about 500 bytes per session).
+
     @ivar now: the time of the current input (C{None}: no rate caps).
     """
+
+    __slots__ = ("limits", "now", "peer_reading", "reply_debt", "_debt_kinds", "_ping", "_empty", "_refused")
 
     def __init__(self, limits: FloodLimits) -> None:
         self.limits = limits
         self.now: float | None = None
         self.peer_reading = True
         self.reply_debt = 0
-        self._debt_kinds: dict[str, int] = {}
-        self._allowances: dict[str, Allowance | None] = {
-            PING: limits.pings,
-            EMPTY_DATA: limits.empty_data,
-            REFUSED_OPEN: limits.refused_opens,
-        }
-        self._buckets: dict[str, _Bucket] = {}
+        self._debt_kinds: dict[str, int] | None = None
+        self._ping: _Bucket | None = None
+        self._empty: _Bucket | None = None
+        self._refused: _Bucket | None = None
 
     def set_peer_reading(self, reading: bool) -> None:
         self.peer_reading = reading
         if reading and self.reply_debt:
             self.reply_debt = 0
-            self._debt_kinds = {}
+            self._debt_kinds = None
 
     def owe(self, kind: str) -> FloodDetected | None:
         """
@@ -66,11 +70,14 @@ class FloodMeter:
         return what to report past the reply limit, else C{None}.
         """
         self.reply_debt += 1
-        self._debt_kinds[kind] = self._debt_kinds.get(kind, 0) + 1
+        kinds = self._debt_kinds
+        if kinds is None:
+            kinds = self._debt_kinds = {}
+        kinds[kind] = kinds.get(kind, 0) + 1
         limit = self.limits.reply_limit
         if self.reply_debt <= limit:
             return None
-        detail = ", ".join(f"{count} {name}s" for name, count in self._debt_kinds.items())
+        detail = ", ".join(f"{count} {name}s" for name, count in kinds.items())
         return FloodDetected("unread replies", self.reply_debt, None, f"{limit} replies", detail)
 
     def spend(self, kind: str) -> FloodDetected | None:
@@ -79,12 +86,25 @@ class FloodMeter:
         to report if it is beyond the allowance, else C{None}.
         """
         now = self.now
-        allowance = self._allowances[kind]
+        limits = self.limits
+        if kind == PING:
+            allowance, bucket = limits.pings, self._ping
+        elif kind == EMPTY_DATA:
+            allowance, bucket = limits.empty_data, self._empty
+        elif kind == REFUSED_OPEN:
+            allowance, bucket = limits.refused_opens, self._refused
+        else:
+            raise KeyError(kind)
         if allowance is None or now is None:
             return None
-        bucket = self._buckets.get(kind)
         if bucket is None:
-            bucket = self._buckets[kind] = _Bucket(float(allowance.burst), now, 0, now)
+            bucket = _Bucket(float(allowance.burst), now, 0, now)
+            if kind == PING:
+                self._ping = bucket
+            elif kind == EMPTY_DATA:
+                self._empty = bucket
+            else:
+                self._refused = bucket
         elif now > bucket.stamp:
             bucket.tokens += (now - bucket.stamp) * allowance.rate
             bucket.stamp = now

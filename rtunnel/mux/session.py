@@ -56,6 +56,7 @@ from .settings import FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
+_DEFAULT_SETTINGS = Settings()
 #: Credit is returned once this much (or half the window, if less) was consumed.
 UPDATE_BATCH = 512 * 1024
 _GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
@@ -714,6 +715,8 @@ class MuxSession:
             )
         except ValueError as e:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting out of range: {e.args[0]}") from None
+        if peer == _DEFAULT_SETTINGS:
+            peer = _DEFAULT_SETTINGS  # one object for the many peers that announce the defaults
         version = min(self.local_settings.version, peer.version)
         if version not in SUPPORTED_VERSIONS:
             raise ProtocolError(

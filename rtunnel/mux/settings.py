@@ -156,7 +156,7 @@ class FloodLimits:
     @classmethod
     def for_server(cls) -> FloodLimits:
         """The tunnel server's limits (the defaults): every OPEN from a site is refused, and counted."""
-        return cls()
+        return _SERVER_LIMITS if cls is FloodLimits else cls()
 
     @classmethod
     def for_site(cls) -> FloodLimits:
@@ -169,9 +169,15 @@ class FloodLimits:
         Reading still stops at C{reply_pause}, for as long as the server
         does not read.
         """
-        return cls(refused_opens=None, reply_limit=65536)
+        return _SITE_LIMITS if cls is FloodLimits else cls(refused_opens=None, reply_limit=65536)
 
     @classmethod
     def for_role(cls, initiator: bool) -> FloodLimits:
         """The limits of the site (initiator) or of the tunnel server (acceptor)."""
         return cls.for_site() if initiator else cls.for_server()
+
+
+# One instance of each role's limits, shared by all sessions (they are
+# frozen): a server holds ten thousand sessions.
+_SERVER_LIMITS = FloodLimits()
+_SITE_LIMITS = FloodLimits(refused_opens=None, reply_limit=65536)
