@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
@@ -88,6 +90,52 @@ class SessionStartTests(SynchronousTestCase):
         self.failureResultOf(ready, ConnectionDone)
         self.failureResultOf(mux.when_ready(), ConnectionDone)
         self.assertIsInstance(self.successResultOf(mux.when_closed()), ConnectionDone)
+
+
+class CloseObserverTests(SynchronousTestCase):
+    def test_on_closed_calls_each_observer_once_with_its_arguments(self) -> None:
+        """
+        C{on_closed(callback, *args)} calls C{callback(exception, *args)}
+        once the connection is gone, in the order registered, alongside
+        C{when_closed}; one that raises is logged and the others are still
+        called; registered after the end, it is called at once.
+        """
+        mux = make_mux(True, Clock())
+        mux.makeConnection(StringTransport())
+        calls: list[tuple[object, ...]] = []
+        errors: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(errors.append)
+        self.addCleanup(globalLogPublisher.removeObserver, errors.append)
+
+        def broken(reason: BaseException) -> None:
+            raise RuntimeError("observer bug")
+
+        mux.on_closed(lambda reason, *args: calls.append((type(reason), *args)), "first", 1)
+        mux.on_closed(broken)
+        closed = mux.when_closed()
+        mux.on_closed(lambda reason: calls.append((type(reason), "second")))
+        self.assertEqual(calls, [])
+        mux.connectionLost(Failure(ConnectionDone("gone")))
+        self.assertEqual(calls, [(ConnectionDone, "first", 1), (ConnectionDone, "second")])
+        self.assertIsInstance(self.successResultOf(closed), ConnectionDone)
+        [failure] = [e for e in errors if e.get("log_failure") is not None]
+        self.assertIsInstance(failure["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
+        mux.on_closed(lambda reason: calls.append((type(reason), "late")))
+        self.assertEqual(calls[-1], (ConnectionDone, "late"))
+        mux.connectionLost(Failure(ConnectionDone("again")))
+        self.assertEqual(len(calls), 3)
+
+    def test_labels_follow_the_transport(self) -> None:
+        """The peer and host labels describe the transport's addresses; empty before there is one."""
+        mux = make_mux(True, Clock())
+        self.assertEqual((mux.peer_label, mux.host_label), ("", ""))
+        mux.makeConnection(
+            StringTransport(
+                peerAddress=IPv4Address("TCP", "192.0.2.7", 40123), hostAddress=IPv6Address("TCP", "::1", 5500)
+            )
+        )
+        self.assertEqual((mux.peer_label, mux.host_label), ("192.0.2.7:40123", "[::1]:5500"))
 
 
 class OpenTests(SynchronousTestCase):

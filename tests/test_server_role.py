@@ -495,6 +495,30 @@ class WaitingRoomTests(SynchronousTestCase):
         self.server.clock.advance(29.75)
         self.assertTrue(silent_transport.disconnected)
 
+    def test_steps_aside_for_transports_that_deliver_to_their_protocol(self) -> None:
+        """
+        Once a connection's slot is given back, a transport that delivers to
+        its C{protocol} attribute (as Twisted's TCP connections do) is
+        pointed at the TLS protocol, so the gate's object is no longer in
+        the way; other transports keep reading through it.
+        """
+
+        class Delivering(StringTransport):
+            protocol = None
+
+        connection = self.gate.buildProtocol(SITE_PEER)
+        assert isinstance(connection, GatedConnection)
+        transport = Delivering(peerAddress=SITE_PEER)
+        transport.protocol = connection
+        connection.makeConnection(transport)
+        self.assertIs(transport.protocol, connection)
+        connection.dataReceived(b"\x16\x03\x01\x00")
+        self.assertIs(transport.protocol, connection.inner)
+        other, other_transport = self.arrive()
+        other.dataReceived(b"\x16\x03\x01\x00")
+        self.assertFalse(hasattr(other_transport, "protocol"))
+        self.assertEqual(self.gate.in_handshake, 0)
+
     def test_limit_counts_waiting_connections(self) -> None:
         """max_preauth counts those waiting: beyond it, connections are closed at accept."""
         self.gate = AdmissionGate(self.tls, self.server.factory, limit=3, handshakes=1)

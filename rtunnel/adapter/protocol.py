@@ -89,8 +89,9 @@ class _Edges:
     reading_paused: bool = False
     flooded: bool = False
     stall_call: IDelayedCall | None = None
-    #: per-session budget for log lines the peer can trigger at will
-    log_budget: LogBudget = field(factory=lambda: LogBudget(rate=1.0, burst=5.0, max_keys=16))
+    #: per-session budget for log lines the peer can trigger at will, made
+    #: when the first such line comes (most sessions never log one)
+    log_budget: LogBudget | None = None
 
 
 @implementer(IPushProducer)
@@ -151,8 +152,6 @@ class MuxProtocol(Protocol):
         "stream_handler",
         "keepalive",
         "label",
-        "peer_label",
-        "host_label",
         "paused",
         "streams",
         "_held",
@@ -196,8 +195,6 @@ class MuxProtocol(Protocol):
         self.stream_handler = stream_handler
         self.keepalive = keepalive
         self.label = label
-        self.peer_label = ""
-        self.host_label = ""
         self.paused = False
         self.streams: dict[int, MuxStream] = {}
         #: streams whose producer was paused because the tunnel was
@@ -209,7 +206,8 @@ class MuxProtocol(Protocol):
         #: called with (code, reason) when the peer starts a graceful drain.
         self.on_goaway: Callable[[int, str], None] | None = None
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] = []
-        self._closed_waiters: list[defer.Deferred[BaseException]] = []
+        #: what to call, and with what, once the connection is gone
+        self._closed_waiters: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self._in_receive = False
         self._last_received = 0.0
         self._ping_sent: dict[bytes, float] = {}
@@ -242,8 +240,52 @@ class MuxProtocol(Protocol):
         if self._lost:
             return defer.succeed(_exception_of(self.close_reason or CLEAN_CLOSE))
         d: defer.Deferred[BaseException] = defer.Deferred()
-        self._closed_waiters.append(d)
+        self._closed_waiters.append((d.callback, ()))
         return d
+
+    def on_closed(self, callback: Callable[..., object], *args: object) -> None:
+        """
+        Call C{callback(exception, *args)} once the tunnel connection is
+        gone (at once if it is gone already), with the reason's exception.
+
+        For observers that live as long as the session: a Deferred from
+        L{when_closed} with a callback costs about 700 bytes, and a server
+        keeps a few per session. An exception the callback raises is
+        logged; the other observers are still called.
+        """
+        if self._lost:
+            self._call_closed(callback, args, _exception_of(self.close_reason or CLEAN_CLOSE))
+        else:
+            self._closed_waiters.append((callback, args))
+
+    def _call_closed(self, callback: Callable[..., object], args: tuple[object, ...], reason: BaseException) -> None:
+        try:
+            callback(reason, *args)
+        except Exception:
+            self._log.failure("while telling an observer that the session with {peer} ended", peer=self.who)
+
+    @property
+    def peer_label(self) -> str:
+        """
+        The peer's address as log lines show it (empty before the
+        connection is made). Worked out when asked, not kept: it is asked
+        for in log lines only, and a server holds ten thousand sessions.
+        """
+        return self._address_label("getPeer")
+
+    @property
+    def host_label(self) -> str:
+        """Our own address, as L{peer_label}."""
+        return self._address_label("getHost")
+
+    def _address_label(self, getter: str) -> str:
+        transport = self.transport
+        if transport is None:
+            return ""
+        try:
+            return describe(getattr(transport, getter)())
+        except Exception:
+            return ""
 
     @property
     def who(self) -> str:
@@ -273,11 +315,6 @@ class MuxProtocol(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
-        for what, getter in (("peer_label", "getPeer"), ("host_label", "getHost")):
-            try:
-                setattr(self, what, describe(getattr(transport, getter)()))
-            except Exception:
-                setattr(self, what, "")
         # Small frames (PING, OPEN, interactive bytes) must not wait for Nagle.
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
@@ -338,9 +375,9 @@ class MuxProtocol(Protocol):
         for d in self._ready_waiters:
             d.errback(reason)
         self._ready_waiters.clear()
-        for waiter in self._closed_waiters:
-            waiter.callback(_exception_of(reason))
-        self._closed_waiters.clear()
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for callback, args in waiters:
+            self._call_closed(callback, args, _exception_of(reason))
 
     # -- IPushProducer: our transport's buffer filled or drained ------------
 
@@ -532,7 +569,10 @@ class MuxProtocol(Protocol):
         session and C{key}); otherwise how many like it were left out
         since the last one logged.
         """
-        allowed, suppressed = self._edges.log_budget.allow(key, self.clock.seconds())
+        edges = self._edges
+        if edges.log_budget is None:
+            edges.log_budget = LogBudget(rate=1.0, burst=5.0, max_keys=16)
+        allowed, suppressed = edges.log_budget.allow(key, self.clock.seconds())
         return suppressed if allowed else None
 
     def _forget(self, stream: MuxStream) -> None:

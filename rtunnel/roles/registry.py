@@ -126,7 +126,7 @@ class SiteRegistry:
                 self.on_connected(site, peer)
             except Exception:
                 self._log.failure("on_connected failed for site {site}", site=site)
-        session.when_closed().addCallback(lambda _: self._session_ended(site, session))
+        session.on_closed(self._session_ended, site, session)
         waiters, entry.waiters = entry.waiters, []
         for waiter in waiters:
             if waiter.timer is not None and waiter.timer.active():
@@ -166,7 +166,7 @@ class SiteRegistry:
     def sessions(self) -> list[MuxProtocol]:
         return [e.session for e in self._sites.values() if e.session is not None]
 
-    def _session_ended(self, site: str, session: MuxProtocol) -> None:
+    def _session_ended(self, reason: BaseException, site: str, session: MuxProtocol) -> None:
         entry = self._sites.get(site)
         if entry is None or entry.session is not session:
             return  # already replaced by a newer session

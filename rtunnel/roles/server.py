@@ -109,14 +109,33 @@ class TunnelConnection(Protocol):
 
     _log = Logger()
 
+    # One per connected site for the life of its session: slots, not a dictionary.
+    __slots__ = (
+        "factory",
+        "peer",
+        "inner",
+        "site",
+        "fingerprint",
+        "_held",
+        "_held_size",
+        "_timer",
+        "_lost",
+        "_handshaken",
+        "accepted_at",
+        "_preauth",
+        "_deadline",
+    )
+
     def __init__(self, factory: TunnelServerFactory, addr: IAddress | None) -> None:
         self.factory = factory
         self.peer = describe(addr)
         self.inner: Protocol | None = None
         self.site: str | None = None
         self.fingerprint: str | None = None
-        self._held: list[bytes] = []
+        #: bytes that arrived before the handshake completed (rarely any)
+        self._held: list[bytes] | None = None
         self._held_size = 0
+        self._deadline = 0.0
         self._timer: IDelayedCall | None = None
         self._lost = False
         self._handshaken = False
@@ -211,7 +230,7 @@ class TunnelConnection(Protocol):
         self._leave_preauth()
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
-        mux.when_closed().addCallback(self._session_closed, site)
+        mux.on_closed(self._session_closed, site)
 
     def _session_closed(self, reason: BaseException, site: str) -> None:
         if self.factory.stopping:
@@ -221,8 +240,8 @@ class TunnelConnection(Protocol):
     def _become(self, protocol: Protocol) -> None:
         self.inner = protocol
         protocol.makeConnection(self.transport)
-        held, self._held = self._held, []
-        for data in held:
+        held, self._held = self._held, None
+        for data in held or ():
             protocol.dataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
@@ -234,6 +253,8 @@ class TunnelConnection(Protocol):
             self._log.warn("dropping {peer}: too much data before authentication", peer=self.peer)
             self._abort()
             return
+        if self._held is None:
+            self._held = []
         self._held.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -366,6 +387,13 @@ class GatedConnection(Protocol):
     waiting room, then a pass-through to the TLS protocol built on
     admission (C{inner}). Only reads pass through it; the TLS protocol
     writes to the socket directly.
+
+    Once its slot is given back it steps aside where it can: a transport
+    that delivers to its C{protocol} attribute (Twisted's TCP connections
+    do; no interface promises it) is pointed at the TLS protocol, and this
+    object, a few hundred bytes per site, is freed. Where the attribute is
+    missing or names something else, it simply goes on passing reads
+    through.
     """
 
     __slots__ = ("gate", "addr", "accepted_at", "admitted_at", "inner", "turn", "early")
@@ -392,6 +420,12 @@ class GatedConnection(Protocol):
         inner.dataReceived(data)
         if self.turn is _Turn.HANDSHAKE:
             self.gate._release(self)
+
+    def _step_aside(self) -> None:
+        """Let the transport deliver to the TLS protocol directly (see the class doc)."""
+        transport = self.transport
+        if self.inner is not None and getattr(transport, "protocol", None) is self:
+            transport.protocol = self.inner  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         turn, self.turn = self.turn, _Turn.GONE
@@ -541,6 +575,7 @@ class AdmissionGate:
         """C{connection} gives its slot back; admit whoever is next in line."""
         if connection.turn is _Turn.HANDSHAKE:
             connection.turn = _Turn.ADMITTED
+            connection._step_aside()
         if connection in self._holders:
             del self._holders[connection]
             self.in_handshake -= 1
