@@ -36,6 +36,7 @@ from ..mux.session import MuxSession
 from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .address import describe
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
+from .wheel import KeepaliveWheel
 
 #: Called for each stream the peer opens; it must eventually call
 #: C{stream.accept(protocol)} or C{stream.refuse(code, reason)}.
@@ -136,6 +137,9 @@ class MuxProtocol(Protocol):
         waiting for the peer's) may take before the connection is aborted:
         a peer that never answers must not keep the socket. C{None}: wait
         forever.
+    @param keepalive_wheel: run the keepalive checks through this wheel,
+        shared with other sessions (a server's), instead of a timer of the
+        session's own; checks then run up to the wheel's resolution late.
     """
 
     _log = Logger()
@@ -165,6 +169,8 @@ class MuxProtocol(Protocol):
         "_last_received",
         "_ping_sent",
         "_keepalive_call",
+        "_wheel",
+        "_keepalive_slot",
         "_drain_call",
         "_draining",
         "_rotation",
@@ -186,6 +192,7 @@ class MuxProtocol(Protocol):
         label: str = "",
         flood_limits: FloodLimits | None = None,
         close_timeout: float | None = 5.0,
+        keepalive_wheel: KeepaliveWheel | None = None,
     ) -> None:
         if close_timeout is not None and not close_timeout > 0:
             raise ValueError(f"close_timeout must be positive or None, not {close_timeout!r}")
@@ -198,20 +205,26 @@ class MuxProtocol(Protocol):
         self.paused = False
         self.streams: dict[int, MuxStream] = {}
         #: streams whose producer was paused because the tunnel was
-        self._held: dict[int, MuxStream] = {}
+        self._held: dict[int, MuxStream] | None = None
         self.last_rtt: float | None = None
         self.close_reason: Failure | None = None
         #: (code, reason) of the peer's GOAWAY, once one arrived
         self.peer_goaway: tuple[int, str] | None = None
         #: called with (code, reason) when the peer starts a graceful drain.
         self.on_goaway: Callable[[int, str], None] | None = None
-        self._ready_waiters: list[defer.Deferred[MuxProtocol]] = []
+        # (made when first needed: a server keeps ten thousand sessions,
+        # most of which never use them)
+        self._ready_waiters: list[defer.Deferred[MuxProtocol]] | None = None
         #: what to call, and with what, once the connection is gone
         self._closed_waiters: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self._in_receive = False
         self._last_received = 0.0
-        self._ping_sent: dict[bytes, float] = {}
+        self._ping_sent: dict[bytes, float] | None = None
         self._keepalive_call: IDelayedCall | None = None
+        #: keepalive checks through a wheel shared with other sessions, and
+        #: the slot of ours in it
+        self._wheel = keepalive_wheel
+        self._keepalive_slot: int | None = None
         self._drain_call: IDelayedCall | None = None
         self._draining = False
         self._rotation = 0
@@ -229,6 +242,8 @@ class MuxProtocol(Protocol):
         if self._lost:
             return defer.fail(self.close_reason or CLEAN_CLOSE)
         d: defer.Deferred[MuxProtocol] = defer.Deferred()
+        if self._ready_waiters is None:
+            self._ready_waiters = []
         self._ready_waiters.append(d)
         return d
 
@@ -372,9 +387,9 @@ class MuxProtocol(Protocol):
         for stream in list(self.streams.values()):
             stream._terminate(Failure(StreamReset(ErrorCode.CONNECTION_RESET, f"tunnel lost: {why}")))
         self.streams.clear()
-        for d in self._ready_waiters:
+        ready_waiters, self._ready_waiters = self._ready_waiters, None
+        for d in ready_waiters or ():
             d.errback(reason)
-        self._ready_waiters.clear()
         waiters, self._closed_waiters = self._closed_waiters, []
         for callback, args in waiters:
             self._call_closed(callback, args, _exception_of(reason))
@@ -395,17 +410,17 @@ class MuxProtocol(Protocol):
         self.session.set_peer_reading(True)
         if self._edges.reading_paused:
             self._resume_reading()
-        held = list(self._held.values())
-        self._held.clear()
-        if not held:
+        if not self._held:
             return
+        held = list(self._held.values())
+        self._held = None
         # Rotate the starting point so the first streams do not always win.
         self._rotation = (self._rotation + 1) % len(held)
         for index, stream in enumerate(held[self._rotation :] + held[: self._rotation]):
             if self.paused:
                 # Paused again meanwhile: the rest stay held for next time.
                 for rest in (held[self._rotation :] + held[: self._rotation])[index:]:
-                    self._held[rest.stream_id] = rest
+                    self._hold(rest)
                 break
             stream._update_producer()
 
@@ -437,9 +452,12 @@ class MuxProtocol(Protocol):
         if not self.session.ready or self._lost:
             return
         opaque = self.session.ping()
-        self._ping_sent[opaque] = self.clock.seconds()
-        if len(self._ping_sent) > 16:  # unanswered pings: keep the map bounded
-            self._ping_sent.pop(next(iter(self._ping_sent)))
+        sent = self._ping_sent
+        if sent is None:
+            sent = self._ping_sent = {}
+        sent[opaque] = self.clock.seconds()
+        if len(sent) > 16:  # unanswered pings: keep the map bounded
+            sent.pop(next(iter(sent)))
         self._flush()
 
     def drain(self, grace: float, reason: str = "shutting down") -> defer.Deferred[BaseException]:
@@ -575,9 +593,17 @@ class MuxProtocol(Protocol):
         allowed, suppressed = edges.log_budget.allow(key, self.clock.seconds())
         return suppressed if allowed else None
 
+    def _hold(self, stream: MuxStream) -> None:
+        """Remember C{stream}, paused because the tunnel is: resumed with it."""
+        held = self._held
+        if held is None:
+            held = self._held = {}
+        held[stream.stream_id] = stream
+
     def _forget(self, stream: MuxStream) -> None:
         self.streams.pop(stream.stream_id, None)
-        self._held.pop(stream.stream_id, None)
+        if self._held:
+            self._held.pop(stream.stream_id, None)
         self._maybe_finish_drain()
 
     # -- events ------------------------------------------------------------
@@ -611,12 +637,12 @@ class MuxProtocol(Protocol):
             if stream is not None:
                 stream._terminate(Failure(StreamReset(event.code, event.reason)))
         elif isinstance(event, ev.PongReceived):
-            sent = self._ping_sent.pop(event.opaque, None)
+            sent = self._ping_sent.pop(event.opaque, None) if self._ping_sent else None
             if sent is not None:
                 self.last_rtt = self.clock.seconds() - sent
         elif isinstance(event, ev.SessionReady):
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
+            waiters, self._ready_waiters = self._ready_waiters, None
+            for d in waiters or ():
                 d.callback(self)
         elif isinstance(event, ev.GoAwayReceived):
             self._on_goaway(event)
@@ -777,7 +803,20 @@ class MuxProtocol(Protocol):
     def _schedule_keepalive(self) -> None:
         if self.keepalive is None or self._lost:
             return
-        self._keepalive_call = self.clock.callLater(self.keepalive.interval, self._keepalive_tick)
+        self._keepalive_after(self.keepalive.interval)
+
+    def _keepalive_after(self, delay: float) -> None:
+        if self._wheel is not None:
+            self._keepalive_slot = self._wheel.schedule(self, delay)
+        else:
+            self._keepalive_call = self.clock.callLater(delay, self._keepalive_tick)
+
+    def _keepalive_due(self, slot: int) -> None:
+        """The wheel's call: our check, unless it was cancelled meanwhile."""
+        if slot != self._keepalive_slot or self._lost:
+            return
+        self._keepalive_slot = None
+        self._keepalive_tick()
 
     def _keepalive_tick(self) -> None:
         self._keepalive_call = None
@@ -786,7 +825,7 @@ class MuxProtocol(Protocol):
             # We stopped reading (a peer that reads nothing; see
             # _pause_reading_for_replies): its silence is ours, and the
             # stall timeout decides.
-            self._keepalive_call = self.clock.callLater(self.keepalive.interval, self._keepalive_tick)
+            self._keepalive_after(self.keepalive.interval)
             return
         idle = self.clock.seconds() - self._last_received
         if idle >= self.keepalive.timeout:
@@ -803,8 +842,7 @@ class MuxProtocol(Protocol):
         if idle >= self.keepalive.interval - 1e-9:
             self.ping()
         # Check again when the timeout would expire, or at the next interval.
-        delay = min(self.keepalive.interval, max(self.keepalive.timeout - idle, 0.001))
-        self._keepalive_call = self.clock.callLater(delay, self._keepalive_tick)
+        self._keepalive_after(min(self.keepalive.interval, max(self.keepalive.timeout - idle, 0.001)))
 
     def _drain_expired(self) -> None:
         self._drain_call = None
@@ -866,6 +904,9 @@ class MuxProtocol(Protocol):
             abort_connection()
 
     def _cancel_timers(self) -> None:
+        if self._wheel is not None and self._keepalive_slot is not None:
+            self._wheel.cancel(self, self._keepalive_slot)
+            self._keepalive_slot = None
         for name in ("_keepalive_call", "_drain_call"):
             call = getattr(self, name)
             if call is not None and call.active():
