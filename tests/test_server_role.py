@@ -20,7 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtunnel.adapter import MuxProtocol, StreamOpenFailed
+from rtunnel.adapter import Keepalive, MuxProtocol, StreamOpenFailed
 from rtunnel.endpoints import published_registry
 from rtunnel.identity import certs
 from rtunnel.identity.enrollment import decode_reply
@@ -88,6 +88,33 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(server.registry.live(), [("alpha", certs.fingerprint(cert), session)])
         self.assertEqual(server.connected, [("alpha", "192.0.2.7:40123")])
         self.assertEqual((connection.site, connection.fingerprint), ("alpha", certs.fingerprint(cert)))
+
+    def test_authenticated_session_is_wired_to_tls_directly(self) -> None:
+        """
+        Once a site is authenticated the TLS protocol delivers to its
+        session directly (TunnelConnection is no longer in the way, and no
+        observer of the session keeps it alive); the session's end is still
+        counted and logged.
+        """
+        server = Server(self)
+        log = LogCapture(self)
+        key, cert = server.fixture.enroll("alpha")
+        site, connection, pump = server.dial(key, cert)
+        tls = connection.transport
+        session = server.registry.session_for("alpha")
+        assert session is not None
+        self.assertIs(tls.wrappedProtocol, session)  # type: ignore[union-attr]
+        for callback, args in session._closed_waiters:
+            self.assertIsNot(getattr(callback, "__self__", None), connection)
+            self.assertNotIn(connection, args)
+        self.assertEqual(server.factory.connections, 1)
+        site.ping()
+        pump_all(pump)
+        self.assertIsNotNone(site.last_rtt)  # answered by the session, reached directly
+        site.abort()
+        pump_all(pump)
+        self.assertEqual(server.factory.connections, 0)
+        [line] = log.lines("site alpha from 192.0.2.7:40123 disconnected")
 
     def test_registered_only_after_hello(self) -> None:
         """
@@ -181,6 +208,29 @@ class AuthenticationTests(SynchronousTestCase):
         failure = self.failureResultOf(stream.opened, StreamOpenFailed)
         self.assertEqual(failure.value.code, ErrorCode.TARGET_NOT_ALLOWED)
         self.assertTrue(site.ready)
+
+
+class KeepaliveWheelTests(SynchronousTestCase):
+    def test_sessions_share_one_keepalive_timer(self) -> None:
+        """
+        The server's sessions run their keepalive checks through the
+        factory's one wheel: three connected sites leave one timer, and a
+        site that goes silent is still dropped after the timeout (plus at
+        most the wheel's second).
+        """
+        server = Server(self, ServerPolicy(keepalive=Keepalive(25.0, 30.0), handshake_timeout=30.0))
+        dialled = []
+        for name in ("alpha", "beta", "gamma"):
+            key, cert = server.fixture.enroll(name)
+            dialled.append(server.dial(key, cert))
+        for site, _, _ in dialled:
+            self.assertTrue(site.ready)
+        self.assertEqual(len(server.factory.keepalive_wheel), 3)
+        self.assertEqual(len(server.clock.getDelayedCalls()), 1)
+        server.clock.advance(31)
+        for _, _, pump in dialled:
+            pump_all(pump)
+        self.assertEqual(server.disconnected, ["alpha", "beta", "gamma"])
 
 
 class HandshakeLimitTests(SynchronousTestCase):

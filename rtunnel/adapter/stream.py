@@ -303,7 +303,7 @@ class MuxStream:
             return
         should_pause = bool(self._outbuf) or self._mux.paused
         if self._mux.paused and not self._outbuf:
-            self._mux._held[self.stream_id] = self
+            self._mux._hold(self)
         if should_pause and not self._producer_paused:
             self._producer_paused = True
             producer.pauseProducing()

@@ -179,10 +179,10 @@ class MuxSession:
         self._goaway_received = False
         self._failed = False
         #: Opaque bytes of our PINGs not answered yet, with their counts.
-        self._pings: dict[bytes, int] = {}
+        self._pings: dict[bytes, int] | None = None  # made by the first PING (a server sends few)
         # Bandwidth-delay probing (see WindowTuning).
         self._probe: bytes | None = None
-        self._probe_sample: dict[int, int] = {}
+        self._probe_sample: dict[int, int] | None = None  # while a probe runs
         self._probe_second = False
         self._probe_wait = 0
         self._probe_gap = self.tuning.probe_gap
@@ -474,9 +474,12 @@ class MuxSession:
             opaque = os.urandom(PING_SIZE)
         if len(opaque) != PING_SIZE:
             raise MuxUsageError(f"PING carries exactly {PING_SIZE} bytes")
-        self._pings[opaque] = self._pings.get(opaque, 0) + 1
-        if len(self._pings) > _MAX_PENDING_PINGS:  # a peer that never answers
-            del self._pings[next(iter(self._pings))]
+        pings = self._pings
+        if pings is None:
+            pings = self._pings = {}
+        pings[opaque] = pings.get(opaque, 0) + 1
+        if len(pings) > _MAX_PENDING_PINGS:  # a peer that never answers
+            del pings[next(iter(pings))]
         self._queue(Ping(opaque))
         return opaque
 
@@ -675,12 +678,14 @@ class MuxSession:
                     return
                 # Only an answer to one of our PINGs is news; others are
                 # ignored, and count as useless.
-                pending = self._pings.get(frame.opaque, 0)
+                pings = self._pings
+                pending = pings.get(frame.opaque, 0) if pings else 0
                 if pending:
+                    assert pings is not None
                     if pending == 1:
-                        del self._pings[frame.opaque]
+                        del pings[frame.opaque]
                     else:
-                        self._pings[frame.opaque] = pending - 1
+                        pings[frame.opaque] = pending - 1
                     events.append(ev.PongReceived(frame.opaque))
                 else:
                     self._spend(PING)
@@ -830,6 +835,8 @@ class MuxSession:
             self._probe_second = False
             self._send_probe()
         sample = self._probe_sample
+        if sample is None:
+            sample = self._probe_sample = {}
         sample[record.stream_id] = sample.get(record.stream_id, 0) + size
 
     def _send_probe(self) -> None:
@@ -854,7 +861,7 @@ class MuxSession:
         self._probe = None
         grew = False
         tuning = self.tuning
-        for stream_id, received in self._probe_sample.items():
+        for stream_id, received in (self._probe_sample or {}).items():
             record = self._streams.get(stream_id)
             if record is None or received < record.window or record.window >= tuning.max_window:
                 continue
@@ -868,7 +875,7 @@ class MuxSession:
                 self.grow_window(stream_id, wanted)
                 self._learned_window = max(self._learned_window, wanted)
                 grew = True
-        self._probe_sample = {}
+        self._probe_sample = None
         self._probe_gap = tuning.probe_gap if grew else min(self._probe_gap * 2, tuning.probe_gap * 64)
         self._probe_wait = self._probe_gap
 

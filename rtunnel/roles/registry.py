@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from attrs import define, field
+from attrs import define
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from rtunnel.logs import Logger
@@ -54,7 +54,8 @@ class _SiteEntry:
     peer: str = ""
     fingerprint: str = ""
     since: float = 0.0
-    waiters: list[_Waiter] = field(factory=list)
+    #: opens waiting for the site (a list only while there are any: one entry per connected site)
+    waiters: list[_Waiter] | None = None
 
 
 class SiteRegistry:
@@ -127,8 +128,8 @@ class SiteRegistry:
             except Exception:
                 self._log.failure("on_connected failed for site {site}", site=site)
         session.on_closed(self._session_ended, site, session)
-        waiters, entry.waiters = entry.waiters, []
-        for waiter in waiters:
+        waiters, entry.waiters = entry.waiters, None
+        for waiter in waiters or ():
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             waiter.deferred.callback(session)
@@ -193,7 +194,7 @@ class SiteRegistry:
         if timeout <= 0:
             return defer.fail(SiteUnavailable(site, "not connected"))
         entry = self._sites.setdefault(site, _SiteEntry())
-        if len(entry.waiters) >= self.max_pending_opens:
+        if entry.waiters is not None and len(entry.waiters) >= self.max_pending_opens:
             return defer.fail(SiteUnavailable(site, f"too many clients already waiting for it ({len(entry.waiters)})"))
 
         def cancel(d: defer.Deferred[MuxProtocol]) -> None:
@@ -209,6 +210,8 @@ class SiteRegistry:
             waiter.deferred.errback(SiteUnavailable(site, f"not connected within {timeout:g}s"))
 
         waiter.timer = self.clock.callLater(timeout, expire)
+        if entry.waiters is None:
+            entry.waiters = []
         entry.waiters.append(waiter)
         return waiter.deferred
 
@@ -220,7 +223,7 @@ class SiteRegistry:
 
     @staticmethod
     def _drop_waiter(entry: _SiteEntry, waiter: _Waiter) -> None:
-        if waiter in entry.waiters:
+        if entry.waiters and waiter in entry.waiters:
             entry.waiters.remove(waiter)
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()

@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from ..adapter.address import describe
 from ..adapter.protocol import Keepalive, MuxProtocol
+from ..adapter.wheel import KeepaliveWheel
 from ..adapter.stream import MuxStream
 from ..identity.errors import PeerVerificationFailed, SiteRejected
 from ..identity.state import ServerState
@@ -124,6 +125,7 @@ class TunnelConnection(Protocol):
         "accepted_at",
         "_preauth",
         "_deadline",
+        "_counted",
     )
 
     def __init__(self, factory: TunnelServerFactory, addr: IAddress | None) -> None:
@@ -145,6 +147,8 @@ class TunnelConnection(Protocol):
         #: counted in the factory's pre-auth connections until authenticated or gone
         self._preauth = True
         factory.preauth += 1
+        #: counted in the factory's connections (until the session observer takes over)
+        self._counted = True
         factory.connections += 1
 
     def connectionMade(self) -> None:
@@ -216,6 +220,7 @@ class TunnelConnection(Protocol):
             keepalive=policy.keepalive,
             label=site,
             flood_limits=FloodLimits.for_server(),
+            keepalive_wheel=self.factory.keepalive_wheel,
         )
 
     def _authenticated(self, site: str, mux: MuxProtocol) -> None:
@@ -230,12 +235,14 @@ class TunnelConnection(Protocol):
         self._leave_preauth()
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
-        mux.on_closed(self._session_closed, site)
-
-    def _session_closed(self, reason: BaseException, site: str) -> None:
-        if self.factory.stopping:
-            return  # the server is draining every session: it logs one line for all
-        self._log.info("site {site} from {peer} disconnected: {reason}", site=site, peer=self.peer, reason=str(reason))
+        # The session's end is counted and logged without us from now on,
+        # and the TLS protocol talks to the session directly where it can:
+        # this object, a few hundred bytes, is then freed (one per site).
+        self._counted = False
+        mux.on_closed(_session_closed, self.factory, site, self.peer)
+        transport = self.transport
+        if getattr(transport, "wrappedProtocol", None) is self:
+            transport.wrappedProtocol = mux  # type: ignore[union-attr]
 
     def _become(self, protocol: Protocol) -> None:
         self.inner = protocol
@@ -258,7 +265,8 @@ class TunnelConnection(Protocol):
         self._held.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self._lost:
+        if self._counted:
+            self._counted = False
             self.factory.connections -= 1
         self._lost = True
         self._cancel_timer()
@@ -333,6 +341,14 @@ class TunnelConnection(Protocol):
         self._timer = None
 
 
+def _session_closed(reason: BaseException, factory: TunnelServerFactory, site: str, peer: str) -> None:
+    """The end of an authenticated session: counted, and logged unless the server is stopping."""
+    factory.connections -= 1
+    if factory.stopping:
+        return  # the server is draining every session: it logs one line for all
+    TunnelConnection._log.info("site {site} from {peer} disconnected: {reason}", site=site, peer=peer, reason=str(reason))
+
+
 def _ssl_reason(error: SSL.Error) -> str:
     """OpenSSL's reason strings out of the nested list pyOpenSSL gives."""
     reasons = [str(item[2]) for item in (error.args[0] if error.args and isinstance(error.args[0], list) else []) if len(item) > 2]
@@ -365,6 +381,8 @@ class TunnelServerFactory(Factory):
         self.connections = 0
         #: the server is shutting down: sessions end without a line each
         self.stopping = False
+        #: one timer for the keepalive checks of every session (see KeepaliveWheel)
+        self.keepalive_wheel = KeepaliveWheel(clock)
         #: one budget for the lines any client can cause (refused handshakes, timeouts)
         self.log_budget = LogBudget(rate=0.2, burst=5)
 
