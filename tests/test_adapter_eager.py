@@ -133,6 +133,28 @@ class EagerWriteTests(unittest.TestCase):
         self.assertEqual(sink.received, 4)
 
     @defer.inlineCallbacks
+    def test_later_attributes_are_set_at_once_in_one_order(self):  # type: ignore[no-untyped-def]
+        """
+        The attributes Twisted sets on a connection only later (producer,
+        write buffer, closing flags) are set when it is switched, in one
+        order for every connection, to the values they read anyway: what
+        the connection does first no longer decides the order of its
+        attribute dictionary (CPython shares the names only while it is
+        the same), and nothing it reads changes.
+        """
+        from rtunnel.adapter.eager import _SET_LATER
+
+        held, _ = yield self.connect()
+        transport = held.transport
+        names = [name for name in vars(transport) if name in _SET_LATER]
+        self.assertEqual(names, [name for name in _SET_LATER if hasattr(type(transport), name)])
+        for name in names:
+            if name != "bufferSize":
+                self.assertEqual(getattr(transport, name), getattr(type(transport), name), name)
+        self.assertIsNone(transport.producer)
+        self.assertEqual((transport.dataBuffer, transport.offset, transport.disconnecting), (b"", 0, 0))
+
+    @defer.inlineCallbacks
     def test_client_transport(self):  # type: ignore[no-untyped-def]
         """Outgoing connections switch too, and behave the same."""
         from twisted.internet import reactor
