@@ -104,7 +104,7 @@ class AuthenticationTests(SynchronousTestCase):
         session = server.registry.session_for("alpha")
         assert session is not None
         self.assertIs(tls.wrappedProtocol, session)  # type: ignore[union-attr]
-        for callback, args in session._closed_waiters:
+        for callback, *args in session._closed_waiters:
             self.assertIsNot(getattr(callback, "__self__", None), connection)
             self.assertNotIn(connection, args)
         self.assertEqual(server.factory.connections, 1)

@@ -18,7 +18,7 @@ rule cannot deadlock two ends).
 
 from __future__ import annotations
 
-from typing import Callable, cast
+from typing import Callable, Unpack, cast
 
 from attrs import define, field, frozen, validators
 from twisted.internet import defer
@@ -216,7 +216,8 @@ class MuxProtocol(Protocol):
         # most of which never use them)
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] | None = None
         #: what to call, and with what, once the connection is gone
-        self._closed_waiters: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        # (callback, *args) in one tuple: a server keeps two per session
+        self._closed_waiters: list[tuple[Callable[..., object], Unpack[tuple[object, ...]]]] = []
         self._in_receive = False
         self._last_received = 0.0
         self._ping_sent: dict[bytes, float] | None = None
@@ -255,7 +256,7 @@ class MuxProtocol(Protocol):
         if self._lost:
             return defer.succeed(_exception_of(self.close_reason or CLEAN_CLOSE))
         d: defer.Deferred[BaseException] = defer.Deferred()
-        self._closed_waiters.append((d.callback, ()))
+        self._closed_waiters.append((d.callback,))
         return d
 
     def on_closed(self, callback: Callable[..., object], *args: object) -> None:
@@ -271,7 +272,7 @@ class MuxProtocol(Protocol):
         if self._lost:
             self._call_closed(callback, args, _exception_of(self.close_reason or CLEAN_CLOSE))
         else:
-            self._closed_waiters.append((callback, args))
+            self._closed_waiters.append((callback, *args))
 
     def _call_closed(self, callback: Callable[..., object], args: tuple[object, ...], reason: BaseException) -> None:
         try:
@@ -391,8 +392,8 @@ class MuxProtocol(Protocol):
         for d in ready_waiters or ():
             d.errback(reason)
         waiters, self._closed_waiters = self._closed_waiters, []
-        for callback, args in waiters:
-            self._call_closed(callback, args, _exception_of(reason))
+        for callback, *args in waiters:
+            self._call_closed(callback, tuple(args), _exception_of(reason))
 
     # -- IPushProducer: our transport's buffer filled or drained ------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from attrs import define
 
 from .events import FloodDetected
-from .settings import Allowance, FloodLimits
+from .settings import FloodLimits
 
 #: The kinds of useless frames, as they read in a log line.
 PING = "PING"
