@@ -40,8 +40,10 @@ from .roles.target import Target, TargetConnector, tcp_endpoints
 DEFAULT_LISTEN = "tcp:5500"
 #: Listen backlog of the tunnel port unless its endpoint description sets
 #: one. Twisted's default of 50 overflowed when a thousand sites came back
-#: after a restart (384 SYNs dropped, each a one-second stall or worse).
-TUNNEL_BACKLOG = 1024
+#: after a restart (384 SYNs dropped, each a one-second stall or worse); at
+#: 10,000 sites a queue of 1,024 still dropped tens of thousands of SYNs.
+#: Linux silently caps it at net.core.somaxconn (4,096 by default since 5.4).
+TUNNEL_BACKLOG = 4096
 _LOOPBACK = ("127.", "::1", "localhost")
 
 

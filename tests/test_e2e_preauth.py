@@ -141,7 +141,7 @@ def test_a_flood_of_silent_clients_cannot_starve_sites_or_forwards(world):
     d, _, forward = world
     output = d.server.output()
     assert f"file descriptor limit {NOFILE}" in output
-    assert "--max-preauth 1024 lowered" in output
+    assert "--max-preauth 4096 lowered" in output
     held = [c for c in (SilentClient.connect(d.server_port) for _ in range(110)) if c is not None]
     try:
         assert 0 < len(held) <= (NOFILE - 32) // 4, len(held)

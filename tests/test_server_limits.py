@@ -29,16 +29,16 @@ class Events:
 class BacklogTests(SynchronousTestCase):
     def test_backlog_added_to_tcp_descriptions(self) -> None:
         """
-        The tunnel listener gets a backlog of 1,024 unless its description
+        The tunnel listener gets a backlog of 4,096 unless its description
         sets one: Twisted's default of 50 drops SYNs when many sites return
         at once.
         """
-        self.assertEqual(TUNNEL_BACKLOG, 1024)
-        self.assertEqual(with_backlog("tcp:5500"), "tcp:5500:backlog=1024")
+        self.assertEqual(TUNNEL_BACKLOG, 4096)
+        self.assertEqual(with_backlog("tcp:5500"), "tcp:5500:backlog=4096")
         self.assertEqual(
-            with_backlog("tcp6:5500:interface=\\:\\:1"), "tcp6:5500:interface=\\:\\:1:backlog=1024"
+            with_backlog("tcp6:5500:interface=\\:\\:1"), "tcp6:5500:interface=\\:\\:1:backlog=4096"
         )
-        self.assertEqual(with_backlog("TCP:5500:interface=127.0.0.1"), "TCP:5500:interface=127.0.0.1:backlog=1024")
+        self.assertEqual(with_backlog("TCP:5500:interface=127.0.0.1"), "TCP:5500:interface=127.0.0.1:backlog=4096")
 
     def test_backlog_given_is_kept(self) -> None:
         """An explicit backlog, or an endpoint type without one, is left alone."""

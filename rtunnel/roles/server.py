@@ -82,7 +82,9 @@ class ServerPolicy:
         that may exist at once, those waiting for a handshake slot included;
         more are closed at accept. Sites reconnecting after a restart are
         pre-auth for one handshake (about a millisecond of server CPU each),
-        so this bounds a burst, not the fleet.
+        so this bounds a burst, not the fleet. A waiting connection costs a
+        descriptor and a small object (no TLS state), so the cap is set for
+        a fleet's reconnect storm; the descriptor limit caps it further.
     @ivar max_handshakes: TLS handshakes worked on at once; further
         connections wait their turn, unread (L{AdmissionGate}).
     """
@@ -92,7 +94,7 @@ class ServerPolicy:
     keepalive: Keepalive | None = SERVER_KEEPALIVE
     handshake_timeout: float = 30.0
     max_preauth_bytes: int = 256 * 1024
-    max_preauth: int = 1024
+    max_preauth: int = 4096
     max_handshakes: int = 16
 
 
