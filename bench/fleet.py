@@ -114,8 +114,9 @@ def pct(values: list[float], p: float) -> float:
 def listen_counters() -> dict[str, int] | None:
     """TcpExtListenDrops/Overflows now (nstat, absolute, history untouched); None if unavailable."""
     try:
-        out = subprocess.run(["nstat", "-saz", "TcpExtListenDrops", "TcpExtListenOverflows"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nstat", "-saz", "TcpExtListenDrops", "TcpExtListenOverflows"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     vals = {}
@@ -213,8 +214,14 @@ def end_process(p: subprocess.Popen, timeout: float = 10.0) -> None:
 class Server:
     """``twistd -n rtunnel-server`` on 127.0.0.1, restartable on the same state and ports."""
 
-    def __init__(self, workdir: Path, forwards: list[tuple[int, str]], backlog: int | None,
-                 probe: str = "off", extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        forwards: list[tuple[int, str]],
+        backlog: int | None,
+        probe: str = "off",
+        extra: list[str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.extra = list(extra or [])
         self.probe = probe
@@ -229,8 +236,20 @@ class Server:
         listen = f"tcp:{self.port}:interface=127.0.0.1" + (f":backlog={self.backlog}" if self.backlog else "")
         # --probe: the same twistd run() from bench/fleet_probe.py, which adds a SIGUSR2 memory dump
         launcher = [str(REPO / "bench" / "fleet_probe.py")] if self.probe != "off" else ["-c", TWISTD]
-        argv = [PYTHON, *launcher, "-n", "--pidfile=", f"--logfile={self.workdir / 'server.log'}",
-                "rtunnel-server", "--state", str(self.state), "--listen", listen, "--public-address", "127.0.0.1"]
+        argv = [
+            PYTHON,
+            *launcher,
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.workdir / 'server.log'}",
+            "rtunnel-server",
+            "--state",
+            str(self.state),
+            "--listen",
+            listen,
+            "--public-address",
+            "127.0.0.1",
+        ]
         for port, site in self.forwards:
             argv += ["--forward", f"127.0.0.1:{port}:{site}:echo:7"]
         return argv + self.extra
@@ -243,8 +262,9 @@ class Server:
         if self.probe == "tracemalloc":
             env["PYTHONTRACEMALLOC"] = "1"
         with open(self.workdir / "server.stderr", "ab") as err:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=REPO, start_new_session=True
+            )
         _started.append(self.proc)
 
     def wait_listening(self, timeout: float = 60.0) -> float:
@@ -256,8 +276,10 @@ class Server:
             if all(listening(p) for p in ports):
                 return time.monotonic()
             if self.proc.poll() is not None:
-                raise MeasureError(f"server exited with {self.proc.returncode}: "
-                                   f"{tail(self.workdir / 'server.stderr')} {tail(self.workdir / 'server.log')}")
+                raise MeasureError(
+                    f"server exited with {self.proc.returncode}: "
+                    f"{tail(self.workdir / 'server.stderr')} {tail(self.workdir / 'server.log')}"
+                )
             if time.monotonic() > deadline:
                 raise MeasureError(f"server not listening after {timeout:.0f} s")
             time.sleep(0.01)
@@ -301,11 +323,22 @@ class Driver:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(workdir / f"driver-{index}.stderr", "ab") as err:
             self.proc = subprocess.Popen(
-                (["nice", "-n", str(nice)] if nice else []) +
-                [PYTHON, str(REPO / "bench" / "fleet_driver.py"), "--config", str(cfg),
-                 "--log", str(workdir / f"driver-{index}.log")],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO,
-                start_new_session=True)
+                (["nice", "-n", str(nice)] if nice else [])
+                + [
+                    PYTHON,
+                    str(REPO / "bench" / "fleet_driver.py"),
+                    "--config",
+                    str(cfg),
+                    "--log",
+                    str(workdir / f"driver-{index}.log"),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
         _started.append(self.proc)
         self.buf = b""
         self.workdir = workdir
@@ -332,8 +365,10 @@ class Driver:
                 if binary is not None:  # what was it doing? (diagnosis only)
                     with open(where, "ab") as f:
                         subprocess.run([binary, "dump", "--pid", str(self.proc.pid)], stdout=f, stderr=f, timeout=60)
-                raise MeasureError(f"driver {self.index}: no answer within {timeout:.0f} s"
-                                   + (f" (py-spy dump in {where.name})" if binary else ""))
+                raise MeasureError(
+                    f"driver {self.index}: no answer within {timeout:.0f} s"
+                    + (f" (py-spy dump in {where.name})" if binary else "")
+                )
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise MeasureError(f"driver {self.index} exited (rc {self.proc.wait(5)}): {tail(self.stderr)}")
@@ -421,9 +456,17 @@ def create_keyfiles(server_state: Path, names: list[str], outdir: Path, address:
         for name in names:
             now = dt.datetime.now(UTC).replace(microsecond=0)  # whole seconds, as the CLI
             token = state.store.create_token(name, expires, now)
-            write_keyfile(outdir / f"{name}.rtkey", Keyfile(
-                site=name, addresses=(address,), server_name=host, ca_certificate_pem=ca_pem,
-                token=token, expires=now + expires))
+            write_keyfile(
+                outdir / f"{name}.rtkey",
+                Keyfile(
+                    site=name,
+                    addresses=(address,),
+                    server_name=host,
+                    ca_certificate_pem=ca_pem,
+                    token=token,
+                    expires=now + expires,
+                ),
+            )
     finally:
         state.close()
     return time.monotonic() - t0
@@ -462,8 +505,9 @@ class Fleet:
             raise MeasureError(f"{sum(s['fatal'] for s in sts)} sites failed fatally, first: {fatal[0]}")
         return sts
 
-    def wait_all_up(self, since: float, timeout: float, what: str, key: str = "up_since",
-                    timeline: list[list[float]] | None = None) -> list[dict[str, Any]]:
+    def wait_all_up(
+        self, since: float, timeout: float, what: str, key: str = "up_since", timeline: list[list[float]] | None = None
+    ) -> list[dict[str, Any]]:
         """Poll the drivers (each at most 10 times a second) until all N sites have a
         session begun at or after ``since``; return their last status replies.
 
@@ -511,8 +555,9 @@ class Fleet:
             if now > deadline:
                 raise MeasureError(f"{what}: {count} of {self.n} sites after {timeout:.0f} s")
             if self.server is not None and not self.server.alive():
-                raise MeasureError(f"{what}: server exited ({self.server.proc.returncode}): "
-                                   f"{tail(self.workdir / 'server.log')}")
+                raise MeasureError(
+                    f"{what}: server exited ({self.server.proc.returncode}): {tail(self.workdir / 'server.log')}"
+                )
             if now - last_log > 10:
                 log(f"  {what}: {count:,}/{self.n:,} after {now - since:.0f} s")
                 last_log = now
@@ -554,11 +599,17 @@ class Fleet:
             time.sleep(0.1)
         data = json.loads(out.read_text())
         self.res["probes"][label] = data
-        log(f"  probe {label}: RSS {data['rss_kib'] / 1024:.1f} MiB, {data['gc_objects']:,} gc objects, "
+        log(
+            f"  probe {label}: RSS {data['rss_kib'] / 1024:.1f} MiB, {data['gc_objects']:,} gc objects, "
             f"{data['allocated_blocks']:,} pymalloc blocks"
             + (f", traced {data['traced_bytes'] / 2**20:.1f} MiB" if "traced_bytes" in data else "")
-            + (f", malloc_trim {data['trim'][0] / 1024:.1f} -> {data['trim'][1] / 1024:.1f} MiB" if "trim" in data else "")
-            + f" ({data['probe_s']:.1f} s)")
+            + (
+                f", malloc_trim {data['trim'][0] / 1024:.1f} -> {data['trim'][1] / 1024:.1f} MiB"
+                if "trim" in data
+                else ""
+            )
+            + f" ({data['probe_s']:.1f} s)"
+        )
 
     def spy(self, label: str, pid: int, rate: int = 100) -> None:
         """With --pyspy: start sampling ``pid`` until ``unspy``."""
@@ -595,10 +646,17 @@ class Fleet:
         k = max(1, min(self.args.forwards, self.n))
         # forward k leads to a site in the middle of driver k's share (spread over drivers)
         per = -(-self.n // self.args.drivers)
-        fwd_sites = [self.names[min(self.n - 1, (i % self.args.drivers) * per + per // 2 + i // self.args.drivers)]
-                     for i in range(k)]
-        self.server = Server(self.workdir, [(free_port(), s) for s in fwd_sites], self.args.backlog, self.args.probe,
-                             self.args.server_arg)
+        fwd_sites = [
+            self.names[min(self.n - 1, (i % self.args.drivers) * per + per // 2 + i // self.args.drivers)]
+            for i in range(k)
+        ]
+        self.server = Server(
+            self.workdir,
+            [(free_port(), s) for s in fwd_sites],
+            self.args.backlog,
+            self.args.probe,
+            self.args.server_arg,
+        )
         try:
             self.phase_zero()
             self.phase_keyfiles()
@@ -637,23 +695,28 @@ class Fleet:
         self.res["rss0_kib"] = self.rss_kib()
         self.res["cpu0_pct"] = 100 * (c1 - c0) / (t1 - t0)
         self.probe("zero")
-        log(f"N={self.n:,}: server pid {s.pid} on 127.0.0.1:{s.port} (accept backlog {self.res['tunnel_backlog']}); "
-            f"RSS with 0 sites {self.res['rss0_kib'] / 1024:.1f} MiB, CPU {self.res['cpu0_pct']:.2f} %")
+        log(
+            f"N={self.n:,}: server pid {s.pid} on 127.0.0.1:{s.port} (accept backlog {self.res['tunnel_backlog']}); "
+            f"RSS with 0 sites {self.res['rss0_kib'] / 1024:.1f} MiB, CPU {self.res['cpu0_pct']:.2f} %"
+        )
 
     def phase_keyfiles(self) -> None:
         assert self.server is not None
-        secs = create_keyfiles(self.server.state, self.names, self.workdir / "keyfiles",
-                               f"127.0.0.1:{self.server.port}")
+        secs = create_keyfiles(
+            self.server.state, self.names, self.workdir / "keyfiles", f"127.0.0.1:{self.server.port}"
+        )
         self.res["keyfiles_s"] = secs
         log(f"  {self.n:,} tokens + keyfiles in-process: {secs:.1f} s ({self.n / secs:,.0f}/s)")
 
     def start_drivers(self) -> None:
         d = self.args.drivers
-        shares = [self.names[i * len(self.names) // d:(i + 1) * len(self.names) // d] for i in range(d)]
+        shares = [self.names[i * len(self.names) // d : (i + 1) * len(self.names) // d] for i in range(d)]
         t0 = time.monotonic()
         for i, share in enumerate(shares):
-            sites = [[name, str(self.workdir / "sites" / name), str(self.workdir / "keyfiles" / f"{name}.rtkey")]
-                     for name in share]
+            sites = [
+                [name, str(self.workdir / "sites" / name), str(self.workdir / "keyfiles" / f"{name}.rtkey")]
+                for name in share
+            ]
             self.drivers.append(Driver(i, self.workdir, sites, self.args.nice))
         for drv in self.drivers:
             ready = drv.read(300)
@@ -696,9 +759,11 @@ class Fleet:
         }
         ph["server_ms_per_site"] = 1000 * ph["server_cpu_s"] / self.n
         self.res["phases"]["enroll"] = ph
-        log(f"  enrollment: all {self.n:,} enrolled in {last_enrolled:.1f} s ({ph['enroll_per_s']:,.0f}/s), "
+        log(
+            f"  enrollment: all {self.n:,} enrolled in {last_enrolled:.1f} s ({ph['enroll_per_s']:,.0f}/s), "
             f"all connected in {last_up:.1f} s; server CPU {ph['server_cpu_s']:.1f} s "
-            f"({ph['server_ms_per_site']:.2f} ms/site), drivers {ph['drivers_cpu_s']:.1f} s; listen {ph['listen']}")
+            f"({ph['server_ms_per_site']:.2f} ms/site), drivers {ph['drivers_cpu_s']:.1f} s; listen {ph['listen']}"
+        )
 
     def phase_idle(self, name: str) -> None:
         """Settle, then the idle window: nothing is asked of the drivers during it."""
@@ -739,9 +804,11 @@ class Fleet:
         }
         self.res["phases"][name] = ph
         self.probe(name, trim=name == "idle_steady")
-        log(f"  {name}: server CPU {ph['server_cpu_pct']:.2f} % of a core over {ph['window_s']:.0f} s "
+        log(
+            f"  {name}: server CPU {ph['server_cpu_pct']:.2f} % of a core over {ph['window_s']:.0f} s "
             f"(drivers {ph['drivers_cpu_pct']:.1f} %); RSS {rss_b / 1024:.1f} MiB = "
-            f"{ph['kib_per_site']:.1f} KiB/site; {ph['new_sessions']} new sessions meanwhile")
+            f"{ph['kib_per_site']:.1f} KiB/site; {ph['new_sessions']} new sessions meanwhile"
+        )
 
     def phase_restart(self, name: str, sig: int) -> None:
         s = self.server
@@ -780,10 +847,12 @@ class Fleet:
         }
         ph["all_back_after_listen_s"] = ph["all_back_s"] - ph["listening_s"]
         self.res["phases"][name] = ph
-        log(f"  {name}: server gone after {ph['exit_s']:.2f} s (status {rc}), listening again at "
+        log(
+            f"  {name}: server gone after {ph['exit_s']:.2f} s (status {rc}), listening again at "
             f"{ph['listening_s']:.2f} s, all {self.n:,} back at {ph['all_back_s']:.2f} s "
             f"(p50 {ph['back_spread'].get('p50', 0):.2f} s); new server CPU {ph['server_cpu_s']:.1f} s; "
-            f"listen {ph['listen']}")
+            f"listen {ph['listen']}"
+        )
 
     def phase_echo(self) -> None:
         s = self.server
@@ -839,9 +908,11 @@ class Fleet:
         self.res["phases"]["echo"] = ph
         if not lat:
             raise MeasureError(f"echo: no successful connection ({errors[:1]})")
-        log(f"  echo: {len(lat):,} sequential connect+64 B echo+close over {len(ports)} forwards: "
+        log(
+            f"  echo: {len(lat):,} sequential connect+64 B echo+close over {len(ports)} forwards: "
             f"p50 {ph['p50_ms']:.2f} ms, p99 {ph['p99_ms']:.2f} ms, max {ph['max_ms']:.1f} ms; "
-            f"{len(errors)} errors")
+            f"{len(errors)} errors"
+        )
 
 
 # ------------------------------------------------------------------ report
@@ -849,8 +920,11 @@ def machine_info(args: argparse.Namespace) -> dict[str, str]:
     info: dict[str, str] = {}
     cpu = "?"
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     info["CPU"] = f"{cpu}, {os.cpu_count()} cores"
@@ -862,24 +936,32 @@ def machine_info(args: argparse.Namespace) -> dict[str, str]:
     info["kernel / Python"] = f"Linux {platform.release()} / {platform.python_version()}"
     try:
         import OpenSSL
-        import twisted
         from OpenSSL import SSL
 
-        info["Twisted / pyOpenSSL / OpenSSL"] = (f"{twisted.__version__} / {OpenSSL.__version__} / "
-                                                 f"{SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}")
+        import twisted
+
+        info["Twisted / pyOpenSSL / OpenSSL"] = (
+            f"{twisted.__version__} / {OpenSSL.__version__} / {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}"
+        )
     except ImportError:
         pass
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rtunnel", "twisted"],
-                           capture_output=True, text=True).stdout.split("\n")
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "rtunnel", "twisted"], capture_output=True, text=True
+    ).stdout.split("\n")
     dirty = [ln[3:] for ln in dirty if ln.strip()]
     info["rtunnel"] = f"commit {head.stdout.strip() or '?'}" + (
-        f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
-    info["network"] = ("own network namespace (loopback only; listen counters and ports are the benchmark's alone)"
-                       if os.environ.get(NETNS_ENV) else
-                       "host network namespace (listen counters are system-wide: other programs' drops count too)")
-    info["sysctls"] = (f"somaxconn {sysctl('net.core.somaxconn')}, tcp_max_syn_backlog "
-                       f"{sysctl('net.ipv4.tcp_max_syn_backlog')}, tcp_syncookies {sysctl('net.ipv4.tcp_syncookies')}")
+        f", with uncommitted changes in {', '.join(dirty)}" if dirty else ""
+    )
+    info["network"] = (
+        "own network namespace (loopback only; listen counters and ports are the benchmark's alone)"
+        if os.environ.get(NETNS_ENV)
+        else "host network namespace (listen counters are system-wide: other programs' drops count too)"
+    )
+    info["sysctls"] = (
+        f"somaxconn {sysctl('net.core.somaxconn')}, tcp_max_syn_backlog "
+        f"{sysctl('net.ipv4.tcp_max_syn_backlog')}, tcp_syncookies {sysctl('net.ipv4.tcp_syncookies')}"
+    )
     info["open files limit"] = " / ".join(str(x) for x in resource.getrlimit(resource.RLIMIT_NOFILE)) + " (soft / hard)"
     return info
 
@@ -936,8 +1018,11 @@ def timeline_rows(timeline: list[list[float]], label: str) -> list[str]:
         srv.append(f"{100 * (row[2] - prev[2]) / span:.0f}")
         drv.append(f"{100 * (row[3] - prev[3]) / span:.0f}")
         prev = row
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
-        "| " + " | ".join(r) + " |" for r in (up, srv, drv)] + [""]
+    return (
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        + ["| " + " | ".join(r) + " |" for r in (up, srv, drv)]
+        + [""]
+    )
 
 
 def event_lines(events: dict[str, int] | None, who: str, top: int = 6) -> list[str]:
@@ -949,11 +1034,22 @@ def event_lines(events: dict[str, int] | None, who: str, top: int = 6) -> list[s
     return out
 
 
-def report(results: list[dict[str, Any]], failures: dict[int, str], info: dict[str, str], mode: str,
-           plan: dict[str, Any], args: argparse.Namespace, elapsed: float) -> str:
+def report(
+    results: list[dict[str, Any]],
+    failures: dict[int, str],
+    info: dict[str, str],
+    mode: str,
+    plan: dict[str, Any],
+    args: argparse.Namespace,
+    elapsed: float,
+) -> str:
     out = [f"# rtunnel fleet benchmark ({mode} run, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')})", ""]
     out += [f"- **{k}**: {v}" for k, v in info.items()]
-    backlog = f"`backlog={args.backlog}` in `--listen`" if args.backlog else "as the server sets it (no `backlog=` in `--listen`)"
+    backlog = (
+        f"`backlog={args.backlog}` in `--listen`"
+        if args.backlog
+        else "as the server sets it (no `backlog=` in `--listen`)"
+    )
     out += [
         f"- **settings**: {args.drivers} driver processes (epoll reactor, sites split evenly); "
         f"{args.forwards} forwards to {args.forwards} sites; default keepalive ({KEEPALIVE_S:.0f} s); "
@@ -980,30 +1076,73 @@ def report(results: list[dict[str, Any]], failures: dict[int, str], info: dict[s
         return f1(x, unit, digits), x
 
     metrics = [
-        ("server RSS per idle site, steady state (after the kill -9 restart)", "≤ 48 KiB", "kib_site",
-         lambda n: v(ph(n, "idle_steady")["kib_per_site"], " KiB")),
-        ("server RSS per idle site, after enrollment (same process)", "≤ 48 KiB", "kib_site",
-         lambda n: v(ph(n, "idle_after_enroll")["kib_per_site"], " KiB")),
-        ("server CPU at idle, steady state", "≤ 10 % of a core", "cpu_idle_pct",
-         lambda n: v(ph(n, "idle_steady")["server_cpu_pct"], " %", 2)),
-        ("server CPU at idle, after enrollment", "≤ 10 % of a core", "cpu_idle_pct",
-         lambda n: v(ph(n, "idle_after_enroll")["server_cpu_pct"], " %", 2)),
-        ("all sites back after kill -9 + restart (from the kill)", "≤ 30 s", "back_s",
-         lambda n: v(ph(n, "kill9")["all_back_s"], " s", 2)),
-        ("listen drops / overflows during kill -9 + restart", "0", "drops",
-         lambda n: (drops_text(ph(n, "kill9")["listen"]), (ph(n, "kill9")["listen"] or {}).get("ListenDrops"))),
-        ("all sites back after SIGTERM + restart (from the signal)", "≤ 30 s", "back_s",
-         lambda n: v(ph(n, "sigterm")["all_back_s"], " s", 2)),
-        ("listen drops / overflows during SIGTERM + restart", "0", "drops",
-         lambda n: (drops_text(ph(n, "sigterm")["listen"]), (ph(n, "sigterm")["listen"] or {}).get("ListenDrops"))),
-        ("connect + 64 B echo + close through a forward, p50", "–", None,
-         lambda n: v(ph(n, "echo")["p50_ms"], " ms", 2)),
-        ("connect + 64 B echo + close through a forward, p99", "≤ 5 ms", "echo_p99_ms",
-         lambda n: v(ph(n, "echo")["p99_ms"], " ms", 2)),
-        ("enrollments per second (all N at once)", "–", None,
-         lambda n: v(ph(n, "enroll")["enroll_per_s"], "/s", 0)),
-        ("listen drops / overflows during enrollment", "–", None,
-         lambda n: (drops_text(ph(n, "enroll")["listen"]), None)),
+        (
+            "server RSS per idle site, steady state (after the kill -9 restart)",
+            "≤ 48 KiB",
+            "kib_site",
+            lambda n: v(ph(n, "idle_steady")["kib_per_site"], " KiB"),
+        ),
+        (
+            "server RSS per idle site, after enrollment (same process)",
+            "≤ 48 KiB",
+            "kib_site",
+            lambda n: v(ph(n, "idle_after_enroll")["kib_per_site"], " KiB"),
+        ),
+        (
+            "server CPU at idle, steady state",
+            "≤ 10 % of a core",
+            "cpu_idle_pct",
+            lambda n: v(ph(n, "idle_steady")["server_cpu_pct"], " %", 2),
+        ),
+        (
+            "server CPU at idle, after enrollment",
+            "≤ 10 % of a core",
+            "cpu_idle_pct",
+            lambda n: v(ph(n, "idle_after_enroll")["server_cpu_pct"], " %", 2),
+        ),
+        (
+            "all sites back after kill -9 + restart (from the kill)",
+            "≤ 30 s",
+            "back_s",
+            lambda n: v(ph(n, "kill9")["all_back_s"], " s", 2),
+        ),
+        (
+            "listen drops / overflows during kill -9 + restart",
+            "0",
+            "drops",
+            lambda n: (drops_text(ph(n, "kill9")["listen"]), (ph(n, "kill9")["listen"] or {}).get("ListenDrops")),
+        ),
+        (
+            "all sites back after SIGTERM + restart (from the signal)",
+            "≤ 30 s",
+            "back_s",
+            lambda n: v(ph(n, "sigterm")["all_back_s"], " s", 2),
+        ),
+        (
+            "listen drops / overflows during SIGTERM + restart",
+            "0",
+            "drops",
+            lambda n: (drops_text(ph(n, "sigterm")["listen"]), (ph(n, "sigterm")["listen"] or {}).get("ListenDrops")),
+        ),
+        (
+            "connect + 64 B echo + close through a forward, p50",
+            "–",
+            None,
+            lambda n: v(ph(n, "echo")["p50_ms"], " ms", 2),
+        ),
+        (
+            "connect + 64 B echo + close through a forward, p99",
+            "≤ 5 ms",
+            "echo_p99_ms",
+            lambda n: v(ph(n, "echo")["p99_ms"], " ms", 2),
+        ),
+        ("enrollments per second (all N at once)", "–", None, lambda n: v(ph(n, "enroll")["enroll_per_s"], "/s", 0)),
+        (
+            "listen drops / overflows during enrollment",
+            "–",
+            None,
+            lambda n: (drops_text(ph(n, "enroll")["listen"]), None),
+        ),
     ]
     head = ["metric", "target (N = 10,000)"] + [f"N = {n:,}" for n in ns] + ["met at N = 10,000?"]
     out += ["## Against the targets", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1023,55 +1162,72 @@ def report(results: list[dict[str, Any]], failures: dict[int, str], info: dict[s
     for n in ns:
         r = by_n[n]
         out += [f"### N = {n:,}", ""]
-        out.append(f"- Server with 0 sites: RSS {r['rss0_kib'] / 1024:.1f} MiB, CPU {r['cpu0_pct']:.2f} % of a core; "
-                   f"accept backlog of the tunnel listener {r.get('tunnel_backlog')} (forwards "
-                   f"{r.get('forward_backlog')}), read with `ss -ltn`.")
-        out.append(f"- {n:,} tokens + keyfiles in-process (the library calls of `rtunnel keyfile create`): "
-                   f"{r['keyfiles_s']:.1f} s ({n / r['keyfiles_s']:,.0f}/s).")
+        out.append(
+            f"- Server with 0 sites: RSS {r['rss0_kib'] / 1024:.1f} MiB, CPU {r['cpu0_pct']:.2f} % of a core; "
+            f"accept backlog of the tunnel listener {r.get('tunnel_backlog')} (forwards "
+            f"{r.get('forward_backlog')}), read with `ss -ltn`."
+        )
+        out.append(
+            f"- {n:,} tokens + keyfiles in-process (the library calls of `rtunnel keyfile create`): "
+            f"{r['keyfiles_s']:.1f} s ({n / r['keyfiles_s']:,.0f}/s)."
+        )
         e = ph(n, "enroll")
         if e:
             es, us = e["enrolled_spread"], e["up_spread"]
-            out.append(f"- Enrollment, all {n:,} sites started at once: all enrolled after {e['all_enrolled_s']:.1f} s "
-                       f"({e['enroll_per_s']:,.0f}/s; per site p50 {es['p50']:.1f} s, p90 {es['p90']:.1f} s), all "
-                       f"connected with mutual TLS after {e['all_up_s']:.1f} s (p50 {us['p50']:.1f} s); server CPU "
-                       f"{e['server_cpu_s']:.1f} s ({e['server_ms_per_site']:.2f} ms per site, enrollment + first "
-                       f"session), drivers {e['drivers_cpu_s']:.1f} s; listen drops / overflows "
-                       f"{drops_text(e['listen'])}.")
+            out.append(
+                f"- Enrollment, all {n:,} sites started at once: all enrolled after {e['all_enrolled_s']:.1f} s "
+                f"({e['enroll_per_s']:,.0f}/s; per site p50 {es['p50']:.1f} s, p90 {es['p90']:.1f} s), all "
+                f"connected with mutual TLS after {e['all_up_s']:.1f} s (p50 {us['p50']:.1f} s); server CPU "
+                f"{e['server_cpu_s']:.1f} s ({e['server_ms_per_site']:.2f} ms per site, enrollment + first "
+                f"session), drivers {e['drivers_cpu_s']:.1f} s; listen drops / overflows "
+                f"{drops_text(e['listen'])}."
+            )
             out += event_lines(e.get("site_events"), "logged by the sites")
             out += event_lines(e.get("server_events"), "logged by the server")
             out += [""] + timeline_rows(e.get("timeline", []), "s after start")
         for name, label in (("idle_after_enroll", "Idle after enrollment"), ("idle_steady", "Idle, steady state")):
             i = ph(n, name)
             if i:
-                out.append(f"- {label} (after {i['settle_s']:.0f} s settling, {i['window_s']:.0f}-s window): server "
-                           f"CPU {i['server_cpu_pct']:.2f} % of a core, drivers {i['drivers_cpu_pct']:.1f} %; server "
-                           f"RSS {i['rss_kib'] / 1024:.1f} MiB ({i['rss_kib_start'] / 1024:.1f} at the window's start) "
-                           f"= {i['kib_per_site']:.1f} KiB per site over the 0-site RSS; {i['server_fds']:,} fds open "
-                           f"in the server; {i['new_sessions']} sessions (re)made during settle + window; drivers' RSS "
-                           f"{i['drivers_rss_kib'] / 1024:.0f} MiB together."
-                           + (f" The server's reactor slept (voluntary context switches) "
-                              f"{i['per_s'].get('wakeups', 0):,.0f} times per second." if i.get("per_s") else ""))
+                out.append(
+                    f"- {label} (after {i['settle_s']:.0f} s settling, {i['window_s']:.0f}-s window): server "
+                    f"CPU {i['server_cpu_pct']:.2f} % of a core, drivers {i['drivers_cpu_pct']:.1f} %; server "
+                    f"RSS {i['rss_kib'] / 1024:.1f} MiB ({i['rss_kib_start'] / 1024:.1f} at the window's start) "
+                    f"= {i['kib_per_site']:.1f} KiB per site over the 0-site RSS; {i['server_fds']:,} fds open "
+                    f"in the server; {i['new_sessions']} sessions (re)made during settle + window; drivers' RSS "
+                    f"{i['drivers_rss_kib'] / 1024:.0f} MiB together."
+                    + (
+                        f" The server's reactor slept (voluntary context switches) "
+                        f"{i['per_s'].get('wakeups', 0):,.0f} times per second."
+                        if i.get("per_s")
+                        else ""
+                    )
+                )
         for name, label in (("sigterm", "SIGTERM"), ("kill9", "kill -9")):
             p = ph(n, name)
             if p:
                 b = p["back_spread"]
-                out.append(f"- {label}: server gone after {p['exit_s']:.2f} s ({exit_text(p['exit_status'])}), "
-                           f"listening again {p['listening_s']:.2f} s after the signal ({p['restart_to_listen_s']:.2f} "
-                           f"s of start-up); all {n:,} sites back {p['all_back_s']:.2f} s after the signal, "
-                           f"{p['all_back_after_listen_s']:.2f} s after listening (per site p50 {b['p50']:.2f} s, p90 "
-                           f"{b['p90']:.2f} s, p99 {b['p99']:.2f} s); the new server's CPU until then "
-                           f"{p['server_cpu_s']:.1f} s ({1000 * p['server_cpu_s'] / n:.2f} ms per site incl. start-up); "
-                           f"listen drops / overflows {drops_text(p['listen'])}.")
+                out.append(
+                    f"- {label}: server gone after {p['exit_s']:.2f} s ({exit_text(p['exit_status'])}), "
+                    f"listening again {p['listening_s']:.2f} s after the signal ({p['restart_to_listen_s']:.2f} "
+                    f"s of start-up); all {n:,} sites back {p['all_back_s']:.2f} s after the signal, "
+                    f"{p['all_back_after_listen_s']:.2f} s after listening (per site p50 {b['p50']:.2f} s, p90 "
+                    f"{b['p90']:.2f} s, p99 {b['p99']:.2f} s); the new server's CPU until then "
+                    f"{p['server_cpu_s']:.1f} s ({1000 * p['server_cpu_s'] / n:.2f} ms per site incl. start-up); "
+                    f"listen drops / overflows {drops_text(p['listen'])}."
+                )
                 out += event_lines(p.get("site_events"), "logged by the sites")
                 out += event_lines(p.get("server_events"), "logged by the server")
                 out += [""] + timeline_rows(p.get("timeline", []), f"s after {label}")
         c = ph(n, "echo")
         if c:
-            out.append(f"- Echo: {c['count']:,} sequential connect + 64 B echo + close (Python client, TCP_NODELAY) "
-                       f"round-robin over {c['forwards']} forwards to {c['forwards']} sites, {c['per_s']:,.0f}/s: p50 "
-                       f"{f1(c['p50_ms'], ' ms', 2)}, p99 {f1(c['p99_ms'], ' ms', 2)}, max {f1(c['max_ms'], ' ms', 1)}; "
-                       f"server CPU {c['server_cpu_ms_per_conn']:.2f} ms per connection; {c['errors']} errors"
-                       + (f" (first: {c['first_error']})" if c['first_error'] else "") + ".")
+            out.append(
+                f"- Echo: {c['count']:,} sequential connect + 64 B echo + close (Python client, TCP_NODELAY) "
+                f"round-robin over {c['forwards']} forwards to {c['forwards']} sites, {c['per_s']:,.0f}/s: p50 "
+                f"{f1(c['p50_ms'], ' ms', 2)}, p99 {f1(c['p99_ms'], ' ms', 2)}, max {f1(c['max_ms'], ' ms', 1)}; "
+                f"server CPU {c['server_cpu_ms_per_conn']:.2f} ms per connection; {c['errors']} errors"
+                + (f" (first: {c['first_error']})" if c["first_error"] else "")
+                + "."
+            )
         out.append("")
     if failures:
         out += ["## Failures", ""]
@@ -1081,11 +1237,11 @@ def report(results: list[dict[str, Any]], failures: dict[int, str], info: dict[s
         "## Notes",
         "",
         "- RSS is `VmRSS` of the server process; per site = (RSS with N idle sites − RSS of a fresh server with "
-        "0 sites) / N. \"Steady state\" is the server started after the kill -9, which only ever saw mutual-TLS "
-        "reconnects; \"after enrollment\" is the first server process, which also did the N enrollments.",
+        '0 sites) / N. "Steady state" is the server started after the kill -9, which only ever saw mutual-TLS '
+        'reconnects; "after enrollment" is the first server process, which also did the N enrollments.',
         "- CPU is `utime + stime` from `/proc/PID/stat` over the window, in % of one core; the drivers share the "
         "same 2 cores and are reported for context only.",
-        "- \"Back\" means: the site's `TunnelClientService` has a session whose HELLO arrived without a refusal, begun "
+        '- "Back" means: the site\'s `TunnelClientService` has a session whose HELLO arrived without a refusal, begun '
         "after the signal (driver-side, `time.monotonic()`); times are from the signal to the last site's.",
         "- Listen drops / overflows: `nstat` TcpExtListenDrops / TcpExtListenOverflows, difference over the phase.",
     ]
@@ -1097,8 +1253,12 @@ def in_own_netns(argv: list[str], mode: str) -> int | None:
     """Re-run this script in a new network namespace (as root); None if not done here."""
     if os.environ.get(NETNS_ENV) or mode == "off":
         return None
-    usable = (os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")
-              and subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=30).returncode == 0)
+    usable = (
+        os.geteuid() == 0
+        and shutil.which("unshare")
+        and shutil.which("ip")
+        and subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=30).returncode == 0
+    )
     if not usable:
         if mode == "on":
             raise SystemExit("fleet: --netns on needs root, unshare and ip")
@@ -1117,8 +1277,10 @@ def in_own_netns(argv: list[str], mode: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description="rtunnel fleet benchmark: one tunnel server, N sites",
-                                 epilog="See docs/performance.md, section Fleet.")
+    ap = argparse.ArgumentParser(
+        description="rtunnel fleet benchmark: one tunnel server, N sites",
+        epilog="See docs/performance.md, section Fleet.",
+    )
     ap.add_argument("--quick", action="store_true", help="N = 500, shorter windows (~1 min)")
     ap.add_argument("--sizes", help="comma list of N (default: full 1000,10000; quick 500)")
     ap.add_argument("--drivers", type=int, default=4, help="driver processes (default 4)")
@@ -1127,19 +1289,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, help="seconds between all sites up and the idle window")
     ap.add_argument("--idle", type=float, help="seconds of the idle CPU window")
     ap.add_argument("--backlog", type=int, help="set backlog=B in the server's --listen (default: not set)")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="extra twistd rtunnel-server option, e.g. --server-arg=--max-preauth=20000 (repeatable)")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the drivers at this nice level (sites of a real fleet do not share the server's CPU)")
-    ap.add_argument("--netns", choices=("auto", "on", "off"), default="auto",
-                    help="run in an own network namespace (auto: when root)")
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra twistd rtunnel-server option, e.g. --server-arg=--max-preauth=20000 (repeatable)",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the drivers at this nice level (sites of a real fleet do not share the server's CPU)",
+    )
+    ap.add_argument(
+        "--netns",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run in an own network namespace (auto: when root)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep site state directories and keyfiles")
-    ap.add_argument("--probe", choices=("off", "objects", "tracemalloc"), default="off",
-                    help="start the server through bench/fleet_probe.py and dump what its memory is made of "
-                         "(objects by type, mallinfo; tracemalloc: also Python's allocations by line, at a cost)")
-    ap.add_argument("--pyspy", action="store_true",
-                    help="sample the server (and driver 0 in the restarts) with py-spy in each phase "
-                         "(.venv/bin/pip install py-spy)")
+    ap.add_argument(
+        "--probe",
+        choices=("off", "objects", "tracemalloc"),
+        default="off",
+        help="start the server through bench/fleet_probe.py and dump what its memory is made of "
+        "(objects by type, mallinfo; tracemalloc: also Python's allocations by line, at a cost)",
+    )
+    ap.add_argument(
+        "--pyspy",
+        action="store_true",
+        help="sample the server (and driver 0 in the restarts) with py-spy in each phase "
+        "(.venv/bin/pip install py-spy)",
+    )
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
     args = ap.parse_args(argv)
 
@@ -1156,9 +1338,20 @@ def main(argv: list[str] | None = None) -> int:
     for key, val in (("settle_s", args.settle), ("idle_s", args.idle)):
         if val is not None:
             plan[key] = val
-    canonical = (mode == "full" and not args.sizes and args.settle is None and args.idle is None
-                 and args.echo is None and args.backlog is None and args.drivers == 4 and args.forwards == 4
-                 and args.probe == "off" and not args.pyspy and not args.server_arg and not args.nice)
+    canonical = (
+        mode == "full"
+        and not args.sizes
+        and args.settle is None
+        and args.idle is None
+        and args.echo is None
+        and args.backlog is None
+        and args.drivers == 4
+        and args.forwards == 4
+        and args.probe == "off"
+        and not args.pyspy
+        and not args.server_arg
+        and not args.nice
+    )
     if args.pyspy and fleet_profile.pyspy_binary() is None:
         ap.error("--pyspy needs py-spy: .venv/bin/pip install py-spy")
     if args.drivers < 1 or min(plan["sizes"]) < args.drivers:
@@ -1197,17 +1390,19 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     info = machine_info(args)
     # Other sessions' jobs on these shared 2-core machines take CPU from the server and the drivers.
-    info["load average (1 min)"] = f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end (includes the benchmark)"
+    info["load average (1 min)"] = (
+        f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end (includes the benchmark)"
+    )
     for r in results:
         info[f"run time at N = {r['n']:,}"] = f"{r['run_s'] / 60:.1f} min"
     label = mode if canonical or mode == "quick" else "custom"
-    md = report([r for r in results if "rss0_kib" in r], failures, info, label, plan, args,
-                time.monotonic() - t_start)
+    md = report([r for r in results if "rss0_kib" in r], failures, info, label, plan, args, time.monotonic() - t_start)
     out = args.out or (RESULTS_MD if canonical else REPO / "_bench" / f"fleet-results-{mode}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
-    raw = json.dumps({"mode": mode, "plan": plan, "machine": info, "argv": argv, "results": results,
-                      "failures": failures}, indent=1)
+    raw = json.dumps(
+        {"mode": mode, "plan": plan, "machine": info, "argv": argv, "results": results, "failures": failures}, indent=1
+    )
     (WORK / "last-run.json").write_text(raw)
     (WORK / f"run-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json").write_text(raw)
     print()

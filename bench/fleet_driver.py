@@ -152,7 +152,7 @@ class Control(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 1 << 20
 
-    def __init__(self, driver: "Driver", events: CountingObserver) -> None:
+    def __init__(self, driver: Driver, events: CountingObserver) -> None:
         self.driver = driver
         self.events = events
 
@@ -190,8 +190,12 @@ class Driver:
     def __init__(self, sites: list[list[str]]) -> None:
         t0 = time.monotonic()
         policy = SitePolicy()  # defaults: keepalive 10 s / 30 s, retry 1 s doubling to 30 s
-        connector = TargetConnector((), tcp_endpoints(reactor, policy.connect_timeout), reactor,
-                                    local_factories={ECHO_TARGET: Factory.forProtocol(Echo)})
+        connector = TargetConnector(
+            (),
+            tcp_endpoints(reactor, policy.connect_timeout),
+            reactor,
+            local_factories={ECHO_TARGET: Factory.forProtocol(Echo)},
+        )
         self.records: list[Record] = []
         self.services: list[FleetSite] = []
         self.started = 0
@@ -259,7 +263,7 @@ def main() -> None:
     from rtunnel.logs import set_level
 
     set_level(LogLevel.warn)
-    events = CountingObserver(open(args.log, "a", buffering=1))
+    events = CountingObserver(open(args.log, "a", buffering=1))  # noqa: SIM115 (open for the process's life)
     globalLogBeginner.beginLoggingTo([events], redirectStandardIO=False)
     driver = Driver(json.loads(args.config.read_text()))
     stdio.StandardIO(Control(driver, events))

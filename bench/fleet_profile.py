@@ -40,11 +40,28 @@ def start(pid: int, out: Path, rate: int = 100, duration: int = 900) -> subproce
     binary = pyspy_binary()
     if binary is None:
         return None
-    log = open(out.with_suffix(".log"), "ab")
+    log = open(out.with_suffix(".log"), "ab")  # noqa: SIM115 (closed when the profiler ends)
     return subprocess.Popen(
-        [binary, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(duration), "--format", "raw",
-         "--nonblocking", "--output", str(out)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        [
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(out),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def stop(p: subprocess.Popen | None, timeout: float = 60.0) -> None:

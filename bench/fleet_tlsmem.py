@@ -38,8 +38,21 @@ from rtunnel.identity.tlsconfig import server_tls_options, site_tls_options  # n
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL(None)
@@ -152,10 +165,14 @@ def main() -> None:
     args = ap.parse_args()
     r = measure(args.count)
     print(f"{args.count} idle mutual-TLS connections ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}):")
-    print(f"  server side, malloc in use: {r['server_malloc_kib']:.1f} KiB per connection "
-          f"(+ {r['server_blocks']:.0f} pymalloc blocks)")
-    print(f"  both sides:                 {r['pair_malloc_kib']:.1f} KiB per pair in malloc, "
-          f"{r['pair_rss_kib']:.1f} KiB per pair in RSS")
+    print(
+        f"  server side, malloc in use: {r['server_malloc_kib']:.1f} KiB per connection "
+        f"(+ {r['server_blocks']:.0f} pymalloc blocks)"
+    )
+    print(
+        f"  both sides:                 {r['pair_malloc_kib']:.1f} KiB per pair in malloc, "
+        f"{r['pair_rss_kib']:.1f} KiB per pair in RSS"
+    )
     print(f"  after freeing both:         {r['left_after_free_kib']:.1f} KiB per connection left")
     print(f"  handshake, both sides in this process: {r['handshake_pair_ms']:.2f} ms per pair")
 

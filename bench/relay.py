@@ -161,10 +161,8 @@ class Inbound(Leg):
     async def _connect(self) -> None:
         host, port = self.cfg.target
         try:
-            _, out = await asyncio.wait_for(
-                self.loop.create_connection(lambda: Leg(self.cfg), host, port), 10
-            )
-        except (OSError, asyncio.TimeoutError):
+            _, out = await asyncio.wait_for(self.loop.create_connection(lambda: Leg(self.cfg), host, port), 10)
+        except (TimeoutError, OSError):
             assert self.transport is not None
             self.transport.abort()
             return

@@ -68,10 +68,12 @@ PLANS = {
     # bulk_s: target length of one measured transfer; conn_s/rtt_s: length of a latency run
     # wan_s: long enough that a tunnel which sizes its window to the path
     # (rtunnel) is measured mostly in its steady state, as a video stream is.
-    "full": dict(reps=5, bulk_s=1.2, rtt_s=1.0, conn_s=1.2, hold_n=1000, hold_reps=3,
-                 wan_reps=3, wan_s=6.0, wan_rtt_s=1.0),
-    "quick": dict(reps=2, bulk_s=0.4, rtt_s=0.4, conn_s=0.4, hold_n=1000, hold_reps=1,
-                  wan_reps=1, wan_s=1.2, wan_rtt_s=0.5),
+    "full": dict(
+        reps=5, bulk_s=1.2, rtt_s=1.0, conn_s=1.2, hold_n=1000, hold_reps=3, wan_reps=3, wan_s=6.0, wan_rtt_s=1.0
+    ),
+    "quick": dict(
+        reps=2, bulk_s=0.4, rtt_s=0.4, conn_s=0.4, hold_n=1000, hold_reps=1, wan_reps=1, wan_s=1.2, wan_rtt_s=0.5
+    ),
 }
 WAN_DELAY_MS = 50.0
 
@@ -142,8 +144,11 @@ def raise_nofile() -> None:
 
 
 def start_site_service() -> tuple[subprocess.Popen, int]:
-    p = tunnels.spawn([str(LOADGEN), "serve", "--listen", "127.0.0.1:0", "--timeout", "1800"],
-                      WORK / "site-service.log", stdout=subprocess.PIPE)
+    p = tunnels.spawn(
+        [str(LOADGEN), "serve", "--listen", "127.0.0.1:0", "--timeout", "1800"],
+        WORK / "site-service.log",
+        stdout=subprocess.PIPE,
+    )
     return p, int(tunnels.read_ready_line(p, "loadgen serve")["port"])
 
 
@@ -167,8 +172,11 @@ def machine_info() -> dict[str, str]:
         pass
     osname = ""
     try:
-        osname = next(ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
-                      if ln.startswith("PRETTY_NAME="))
+        osname = next(
+            ln.split("=", 1)[1].strip('"')
+            for ln in Path("/etc/os-release").read_text().splitlines()
+            if ln.startswith("PRETTY_NAME=")
+        )
     except (OSError, StopIteration):
         pass
     info["OS / kernel"] = f"{osname} / Linux {platform.release()}"
@@ -265,8 +273,9 @@ class Bench:
             self.sizes[key] = int(min(max(rate * target_s, 4 * MiB), 40e9) // streams * streams)
         return self.sizes[key]
 
-    def bulk(self, phase: str, t: Tunnel, metric: str, mode: str, streams: int, target_s: float,
-             probe: int) -> tuple[float, float, int]:
+    def bulk(
+        self, phase: str, t: Tunnel, metric: str, mode: str, streams: int, target_s: float, probe: int
+    ) -> tuple[float, float, int]:
         """One verified transfer; records MB/s; returns (cpu seconds of the tunnel, seconds, bytes)."""
         size = self.calibrated(t, metric, mode, streams, target_s, probe)
         before = procstats.cpu_snapshot(t.pids())
@@ -278,8 +287,11 @@ class Bench:
     def lan_rep(self, t: Tunnel) -> None:
         p = self.plan
         cpu_s = moved = 0.0
-        bulk = () if t.latency_only else (("up1", "up", 1), ("down1", "down", 1), ("agg16", "down", 16),
-                                          ("agg64", "down", 64))
+        bulk = (
+            ()
+            if t.latency_only
+            else (("up1", "up", 1), ("down1", "down", 1), ("agg16", "down", 16), ("agg64", "down", 64))
+        )
         for metric, mode, streams in bulk:
             try:
                 cpu, _, nbytes = self.bulk("lan", t, metric, mode, streams, p["bulk_s"], 128 * MiB)
@@ -308,9 +320,23 @@ class Bench:
         """RSS of the tunnel's processes before and while N idle streams are open."""
         n = self.plan["hold_n"]
         base = procstats.total_rss_kib(t.pids())
-        p = subprocess.Popen([str(LOADGEN), "hold", "--port", str(t.forward_port), "--count", str(n),
-                              "--concurrency", "16", "--timeout", "300"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [
+                str(LOADGEN),
+                "hold",
+                "--port",
+                str(t.forward_port),
+                "--count",
+                str(n),
+                "--concurrency",
+                "16",
+                "--timeout",
+                "300",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert p.stdout is not None and p.stdin is not None
             ready, _, _ = select.select([p.stdout], [], [], 120)
@@ -344,8 +370,10 @@ class Bench:
                     t.start(site_port)
                     self.record("lan", t, "rss_idle", procstats.total_rss_kib(t.pids()) / 1024)
                 self.hold(t)
-                log(f"hold {i + 1}/{self.plan['hold_reps']} {t.key}: "
-                    f"{self.values['lan'][t.key]['kib_stream'][-1]:.1f} KiB/stream")
+                log(
+                    f"hold {i + 1}/{self.plan['hold_reps']} {t.key}: "
+                    f"{self.values['lan'][t.key]['kib_stream'][-1]:.1f} KiB/stream"
+                )
             except MeasureError as e:
                 self.fail(t, "hold", e)
             except Exception as e:  # noqa: BLE001 - restart failed: drop this tunnel, keep the others
@@ -403,13 +431,16 @@ class Bench:
             if phase == "lan":
                 up = [t for t in up if self.hold_all(t, site_port)]
             for rep in range(reps):
-                order = up[rep % len(up):] + up[:rep % len(up)] if up else []
+                order = up[rep % len(up) :] + up[: rep % len(up)] if up else []
                 for t in order:
                     t0 = time.monotonic()
                     (self.lan_rep if phase == "lan" else self.wan_rep)(t)
                     v = self.values[phase].get(t.key, {})
-                    keys = ("up1", "down1", "agg64", "rtt_p50", "cseq", "c16") if phase == "lan" else (
-                        "wan_rtt", "wan_down1", "wan_up1")
+                    keys = (
+                        ("up1", "down1", "agg64", "rtt_p50", "cseq", "c16")
+                        if phase == "lan"
+                        else ("wan_rtt", "wan_down1", "wan_up1")
+                    )
                     summary = " ".join(f"{k}={v[k][-1]:.0f}" for k in keys if v.get(k))
                     log(f"{phase} rep {rep + 1}/{reps} {t.key}: {summary} ({time.monotonic() - t0:.1f} s)")
         finally:
@@ -512,8 +543,11 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
                 down = med(wan.get(c, {}).get("wan_down1"))
                 e["wan_eff"] = f"{100 * down / bound:.0f}" if down else "–"
             extra[c] = e
-        out += [f"## WAN: {WAN_DELAY_MS:.0f} ms each way (bench/relay.py delay line on the tunnel's own TCP "
-                "connection; direct: in front of the site service)", ""]
+        out += [
+            f"## WAN: {WAN_DELAY_MS:.0f} ms each way (bench/relay.py delay line on the tunnel's own TCP "
+            "connection; direct: in front of the site service)",
+            "",
+        ]
         out += table("wan", WAN_METRICS, wan, extra) + [""]
     out += ["## Notes", ""]
     direct = lan.get("direct", {})
@@ -524,8 +558,10 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
             best = max(tun, key=lambda c: tun[c] or 0)
             ratio = d / (tun[best] or 1)
             verdict = "load generator is not the bottleneck" if ratio >= 2 else "WARNING: loadgen headroom < 2×"
-            out.append(f"- Load generator headroom, {metric}: direct TCP {fmt(d)} MB/s = {ratio:.1f}× the fastest "
-                       f"tunnel ({b.labels[best]}, {fmt(tun[best] or 0)} MB/s): {verdict}.")
+            out.append(
+                f"- Load generator headroom, {metric}: direct TCP {fmt(d)} MB/s = {ratio:.1f}× the fastest "
+                f"tunnel ({b.labels[best]}, {fmt(tun[best] or 0)} MB/s): {verdict}."
+            )
     for c in cols:
         ti = b.tinfo.get(c, {})
         if "negotiated_cipher" in ti:
@@ -536,30 +572,40 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
             out.append(f"- {b.labels[c]} window: {win:,} bytes ({src}).")
     for c in cols:
         if c in b.latency_only and c in lan:
-            out.append(f"- {b.labels[c]}: the same ssh and private sshd as ssh -R aes128-gcm with "
-                       "`LD_PRELOAD=_bench/nodelay.so` (bench/nodelay.c sets TCP_NODELAY on every TCP socket they "
-                       "connect or accept). Measured only where Nagle matters (64 B echo RTT, new connections); bulk "
-                       "throughput, RSS, CPU per GB and WAN are not measured for it (the targets compare those with "
-                       "ssh as users run it; skipping them keeps the full run under 10 minutes).")
+            out.append(
+                f"- {b.labels[c]}: the same ssh and private sshd as ssh -R aes128-gcm with "
+                "`LD_PRELOAD=_bench/nodelay.so` (bench/nodelay.c sets TCP_NODELAY on every TCP socket they "
+                "connect or accept). Measured only where Nagle matters (64 B echo RTT, new connections); bulk "
+                "throughput, RSS, CPU per GB and WAN are not measured for it (the targets compare those with "
+                "ssh as users run it; skipping them keeps the full run under 10 minutes)."
+            )
             if "nodelay_check" in b.tinfo.get(c, {}):
                 out.append(f"- {b.labels[c]}, shim check at start: {b.tinfo[c]['nodelay_check']}.")
             cseq = med(lan[c].get("cseq"))
             if cseq is not None and cseq < 100:
-                out.append(f"- **WARNING**: {b.labels[c]} made only {fmt(cseq)} sequential conn/s, near the "
-                           "Nagle-bound ~28/s: the shim may not have taken effect.")
+                out.append(
+                    f"- **WARNING**: {b.labels[c]} made only {fmt(cseq)} sequential conn/s, near the "
+                    "Nagle-bound ~28/s: the shim may not have taken effect."
+                )
     for c, why in b.skipped.items():
         out.append(f"- **{b.labels.get(c, c)} skipped**: {why}")
     for c, fails in b.failures.items():
         for metric, errs in fails.items():
             out.append(f"- {b.labels.get(c, c)} {metric}: {len(errs)} failed run(s), first: `{errs[0][:200]}`")
     if best_ssh and "rtunnel" in lan:
-        out.append(f"- Ratio column: rtunnel median / {b.labels[best_ssh]} median (the faster ssh cipher by "
-                   "1-stream download); for ↓ rows below 1 is better.")
+        out.append(
+            f"- Ratio column: rtunnel median / {b.labels[best_ssh]} median (the faster ssh cipher by "
+            "1-stream download); for ↓ rows below 1 is better."
+        )
     if nd_ssh and "rtunnel" in lan:
-        out.append(f"- Ratio column \"rtunnel / ssh -R +NODELAY\": rtunnel median / {b.labels[nd_ssh]} median, on the "
-                   "rows measured there; the connection-rate target is against ssh with TCP_NODELAY.")
-    out.append("- RSS and CPU: tunnel processes only (ssh: client + the private sshd's per-connection children; "
-               "rtunnel: both twistd); the load generator and relay are not counted.")
+        out.append(
+            f'- Ratio column "rtunnel / ssh -R +NODELAY": rtunnel median / {b.labels[nd_ssh]} median, on the '
+            "rows measured there; the connection-rate target is against ssh with TCP_NODELAY."
+        )
+    out.append(
+        "- RSS and CPU: tunnel processes only (ssh: client + the private sshd's per-connection children; "
+        "rtunnel: both twistd); the load generator and relay are not counted."
+    )
     return "\n".join(out) + "\n"
 
 
@@ -578,13 +624,17 @@ def update_docs(md: str) -> None:
 
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="rtunnel benchmark: direct TCP vs ssh -R vs rtunnel",
-                                 epilog="See docs/performance.md.")
+    ap = argparse.ArgumentParser(
+        description="rtunnel benchmark: direct TCP vs ssh -R vs rtunnel", epilog="See docs/performance.md."
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, short transfers (~1-2 min)")
-    ap.add_argument("--only", default="direct,ssh,rtunnel",
-                    help="comma list of: direct, ssh (all ssh columns), ssh-aes128-gcm, ssh-chacha20, "
-                         "ssh-nodelay (aes128-gcm + TCP_NODELAY via an LD_PRELOAD shim; RTT and new "
-                         "connections only, LAN only), rtunnel")
+    ap.add_argument(
+        "--only",
+        default="direct,ssh,rtunnel",
+        help="comma list of: direct, ssh (all ssh columns), ssh-aes128-gcm, ssh-chacha20, "
+        "ssh-nodelay (aes128-gcm + TCP_NODELAY via an LD_PRELOAD shim; RTT and new "
+        "connections only, LAN only), rtunnel",
+    )
     ap.add_argument("--reps", type=int, help="repetitions (default: full 5, quick 2)")
     ap.add_argument("--no-wan", action="store_true", help="skip the 50 ms WAN phase")
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
@@ -628,22 +678,37 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     # Other jobs on these shared 2-core machines move every number; say how busy it was.
-    info["load average (1 min)"] = (f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end "
-                                    f"(includes the bench itself){'; machine was busy before the run' if load_before > 1.0 else ''}")
+    info["load average (1 min)"] = (
+        f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end "
+        f"(includes the bench itself){'; machine was busy before the run' if load_before > 1.0 else ''}"
+    )
     md = report(bench, info, mode, cols, time.monotonic() - t_start)
     out = args.out or (RESULTS_MD if canonical else WORK / f"results-{mode}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
-    (WORK / "last-run.json").write_text(json.dumps(
-        {"mode": mode, "plan": plan, "machine": info, "values": bench.values, "failures": bench.failures,
-         "skipped": bench.skipped, "tunnels": bench.tinfo, "sizes": {f"{k[0]}/{k[1]}": v for k, v in bench.sizes.items()}},
-        indent=1))
+    (WORK / "last-run.json").write_text(
+        json.dumps(
+            {
+                "mode": mode,
+                "plan": plan,
+                "machine": info,
+                "values": bench.values,
+                "failures": bench.failures,
+                "skipped": bench.skipped,
+                "tunnels": bench.tinfo,
+                "sizes": {f"{k[0]}/{k[1]}": v for k, v in bench.sizes.items()},
+            },
+            indent=1,
+        )
+    )
     if canonical:
         update_docs(md)
     print()
     print(md)
-    log(f"report written to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}"
-        + ("; docs/performance.md refreshed" if canonical and DOCS_MD.exists() else ""))
+    log(
+        f"report written to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}"
+        + ("; docs/performance.md refreshed" if canonical and DOCS_MD.exists() else "")
+    )
     return 0
 
 

@@ -109,14 +109,20 @@ def wait_echo(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
     raise RuntimeError(f"no echo through port {port} after {timeout:.0f} s")
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
-          stdout=None) -> subprocess.Popen:
+def spawn(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None, stdout=None
+) -> subprocess.Popen:
     """Start a process in its own session, stderr (and stdout unless given) to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as lf:
         p = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else lf, stderr=lf,
-            env=env, cwd=cwd, start_new_session=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else lf,
+            stderr=lf,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
     _started.append(p)
     return p
@@ -184,9 +190,21 @@ class Relay:
     def __init__(self, target_port: int, delay_ms: float, workdir: Path) -> None:
         log = workdir / "relay.log"
         self.proc = spawn(
-            [sys.executable, str(REPO / "bench" / "relay.py"), "--listen", "127.0.0.1:0",
-             "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms), "--timeout", "1800"],
-            log, stdout=subprocess.PIPE, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "bench" / "relay.py"),
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                f"127.0.0.1:{target_port}",
+                "--delay-ms",
+                str(delay_ms),
+                "--timeout",
+                "1800",
+            ],
+            log,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
         )
         self.port = int(read_ready_line(self.proc, f"relay (log: {log})")["port"])
 
@@ -215,12 +233,19 @@ print(opt(c), opt(a), opt(n))
 
 def probe_nodelay_shim(so: Path) -> None:
     """Raise TunnelUnavailable unless a test program under ``LD_PRELOAD=so`` gets TCP_NODELAY=1."""
-    r = subprocess.run([sys.executable, "-c", _NODELAY_PROBE], capture_output=True, text=True, timeout=30,
-                       env=_with_preload(dict(os.environ), so))
+    r = subprocess.run(
+        [sys.executable, "-c", _NODELAY_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_with_preload(dict(os.environ), so),
+    )
     if r.returncode != 0 or r.stdout.split() != ["1", "1", "1"]:
-        raise TunnelUnavailable(f"TCP_NODELAY shim {so} not effective in a test program (connect, non-blocking "
-                                f"connect, accept read back {r.stdout.strip() or '-'}; rc {r.returncode}; "
-                                f"{r.stderr.strip()[-300:]})")
+        raise TunnelUnavailable(
+            f"TCP_NODELAY shim {so} not effective in a test program (connect, non-blocking "
+            f"connect, accept read back {r.stdout.strip() or '-'}; rc {r.returncode}; "
+            f"{r.stderr.strip()[-300:]})"
+        )
 
 
 def maps_library(pid: int, name: str) -> bool:
@@ -255,8 +280,11 @@ def tcp_nodelay_of(pid: int) -> dict[int, int]:
                 err = ctypes.get_errno()
                 raise OSError(err, f"pidfd_getfd({pid}, {name}): {os.strerror(err)}")
             with socket.socket(fileno=fd) as s:
-                if (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
-                        and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                if (
+                    s.family in (socket.AF_INET, socket.AF_INET6)
+                    and s.type == socket.SOCK_STREAM
+                    and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                ):
                     out[int(link[8:-1])] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         os.close(pidfd)
@@ -267,9 +295,9 @@ def tcp_nodelay_of(pid: int) -> dict[int, int]:
 class Tunnel:
     """Interface: ``start(site_port)``, ``stop()``, ``pids()``, ``forward_port``."""
 
-    key = "?"          # column id
-    label = "?"        # column title
-    family = "?"       # direct | ssh | rtunnel
+    key = "?"  # column id
+    label = "?"  # column title
+    family = "?"  # direct | ssh | rtunnel
     #: flow-control window per stream in bytes (bounds WAN throughput at window/RTT), if known
     window_bytes: int | None = None
     window_source = ""
@@ -388,12 +416,31 @@ class SshTunnel(Tunnel):
     def _client_argv(self, port: int, extra: list[str]) -> list[str]:
         d = self.workdir
         argv = [
-            "ssh", "-F", "/dev/null",
-            "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"HostKeyAlias={self.HOST_ALIAS}", "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
-            "-o", "ExitOnForwardFailure=yes", "-o", "ConnectTimeout=10",
-            "-i", str(d / "id_ed25519"), "-p", str(port),
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={d / 'known_hosts'}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"HostKeyAlias={self.HOST_ALIAS}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-i",
+            str(d / "id_ed25519"),
+            "-p",
+            str(port),
         ]
         if self.cipher:
             argv += ["-c", self.cipher]
@@ -403,8 +450,11 @@ class SshTunnel(Tunnel):
         self._fresh_workdir()
         d = self.workdir
         for name in ("host_ed25519", "id_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rtunnel-bench",
-                            "-f", str(d / name)], check=True, timeout=30)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rtunnel-bench", "-f", str(d / name)],
+                check=True,
+                timeout=30,
+            )
         (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
         host_pub = (d / "host_ed25519.pub").read_text().split()
         (d / "known_hosts").write_text(f"{self.HOST_ALIAS} {host_pub[0]} {host_pub[1]}\n")
@@ -434,17 +484,26 @@ class SshTunnel(Tunnel):
             port = self.relay.port
         # Which cipher these options really negotiate: one short verbose login (not the tunnel, whose
         # -v logging would cost CPU on every forwarded connection).
-        probe = subprocess.run(self._client_argv(port, ["-v", f"{user}@127.0.0.1", "true"]),
-                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, env=self.env)
-        ciphers = [ln.split("cipher:")[1].split()[0] for ln in probe.stderr.splitlines()
-                   if "kex: server->client cipher:" in ln]
+        probe = subprocess.run(
+            self._client_argv(port, ["-v", f"{user}@127.0.0.1", "true"]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+        )
+        ciphers = [
+            ln.split("cipher:")[1].split()[0] for ln in probe.stderr.splitlines() if "kex: server->client cipher:" in ln
+        ]
         if probe.returncode != 0 or not ciphers:
             raise RuntimeError(f"ssh login probe failed (rc {probe.returncode}): {probe.stderr.strip()[-800:]}")
         self.info["negotiated_cipher"] = ciphers[0]
         self.forward_port = free_port()
         self.client = spawn(
             self._client_argv(port, ["-N", "-R", f"{self.forward_port}:127.0.0.1:{site_port}", f"{user}@127.0.0.1"]),
-            d / "ssh.log", env=self.env)
+            d / "ssh.log",
+            env=self.env,
+        )
         self.info["command"] = (f"LD_PRELOAD={NODELAY_SO} " if self.nodelay else "") + " ".join(self.client.args)
         wait_echo(self.forward_port, 30, [self.sshd, self.client])
         if self.nodelay:
@@ -474,8 +533,10 @@ class SshTunnel(Tunnel):
             kids = procstats.descendants(self.sshd.pid)
             missing = [pid for pid in [self.client.pid, self.sshd.pid] + kids if not maps_library(pid, so)]
             if missing or not kids:
-                raise RuntimeError(f"TCP_NODELAY shim: {so} not loaded in PIDs {missing} "
-                                   f"(ssh {self.client.pid}, sshd {self.sshd.pid}, children {kids})")
+                raise RuntimeError(
+                    f"TCP_NODELAY shim: {so} not loaded in PIDs {missing} "
+                    f"(ssh {self.client.pid}, sshd {self.sshd.pid}, children {kids})"
+                )
             try:
                 client = tcp_nodelay_of(self.client.pid)
                 server: dict[int, int] = {}
@@ -485,16 +546,20 @@ class SshTunnel(Tunnel):
                 self.info["nodelay_check"] = (
                     f"{so} mapped in ssh, the sshd listener and its children ({len(kids)}); a test program under "
                     f"the shim read TCP_NODELAY=1 after connect and accept; the live sockets could not be "
-                    f"read ({e})")
+                    f"read ({e})"
+                )
                 return
         off = {ino for ino, v in {**client, **server}.items() if not v}
         if off or len(client) < 2 or len(server) < 2:
-            raise RuntimeError(f"TCP_NODELAY shim not in effect: connected TCP sockets ssh {client}, sshd children "
-                               f"{server} (inode -> TCP_NODELAY; want >= 2 each, all 1)")
+            raise RuntimeError(
+                f"TCP_NODELAY shim not in effect: connected TCP sockets ssh {client}, sshd children "
+                f"{server} (inode -> TCP_NODELAY; want >= 2 each, all 1)"
+            )
         self.info["nodelay_check"] = (
             f"{so} mapped in ssh, the sshd listener and its children ({len(kids)}); with a forwarded stream open, "
             f"TCP_NODELAY read 1 (pidfd_getfd + getsockopt) on all {len(client)} connected TCP sockets of ssh "
-            f"and all {len(server)} of sshd's children")
+            f"and all {len(server)} of sshd's children"
+        )
 
     def pids(self) -> list[int]:
         out: list[int] = []
@@ -562,8 +627,9 @@ class RtunnelTunnel(Tunnel):
 
     def check_available(self) -> None:
         try:
-            r = subprocess.run([self.twistd, "--help"], capture_output=True, text=True, timeout=60,
-                               env=self.env, cwd=REPO)
+            r = subprocess.run(
+                [self.twistd, "--help"], capture_output=True, text=True, timeout=60, env=self.env, cwd=REPO
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise TunnelUnavailable(f"cannot run {self.twistd}: {e}") from e
         if "rtunnel-server" not in r.stdout:
@@ -575,34 +641,74 @@ class RtunnelTunnel(Tunnel):
         sdir, tdir, kf = d / "server-state", d / "site-state", d / "site.rtkey"
         listen_port, fwd_port = free_port(), free_port()
         self.server = spawn(
-            [self.twistd, "-n", "--pidfile=", f"--logfile={d / 'server.log'}", "rtunnel-server",
-             "--state", str(sdir), "--listen", f"tcp:{listen_port}:interface=127.0.0.1",
-             "--public-address", "127.0.0.1",
-             "--forward", f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}"],
-            d / "server.stderr", env=self.env, cwd=REPO)
+            [
+                self.twistd,
+                "-n",
+                "--pidfile=",
+                f"--logfile={d / 'server.log'}",
+                "rtunnel-server",
+                "--state",
+                str(sdir),
+                "--listen",
+                f"tcp:{listen_port}:interface=127.0.0.1",
+                "--public-address",
+                "127.0.0.1",
+                "--forward",
+                f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}",
+            ],
+            d / "server.stderr",
+            env=self.env,
+            cwd=REPO,
+        )
         self.info["server_command"] = " ".join(self.server.args)
         wait_port(listen_port, 30, self.server)
         address_port = listen_port
         if self.wan_delay_ms:
             self.relay = Relay(listen_port, self.wan_delay_ms, d)
             address_port = self.relay.port
-        kf_cmd = self._admin() + ["keyfile", "create", "--state", str(sdir), "--site", SITE_NAME,
-                                  "--output", str(kf), "--address", f"127.0.0.1:{address_port}"]
+        kf_cmd = self._admin() + [
+            "keyfile",
+            "create",
+            "--state",
+            str(sdir),
+            "--site",
+            SITE_NAME,
+            "--output",
+            str(kf),
+            "--address",
+            f"127.0.0.1:{address_port}",
+        ]
         self.info["keyfile_command"] = " ".join(kf_cmd)
         r = subprocess.run(kf_cmd, capture_output=True, text=True, timeout=60, env=self.env, cwd=REPO)
         if r.returncode != 0:
             raise RuntimeError(f"keyfile create failed (rc {r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
         self.site = spawn(
-            [self.twistd, "-n", "--pidfile=", f"--logfile={d / 'site.log'}", "rtunnel",
-             "--keyfile", str(kf), "--state", str(tdir), "--allow", f"127.0.0.1:{site_port}"],
-            d / "site.stderr", env=self.env, cwd=REPO)
+            [
+                self.twistd,
+                "-n",
+                "--pidfile=",
+                f"--logfile={d / 'site.log'}",
+                "rtunnel",
+                "--keyfile",
+                str(kf),
+                "--state",
+                str(tdir),
+                "--allow",
+                f"127.0.0.1:{site_port}",
+            ],
+            d / "site.stderr",
+            env=self.env,
+            cwd=REPO,
+        )
         self.info["site_command"] = " ".join(self.site.args)
         self.forward_port = fwd_port
         try:
             wait_port(fwd_port, 30, self.server)
             wait_echo(fwd_port, 30, [self.server, self.site])
         except RuntimeError as e:
-            raise RuntimeError(f"{e}\n--- server.log\n{tail(d / 'server.log')}\n--- site.log\n{tail(d / 'site.log')}") from e
+            raise RuntimeError(
+                f"{e}\n--- server.log\n{tail(d / 'server.log')}\n--- site.log\n{tail(d / 'site.log')}"
+            ) from e
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from typing import Any
 
 from attrs import field, frozen
 
@@ -139,12 +140,12 @@ def is_wire_host(raw: bytes) -> bool:
     return not isinstance(_canonical(raw.decode("ascii")), AddressError)
 
 
-def _check_host(instance: object, attribute: object, value: object) -> None:
+def _check_host(instance: object, attribute: object, value: Any) -> None:
     if not isinstance(value, str) or isinstance(_canonical(value), AddressError) or _canonical(value) != value:
         raise AddressError(f"{value!r} is not a host in canonical form (use HostPort.parse)")
 
 
-def _check_port(instance: object, attribute: object, value: object) -> None:
+def _check_port(instance: object, attribute: object, value: Any) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535):
         raise AddressError(f"port {value!r} is outside 1-65535")
 

@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     site = "demo-site"
     ok = False
     try:
-        print(f"1. tunnel server on 127.0.0.1:{deployment.server_port}, forward 127.0.0.1:{forward_port} -> {site}:127.0.0.1:{source.port}")
+        print(
+            f"1. tunnel server on 127.0.0.1:{deployment.server_port}, "
+            f"forward 127.0.0.1:{forward_port} -> {site}:127.0.0.1:{source.port}"
+        )
         deployment.start_server(forwards=[f"127.0.0.1:{forward_port}:{site}:127.0.0.1:{source.port}"])
         keyfile = deployment.create_keyfile(site)
         print(f"2. keyfile for {site}: {keyfile.relative_to(ROOT) if keyfile.is_relative_to(ROOT) else keyfile}")
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         statuses = deployment.stop_all()
         source.close()
     left = [p.name for p in deployment.processes if p.running()]
-    print(f"6. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; still running: {left or 'nothing'}")
+    print(
+        f"6. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; "
+        f"still running: {left or 'nothing'}"
+    )
     if statuses and any(code != 0 for code in statuses.values()):
         ok = False
     print("demo OK" if ok else "demo FAILED")

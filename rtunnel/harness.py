@@ -18,8 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 #: twistd, run by the same interpreter (no reliance on a script on PATH).
@@ -69,7 +70,7 @@ class Process:
         self.name = name
         self.argv = list(argv)
         self.log = log
-        self._logfile = open(log, "ab")
+        self._logfile = open(log, "ab")  # noqa: SIM115 (closed in stop())
         self._terminated = False
 
         def limit() -> None:

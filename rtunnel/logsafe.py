@@ -13,7 +13,7 @@ Python (no Twisted), so that the sans-IO core can use it too.
 
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 from attrs import define, field
 

@@ -11,8 +11,9 @@ process starts serving, and returns a L{MultiService}.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
-from typing import Any, Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from attrs import frozen
 from twisted.application.service import MultiService
@@ -20,8 +21,9 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
+
+from rtunnel.logs import Logger
 
 from .adapter.address import describe
 from .adapter.tls import BulkTLSFactory
@@ -29,10 +31,10 @@ from .endpoints import publish_registry, withdraw_registry
 from .identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, Keyfile, parse_address, read_keyfile
 from .identity.state import ServerState, SiteState
 from .identity.tlsconfig import server_tls_options
+from .roles.descriptors import RESERVED, DescriptorWatch, soft_limit
 from .roles.fatal import stop_with_status
 from .roles.forward import ForwardFactory, ForwardSpec
 from .roles.registry import SiteRegistry
-from .roles.descriptors import RESERVED, DescriptorWatch, soft_limit
 from .roles.server import AdmissionGate, RevocationWatch, ServerPolicy, TunnelServerFactory
 from .roles.site import SitePolicy, TunnelClientService
 from .roles.target import Target, TargetConnector, tcp_endpoints
@@ -68,7 +70,7 @@ def effective_max_preauth(configured: int, fd_limit: int) -> int:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @frozen

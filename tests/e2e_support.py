@@ -86,7 +86,7 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
             chunks.append(data)
     except (ConnectionResetError, BrokenPipeError):
         return b"".join(chunks), True
-    except socket.timeout:
+    except TimeoutError:
         pass
     return b"".join(chunks), False
 

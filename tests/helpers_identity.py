@@ -27,6 +27,7 @@ from zope.interface import implementer
 from rtunnel.identity import certs
 from rtunnel.identity.certs import PrivateKey
 
+
 class TestCase(SynchronousTestCase):
     """
     A synchronous test case whose C{mktemp} paths live under the system

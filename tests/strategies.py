@@ -68,9 +68,7 @@ def _frames(ids: st.SearchStrategy[int], data: st.SearchStrategy[bytes]) -> st.S
         st.builds(WindowUpdate, stream_id=ids, increment=st.integers(1, MAX_WINDOW)),
         st.builds(Reset, stream_id=ids, code=codes, reason=reasons),
         st.builds(Ping, opaque=st.binary(min_size=PING_SIZE, max_size=PING_SIZE), ack=st.booleans()),
-        st.builds(
-            GoAway, last_stream_id=st.integers(0, MAX_STREAM_ID), code=codes, reason=reasons
-        ),
+        st.builds(GoAway, last_stream_id=st.integers(0, MAX_STREAM_ID), code=codes, reason=reasons),
     )
 
 
@@ -88,7 +86,7 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=20)))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 #: A frame header with arbitrary fields followed by arbitrary payload bytes:

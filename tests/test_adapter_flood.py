@@ -22,8 +22,7 @@ from rtunnel.adapter import Keepalive, MuxProtocol
 from rtunnel.mux.errors import ErrorCode
 from rtunnel.mux.frames import Data, FrameDecoder, GoAway, Hello, Open, OpenFail, Ping, encode
 from rtunnel.mux.settings import MIB, Allowance, FloodLimits, Settings
-
-from tests.adapter_helpers import KIB, HashSink, Link, PatternSource, StreamingWriter, TEST_SETTINGS
+from tests.adapter_helpers import KIB, TEST_SETTINGS, HashSink, Link, PatternSource, StreamingWriter
 
 PING = encode(Ping(b"pingpong"))
 NAMESPACE = "rtunnel.adapter.protocol.MuxProtocol"

@@ -18,10 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from rtunnel.adapter import MuxStream
-
 from tests.adapter_helpers import (
     KIB,
     MIB,
+    TEST_SETTINGS,
     Acceptor,
     HalfCloseEcho,
     HalfCloseRecorder,
@@ -31,7 +31,6 @@ from tests.adapter_helpers import (
     PatternSource,
     Recorder,
     StreamingWriter,
-    TEST_SETTINGS,
     iosim_pair,
     pump_until_idle,
 )
@@ -309,7 +308,7 @@ class ManyStreamsTests(SynchronousTestCase):
         self.assertEqual(len(client.streams), 1000)
         pump_until_idle(pump)
         self.assertEqual(len(acceptor.streams), 1000)
-        by_port = {s.port: p for s, p in zip(acceptor.streams, acceptor.protocols)}
+        by_port = {s.port: p for s, p in zip(acceptor.streams, acceptor.protocols, strict=False)}
         for stream, mine, payload in streams:
             self.assertEqual(bytes(by_port[stream.port].data), payload)  # type: ignore[attr-defined]
             self.assertEqual(bytes(mine.data), payload)

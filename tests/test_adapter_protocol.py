@@ -20,15 +20,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtunnel.adapter import Keepalive, MuxProtocol, MuxStream, StreamAddress, StreamOpenFailed, StreamReset
 from rtunnel.mux import ErrorCode, SessionClosing, Settings, StreamLimitReached
 from rtunnel.mux.frames import GoAway, Open, OpenFail, Ping
-
 from tests.adapter_helpers import (
+    TEST_SETTINGS,
     Acceptor,
     HalfCloseEcho,
     HalfCloseRecorder,
     Holder,
     RawPeer,
     Recorder,
-    TEST_SETTINGS,
     iosim_pair,
     make_mux,
 )
@@ -43,7 +42,9 @@ def open_failure(testcase: SynchronousTestCase, stream: MuxStream) -> StreamOpen
     return failure.value  # type: ignore[return-value]
 
 
-def assert_reset(testcase: SynchronousTestCase, reason: Failure | None, code: int, reason_text: str | None = None) -> None:
+def assert_reset(
+    testcase: SynchronousTestCase, reason: Failure | None, code: int, reason_text: str | None = None
+) -> None:
     testcase.assertIsNotNone(reason)
     assert reason is not None
     testcase.assertIsInstance(reason.value, StreamReset)
@@ -399,7 +400,7 @@ class FaultyProtocolTests(SynchronousTestCase):
 
         streams = [client.open_stream("h", port) for port in (1, 2)]
         mine = [Recorder(), HalfCloseRecorder()]
-        for stream, protocol in zip(streams, mine):
+        for stream, protocol in zip(streams, mine, strict=False):
             stream.attach(protocol)
         pump.flush()
         broken, fine = Broken(), HalfCloseRecorder()

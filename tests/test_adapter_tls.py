@@ -6,7 +6,7 @@ session lifecycle, and once over real loopback sockets for bulk data.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
@@ -22,7 +22,6 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rtunnel.adapter import MuxProtocol, MuxStream
-
 from tests.adapter_helpers import (
     MIB,
     Acceptor,
@@ -67,7 +66,9 @@ class MuxFactory(Factory):
 
 
 class InMemoryTLSTests(unittest.SynchronousTestCase):
-    def _pair(self, handler: Callable[[MuxStream], None] | None = None) -> tuple[MuxProtocol, MuxProtocol, object, Clock]:
+    def _pair(
+        self, handler: Callable[[MuxStream], None] | None = None
+    ) -> tuple[MuxProtocol, MuxProtocol, object, Clock]:
         clock = Clock()
         server_options, client_options = tls_options()
         server_muxes = MuxFactory(lambda: MuxProtocol(initiator=False, clock=clock, stream_handler=handler))

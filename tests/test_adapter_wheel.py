@@ -14,7 +14,6 @@ from rtunnel.adapter import Keepalive, MuxProtocol
 from rtunnel.adapter.wheel import KeepaliveWheel
 from rtunnel.mux import ErrorCode
 from rtunnel.mux.frames import GoAway, Ping
-
 from tests.adapter_helpers import RawPeer
 
 
@@ -104,7 +103,9 @@ class WheelTests(SynchronousTestCase):
 
 class WheelKeepaliveTests(SynchronousTestCase):
     def _peer(self, clock: Clock, wheel: KeepaliveWheel) -> RawPeer:
-        mux = MuxProtocol(initiator=False, clock=clock, keepalive=Keepalive(interval=25, timeout=30), keepalive_wheel=wheel)
+        mux = MuxProtocol(
+            initiator=False, clock=clock, keepalive=Keepalive(interval=25, timeout=30), keepalive_wheel=wheel
+        )
         peer = RawPeer(mux)
         peer.hello()
         peer.received()

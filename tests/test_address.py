@@ -14,11 +14,7 @@ from hypothesis import strategies as st
 from rtunnel.address import AddressError, HostPort, describe, is_wire_host, parse_host, parse_port, split_fields
 
 _label = st.from_regex(r"[a-z0-9_]([a-z0-9_-]{0,20}[a-z0-9_])?", fullmatch=True)
-dns_names = (
-    st.lists(_label, min_size=1, max_size=4)
-    .map(".".join)
-    .filter(lambda n: not n.replace(".", "").isdigit())
-)
+dns_names = st.lists(_label, min_size=1, max_size=4).map(".".join).filter(lambda n: not n.replace(".", "").isdigit())
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 hosts = st.one_of(dns_names, ipv4, ipv6)
@@ -135,7 +131,13 @@ def test_parse_port() -> None:
 
 def test_split_fields_keeps_bracketed_ipv6_together() -> None:
     """Colons inside brackets do not split a spec."""
-    assert split_fields("[::1]:8554:store-17:[2001:db8::5]:554") == ["[::1]", "8554", "store-17", "[2001:db8::5]", "554"]
+    assert split_fields("[::1]:8554:store-17:[2001:db8::5]:554") == [
+        "[::1]",
+        "8554",
+        "store-17",
+        "[2001:db8::5]",
+        "554",
+    ]
     assert split_fields("8554:store-17:10.0.0.5:554") == ["8554", "store-17", "10.0.0.5", "554"]
 
 

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-
 from rtunnel.cli.admin import main, parse_duration
 from rtunnel.identity import certs
 from rtunnel.identity.errors import SiteRejected
@@ -59,8 +58,15 @@ class _CLITestCase(TestCase):
     def create_keyfile(self, site: str = "alpha", *extra: str) -> Path:
         output = self.base / f"{site}-{len(list(self.base.iterdir()))}.rtkey"
         status, _, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", site,
-            "--output", str(output), *extra,
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            site,
+            "--output",
+            str(output),
+            *extra,
         )
         self.assertEqual((status, err), (0, ""))
         return output
@@ -86,8 +92,14 @@ class KeyfileCreateTests(_CLITestCase):
         """
         output = self.base / "alpha.rtkey"
         status, out, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", "alpha",
-            "--output", str(output),
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            "alpha",
+            "--output",
+            str(output),
         )
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(stat.S_IMODE(output.stat().st_mode), 0o600)
@@ -127,8 +139,16 @@ class KeyfileCreateTests(_CLITestCase):
         """
         output = self.base / "alpha.rtkey"
         status, _, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", "alpha",
-            "--output", str(output), "--address", "[2001:db8::7]:5500",
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            "alpha",
+            "--output",
+            str(output),
+            "--address",
+            "[2001:db8::7]:5500",
         )
         self.assertError(status, 1, err, "--public-address 2001:db8::7")
         self.assertFalse(output.exists())
@@ -141,8 +161,14 @@ class KeyfileCreateTests(_CLITestCase):
         output = self.base / "alpha.rtkey"
         output.write_text("precious")
         status, _, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", "alpha",
-            "--output", str(output),
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            "alpha",
+            "--output",
+            str(output),
         )
         self.assertError(status, 1, err, "refusing to overwrite")
         self.assertEqual(output.read_text(), "precious")
@@ -154,8 +180,14 @@ class KeyfileCreateTests(_CLITestCase):
         withdrawn.
         """
         status, _, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", "alpha",
-            "--output", str(self.base / "missing-dir" / "alpha.rtkey"),
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            "alpha",
+            "--output",
+            str(self.base / "missing-dir" / "alpha.rtkey"),
         )
         self.assertError(status, 1, err, "cannot create keyfile")
         self.assertEqual(self.open_state().store.list_sites(), [])
@@ -185,8 +217,14 @@ class KeyfileCreateTests(_CLITestCase):
         start the server first.
         """
         status, _, err = self.run_cli(
-            "keyfile", "create", "--state", str(self.base / "nowhere"), "--site", "alpha",
-            "--output", str(self.base / "k"),
+            "keyfile",
+            "create",
+            "--state",
+            str(self.base / "nowhere"),
+            "--site",
+            "alpha",
+            "--output",
+            str(self.base / "k"),
         )
         self.assertError(status, 1, err, "start the tunnel server")
 
@@ -209,8 +247,14 @@ class KeyfileCreateTests(_CLITestCase):
         """
         self.enroll("alpha")
         status, out, _ = self.run_cli(
-            "keyfile", "create", "--state", str(self.state), "--site", "alpha",
-            "--output", str(self.base / "again.rtkey"),
+            "keyfile",
+            "create",
+            "--state",
+            str(self.state),
+            "--site",
+            "alpha",
+            "--output",
+            str(self.base / "again.rtkey"),
         )
         self.assertEqual(status, 0)
         self.assertIn("replaces its certificate", out)
@@ -300,9 +344,7 @@ class SitesTests(_CLITestCase):
         [alpha] = self.sites_json()
         self.assertIs(alpha["revoked"], True)
         self.assertEqual(alpha["revoked_at"], "2030-01-02T03:04:05+00:00")
-        error = self.assertRaises(
-            SiteRejected, self.open_state().store.check_site, "alpha", fingerprint
-        )
+        error = self.assertRaises(SiteRejected, self.open_state().store.check_site, "alpha", fingerprint)
         self.assertEqual(error.code, "site-revoked")
         status, out, _ = self.run_cli(
             "sites", "revoke", "alpha", "--state", str(self.state), now=NOW + timedelta(hours=1)

@@ -103,9 +103,7 @@ def test_server_certificate_rejects_invalid_names(authority: Authority, name: st
     A name that is neither a DNS name nor an IP address is refused.
     """
     with pytest.raises(AddressError):
-        certs.issue_server_certificate(
-            authority.ca_key, authority.ca_certificate, authority.server_key, [name]
-        )
+        certs.issue_server_certificate(authority.ca_key, authority.ca_certificate, authority.server_key, [name])
 
 
 def test_certificate_covers_applies_service_identity_rules(authority: Authority) -> None:
@@ -133,9 +131,7 @@ def test_site_certificate_identity_and_purpose(authority: Authority) -> None:
     cert = certs.issue_site_certificate(authority.ca_key, authority.ca_certificate, csr, "alpha")
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alpha"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "urn:rtunnel:site:alpha"
-    ]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:rtunnel:site:alpha"]
     assert san.get_values_for_type(x509.DNSName) == []
     assert _eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -152,9 +148,7 @@ def test_site_name_round_trips_through_certificate(name: str) -> None:
     """
     authority = _shared_authority()
     key = certs.generate_private_key()
-    cert = certs.issue_site_certificate(
-        authority.ca_key, authority.ca_certificate, certs.create_csr(key, name), name
-    )
+    cert = certs.issue_site_certificate(authority.ca_key, authority.ca_certificate, certs.create_csr(key, name), name)
     assert certs.site_name_of(cert) == name
 
 
@@ -275,9 +269,7 @@ def test_site_name_of_requires_matching_common_name(authority: Authority) -> Non
         .not_valid_before(NOW)
         .not_valid_after(NOW + timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier("urn:rtunnel:site:alpha")]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:rtunnel:site:alpha")]),
             critical=False,
         )
         .sign(authority.ca_key, hashes.SHA256())

@@ -199,7 +199,10 @@ def test_a_flooding_site_is_cut_and_another_site_is_not_disturbed(tmp_path):
 
         wait_until(logged, 10, "the server's flood warning")
         wait_until(
-            lambda: "site flooder from" in d.server.output() and "disconnected" in d.server.output().split("flooded the session")[-1],
+            lambda: (
+                "site flooder from" in d.server.output()
+                and "disconnected" in d.server.output().split("flooded the session")[-1]
+            ),
             15,
             "the server to close the flooding connection",
         )

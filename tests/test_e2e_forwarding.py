@@ -15,7 +15,6 @@ import time
 import pytest
 
 from rtunnel.harness import Deployment, free_port, wait_until
-
 from tests.e2e_support import EchoServer, closed_port, read_until_closed
 
 pytestmark = pytest.mark.e2e

@@ -125,9 +125,7 @@ def test_silent_client_after_enrollment_reply_is_aborted_in_time(world):
         assert time.monotonic() - started < HANDSHAKE_TIMEOUT + 3  # ...but only until the deadline
     finally:
         client.close()
-    wait_until(
-        lambda: "enrollment answered but the client did not close" in d.server.output(), 5, "the server's line"
-    )
+    wait_until(lambda: "enrollment answered but the client did not close" in d.server.output(), 5, "the server's line")
 
 
 def test_a_flood_of_silent_clients_cannot_starve_sites_or_forwards(world):

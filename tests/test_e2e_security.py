@@ -10,10 +10,7 @@ and retried.
 from __future__ import annotations
 
 import json
-import socket
-import ssl
-import struct
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,8 +24,7 @@ from rtunnel.identity.certs import (
     load_certificate,
     load_private_key,
 )
-from rtunnel.mux.frames import Hello, Open, encode
-from tests.e2e_support import AlertingPath, EchoServer, read_until_closed
+from tests.e2e_support import AlertingPath, EchoServer
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +63,9 @@ def _expect_refusal(d: Deployment, site: str, keyfile: Path, code: str, allow=()
 
 
 def _enroll(d: Deployment, site: str, echo: EchoServer, keyfile: Path | None = None):
-    proc = d.start_site(site, allow=[echo.target], keyfile=keyfile or d.create_keyfile(site), extra=["--retry-cap", "2"])
+    proc = d.start_site(
+        site, allow=[echo.target], keyfile=keyfile or d.create_keyfile(site), extra=["--retry-cap", "2"]
+    )
     d.wait_connected(site, watch=proc)
     return proc
 
@@ -97,7 +95,7 @@ def test_expired_token_is_refused(world):
     d, _, _ = world
     keyfile = d.create_keyfile("late", expires="1s")
     expires = datetime.fromisoformat(json.loads(keyfile.read_text())["expires"].replace("Z", "+00:00"))
-    wait_until(lambda: datetime.now(timezone.utc) > expires, 5, "the token to expire")
+    wait_until(lambda: datetime.now(UTC) > expires, 5, "the token to expire")
     _expect_refusal(d, "late", keyfile, "token-expired")
     assert "token-expired" in d.server.output()
 
@@ -194,7 +192,7 @@ def test_certificate_rejected_by_the_server_stops_the_site(world, tmp_path):
     ca_key = load_private_key((d.server_state / "ca.key").read_bytes())
     ca_cert = load_certificate((d.server_state / "ca.crt").read_bytes())
     key = load_private_key((state / "site.key").read_bytes())
-    in_five_years = datetime.now(timezone.utc) + timedelta(days=5 * 365)
+    in_five_years = datetime.now(UTC) + timedelta(days=5 * 365)
     early = issue_site_certificate(ca_key, ca_cert, create_csr(key, "early"), "early", in_five_years)
     (state / "site.crt").write_text(dump_certificate(early))
     again = d.start_site("early", allow=[echo.target], name="site-early-again")

@@ -21,7 +21,6 @@ from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
 from rtunnel.roles.server import ServerPolicy
 from rtunnel.roles.target import Target, TargetConnector
 from rtunnel.services import ServerConfig, build_server_service
-
 from tests.roles_helpers import Echo, EndpointMap, Holder, Recorder, ServerFixture, mux_pair, pump_all
 
 
@@ -90,7 +89,9 @@ class SiteEndpointTests(SynchronousTestCase):
     def test_site_unavailable_fails_after_open_timeout(self) -> None:
         """A site that does not connect within open_timeout fails connect() with SiteUnavailable."""
         clock = Clock()
-        d = SiteEndpoint(SiteRegistry(clock), "beta", "echo", 7, open_timeout=2.0).connect(Factory.forProtocol(Recorder))
+        d = SiteEndpoint(SiteRegistry(clock), "beta", "echo", 7, open_timeout=2.0).connect(
+            Factory.forProtocol(Recorder)
+        )
         clock.advance(1.9)
         self.assertNoResult(d)
         clock.advance(0.1)
@@ -214,7 +215,9 @@ class DescriptionTests(SynchronousTestCase):
         """
         fixture = ServerFixture(self)
         fixture.enroll("alpha")
-        config = ServerConfig(state_dir=fixture.directory, listen="tcp:0", policy=ServerPolicy(keepalive=None), name="edge")
+        config = ServerConfig(
+            state_dir=fixture.directory, listen="tcp:0", policy=ServerPolicy(keepalive=None), name="edge"
+        )
         service = build_server_service(config, self.reactor)
         self.addCleanup(service.state.close)
         endpoint = clientFromString(self.reactor, "rtunnel:site=alpha:host=echo:port=7:server=edge")

@@ -66,7 +66,7 @@ def _feed(reader: Any, data: bytes, cuts: list[int]) -> list[Any]:
     Feed C{data} to C{reader} split at C{cuts}; return what each call gave.
     """
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [reader.receive_data(data[a:b]) for a, b in zip(points, points[1:])]
+    return [reader.receive_data(data[a:b]) for a, b in zip(points, points[1:], strict=False)]
 
 
 def _header(length: int) -> bytes:
@@ -93,7 +93,11 @@ def test_request_round_trip_in_any_chunking(site: str, token: str, csr: str, cut
     assert all(r is None for r in results[:-1])
 
 
-printable_texts = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")).filter(lambda c: c != "\\") | st.just(" "), max_size=200)
+printable_texts = st.text(
+    st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")).filter(lambda c: c != "\\")
+    | st.just(" "),
+    max_size=200,
+)
 
 
 @given(
@@ -511,9 +515,7 @@ class _MemoryEndpoint:
         client = factory.buildProtocol(None)
         server = self.server_factory.buildProtocol(None)
         assert client is not None and server is not None
-        pump = connect(
-            server, makeFakeServer(server), client, makeFakeClient(client), greet=False, clock=self.clock
-        )
+        pump = connect(server, makeFakeServer(server), client, makeFakeClient(client), greet=False, clock=self.clock)
         self.pumps.append(pump)
         return succeed(client)
 

@@ -18,7 +18,6 @@ from rtunnel.roles.forward import DEFAULT_BIND, ForwardFactory, ForwardProtocol,
 from rtunnel.roles.registry import SiteRegistry
 from rtunnel.roles.splice import TCPSide
 from rtunnel.roles.target import Target, TargetConnector
-
 from tests.roles_helpers import CLIENT_PEER, EndpointMap, TCPTransport, mux_pair, pump_all
 
 KIB = 1024

@@ -73,9 +73,7 @@ def test_text_round_trip(site: str, token: str, addresses: tuple[str, ...], seco
     """
     Any valid keyfile survives serialization unchanged.
     """
-    keyfile = _keyfile(
-        site=site, token=token, addresses=addresses, expires=NOW + timedelta(seconds=seconds)
-    )
+    keyfile = _keyfile(site=site, token=token, addresses=addresses, expires=NOW + timedelta(seconds=seconds))
     assert loads_keyfile(dumps_keyfile(keyfile)) == keyfile
 
 
@@ -192,9 +190,7 @@ def test_wrong_version(version: object) -> None:
         loads_keyfile(_document(version=version))
 
 
-@pytest.mark.parametrize(
-    "field", ["site", "addresses", "server_name", "expires", "token", "ca_certificate"]
-)
+@pytest.mark.parametrize("field", ["site", "addresses", "server_name", "expires", "token", "ca_certificate"])
 def test_missing_field(field: str) -> None:
     """
     A missing field is named.

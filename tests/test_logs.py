@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtunnel.logs import Logger, current_level, set_level
 from rtunnel.logsafe import MAX_PRINTABLE, LogBudget, printable
 
-_DANGEROUS = "\r\n\x1b\x00\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\ufeff"
+_DANGEROUS = (
+    "\r\n\x1b\x00\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\ufeff"
+)
 
 
 class PrintableTests(SynchronousTestCase):
@@ -92,7 +94,9 @@ class ThresholdTests(SynchronousTestCase):
         log = Logger(namespace="rtunnel.test")
         log.debug("per-stream detail {n}", n=1)
         log.info("visible {n}", n=2)
-        self.assertEqual([formatEvent(e) for e in self.events if e.get("log_namespace") == "rtunnel.test"], ["visible 2"])
+        self.assertEqual(
+            [formatEvent(e) for e in self.events if e.get("log_namespace") == "rtunnel.test"], ["visible 2"]
+        )
 
     def test_threshold_can_be_lowered_and_raised(self) -> None:
         """--log-level debug shows debug lines; --log-level warn hides info."""
@@ -103,7 +107,7 @@ class ThresholdTests(SynchronousTestCase):
         log.info("hidden")
         log.warn("warned")
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.failure("failed")
         texts = [formatEvent(e) for e in self.events if e.get("log_namespace") == "rtunnel.test"]

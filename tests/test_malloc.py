@@ -103,9 +103,24 @@ class TuneMallocTests(SynchronousTestCase):
         )
         self.assertGreater(faults_per_round(server, BIG), 1000)
         make_keyfile = subprocess.run(
-            [sys.executable, "-m", "rtunnel", "keyfile", "create", "--state", os.path.join(state, "server"),
-             "--site", "alpha", "--output", os.path.join(state, "alpha.rtkey")],
-            capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            [
+                sys.executable,
+                "-m",
+                "rtunnel",
+                "keyfile",
+                "create",
+                "--state",
+                os.path.join(state, "server"),
+                "--site",
+                "alpha",
+                "--output",
+                os.path.join(state, "alpha.rtkey"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         self.assertEqual(make_keyfile.returncode, 0, make_keyfile.stderr)
         site = textwrap.dedent(

@@ -9,7 +9,8 @@ client that retries forever) never trip them.
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.mux import events as ev
@@ -17,7 +18,6 @@ from rtunnel.mux.errors import ErrorCode
 from rtunnel.mux.frames import Data, GoAway, Open, OpenFail, Ping, WindowUpdate, encode
 from rtunnel.mux.session import MuxSession
 from rtunnel.mux.settings import KIB, MIB, Allowance, FloodLimits, Settings, WindowTuning
-
 from tests import strategies as s
 from tests.mux_helpers import SessionPair, feed, of_type, ready_session, sent_frames
 

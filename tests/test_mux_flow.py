@@ -14,7 +14,6 @@ from rtunnel.mux.errors import ErrorCode, MuxUsageError
 from rtunnel.mux.frames import MAX_WINDOW, Data, Open, Reset, WindowUpdate
 from rtunnel.mux.settings import KIB, MIB, Settings
 from rtunnel.mux.streams import StreamState
-
 from tests import strategies as s
 from tests.mux_helpers import (
     SessionPair,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.mux.errors import ErrorCode, ProtocolError, code_name
@@ -30,7 +31,6 @@ from rtunnel.mux.frames import (
     encode,
     parse_frame,
 )
-
 from tests import strategies as s
 
 LIMIT = 16 * 1024
@@ -254,9 +254,7 @@ class MalformedFrameTests(SynchronousTestCase):
         """HELLO bytes after the known settings, and the reserved field, are
         ignored on receipt (room for later settings)."""
         payload = _hello_payload(reserved=0xFFFF, extra=b"future settings")
-        self.assertEqual(
-            primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5)]
-        )
+        self.assertEqual(primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5)])
 
     def test_code_names(self):
         """Known codes have their names; unknown ones a readable stand-in, and

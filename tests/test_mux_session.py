@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.mux import events as ev
@@ -33,7 +34,6 @@ from rtunnel.mux.frames import (
 from rtunnel.mux.session import MuxSession
 from rtunnel.mux.settings import KIB, MIB, Settings
 from rtunnel.mux.streams import TRANSITIONS, Input, StreamState
-
 from tests import strategies as s
 from tests.mux_helpers import (
     SessionPair,
@@ -388,7 +388,14 @@ class StreamLifeTests(SynchronousTestCase):
         pair.server.end_stream(sid)
         pair.pump()
         self.assertEqual(pair.client.open_streams, 0)
-        frames = [Data(sid, b"x"), Data(sid, b"", True), OpenOk(sid), OpenFail(sid, 1, ""), WindowUpdate(sid, 5), Reset(sid, 1, "")]
+        frames = [
+            Data(sid, b"x"),
+            Data(sid, b"", True),
+            OpenOk(sid),
+            OpenFail(sid, 1, ""),
+            WindowUpdate(sid, 5),
+            Reset(sid, 1, ""),
+        ]
         self.assertEqual(feed(pair.client, *frames), [])
         self.assertEqual(pair.client.data_to_send(), b"")
         self.assertTrue(pair.client.ready)
@@ -594,7 +601,9 @@ class PingTests(SynchronousTestCase):
         for n in range(65):
             session.ping(n.to_bytes(8, "big"))
         self.assertEqual(feed(session, Ping((0).to_bytes(8, "big"), ack=True)), [])
-        self.assertEqual(feed(session, Ping((1).to_bytes(8, "big"), ack=True)), [ev.PongReceived((1).to_bytes(8, "big"))])
+        self.assertEqual(
+            feed(session, Ping((1).to_bytes(8, "big"), ack=True)), [ev.PongReceived((1).to_bytes(8, "big"))]
+        )
 
     def test_ping_size(self):
         """A PING carries exactly 8 bytes; anything else is a usage error."""
@@ -636,9 +645,7 @@ class GoAwayTests(SynchronousTestCase):
         crossing = pair.client.open_stream("a", 1)
         pair.client.send_data(crossing, b"early")
         client_events = pair.send(pair.server)
-        self.assertEqual(
-            client_events[0], ev.StreamRefused(crossing, ErrorCode.GOING_AWAY, client_events[0].reason)
-        )
+        self.assertEqual(client_events[0], ev.StreamRefused(crossing, ErrorCode.GOING_AWAY, client_events[0].reason))
         self.assertEqual(client_events[1:], [ev.GoAwayReceived(kept, ErrorCode.NO_ERROR, "", False)])
         self.assertEqual(pair.send(pair.client), [])
         [refusal] = decode_all(pair.server.data_to_send())
@@ -676,7 +683,10 @@ class GoAwayTests(SynchronousTestCase):
         events = pair.send(pair.server)
         self.assertEqual(
             sorted(of_type(events, ev.StreamReset), key=lambda e: e.stream_id),
-            [ev.StreamReset(a, ErrorCode.NOT_AUTHORIZED, "revoked", True), ev.StreamReset(b, ErrorCode.NOT_AUTHORIZED, "revoked", True)],
+            [
+                ev.StreamReset(a, ErrorCode.NOT_AUTHORIZED, "revoked", True),
+                ev.StreamReset(b, ErrorCode.NOT_AUTHORIZED, "revoked", True),
+            ],
         )
         self.assertEqual(events[-1], ev.GoAwayReceived(a, ErrorCode.NOT_AUTHORIZED, "revoked", True))
         self.assertTrue(pair.client.failed)
@@ -798,7 +808,7 @@ class DeliveryTests(SynchronousTestCase):
         ids = []
         for n in range(1000):
             opener = pair.client if n % 5 else pair.server
-            sid = opener.open_stream("host-%d" % n, 1 + n)
+            sid = opener.open_stream(f"host-{n}", 1 + n)
             ids.append(sid)
             sizes[sid] = 1000 + (n * 37) % 3000
         client_events, server_events = pair.pump()
@@ -868,7 +878,9 @@ def in_state(state: StreamState, origin: str) -> tuple[MuxSession, int]:
         elif step == "accept":
             session.accept_stream(sid)
         else:
-            frame = {"peer open": Open(sid, "subject", 2), "peer ok": OpenOk(sid), "peer fin": Data(sid, b"", True)}[step]
+            frame = {"peer open": Open(sid, "subject", 2), "peer ok": OpenOk(sid), "peer fin": Data(sid, b"", True)}[
+                step
+            ]
             feed(session, frame)
     assert session.stream_state(sid) is state, (session.stream_state(sid), state)
     session.data_to_send()
@@ -1016,7 +1028,7 @@ def _docs_transitions() -> dict[tuple[StreamState, Input], StreamState]:
         if cells[0] in ("state", "(idle)") or set(cells[0]) <= set("-"):
             continue
         state = StreamState[cells[0]]
-        for direction, cell in zip(("SEND", "RECV"), cells[1:]):
+        for direction, cell in zip(("SEND", "RECV"), cells[1:], strict=False):
             for item in filter(None, (i.strip() for i in cell.split(";"))):
                 m = re.fullmatch(r"(.+?)\s+(?:→\s+(\w+)|same)", item)
                 assert m, item
@@ -1027,7 +1039,7 @@ def _docs_transitions() -> dict[tuple[StreamState, Input], StreamState]:
 
 
 def _add_table_tests() -> None:
-    for (state, origin) in SETUPS:
+    for state, origin in SETUPS:
         for inp in Input:
             kind = "recv" if inp.received else "send"
             nxt = TRANSITIONS.get((state, inp))

@@ -13,7 +13,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtunnel.adapter import MuxStream
 from rtunnel.mux import ErrorCode, Settings
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
-
 from tests.roles_helpers import Holder, Recorder, mux_pair, pump_all
 
 

@@ -35,9 +35,7 @@ class BacklogTests(SynchronousTestCase):
         """
         self.assertEqual(TUNNEL_BACKLOG, 4096)
         self.assertEqual(with_backlog("tcp:5500"), "tcp:5500:backlog=4096")
-        self.assertEqual(
-            with_backlog("tcp6:5500:interface=\\:\\:1"), "tcp6:5500:interface=\\:\\:1:backlog=4096"
-        )
+        self.assertEqual(with_backlog("tcp6:5500:interface=\\:\\:1"), "tcp6:5500:interface=\\:\\:1:backlog=4096")
         self.assertEqual(with_backlog("TCP:5500:interface=127.0.0.1"), "TCP:5500:interface=127.0.0.1:backlog=4096")
 
     def test_backlog_given_is_kept(self) -> None:

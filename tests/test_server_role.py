@@ -12,29 +12,34 @@ from datetime import UTC, datetime, timedelta
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.adapter import Keepalive, MuxProtocol, StreamOpenFailed
 from rtunnel.endpoints import published_registry
 from rtunnel.identity import certs
-from rtunnel.identity.enrollment import decode_reply
+from rtunnel.identity.enrollment import EnrollRequest, decode_reply
 from rtunnel.identity.errors import EnrollmentRefused
 from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import StateStore
 from rtunnel.mux import ErrorCode
-from rtunnel.identity.enrollment import EnrollRequest
 from rtunnel.roles.enrollment import EnrollmentRequester, EnrollmentResponder
 from rtunnel.roles.forward import ForwardSpec
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
-from rtunnel.roles.server import AdmissionGate, GatedConnection, RevocationWatch, ServerPolicy, TunnelConnection, TunnelServerFactory
+from rtunnel.roles.server import (
+    AdmissionGate,
+    GatedConnection,
+    RevocationWatch,
+    ServerPolicy,
+    TunnelConnection,
+    TunnelServerFactory,
+)
 from rtunnel.services import ServerConfig, build_server_service
-
 from tests.roles_helpers import SITE_PEER, Built, Recorder, ServerFixture, Watching, pump_all, tls_connect
 
 POLICY = ServerPolicy(keepalive=None, handshake_timeout=30.0)
@@ -50,7 +55,9 @@ class Server:
         self.connected: list[tuple[str, str]] = []
         self.disconnected: list[str] = []
         self.registry = SiteRegistry(
-            self.clock, on_connected=lambda s, p: self.connected.append((s, p)), on_disconnected=self.disconnected.append
+            self.clock,
+            on_connected=lambda s, p: self.connected.append((s, p)),
+            on_disconnected=self.disconnected.append,
         )
         self.factory = TunnelServerFactory(self.fixture.state, self.registry, self.clock, policy)
         self.accepting = Watching(self.factory)
@@ -63,7 +70,11 @@ class Server:
         build = protocol or (lambda: MuxProtocol(initiator=True, clock=self.clock, label="site"))
         clients = Built(build)
         _, _, pump = tls_connect(
-            self.accepting, self.fixture.server_options(), clients, self.fixture.site_options(key, cert), self.clock,
+            self.accepting,
+            self.fixture.server_options(),
+            clients,
+            self.fixture.site_options(key, cert),
+            self.clock,
             client_tls=tls,
         )
         connection = self.accepting.built[-1]
@@ -450,7 +461,9 @@ class WaitingRoomTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.server = Server(self, ServerPolicy(keepalive=None, handshake_timeout=30.0))
-        self.tls = TLSMemoryBIOFactory(self.server.fixture.server_options(), False, self.server.factory, clock=self.server.clock)
+        self.tls = TLSMemoryBIOFactory(
+            self.server.fixture.server_options(), False, self.server.factory, clock=self.server.clock
+        )
         self.gate = AdmissionGate(self.tls, self.server.factory, limit=100, handshakes=2)
 
     def arrive(self) -> tuple[GatedConnection, StringTransport]:

@@ -18,19 +18,19 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import connectedServerAndClient
 from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from rtunnel.adapter.protocol import MuxProtocol
+from rtunnel.identity import certs
 from rtunnel.identity.errors import EnrollmentIncomplete, EnrollmentRefused, PeerVerificationFailed
 from rtunnel.identity.state import SiteState
-from rtunnel.adapter.protocol import MuxProtocol
+from rtunnel.identity.tlsconfig import site_tls_options
 from rtunnel.mux import ErrorCode
 from rtunnel.roles.registry import SiteRegistry
 from rtunnel.roles.server import ServerPolicy, TunnelServerFactory
-from rtunnel.identity import certs
-from rtunnel.identity.tlsconfig import site_tls_options
 from rtunnel.roles.site import (
     AuthenticationFailed,
     Outcome,
@@ -43,7 +43,6 @@ from rtunnel.roles.site import (
     judge,
 )
 from rtunnel.roles.target import Target, TargetConnector
-
 from tests.roles_helpers import EndpointMap, Holder, ServerFixture, mux_pair, pump_all, temp_dir, tls_connect
 
 
@@ -66,7 +65,11 @@ class JudgeTests(SynchronousTestCase):
             (EnrollmentRefused("token-spent", "already used"), False, "enrollment refused: token-spent: already used"),
             (AuthenticationFailed("revoked"), False, "revoked"),
             (SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")]), True, "rejected this site's certificate"),
-            (SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]), True, "rejected this site's certificate"),
+            (
+                SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]),
+                True,
+                "rejected this site's certificate",
+            ),
             (SSL.Error([("SSL routines", "", "tlsv13 alert certificate required")]), True, "rejected this site's"),
         ]
         for exception, established, reason in cases:
@@ -104,7 +107,9 @@ class JudgeTests(SynchronousTestCase):
         ):
             outcome = judge(_failure(exception), tls_established=False)
             self.assertIs(outcome.verdict, Verdict.TLS, repr(exception))
-        self.assertIn("anyone on the path", judge(_failure(SSL.Error([("", "", "sslv3 alert bad certificate")]))).reason)
+        self.assertIn(
+            "anyone on the path", judge(_failure(SSL.Error([("", "", "sslv3 alert bad certificate")]))).reason
+        )
 
     def test_network_faults_are_retried(self) -> None:
         """
@@ -322,7 +327,9 @@ class ServiceTests(SynchronousTestCase):
         self.fatal: list[str] = []
         connector = TargetConnector([Target("10.0.0.5", 554)], EndpointMap(), self.reactor)
         policy = SitePolicy(keepalive=None, retry_cap=retry_cap)
-        self.service = TunnelClientService(self.reactor, state, None, connector, policy, self.fatal.append, jitter=jitter)
+        self.service = TunnelClientService(
+            self.reactor, state, None, connector, policy, self.fatal.append, jitter=jitter
+        )
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -392,7 +399,7 @@ class ServiceTests(SynchronousTestCase):
         for good; with none, half of that.
         """
         for jitter, delays in ((1.0, (2, 4, 8, 16, 20, 20, 20)), (0.0, (1, 2, 4, 8, 10, 10, 10))):
-            self.build(jitter=lambda: jitter, retry_cap=20.0)
+            self.build(jitter=lambda j=jitter: j, retry_cap=20.0)
             for expected in delays:
                 self.refuse()
                 self.next_attempt_after(expected)
@@ -406,7 +413,7 @@ class ServiceTests(SynchronousTestCase):
         """
         delays = []
         for jitter in (0.0, 0.5, 0.999):
-            self.build(jitter=lambda: jitter)
+            self.build(jitter=lambda j=jitter: j)
             delays.append(self.service._retry_delay(2))
         self.assertEqual(delays, [4.0, 6.0, 7.996])
 
@@ -469,7 +476,9 @@ class ServiceTests(SynchronousTestCase):
                 return resolver.resolveHostName(receiver, hostName, *args, **kwargs)
 
         reactor.installNameResolver(Recording())
-        state = ServerFixture(self).enrolled_site_state(self, "alpha", ("127.0.0.1:5500", "[::1]:5501", "localhost:5502"))
+        state = ServerFixture(self).enrolled_site_state(
+            self, "alpha", ("127.0.0.1:5500", "[::1]:5501", "localhost:5502")
+        )
         connector = TargetConnector([], EndpointMap(), reactor)
         policy = SitePolicy(keepalive=None, retry_cap=1.0)
         service = TunnelClientService(reactor, state, None, connector, policy, lambda _: None, jitter=lambda: 0.0)
@@ -490,7 +499,9 @@ class ServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         fatal: list[str] = []
         state = SiteState.load(temp_dir(self))
-        service = TunnelClientService(reactor, state, None, TargetConnector([], EndpointMap(), reactor), SitePolicy(), fatal.append)
+        service = TunnelClientService(
+            reactor, state, None, TargetConnector([], EndpointMap(), reactor), SitePolicy(), fatal.append
+        )
         service.startService()
         self.assertEqual(len(fatal), 1)
         self.assertIn("is not enrolled: start once with --keyfile FILE", fatal[0])
@@ -507,7 +518,12 @@ class EnrollmentAttemptTests(SynchronousTestCase):
         self.fatal: list[str] = []
         connector = TargetConnector([], EndpointMap(), self.reactor)
         self.service = TunnelClientService(
-            self.reactor, SiteState.load(temp_dir(self)), keyfile, connector, SitePolicy(keepalive=None), self.fatal.append,
+            self.reactor,
+            SiteState.load(temp_dir(self)),
+            keyfile,
+            connector,
+            SitePolicy(keepalive=None),
+            self.fatal.append,
             jitter=lambda: 0.5,
         )
         self.service.startService()

@@ -18,7 +18,7 @@ from rtunnel.identity import certs, state
 from rtunnel.identity.errors import CertificateError, EnrollmentRefused, StateError
 from rtunnel.identity.keyfile import Keyfile
 from rtunnel.identity.state import ServerState, SiteState, default_public_addresses
-from tests.helpers_identity import Authority, NOW, TestCase
+from tests.helpers_identity import NOW, Authority, TestCase
 
 
 def _mode(path: Path) -> int:
@@ -84,9 +84,7 @@ class ServerStateTests(TestCase):
         self.assertEqual(second.server_names, ["tunnel.example", "new.example"])
         self.assertNotEqual(second.server_certificate, first.server_certificate)
         self.assertEqual(second.ca_certificate, first.ca_certificate)
-        self.assertTrue(
-            certs.key_matches_certificate(first.server_key, second.server_certificate)
-        )
+        self.assertTrue(certs.key_matches_certificate(first.server_key, second.server_certificate))
         certs.verify_issued_by(second.server_certificate, first.ca_certificate)
         self.assertEqual(
             certs.load_certificate((self.directory / "server.crt").read_bytes()),
@@ -104,9 +102,7 @@ class ServerStateTests(TestCase):
         ::1 and the host's FQDN.
         """
         self.patch(socket, "getfqdn", lambda: "Host.Example.")
-        self.assertEqual(
-            default_public_addresses(), ["localhost", "127.0.0.1", "::1", "host.example"]
-        )
+        self.assertEqual(default_public_addresses(), ["localhost", "127.0.0.1", "::1", "host.example"])
         server = self.load()
         self.assertEqual(server.server_names, ["localhost", "127.0.0.1", "::1", "host.example"])
 
@@ -115,9 +111,7 @@ class ServerStateTests(TestCase):
         An unparsable public address is a StateError naming it, and creates
         nothing.
         """
-        error = self.assertRaises(
-            StateError, ServerState.load_or_create, self.directory, ["bad host"]
-        )
+        error = self.assertRaises(StateError, ServerState.load_or_create, self.directory, ["bad host"])
         self.assertIn("invalid public address", str(error))
         self.assertFalse(self.directory.exists())
 
@@ -129,9 +123,7 @@ class ServerStateTests(TestCase):
         self.load("tunnel.example").close()
         (self.directory / "state.sqlite3").unlink()
         (self.directory / "server.key").unlink()
-        error = self.assertRaises(
-            StateError, ServerState.load_or_create, self.directory, ["tunnel.example"]
-        )
+        error = self.assertRaises(StateError, ServerState.load_or_create, self.directory, ["tunnel.example"])
         self.assertIn("incomplete", str(error))
         self.assertIn("server.key, state.sqlite3 missing", str(error))
         self.assertFalse((self.directory / "server.key").exists())
@@ -142,9 +134,7 @@ class ServerStateTests(TestCase):
         """
         self.load("tunnel.example").close()
         (self.directory / "ca.crt").write_text("garbage")
-        error = self.assertRaises(
-            StateError, ServerState.load_or_create, self.directory, ["tunnel.example"]
-        )
+        error = self.assertRaises(StateError, ServerState.load_or_create, self.directory, ["tunnel.example"])
         self.assertIn("ca.crt", str(error))
         self.assertIn("not a PEM certificate", str(error))
         self.assertEqual((self.directory / "ca.crt").read_text(), "garbage")
@@ -173,9 +163,7 @@ class ServerStateTests(TestCase):
         A server key that does not match the server certificate is refused.
         """
         self.load("tunnel.example").close()
-        (self.directory / "server.key").write_bytes(
-            certs.dump_private_key(certs.generate_private_key())
-        )
+        (self.directory / "server.key").write_bytes(certs.dump_private_key(certs.generate_private_key()))
         error = self.assertRaises(StateError, ServerState.open_existing, self.directory)
         self.assertIn("server.key does not match server.crt", str(error))
 
@@ -186,9 +174,7 @@ class ServerStateTests(TestCase):
         self.load("tunnel.example").close()
         other = Authority.create()
         (self.directory / "server.key").write_bytes(certs.dump_private_key(other.server_key))
-        (self.directory / "server.crt").write_text(
-            certs.dump_certificate(other.server_certificate)
-        )
+        (self.directory / "server.crt").write_text(certs.dump_certificate(other.server_certificate))
         error = self.assertRaises(StateError, ServerState.open_existing, self.directory)
         self.assertIn("was not issued by ca.crt", str(error))
 
@@ -202,9 +188,7 @@ class ServerStateTests(TestCase):
             if path.exists():
                 path.unlink()
         (self.directory / "state.sqlite3").write_bytes(b"not sqlite" * 500)
-        error = self.assertRaises(
-            StateError, ServerState.load_or_create, self.directory, ["tunnel.example"]
-        )
+        error = self.assertRaises(StateError, ServerState.load_or_create, self.directory, ["tunnel.example"])
         self.assertIn("state.sqlite3", str(error))
 
     def test_state_path_is_a_file(self) -> None:
@@ -320,9 +304,7 @@ class SiteStateTests(TestCase):
         self.assertEqual(pending.name, f"pending-{keyfile.token_digest[:16]}.key")
         self.assertEqual(_mode(pending), 0o600)
         second = certs.load_csr(SiteState.load(self.directory).enrollment_request("alpha", keyfile.token_digest))
-        self.assertEqual(
-            certs.public_key_fingerprint(first), certs.public_key_fingerprint(second)
-        )
+        self.assertEqual(certs.public_key_fingerprint(first), certs.public_key_fingerprint(second))
 
     def test_a_new_keyfile_never_reuses_a_pending_key(self) -> None:
         """
@@ -423,9 +405,7 @@ class SiteStateTests(TestCase):
         assert old_key is not None
         self.enroll(site, self.keyfile())
         assert site.private_key is not None
-        self.assertNotEqual(
-            certs.public_key_fingerprint(old_key), certs.public_key_fingerprint(site.private_key)
-        )
+        self.assertNotEqual(certs.public_key_fingerprint(old_key), certs.public_key_fingerprint(site.private_key))
 
     def test_certificate_from_another_ca_is_refused(self) -> None:
         """
@@ -436,9 +416,7 @@ class SiteStateTests(TestCase):
         csr = certs.load_csr(site.enrollment_request("alpha", keyfile.token_digest))
         other = Authority.create()
         forged = certs.issue_site_certificate(other.ca_key, other.ca_certificate, csr, "alpha")
-        self.assertRaises(
-            CertificateError, site.complete_enrollment, keyfile, certs.dump_certificate(forged)
-        )
+        self.assertRaises(CertificateError, site.complete_enrollment, keyfile, certs.dump_certificate(forged))
         self.assertFalse(site.is_enrolled)
         self.assertFalse((self.directory / "site.json").exists())
 
@@ -451,9 +429,7 @@ class SiteStateTests(TestCase):
         site.enrollment_request("alpha", keyfile.token_digest)
         csr = certs.create_csr(certs.generate_private_key(), "alpha")
         cert = self.server.issue_site_certificate(csr, "alpha")
-        error = self.assertRaises(
-            CertificateError, site.complete_enrollment, keyfile, certs.dump_certificate(cert)
-        )
+        error = self.assertRaises(CertificateError, site.complete_enrollment, keyfile, certs.dump_certificate(cert))
         self.assertIn("another key", str(error))
 
     def test_complete_without_request(self) -> None:
@@ -478,12 +454,8 @@ class SiteStateTests(TestCase):
         other = SiteState.load(self.mktemp())
         self.enroll(other, self.keyfile("beta"))
         for name in ("site.key", "site.crt", "ca.crt", "site.json"):
-            (self.directory / name).write_bytes(
-                (Path(other.directory.path) / name).read_bytes()
-            )
-        (self.directory / "site.key").write_bytes(
-            certs.dump_private_key(certs.generate_private_key())
-        )
+            (self.directory / name).write_bytes((Path(other.directory.path) / name).read_bytes())
+        (self.directory / "site.key").write_bytes(certs.dump_private_key(certs.generate_private_key()))
         reloaded = SiteState.load(self.directory)
         self.assertFalse(reloaded.is_enrolled)
         retry_csr = reloaded.enrollment_request("alpha", keyfile.token_digest)
@@ -498,9 +470,7 @@ class SiteStateTests(TestCase):
         """
         site = SiteState.load(self.directory)
         self.enroll(site, self.keyfile())
-        (self.directory / "site.key").write_bytes(
-            certs.dump_private_key(certs.generate_private_key())
-        )
+        (self.directory / "site.key").write_bytes(certs.dump_private_key(certs.generate_private_key()))
         error = self.assertRaises(StateError, SiteState.load, self.directory)
         self.assertIn("site.key does not match site.crt", str(error))
 

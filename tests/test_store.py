@@ -11,7 +11,6 @@ import stat
 from datetime import timedelta
 from pathlib import Path
 
-
 from rtunnel.identity import certs
 from rtunnel.identity.errors import (
     EnrollmentRefused,
@@ -21,7 +20,7 @@ from rtunnel.identity.errors import (
 )
 from rtunnel.identity.keyfile import token_digest
 from rtunnel.identity.store import SCHEMA_VERSION, StateStore, pid_alive
-from tests.helpers_identity import Authority, NOW, TestCase, later
+from tests.helpers_identity import NOW, Authority, TestCase, later
 
 _AUTHORITY = Authority.create()
 
@@ -40,9 +39,7 @@ class _Site:
 
     def issue(self) -> str:
         self.issued += 1
-        cert = certs.issue_site_certificate(
-            _AUTHORITY.ca_key, _AUTHORITY.ca_certificate, self.csr, self.name
-        )
+        cert = certs.issue_site_certificate(_AUTHORITY.ca_key, _AUTHORITY.ca_certificate, self.csr, self.name)
         return certs.dump_certificate(cert)
 
 
@@ -65,9 +62,7 @@ class _StoreTestCase(TestCase):
         Create a token for C{site} and redeem it; return (token, cert PEM).
         """
         token = self.store.create_token(site.name, timedelta(hours=1), later(now))
-        pem = self.store.redeem_token(
-            site.name, token, site.key_fingerprint, site.issue, later(now)
-        )
+        pem = self.store.redeem_token(site.name, token, site.key_fingerprint, site.issue, later(now))
         return token, pem
 
     def refused(self, code: str, site: _Site, token: str, now: float = 1) -> EnrollmentRefused:
@@ -170,9 +165,7 @@ class TokenTests(_StoreTestCase):
         """
         site = _Site()
         token, pem = self.enroll(site)
-        again = self.store.redeem_token(
-            "alpha", token, site.key_fingerprint, site.issue, later(7200)
-        )
+        again = self.store.redeem_token("alpha", token, site.key_fingerprint, site.issue, later(7200))
         self.assertEqual(again, pem)
         self.assertEqual(site.issued, 1)
 
@@ -201,9 +194,7 @@ class TokenTests(_StoreTestCase):
         def broken() -> str:
             raise RuntimeError("signing failed")
 
-        self.assertRaises(
-            RuntimeError, self.store.redeem_token, "alpha", token, "f" * 64, broken, NOW
-        )
+        self.assertRaises(RuntimeError, self.store.redeem_token, "alpha", token, "f" * 64, broken, NOW)
         [record] = self.store.list_sites()
         self.assertFalse(record.enrolled)
         site = _Site()
@@ -525,9 +516,7 @@ class ConcurrencyTests(_StoreTestCase):
         raw = sqlite3.connect(self.path, isolation_level=None)
         self.addCleanup(raw.close)
         raw.execute("BEGIN IMMEDIATE")
-        error = self.assertRaises(
-            StateError, store.create_token, "alpha", timedelta(hours=1), NOW
-        )
+        error = self.assertRaises(StateError, store.create_token, "alpha", timedelta(hours=1), NOW)
         self.assertIn("locked", str(error))
         raw.execute("ROLLBACK")
         store.create_token("alpha", timedelta(hours=1), NOW)
@@ -632,4 +621,3 @@ class DamageTests(TestCase):
         store = StateStore(self.path)
         self.addCleanup(store.close)
         self.assertRaises(ValueError, store.set_meta, "schema_version", "9")
-

@@ -27,7 +27,6 @@ from rtunnel.roles.server import ServerPolicy
 from rtunnel.roles.site import SitePolicy, TunnelClientService
 from rtunnel.roles.target import Target
 from rtunnel.services import ServerConfig, SiteConfig, TunnelServerService, build_server_service, build_site_service
-
 from tests.roles_helpers import ServerFixture, temp_dir
 
 
@@ -49,7 +48,9 @@ class PluginDiscoveryTests(SynchronousTestCase):
     def test_endpoint_parser(self) -> None:
         """getPlugins finds the rtunnel client endpoint parser, a valid provider of the interface."""
         parsers = [
-            p for p in getPlugins(IStreamClientEndpointStringParserWithReactor) if getattr(p, "prefix", None) == "rtunnel"
+            p
+            for p in getPlugins(IStreamClientEndpointStringParserWithReactor)
+            if getattr(p, "prefix", None) == "rtunnel"
         ]
         self.assertEqual(len(parsers), 1)
         self.assertIsInstance(parsers[0], SiteEndpointParser)
@@ -106,12 +107,14 @@ class ServerOptionsTests(SynchronousTestCase):
         self.assertEqual(config.listen, "tcp:6000:interface=0.0.0.0")
         self.assertEqual(config.public_addresses, ("tunnel.example", "203.0.113.5"))
         self.assertEqual(
-            config.forwards, (ForwardSpec.parse("8080:alpha:10.0.0.5:554"), ForwardSpec.parse("[::1]:9000:beta:[::1]:22"))
+            config.forwards,
+            (ForwardSpec.parse("8080:alpha:10.0.0.5:554"), ForwardSpec.parse("[::1]:9000:beta:[::1]:22")),
         )
         self.assertEqual((config.open_timeout, config.drain_grace), (2.5, 3.0))
         self.assertEqual((config.max_streams_per_site, config.max_pending_opens), (50, 9))
         self.assertEqual(
-            config.policy, ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0, max_preauth=64, max_handshakes=16)
+            config.policy,
+            ServerPolicy(keepalive=Keepalive(4.0, 20.0), handshake_timeout=7.0, max_preauth=64, max_handshakes=16),
         )
 
     def test_log_level(self) -> None:
@@ -126,7 +129,9 @@ class ServerOptionsTests(SynchronousTestCase):
                 self.assertEqual(options.log_level, level)
             with self.assertRaises(usage.UsageError) as raised:
                 tap.Options().parseOptions(["--state=/s", "--log-level=chatty"])
-            self.assertIn("--log-level: 'chatty' is not one of debug, info, warn, error, critical", str(raised.exception))
+            self.assertIn(
+                "--log-level: 'chatty' is not one of debug, info, warn, error, critical", str(raised.exception)
+            )
 
     def test_keepalive_off(self) -> None:
         """--keepalive 0 (in any spelling) or off turns keepalive off."""
@@ -261,7 +266,9 @@ class MakeServiceTests(SynchronousTestCase):
         """
         directory = os.path.join(temp_dir(self), "state")
         options = server_tap.Options()
-        options.parseOptions(["--state", directory, "--public-address", "tunnel.example", "--forward", "8080:alpha:h:1"])
+        options.parseOptions(
+            ["--state", directory, "--public-address", "tunnel.example", "--forward", "8080:alpha:h:1"]
+        )
         service = server_tap.makeService(options)
         self.addCleanup(service.state.close)  # type: ignore[attr-defined]
         self.assertIsInstance(service, TunnelServerService)
@@ -299,7 +306,9 @@ class MakeServiceTests(SynchronousTestCase):
         keyfile = os.path.join(temp_dir(self), "alpha.rtkey")
         write_keyfile(keyfile, fixture.keyfile("alpha"))
         options = site_tap.Options()
-        options.parseOptions(["--state", os.path.join(temp_dir(self), "site"), "--keyfile", keyfile, "--allow", "10.0.0.5:554"])
+        options.parseOptions(
+            ["--state", os.path.join(temp_dir(self), "site"), "--keyfile", keyfile, "--allow", "10.0.0.5:554"]
+        )
         service = site_tap.makeService(options)
         self.assertIsInstance(service, TunnelClientService)
         self.assertFalse(service.running)
@@ -376,7 +385,18 @@ class FlowOptionTests(SynchronousTestCase):
         self.assertFalse(policy.tuning.enabled)
         site = site_tap.Options()
         site.parseOptions(
-            ["--state", "/tmp/y", "--window", "65536", "--max-window", "4M", "--max-streams", "10", "--handshake-timeout", "7"]
+            [
+                "--state",
+                "/tmp/y",
+                "--window",
+                "65536",
+                "--max-window",
+                "4M",
+                "--max-streams",
+                "10",
+                "--handshake-timeout",
+                "7",
+            ]
         )
         policy = site.config.policy
         self.assertEqual(policy.handshake_timeout, 7.0)

@@ -26,7 +26,6 @@ from zope.interface import implementer
 from rtunnel.adapter import MuxStream, StreamOpenFailed, StreamReset
 from rtunnel.mux import ErrorCode
 from rtunnel.roles.target import Target, TargetConnector, tcp_endpoints
-
 from tests.roles_helpers import Echo, EndpointMap, Recorder, TCPTransport, mux_pair, pump_all
 
 
@@ -169,7 +168,9 @@ class ConnectorTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         streams = [self.open("10.0.0.6", 554) for _ in range(200)]
         for stream in streams:
-            self.assertEqual(self.failureResultOf(stream.opened, StreamOpenFailed).value.code, ErrorCode.TARGET_NOT_ALLOWED)
+            self.assertEqual(
+                self.failureResultOf(stream.opened, StreamOpenFailed).value.code, ErrorCode.TARGET_NOT_ALLOWED
+            )
         lines = [formatEvent(e) for e in events if "not in the allowlist" in formatEvent(e)]
         self.assertEqual(len(lines), 5)
         self.clock.advance(1)
@@ -307,7 +308,9 @@ class LocalFactoryTests(SynchronousTestCase):
             echoes.append(Echo())
             return echoes[-1]
 
-        connector = TargetConnector([], endpoints, clock, local_factories={Target("status", 1): Factory.forProtocol(build)})
+        connector = TargetConnector(
+            [], endpoints, clock, local_factories={Target("status", 1): Factory.forProtocol(build)}
+        )
         server, _, pump = mux_pair(clock, connector)
         stream = server.open_stream("STATUS", 1)
         mine = Recorder()
@@ -337,7 +340,12 @@ class LocalFactoryTests(SynchronousTestCase):
         """A local protocol learns of the cloud's reset through connectionLost."""
         clock = Clock()
         echoes: list[Echo] = []
-        connector = TargetConnector([], EndpointMap(), clock, local_factories={Target("status", 1): Factory.forProtocol(lambda: echoes.append(Echo()) or echoes[-1])})
+        connector = TargetConnector(
+            [],
+            EndpointMap(),
+            clock,
+            local_factories={Target("status", 1): Factory.forProtocol(lambda: echoes.append(Echo()) or echoes[-1])},
+        )
         server, _, pump = mux_pair(clock, connector)
         stream = server.open_stream("status", 1)
         pump_all(pump)

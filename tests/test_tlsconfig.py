@@ -129,18 +129,14 @@ class HandshakeTests(TestCase):
         name and certificate fingerprint.
         """
         server, site = Recorder(b"from server"), Recorder(b"from site")
-        client_tls, server_tls, _ = tls_pair(
-            server_tls_options(_AUTHORITY), _site_options(), server, site
-        )
+        client_tls, server_tls, _ = tls_pair(server_tls_options(_AUTHORITY), _site_options(), server, site)
         self.assertTrue(server.handshook and site.handshook)
         self.assertEqual(server.received, b"from site")
         self.assertEqual(site.received, b"from server")
         handle = client_tls.getHandle()
         self.assertEqual(handle.get_protocol_version_name(), "TLSv1.3")
         self.assertEqual(handle.get_cipher_name(), "TLS_AES_128_GCM_SHA256")
-        self.assertEqual(
-            peer_identity(server_tls), ("alpha", certs.fingerprint(_SITE_CERT))
-        )
+        self.assertEqual(peer_identity(server_tls), ("alpha", certs.fingerprint(_SITE_CERT)))
 
     def test_client_certificate_is_optional(self) -> None:
         """
@@ -148,9 +144,7 @@ class HandshakeTests(TestCase):
         server sees no identity.
         """
         server, site = Recorder(), Recorder(b"enroll me")
-        _, server_tls, _ = tls_pair(
-            server_tls_options(_AUTHORITY), _site_options(with_certificate=False), server, site
-        )
+        _, server_tls, _ = tls_pair(server_tls_options(_AUTHORITY), _site_options(with_certificate=False), server, site)
         self.assertTrue(server.handshook)
         self.assertEqual(server.received, b"enroll me")
         self.assertIsNone(peer_identity(server_tls))
@@ -163,9 +157,7 @@ class HandshakeTests(TestCase):
         server, client = Recorder(), Recorder()
         client_tls, _, _ = tls_pair(
             server_tls_options(_AUTHORITY),
-            _RawOptions(
-                suites="TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
-            ),
+            _RawOptions(suites="TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"),
             server,
             client,
         )
@@ -289,9 +281,7 @@ class HandshakeTests(TestCase):
         self.assertEqual(server_tls.getHandle().get_servername(), b"tunnel.example")
         for address in ("127.0.0.1", "::1"):
             server, site = Recorder(), Recorder()
-            _, server_tls, _ = tls_pair(
-                server_tls_options(_AUTHORITY), _site_options(address), server, site
-            )
+            _, server_tls, _ = tls_pair(server_tls_options(_AUTHORITY), _site_options(address), server, site)
             self.assertTrue(site.handshook, address)
             self.assertIsNone(server_tls.getHandle().get_servername())
 
@@ -326,9 +316,7 @@ class ServerVerificationTests(TestCase):
         """
         Our own server certificate is refused for a name it does not carry.
         """
-        error = self.assertRefused(
-            server_tls_options(_AUTHORITY), _site_options("elsewhere.example")
-        )
+        error = self.assertRefused(server_tls_options(_AUTHORITY), _site_options("elsewhere.example"))
         self.assertIn("not valid for 'elsewhere.example'", str(error))
         self.assertIsNone(error.code)
 
@@ -562,9 +550,7 @@ class OptionsTests(TestCase):
         """
         The creators provide Twisted's connection creator interfaces.
         """
-        self.assertTrue(
-            verifyObject(IOpenSSLServerConnectionCreator, server_tls_options(_AUTHORITY))
-        )
+        self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, server_tls_options(_AUTHORITY)))
         self.assertTrue(verifyObject(IOpenSSLClientConnectionCreator, _site_options()))
 
     def test_key_without_certificate(self) -> None:
@@ -580,9 +566,7 @@ class OptionsTests(TestCase):
         A key that does not match its certificate is refused up front.
         """
         other = certs.generate_private_key()
-        self.assertRaises(
-            CertificateError, site_tls_options, _AUTHORITY.ca_pem, "h", other, _SITE_CERT
-        )
+        self.assertRaises(CertificateError, site_tls_options, _AUTHORITY.ca_pem, "h", other, _SITE_CERT)
         self.assertRaises(
             CertificateError,
             ServerTLSOptions,

@@ -18,7 +18,8 @@ rule cannot deadlock two ends).
 
 from __future__ import annotations
 
-from typing import Callable, Unpack, cast
+from collections.abc import Callable
+from typing import cast
 
 from attrs import define, field, frozen, validators
 from twisted.internet import defer
@@ -217,7 +218,7 @@ class MuxProtocol(Protocol):
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] | None = None
         #: what to call, and with what, once the connection is gone
         # (callback, *args) in one tuple: a server keeps two per session
-        self._closed_waiters: list[tuple[Callable[..., object], Unpack[tuple[object, ...]]]] = []
+        self._closed_waiters: list[tuple[Callable[..., object], *tuple[object, ...]]] = []
         self._in_receive = False
         self._last_received = 0.0
         self._ping_sent: dict[bytes, float] | None = None

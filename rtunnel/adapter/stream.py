@@ -17,7 +17,8 @@ Backpressure, both ways:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Iterable, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, cast
 
 from attrs import frozen
 from twisted.internet import defer
@@ -31,9 +32,10 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ITransport,
 )
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from rtunnel.logs import Logger
 
 from ..mux.errors import ErrorCode, code_name
 
@@ -411,7 +413,11 @@ class MuxStream:
             try:
                 protocol.connectionLost(reason)
             except Exception:
-                self._log.failure("connectionLost of {protocol!r} on stream {streamID} raised", protocol=protocol, streamID=self.stream_id)
+                self._log.failure(
+                    "connectionLost of {protocol!r} on stream {streamID} raised",
+                    protocol=protocol,
+                    streamID=self.stream_id,
+                )
 
 
 CLEAN_CLOSE = Failure(ConnectionDone("stream closed cleanly"))

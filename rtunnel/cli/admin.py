@@ -86,10 +86,7 @@ def parse_duration(text: str) -> timedelta:
     """
     value = text.strip().lower()
     if not _DURATION_RE.match(value):
-        raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit (s, m, h, d or w), "
-            "like 30m, 24h or 7d"
-        )
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit (s, m, h, d or w), like 30m, 24h or 7d")
     seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(value))
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be longer than zero")
@@ -139,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argument_type(validate_site_name, "site name"),
         help="site name: 1-63 of a-z 0-9 . _ -",
     )
-    create.add_argument(
-        "--output", required=True, metavar="FILE", help="keyfile to write (must not exist)"
-    )
+    create.add_argument("--output", required=True, metavar="FILE", help="keyfile to write (must not exist)")
     create.add_argument(
         "--address",
         action="append",
@@ -244,13 +239,11 @@ def _keyfile_create(args: argparse.Namespace, now: datetime, out: TextIO) -> int
     )
     if existing is not None and existing.enrolled and not existing.revoked:
         print(
-            f"note: site {args.site!r} is enrolled already; enrolling with this "
-            "keyfile replaces its certificate",
+            f"note: site {args.site!r} is enrolled already; enrolling with this keyfile replaces its certificate",
             file=out,
         )
     print(
-        "The keyfile holds a one-time secret: move it to the site over a trusted "
-        "channel and delete this copy.",
+        "The keyfile holds a one-time secret: move it to the site over a trusted channel and delete this copy.",
         file=out,
     )
     return 0

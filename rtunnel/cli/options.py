@@ -38,9 +38,7 @@ def positive_int(name: str, text: str, maximum: int | None = None) -> int:
     return value
 
 
-def keepalive_from(
-    options: usage.Options, default: Keepalive, interval_share: float | None = None
-) -> Keepalive | None:
+def keepalive_from(options: usage.Options, default: Keepalive, interval_share: float | None = None) -> Keepalive | None:
     """
     C{--keepalive SECONDS} (0 turns keepalive off) and C{--keepalive-timeout
     SECONDS}.
@@ -121,7 +119,12 @@ def keepalive_parameters(default: Keepalive, timeout_default: str) -> list[list[
     """C{--keepalive} and C{--keepalive-timeout}, with the defaults of one role
     (given only in the help: L{keepalive_from} must see what was given)."""
     return [
-        ["keepalive", None, None, f"Seconds of silence before pinging the peer (0: off; default {default.interval:g})."],
+        [
+            "keepalive",
+            None,
+            None,
+            f"Seconds of silence before pinging the peer (0: off; default {default.interval:g}).",
+        ],
         [
             "keepalive-timeout",
             None,
@@ -150,7 +153,8 @@ def log_level_from(options: usage.Options) -> LogLevel:
         name = "warn"
     if name not in LOG_LEVELS:
         raise usage.UsageError(f"--log-level: {options['log-level']!r} is not one of {', '.join(LOG_LEVELS)}")
-    return LogLevel.levelWithName(name)
+    level: LogLevel = LogLevel.levelWithName(name)
+    return level
 
 
 def apply_log_level(level: LogLevel) -> None:

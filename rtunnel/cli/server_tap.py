@@ -10,14 +10,14 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ..identity.errors import IdentityError
+from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
 from ..roles.server import SERVER_KEEPALIVE, ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
 from .malloc import tune_malloc
-from ..roles.descriptors import describe_capacity, raise_soft_limit
 from .options import (
-    FLOW_PARAMETERS,
     DRAIN_PARAMETERS,
+    FLOW_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
     flow_from,

@@ -9,17 +9,17 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
+from ..adapter.protocol import Keepalive
 from ..identity.errors import IdentityError
 from ..mux.settings import MAX_STREAMS
-from ..adapter.protocol import Keepalive
+from ..roles.descriptors import raise_soft_limit
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
 from .malloc import tune_malloc
-from ..roles.descriptors import raise_soft_limit
 from .options import (
-    FLOW_PARAMETERS,
     DRAIN_PARAMETERS,
+    FLOW_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
     flow_from,
@@ -67,9 +67,7 @@ class Options(usage.Options):
             raise usage.UsageError("--state DIR is required")
         self.log_level = log_level_from(self)
         connect_timeout = positive_float("connect-timeout", self["connect-timeout"])
-        settings, tuning = flow_from(
-            self, max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS)
-        )
+        settings, tuning = flow_from(self, max_streams=positive_int("max-streams", self["max-streams"], MAX_STREAMS))
         self.config = SiteConfig(
             state_dir=self["state"],
             keyfile=self["keyfile"],

@@ -104,23 +104,15 @@ def validate_site_name(name: object) -> str:
     if not name:
         raise InvalidSiteName("site name is empty")
     if len(name) > 63:
-        raise InvalidSiteName(
-            f"site name {name!r} is {len(name)} characters long; the limit is 63"
-        )
+        raise InvalidSiteName(f"site name {name!r} is {len(name)} characters long; the limit is 63")
     if _SITE_NAME_RE.match(name):
         return name
     if _SITE_NAME_RE.match(name.lower()):
-        raise InvalidSiteName(
-            f"site name {name!r} has upper-case letters; use {name.lower()!r}"
-        )
+        raise InvalidSiteName(f"site name {name!r} has upper-case letters; use {name.lower()!r}")
     if not _SITE_NAME_CHAR_RE.match(name[0]) or name[0] in "._-":
-        raise InvalidSiteName(
-            f"site name {name!r} must start with a lower-case letter or a digit"
-        )
+        raise InvalidSiteName(f"site name {name!r} must start with a lower-case letter or a digit")
     bad = next(c for c in name if not _SITE_NAME_CHAR_RE.match(c))
-    raise InvalidSiteName(
-        f"site name {name!r} contains {bad!r}; allowed are a-z, 0-9, '.', '_' and '-'"
-    )
+    raise InvalidSiteName(f"site name {name!r} contains {bad!r}; allowed are a-z, 0-9, '.', '_' and '-'")
 
 
 def normalize_host(host: str) -> str:
@@ -147,8 +139,7 @@ def normalize_host(host: str) -> str:
     for label in name.split("."):
         if not _DNS_LABEL_RE.match(label):
             raise AddressError(
-                f"{host!r} is not a valid host name or IP address "
-                "(use letters, digits, '-' and '.', or an IP address)"
+                f"{host!r} is not a valid host name or IP address (use letters, digits, '-' and '.', or an IP address)"
             )
     if name.replace(".", "").isdigit():
         raise AddressError(f"{host!r} is not a valid IPv4 address")
@@ -166,9 +157,7 @@ def _check_p256(key: object, source: str) -> None:
     if not isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{source} holds a {_key_kind(key)}, not an ECDSA P-256 key")
     if not isinstance(key.curve, ec.SECP256R1):
-        raise CertificateError(
-            f"{source} holds an ECDSA key on curve {key.curve.name}, not P-256"
-        )
+        raise CertificateError(f"{source} holds an ECDSA key on curve {key.curve.name}, not P-256")
 
 
 def _key_kind(key: object) -> str:
@@ -180,9 +169,7 @@ def _ski(key: ec.EllipticCurvePublicKey) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key)
 
 
-def create_ca(
-    common_name: str, now: datetime | None = None
-) -> tuple[PrivateKey, x509.Certificate]:
+def create_ca(common_name: str, now: datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
     """
     Create the certificate authority of one tunnel server.
 
@@ -360,21 +347,17 @@ def validate_csr(csr: x509.CertificateSigningRequest, site_name: str) -> None:
     try:
         key = csr.public_key()
     except Exception as e:
-        raise CertificateError(f"certificate request public key is unusable: {e}")
+        raise CertificateError(f"certificate request public key is unusable: {e}") from e
     _check_p256(key, "certificate request")
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1:
-        raise CertificateError(
-            f"certificate request must have exactly one common name, it has {len(cns)}"
-        )
+        raise CertificateError(f"certificate request must have exactly one common name, it has {len(cns)}")
     if cns[0].value != site_name:
-        raise CertificateError(
-            f"certificate request is for {str(cns[0].value)[:64]!r}, not for site {site_name!r}"
-        )
+        raise CertificateError(f"certificate request is for {str(cns[0].value)[:64]!r}, not for site {site_name!r}")
     try:
         valid = csr.is_signature_valid
     except Exception as e:
-        raise CertificateError(f"certificate request signature cannot be checked: {e}")
+        raise CertificateError(f"certificate request signature cannot be checked: {e}") from e
     if not valid:
         raise CertificateError("certificate request signature is invalid")
 
@@ -432,18 +415,15 @@ def site_name_of(cert: x509.Certificate) -> str:
     sites = [u[len(SITE_URI_PREFIX) :] for u in uris if u.startswith(SITE_URI_PREFIX)]
     if len(sites) != 1:
         raise CertificateError(
-            "certificate is not an rtunnel site certificate "
-            f"({len(sites)} {SITE_URI_PREFIX}<name> names)"
+            f"certificate is not an rtunnel site certificate ({len(sites)} {SITE_URI_PREFIX}<name> names)"
         )
     try:
         name = validate_site_name(sites[0])
     except InvalidSiteName as e:
-        raise CertificateError(f"certificate names an invalid site: {e}")
+        raise CertificateError(f"certificate names an invalid site: {e}") from e
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if [a.value for a in cns] != [name]:
-        raise CertificateError(
-            f"certificate common name does not match its site name {name!r}"
-        )
+        raise CertificateError(f"certificate common name does not match its site name {name!r}")
     return name
 
 
@@ -455,9 +435,7 @@ def server_names_of(cert: x509.Certificate) -> list[str]:
     san = _san(cert)
     if san is None:
         return []
-    return [
-        str(n.value) for n in san if isinstance(n, x509.DNSName | x509.IPAddress)
-    ]
+    return [str(n.value) for n in san if isinstance(n, x509.DNSName | x509.IPAddress)]
 
 
 def certificate_covers(cert: x509.Certificate, host: str) -> bool:
@@ -497,15 +475,8 @@ def public_key_fingerprint(
     Return the SHA-256 of the DER SubjectPublicKeyInfo of a key (or of the
     key in a certificate request), as lower-case hex.
     """
-    if isinstance(key, x509.CertificateSigningRequest):
-        public = key.public_key()
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        public = key.public_key()
-    else:
-        public = key
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public = key.public_key() if isinstance(key, (x509.CertificateSigningRequest, ec.EllipticCurvePrivateKey)) else key
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return sha256(der).hexdigest()
 
 
@@ -515,9 +486,7 @@ def key_matches_certificate(key: PrivateKey, cert: x509.Certificate) -> bool:
     """
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(
-        der, spki
-    )
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
 
 
 def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
@@ -545,7 +514,7 @@ def _as_bytes(data: str | bytes, source: str) -> bytes:
     try:
         return data.encode("ascii")
     except UnicodeEncodeError:
-        raise CertificateError(f"{source} contains non-ASCII characters; PEM is ASCII")
+        raise CertificateError(f"{source} contains non-ASCII characters; PEM is ASCII") from None
 
 
 def load_certificate(data: str | bytes, source: str = "certificate") -> x509.Certificate:
@@ -563,7 +532,7 @@ def load_certificate(data: str | bytes, source: str = "certificate") -> x509.Cer
     try:
         certs = x509.load_pem_x509_certificates(raw)
     except ValueError as e:
-        raise CertificateError(f"{source} is not a valid PEM certificate: {e}")
+        raise CertificateError(f"{source} is not a valid PEM certificate: {e}") from e
     if len(certs) != 1:
         raise CertificateError(f"{source} holds {len(certs)} certificates; expected one")
     return certs[0]
@@ -606,9 +575,7 @@ def dump_csr(csr: x509.CertificateSigningRequest) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
-def load_csr(
-    data: str | bytes, source: str = "certificate request"
-) -> x509.CertificateSigningRequest:
+def load_csr(data: str | bytes, source: str = "certificate request") -> x509.CertificateSigningRequest:
     """
     Parse a PEM certificate request (without checking its content: see
     L{validate_csr}).
@@ -619,4 +586,4 @@ def load_csr(
     try:
         return x509.load_pem_x509_csr(raw)
     except ValueError as e:
-        raise CertificateError(f"{source} is not a valid PEM certificate request: {e}")
+        raise CertificateError(f"{source} is not a valid PEM certificate request: {e}") from e

@@ -26,8 +26,8 @@ from typing import Any, Generic, TypeVar
 
 from attrs import field, frozen
 
-from rtunnel.logsafe import printable
 from rtunnel.identity.errors import EnrollmentProtocolError
+from rtunnel.logsafe import printable
 
 __all__ = [
     "MAGIC",
@@ -162,9 +162,7 @@ def _string(document: dict[str, Any], name: str, limit: int) -> str:
     if not isinstance(value, str):
         raise EnrollmentProtocolError(f"enrollment field {name!r} must be a string")
     if len(value) > limit:
-        raise EnrollmentProtocolError(
-            f"enrollment field {name!r} is longer than {limit} characters"
-        )
+        raise EnrollmentProtocolError(f"enrollment field {name!r} is longer than {limit} characters")
     return value
 
 
@@ -180,9 +178,7 @@ def decode_request(body: bytes) -> EnrollRequest:
     document = _document(body)
     kind = document.get("type")
     if kind != "enroll":
-        raise EnrollmentProtocolError(
-            f"enrollment message has type {_show(kind)}, expected 'enroll'"
-        )
+        raise EnrollmentProtocolError(f"enrollment message has type {_show(kind)}, expected 'enroll'")
     version = document.get("version")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
         raise EnrollmentProtocolError(
@@ -262,9 +258,7 @@ class MessageReader(Generic[T]):
         if self._length is None:
             head = bytes(self._buffer[: _HEADER.size])
             if not is_enrollment_prefix(head):
-                raise EnrollmentProtocolError(
-                    f"not an enrollment message (starts with {head[:4]!r})"
-                )
+                raise EnrollmentProtocolError(f"not an enrollment message (starts with {head[:4]!r})")
             if len(self._buffer) < _HEADER.size:
                 return None
             _, length = _HEADER.unpack(head)
@@ -272,8 +266,7 @@ class MessageReader(Generic[T]):
                 raise EnrollmentProtocolError("enrollment message is empty")
             if length > self._max_size:
                 raise EnrollmentProtocolError(
-                    f"enrollment message of {length} bytes exceeds the "
-                    f"{self._max_size}-byte limit"
+                    f"enrollment message of {length} bytes exceeds the {self._max_size}-byte limit"
                 )
             self._length = length
             del self._buffer[: _HEADER.size]

@@ -95,19 +95,14 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         host = text[1:end]
         rest = text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise AddressError(
-                f"address {original!r}: expected ':PORT' after ']', found {rest!r}"
-            )
+            raise AddressError(f"address {original!r}: expected ':PORT' after ']', found {rest!r}")
         port_text = rest[1:] if rest else None
         if not _is_ipv6(host):
-            raise AddressError(
-                f"address {original!r}: brackets are only for IPv6 addresses"
-            )
+            raise AddressError(f"address {original!r}: brackets are only for IPv6 addresses")
     elif text.count(":") > 1:
         if not _is_ipv6(text):
             raise AddressError(
-                f"address {original!r} is not valid; write IPv6 addresses "
-                "with a port in brackets, like [::1]:5500"
+                f"address {original!r} is not valid; write IPv6 addresses with a port in brackets, like [::1]:5500"
             )
         host, port_text = text, None
     elif ":" in text:
@@ -124,14 +119,10 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         port = default_port
     else:
         if not _PORT_RE.match(port_text):
-            raise AddressError(
-                f"address {original!r}: port {port_text!r} is not a number"
-            )
+            raise AddressError(f"address {original!r}: port {port_text!r} is not a number")
         port = int(port_text)
         if not 1 <= port <= 65535:
-            raise AddressError(
-                f"address {original!r}: port {port} is outside 1-65535"
-            )
+            raise AddressError(f"address {original!r}: port {port} is outside 1-65535")
     return normalized, port
 
 
@@ -164,9 +155,7 @@ def _check_addresses(instance: object, attribute: object, value: tuple[str, ...]
         raise AddressError("a keyfile needs at least one server address")
     for address in value:
         if normalize_address(address) != address:
-            raise AddressError(
-                f"address {address!r} is not in canonical host:port form"
-            )
+            raise AddressError(f"address {address!r} is not in canonical host:port form")
 
 
 def _check_site(instance: object, attribute: object, value: str) -> None:
@@ -184,9 +173,7 @@ def _check_ca(instance: object, attribute: object, value: str) -> None:
 
 def _check_token(instance: object, attribute: object, value: str) -> None:
     if not isinstance(value, str) or not _TOKEN_RE.match(value):
-        raise KeyfileError(
-            "token must be 22 to 256 characters of A-Z, a-z, 0-9, '-' and '_'"
-        )
+        raise KeyfileError("token must be 22 to 256 characters of A-Z, a-z, 0-9, '-' and '_'")
 
 
 def _check_expires(instance: object, attribute: object, value: datetime) -> None:
@@ -287,16 +274,10 @@ def loads_keyfile(text: str, source: str = "keyfile") -> Keyfile:
         raise KeyfileError(f"{source} is not a keyfile: expected a JSON object")
     fmt = document.get("format")
     if fmt != FORMAT:
-        raise KeyfileError(
-            f"{source} is not an rtunnel keyfile "
-            f"(its \"format\" is {fmt!r}, expected {FORMAT!r})"
-        )
+        raise KeyfileError(f'{source} is not an rtunnel keyfile (its "format" is {fmt!r}, expected {FORMAT!r})')
     version = document.get("version")
     if version != VERSION or isinstance(version, bool):
-        raise KeyfileError(
-            f"{source} has keyfile version {version!r}; this rtunnel reads version "
-            f"{VERSION} only"
-        )
+        raise KeyfileError(f"{source} has keyfile version {version!r}; this rtunnel reads version {VERSION} only")
     for name in _FIELDS:
         if name not in document:
             raise KeyfileError(f"{source} is missing the field {name!r}")
@@ -316,8 +297,7 @@ def loads_keyfile(text: str, source: str = "keyfile") -> Keyfile:
         values["expires"] = _parse_time(document["expires"])
     except ValueError:
         raise KeyfileError(
-            f"{source}: field 'expires' must be a UTC time like 2030-01-31T12:00:00Z, "
-            f"not {document['expires']!r}"
+            f"{source}: field 'expires' must be a UTC time like 2030-01-31T12:00:00Z, not {document['expires']!r}"
         ) from None
     try:
         load_certificate(document["ca_certificate"], "field 'ca_certificate'")

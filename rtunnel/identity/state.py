@@ -36,7 +36,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from cryptography import x509
-from rtunnel.logs import Logger
+from twisted.logger import Logger as TwistedLogger
 from twisted.python.filepath import FilePath
 
 from rtunnel.identity.certs import (
@@ -74,6 +74,7 @@ from rtunnel.identity.errors import (
 )
 from rtunnel.identity.keyfile import Keyfile, normalize_address, parse_address
 from rtunnel.identity.store import StateStore
+from rtunnel.logs import Logger
 
 __all__ = [
     "CA_KEY",
@@ -260,15 +261,14 @@ def _load_cert_file(path: str) -> x509.Certificate:
         raise StateError(str(e)) from None
 
 
-def _load_key_file(path: str, log: Logger) -> PrivateKey:
+def _load_key_file(path: str, log: TwistedLogger) -> PrivateKey:
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}") from None
     if mode & 0o077:
         log.warn(
-            "private key {path} is accessible to other users (mode {mode}); "
-            "it should be 0600",
+            "private key {path} is accessible to other users (mode {mode}); it should be 0600",
             path=path,
             mode=oct(mode & 0o777),
         )
@@ -362,9 +362,7 @@ class ServerState:
         return state
 
     @classmethod
-    def open_existing(
-        cls, state_dir: FilePath[str] | str | os.PathLike[str]
-    ) -> ServerState:
+    def open_existing(cls, state_dir: FilePath[str] | str | os.PathLike[str]) -> ServerState:
         """
         Open the state of a server that has run before (for the admin CLI).
 
@@ -379,10 +377,7 @@ class ServerState:
             )
         missing = [f for f in _SERVER_FILES if not os.path.lexists(os.path.join(path, f))]
         if missing:
-            raise StateError(
-                f"{path} is not a complete tunnel server state directory "
-                f"({', '.join(missing)} missing)"
-            )
+            raise StateError(f"{path} is not a complete tunnel server state directory ({', '.join(missing)} missing)")
         return cls._load(path, create_store=False)
 
     @classmethod
@@ -393,14 +388,11 @@ class ServerState:
         _write_new(os.path.join(path, CA_KEY), dump_private_key(ca_key), 0o600)
         _write_new(os.path.join(path, CA_CERT), dump_certificate(ca_cert).encode(), 0o644)
         _write_new(os.path.join(path, SERVER_KEY), dump_private_key(server_key), 0o600)
-        _write_new(
-            os.path.join(path, SERVER_CERT), dump_certificate(server_cert).encode(), 0o644
-        )
+        _write_new(os.path.join(path, SERVER_CERT), dump_certificate(server_cert).encode(), 0o644)
         store = StateStore(os.path.join(path, DATABASE), create=True)
         _fsync_directory(path)
         cls._log.info(
-            "created tunnel server state in {directory}: CA {ca_fingerprint}, "
-            "server certificate for {names}",
+            "created tunnel server state in {directory}: CA {ca_fingerprint}, server certificate for {names}",
             directory=path,
             ca_fingerprint=fingerprint(ca_cert),
             names=", ".join(hosts),
@@ -422,9 +414,7 @@ class ServerState:
         try:
             verify_issued_by(server_cert, ca_cert)
         except CertificateError:
-            raise StateError(
-                f"{os.path.join(path, SERVER_CERT)} was not issued by {CA_CERT}"
-            ) from None
+            raise StateError(f"{os.path.join(path, SERVER_CERT)} was not issued by {CA_CERT}") from None
         store = StateStore(os.path.join(path, DATABASE), create=create_store)
         return cls(FilePath(path), ca_key, ca_cert, server_key, server_cert, store)
 
@@ -720,9 +710,7 @@ class SiteState:
             _fsync_directory(self.directory.path)
         return dump_csr(create_csr(key, site))
 
-    def complete_enrollment(
-        self, keyfile: Keyfile, certificate_pem: str, now: datetime | None = None
-    ) -> None:
+    def complete_enrollment(self, keyfile: Keyfile, certificate_pem: str, now: datetime | None = None) -> None:
         """
         Store the certificate the server issued, making the pending key the
         site key and pinning the keyfile's CA.
@@ -735,22 +723,17 @@ class SiteState:
         """
         path = self._pending_key_path(keyfile.token_digest)
         if not os.path.lexists(path):
-            raise StateError(
-                f"no enrollment in progress in {self.directory.path} ({os.path.basename(path)} missing)"
-            )
+            raise StateError(f"no enrollment in progress in {self.directory.path} ({os.path.basename(path)} missing)")
         key = _load_key_file(path, self._log)
         cert = load_certificate(certificate_pem, "certificate from the tunnel server")
         ca = load_certificate(keyfile.ca_certificate_pem, "keyfile CA certificate")
         verify_issued_by(cert, ca)
         if site_name_of(cert) != keyfile.site:
             raise CertificateError(
-                f"the tunnel server issued a certificate for {site_name_of(cert)!r}, "
-                f"not for site {keyfile.site!r}"
+                f"the tunnel server issued a certificate for {site_name_of(cert)!r}, not for site {keyfile.site!r}"
             )
         if not key_matches_certificate(key, cert):
-            raise CertificateError(
-                "the tunnel server issued a certificate for another key"
-            )
+            raise CertificateError("the tunnel server issued a certificate for another key")
         info = SiteInfo(
             site=keyfile.site,
             addresses=keyfile.addresses,
@@ -780,4 +763,3 @@ class SiteState:
             site=keyfile.site,
             fingerprint=fingerprint(cert),
         )
-

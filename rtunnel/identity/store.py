@@ -199,9 +199,7 @@ class StateStore:
             except FileExistsError:
                 pass
             except OSError as e:
-                raise StateError(
-                    f"cannot create state database {self.path}: {e.strerror}"
-                ) from None
+                raise StateError(f"cannot create state database {self.path}: {e.strerror}") from None
         elif not os.access(self.path, os.R_OK | os.W_OK):
             raise StateError(
                 f"cannot open state database {self.path}: permission denied "
@@ -209,9 +207,7 @@ class StateStore:
             )
         uri = p.absolute().as_uri() + "?mode=rw"
         try:
-            self._db = sqlite3.connect(
-                uri, uri=True, timeout=busy_timeout, isolation_level=None
-            )
+            self._db = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
         except sqlite3.Error as e:
             raise StateError(f"cannot open state database {self.path}: {e}") from None
         try:
@@ -224,9 +220,7 @@ class StateStore:
             self._db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise StateError(
-                f"{self.path} is not a usable rtunnel state database ({e})"
-            ) from None
+            raise StateError(f"{self.path} is not a usable rtunnel state database ({e})") from None
         except BaseException:
             self._db.close()
             raise
@@ -253,12 +247,9 @@ class StateStore:
             tables = self._tables()
         if "meta" not in tables:
             raise StateError(
-                f"{self.path} is an SQLite database but not an rtunnel state "
-                "database (it has no meta table)"
+                f"{self.path} is an SQLite database but not an rtunnel state database (it has no meta table)"
             )
-        row = self._db.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             raise StateError(f"{self.path} has no schema version: not an rtunnel state database")
         version = str(row[0])
@@ -266,19 +257,14 @@ class StateStore:
             newer = version.isdigit() and int(version) > SCHEMA_VERSION
             raise StateError(
                 f"{self.path} has schema version {version}; this rtunnel understands "
-                f"version {SCHEMA_VERSION} only"
-                + (" (it was written by a newer rtunnel)" if newer else "")
+                f"version {SCHEMA_VERSION} only" + (" (it was written by a newer rtunnel)" if newer else "")
             )
         missing = _TABLES - tables
         if missing:
-            raise StateError(
-                f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing"
-            )
+            raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
 
     def _tables(self) -> set[str]:
-        rows = self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'"
-        ).fetchall()
+        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         return {r[0] for r in rows}
 
     @contextmanager
@@ -305,9 +291,7 @@ class StateStore:
             yield
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
-                raise StateError(
-                    f"state database {self.path} is locked by another process ({e})"
-                ) from None
+                raise StateError(f"state database {self.path} is locked by another process ({e})") from None
             raise StateError(f"state database {self.path}: {e}") from None
         except sqlite3.Error as e:
             raise StateError(f"state database {self.path}: {e}") from None
@@ -342,8 +326,7 @@ class StateStore:
             raise ValueError("the schema version is not set by callers")
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
 
@@ -377,8 +360,7 @@ class StateStore:
         token = secrets.token_urlsafe(32)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO tokens (digest, site, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO tokens (digest, site, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (token_digest(token), site, _ts(now), _ts(now + ttl)),
             )
         return token
@@ -423,14 +405,11 @@ class StateStore:
         """
         digest = token_digest(token)
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM tokens WHERE digest = ?", (digest,)
-            ).fetchone()
+            row = db.execute("SELECT * FROM tokens WHERE digest = ?", (digest,)).fetchone()
             if row is None:
                 raise EnrollmentRefused(
                     TOKEN_UNKNOWN,
-                    "the tunnel server does not know this enrollment token "
-                    "(is the keyfile from another server?)",
+                    "the tunnel server does not know this enrollment token (is the keyfile from another server?)",
                 )
             if row["site"] != site:
                 raise EnrollmentRefused(
@@ -446,16 +425,14 @@ class StateStore:
                     row["key_fingerprint"] == public_key_fingerprint
                     and current is not None
                     and current["revoked_at"] is None
-                    and current["certificate_fingerprint"]
-                    == row["certificate_fingerprint"]
+                    and current["certificate_fingerprint"] == row["certificate_fingerprint"]
                 ):
                     return str(row["certificate_pem"])
                 spent = _dt(row["spent_at"])
                 assert spent is not None
                 raise EnrollmentRefused(
                     TOKEN_SPENT,
-                    f"this token was already used at {_human(spent)} to enroll "
-                    f"site {site!r}; create a new keyfile",
+                    f"this token was already used at {_human(spent)} to enroll site {site!r}; create a new keyfile",
                 )
             if row["withdrawn_at"] is not None:
                 withdrawn = _dt(row["withdrawn_at"])
@@ -505,8 +482,7 @@ class StateStore:
         """
         with self._guard():
             row = self._db.execute(
-                "SELECT enrolled_at, certificate_fingerprint, revoked_at "
-                "FROM sites WHERE name = ?",
+                "SELECT enrolled_at, certificate_fingerprint, revoked_at FROM sites WHERE name = ?",
                 (site,),
             ).fetchone()
         if row is None or row["enrolled_at"] is None:
@@ -514,9 +490,7 @@ class StateStore:
         if row["revoked_at"] is not None:
             revoked = _dt(row["revoked_at"])
             assert revoked is not None
-            raise SiteRejected(
-                SITE_REVOKED, f"site {site!r} was revoked at {_human(revoked)}"
-            )
+            raise SiteRejected(SITE_REVOKED, f"site {site!r} was revoked at {_human(revoked)}")
         if row["certificate_fingerprint"] != certificate_fingerprint:
             raise SiteRejected(
                 CERTIFICATE_SUPERSEDED,
@@ -535,15 +509,12 @@ class StateStore:
         """
         with self._transaction() as db:
             row = db.execute("SELECT revoked_at FROM sites WHERE name = ?", (name,)).fetchone()
-            has_tokens = db.execute(
-                "SELECT 1 FROM tokens WHERE site = ? LIMIT 1", (name,)
-            ).fetchone()
+            has_tokens = db.execute("SELECT 1 FROM tokens WHERE site = ? LIMIT 1", (name,)).fetchone()
             if row is None and has_tokens is None:
                 raise SiteNotFound(f"no site named {name!r} is known to this server")
             stamp = _ts(now)
             db.execute(
-                "UPDATE tokens SET withdrawn_at = ? WHERE site = ? "
-                "AND spent_at IS NULL AND withdrawn_at IS NULL",
+                "UPDATE tokens SET withdrawn_at = ? WHERE site = ? AND spent_at IS NULL AND withdrawn_at IS NULL",
                 (stamp, name),
             )
             if row is None:
@@ -561,9 +532,7 @@ class StateStore:
         The names of all revoked sites.
         """
         with self._guard():
-            rows = self._db.execute(
-                "SELECT name FROM sites WHERE revoked_at IS NOT NULL"
-            ).fetchall()
+            rows = self._db.execute("SELECT name FROM sites WHERE revoked_at IS NOT NULL").fetchall()
         return frozenset(r[0] for r in rows)
 
     def changes_token(self) -> tuple[int, int]:
@@ -650,8 +619,7 @@ class StateStore:
         """
         with self._transaction() as db:
             db.execute(
-                "UPDATE sites SET connected = 0, last_seen = ? "
-                "WHERE name = ? AND (? IS NULL OR session = ?)",
+                "UPDATE sites SET connected = 0, last_seen = ? WHERE name = ? AND (? IS NULL OR session = ?)",
                 (_ts(now), site, session, session),
             )
 

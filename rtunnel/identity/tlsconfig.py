@@ -52,7 +52,6 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -65,6 +64,7 @@ from rtunnel.identity.certs import (
     site_name_of,
 )
 from rtunnel.identity.errors import CertificateError, PeerVerificationFailed
+from rtunnel.logs import Logger
 
 __all__ = [
     "KEY_EXCHANGE_GROUPS",
@@ -79,13 +79,8 @@ __all__ = [
     "SiteTLSOptions",
 ]
 
-TLS13_CIPHERSUITES = (
-    "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
-)
-TLS12_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384"
-)
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
+TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384"
 
 # OpenSSL X509_V_ERR_* numbers a misconfigured deployment actually meets.
 _VERIFY_ERRORS = {
@@ -126,7 +121,7 @@ def _groups_setter() -> Any:
 
         setter = lib.SSL_CTX_set1_curves_list
         probe = SSL.Context(SSL.TLS_METHOD)
-        if not setter(probe._context, KEY_EXCHANGE_GROUPS[-1].encode("ascii")):  # type: ignore[attr-defined]
+        if not setter(probe._context, KEY_EXCHANGE_GROUPS[-1].encode("ascii")):
             raise ValueError("refused the basic group list")
     except Exception as e:  # any change of pyOpenSSL's internals
         _log.warn(
@@ -145,7 +140,7 @@ def _pin_groups(ctx: SSL.Context) -> str | None:
     if _set_groups is None:
         return None
     for groups in KEY_EXCHANGE_GROUPS:
-        if _set_groups(ctx._context, groups.encode("ascii")):  # type: ignore[attr-defined]
+        if _set_groups(ctx._context, groups.encode("ascii")):
             return groups
     return None
 
@@ -169,10 +164,7 @@ def _base_context() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(
-        SSL.OP_NO_COMPRESSION
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-        | SSL.OP_NO_TICKET
-        | SSL.OP_NO_RENEGOTIATION
+        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION
     )
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
@@ -182,9 +174,7 @@ def _base_context() -> SSL.Context:
     return ctx
 
 
-def _passthrough(
-    conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int
-) -> bool:
+def _passthrough(conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:
     return bool(ok)
 
 
@@ -217,7 +207,9 @@ def client_refusal(tls_protocol: object) -> PeerVerificationFailed | None:
 
 def _refusal(peer_role: str, errno: int, depth: int) -> PeerVerificationFailed:
     where = "" if depth == 0 else f" (certificate {depth} of its chain)"
-    return PeerVerificationFailed(f"{peer_role} certificate refused{where}: {_describe(errno, peer_role)}", errno, depth)
+    return PeerVerificationFailed(
+        f"{peer_role} certificate refused{where}: {_describe(errno, peer_role)}", errno, depth
+    )
 
 
 def _verify_client(conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:

@@ -13,8 +13,6 @@ C{True} when our FIN was the last.
 
 from __future__ import annotations
 
-from typing import Union
-
 from attrs import frozen
 
 from .settings import Settings
@@ -164,19 +162,19 @@ class FloodDetected:
         return self.count / self.seconds
 
 
-Event = Union[
-    SessionReady,
-    StreamRequested,
-    StreamAccepted,
-    StreamRefused,
-    DataReceived,
-    StreamEnded,
-    StreamReset,
-    StreamClosed,
-    SendWindowAvailable,
-    PongReceived,
-    PingReceived,
-    GoAwayReceived,
-    FloodDetected,
-    SessionFailed,
-]
+Event = (
+    SessionReady
+    | StreamRequested
+    | StreamAccepted
+    | StreamRefused
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | StreamClosed
+    | SendWindowAvailable
+    | PongReceived
+    | PingReceived
+    | GoAwayReceived
+    | FloodDetected
+    | SessionFailed
+)

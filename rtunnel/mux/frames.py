@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Union
 
 from attrs import frozen
 
@@ -127,7 +126,7 @@ class GoAway:
     stream_id: int = 0
 
 
-Frame = Union[Hello, Open, OpenOk, OpenFail, Data, WindowUpdate, Reset, Ping, GoAway]
+Frame = Hello | Open | OpenOk | OpenFail | Data | WindowUpdate | Reset | Ping | GoAway
 
 
 def _reason_bytes(reason: str) -> bytes:
@@ -168,9 +167,7 @@ def encode(frame: Frame) -> bytes:
         ftype, flags, payload = FrameType.PING, FLAG_ACK if frame.ack else 0, frame.opaque
     elif isinstance(frame, GoAway):
         ftype, flags = FrameType.GOAWAY, 0
-        payload = _GOAWAY_HEAD.pack(frame.last_stream_id, frame.code) + _reason_bytes(
-            frame.reason
-        )
+        payload = _GOAWAY_HEAD.pack(frame.last_stream_id, frame.code) + _reason_bytes(frame.reason)
     elif isinstance(frame, Hello):
         ftype, flags = FrameType.HELLO, 0
         payload = _HELLO.pack(
@@ -233,9 +230,7 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
     if ftype is None:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type 0x{ftype_raw:02x}")
     if flags & ~_ALLOWED_FLAGS.get(ftype, 0):
-        raise ProtocolError(
-            ErrorCode.PROTOCOL_ERROR, f"{ftype.name} frame with undefined flags 0x{flags:02x}"
-        )
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{ftype.name} frame with undefined flags 0x{flags:02x}")
     if stream_id > MAX_STREAM_ID:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "stream id has the reserved bit set")
     if (ftype in _SESSION_TYPES) != (stream_id == 0):
@@ -248,18 +243,14 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
         _fixed(ftype, payload, 4)
         (increment,) = _U32.unpack(payload)
         if not 1 <= increment <= MAX_WINDOW:
-            raise ProtocolError(
-                ErrorCode.FLOW_CONTROL_ERROR, f"WINDOW_UPDATE increment {increment} out of range"
-            )
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"WINDOW_UPDATE increment {increment} out of range")
         return WindowUpdate(stream_id, increment)
     if ftype is FrameType.OPEN:
         if len(payload) < _OPEN_HEAD.size + 1:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "OPEN payload too short")
         port, host_len = _OPEN_HEAD.unpack_from(payload)
         if len(payload) != _OPEN_HEAD.size + host_len:
-            raise ProtocolError(
-                ErrorCode.FRAME_SIZE_ERROR, "OPEN host length does not match the payload"
-            )
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "OPEN host length does not match the payload")
         host = payload[_OPEN_HEAD.size :]
         if host_len == 0 or not _valid_host(host):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target host is not a valid name")

@@ -30,6 +30,7 @@ from .errors import (
     StreamLimitReached,
     code_name,
 )
+from .flood import EMPTY_DATA, PING, REFUSED_OPEN, FloodMeter
 from .frames import (
     FLAG_FIN,
     HEADER,
@@ -51,7 +52,6 @@ from .frames import (
     WindowUpdate,
     encode,
 )
-from .flood import EMPTY_DATA, PING, REFUSED_OPEN, FloodMeter
 from .settings import FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
@@ -323,9 +323,7 @@ class MuxSession:
         if self._failed or self._goaway_sent or self._goaway_received:
             raise SessionClosing("session is going away; no new streams")
         if self._local_opened >= self.peer_settings.max_streams:
-            raise StreamLimitReached(
-                f"peer allows {self.peer_settings.max_streams} concurrent streams"
-            )
+            raise StreamLimitReached(f"peer allows {self.peer_settings.max_streams} concurrent streams")
         if self._next_local_id > MAX_STREAM_ID:
             self.go_away(ErrorCode.NO_ERROR, "stream ids exhausted")
             raise SessionClosing("stream ids exhausted")
@@ -434,17 +432,19 @@ class MuxSession:
         # send, what the consumer holds, what awaits a WINDOW_UPDATE.
         held = record.window - record.recv_window - record.unacked
         if size > held:
-            raise MuxUsageError(
-                f"consumed {size} bytes on stream {stream_id}, but only {held} were received"
-            )
+            raise MuxUsageError(f"consumed {size} bytes on stream {stream_id}, but only {held} were received")
         record.unacked += size
         # Half a window, but at most UPDATE_BATCH: with a large (grown)
         # window, credit returned in half-window lumps would leave the pipe
         # a quarter empty on average.
-        if record.unacked >= min(record.window // 2, UPDATE_BATCH) and (
-            record.state,
-            Input.SEND_WINDOW_UPDATE,
-        ) in TRANSITIONS:
+        if (
+            record.unacked >= min(record.window // 2, UPDATE_BATCH)
+            and (
+                record.state,
+                Input.SEND_WINDOW_UPDATE,
+            )
+            in TRANSITIONS
+        ):
             self._grant(record, record.unacked)
 
     def grow_window(self, stream_id: int, window: int) -> None:
@@ -792,9 +792,7 @@ class MuxSession:
         if isinstance(frame, WindowUpdate):
             record.state = self._next_state(record, Input.RECV_WINDOW_UPDATE)
             if record.send_window + frame.increment > MAX_WINDOW:
-                raise _StreamError(
-                    ErrorCode.FLOW_CONTROL_ERROR, f"send window of stream {record.stream_id} overflows"
-                )
+                raise _StreamError(ErrorCode.FLOW_CONTROL_ERROR, f"send window of stream {record.stream_id} overflows")
             record.send_window += frame.increment
             events.append(ev.SendWindowAvailable(record.stream_id, record.send_window))
         elif isinstance(frame, OpenOk):

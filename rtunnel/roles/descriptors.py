@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime

@@ -25,7 +25,6 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -49,6 +48,7 @@ from rtunnel.identity.errors import (
     EnrollmentRefused,
     IdentityError,
 )
+from rtunnel.logs import Logger
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -153,9 +153,7 @@ class EnrollmentResponder(Protocol):
         site = _site_for_log(request.site)
         now = datetime.fromtimestamp(self._clock.seconds(), UTC)
         try:
-            certificate_pem = self._enroller.enroll(
-                request.site, request.token, request.csr_pem, now
-            )
+            certificate_pem = self._enroller.enroll(request.site, request.token, request.csr_pem, now)
         except EnrollmentRefused as e:
             self._log.warn(
                 # "reason", not "message": the legacy log bridge owns that key.
@@ -167,9 +165,7 @@ class EnrollmentResponder(Protocol):
             )
             return EnrollRejected(e.code, e.message)
         except Exception:
-            self._log.failure(
-                "enrollment of site {site} from {peer} failed", site=site, peer=self.peer
-            )
+            self._log.failure("enrollment of site {site} from {peer} failed", site=site, peer=self.peer)
             return EnrollRejected(
                 INTERNAL_ERROR,
                 "the tunnel server could not complete the enrollment; see its log",
@@ -195,8 +191,7 @@ class EnrollmentResponder(Protocol):
             return
         self._finished = True
         self._log.info(
-            "dropping enrollment connection from {peer}: no complete request "
-            "within {timeout:.1f} seconds",
+            "dropping enrollment connection from {peer}: no complete request within {timeout:.1f} seconds",
             peer=self.peer,
             timeout=self._timeout,
         )
@@ -277,8 +272,7 @@ class EnrollmentRequester(Protocol):
         if isinstance(reason.value, (ConnectionDone, ConnectionLost)):
             self._settle(
                 EnrollmentIncomplete(
-                    "the connection to the tunnel server closed before it "
-                    "answered the enrollment request"
+                    "the connection to the tunnel server closed before it answered the enrollment request"
                 )
             )
         else:
@@ -290,8 +284,7 @@ class EnrollmentRequester(Protocol):
             return
         self._settle(
             EnrollmentIncomplete(
-                f"the tunnel server did not answer the enrollment request "
-                f"within {self._timeout:g} seconds"
+                f"the tunnel server did not answer the enrollment request within {self._timeout:g} seconds"
             )
         )
         _drop(self.transport)

@@ -15,6 +15,7 @@ import os
 import sys
 
 from twisted.internet.interfaces import IReactorCore
+
 from rtunnel.logs import Logger
 
 _log = Logger()

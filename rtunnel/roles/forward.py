@@ -17,8 +17,9 @@ from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
+
+from rtunnel.logs import Logger
 
 from ..adapter.address import describe
 from ..adapter.stream import MuxStream, StreamOpenFailed, StreamReset
@@ -44,7 +45,7 @@ class ForwardSpec:
     target: Target
 
     @classmethod
-    def parse(cls, text: str) -> "ForwardSpec":
+    def parse(cls, text: str) -> ForwardSpec:
         """
         @raise ValueError: naming the part that is wrong.
         """
@@ -113,7 +114,7 @@ class ForwardProtocol(TCPSide):
 
     _log = Logger()
 
-    def __init__(self, factory: "ForwardFactory", peer: IAddress | None) -> None:
+    def __init__(self, factory: ForwardFactory, peer: IAddress | None) -> None:
         super().__init__(on_closed=self._pipe_closed)
         self.factory = factory
         self.peer = peer

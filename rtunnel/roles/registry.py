@@ -11,17 +11,17 @@ them; the number of such waiters per site is bounded.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from attrs import define
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
 from rtunnel.logs import Logger
 
 from ..adapter.protocol import MuxProtocol
 from ..adapter.stream import MuxStream
 from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
-
 
 #: A session replaced younger than this (seconds) suggests duplicate sites.
 DUPLICATE_WINDOW = 60.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import cast
 
 from attrs import frozen
@@ -44,8 +44,8 @@ from zope.interface import implementer
 
 from ..adapter.address import describe
 from ..adapter.protocol import Keepalive, MuxProtocol
-from ..adapter.wheel import KeepaliveWheel
 from ..adapter.stream import MuxStream
+from ..adapter.wheel import KeepaliveWheel
 from ..identity.errors import PeerVerificationFailed, SiteRejected
 from ..identity.state import ServerState
 from ..identity.tlsconfig import client_refusal, peer_identity
@@ -56,7 +56,6 @@ from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .enrollment import EnrollmentResponder
 from .registry import SiteRegistry
 from .splice import set_nodelay
-
 
 #: The server's keepalive: ping a site only after 25 s of silence, give up
 #: after 30. Sites ping after 10 s of silence (L{Keepalive}'s defaults), so
@@ -170,7 +169,9 @@ class TunnelConnection(Protocol):
             # Our own timer stays armed: the responder's ends with its reply,
             # and a client that then never closes must not keep the socket.
             remaining = max(self._deadline - self.factory.clock.seconds(), 0.001)
-            responder = EnrollmentResponder(self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=remaining)
+            responder = EnrollmentResponder(
+                self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=remaining
+            )
             self._become(responder)
             return
         site, fingerprint = identity
@@ -320,7 +321,9 @@ class TunnelConnection(Protocol):
             what = "no authenticated session"
         else:
             what = "TLS handshake not finished"
-        allowed, suppressed = self.factory.log_budget.allow(("timeout", self.peer.rpartition(":")[0]), self.factory.clock.seconds())
+        allowed, suppressed = self.factory.log_budget.allow(
+            ("timeout", self.peer.rpartition(":")[0]), self.factory.clock.seconds()
+        )
         if allowed:
             self._log.warn(
                 "dropping {peer}: {what} within {timeout}s{suppressed}",
@@ -348,12 +351,18 @@ def _session_closed(reason: BaseException, factory: TunnelServerFactory, site: s
     factory.connections -= 1
     if factory.stopping:
         return  # the server is draining every session: it logs one line for all
-    TunnelConnection._log.info("site {site} from {peer} disconnected: {reason}", site=site, peer=peer, reason=str(reason))
+    TunnelConnection._log.info(
+        "site {site} from {peer} disconnected: {reason}", site=site, peer=peer, reason=str(reason)
+    )
 
 
 def _ssl_reason(error: SSL.Error) -> str:
     """OpenSSL's reason strings out of the nested list pyOpenSSL gives."""
-    reasons = [str(item[2]) for item in (error.args[0] if error.args and isinstance(error.args[0], list) else []) if len(item) > 2]
+    reasons = [
+        str(item[2])
+        for item in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+        if len(item) > 2
+    ]
     return "TLS error: " + ("; ".join(reasons) if reasons else str(error))
 
 
@@ -724,4 +733,4 @@ class RevocationWatch:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Any, Callable, Generator, Sequence, cast
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, cast
 
 from attrs import frozen
 from OpenSSL import SSL
@@ -40,9 +41,10 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from rtunnel.logs import Logger
 
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.tls import BulkTLSClientEndpoint
@@ -327,9 +329,13 @@ class SiteMuxFactory(Factory):
             return
         why = f"{code_name(goaway[0])}: {printable(goaway[1])}" if goaway is not None else outcome.reason
         if self.stopping:
-            self._log.info("site {site}: tunnel to {server} closed: {reason}", site=self.site, server=mux.peer_label, reason=why)
+            self._log.info(
+                "site {site}: tunnel to {server} closed: {reason}", site=self.site, server=mux.peer_label, reason=why
+            )
         else:
-            self._log.warn("site {site}: tunnel to {server} lost: {reason}", site=self.site, server=mux.peer_label, reason=why)
+            self._log.warn(
+                "site {site}: tunnel to {server} lost: {reason}", site=self.site, server=mux.peer_label, reason=why
+            )
 
 
 class TunnelClientService(MultiService):
@@ -398,7 +404,10 @@ class TunnelClientService(MultiService):
             self._enrolling.addErrback(self._enroll_failed)
         else:
             if self.keyfile is not None:
-                self._log.info("site {site} already enrolled with this keyfile; using the stored credentials", site=self.state.site_name)
+                self._log.info(
+                    "site {site} already enrolled with this keyfile; using the stored credentials",
+                    site=self.state.site_name,
+                )
             self._start_tunnel()
 
     @defer.inlineCallbacks
@@ -409,7 +418,11 @@ class TunnelClientService(MultiService):
         if factory is not None:
             factory.stopping = True
         if factory is not None and factory.current is not None and factory.current.ready:
-            self._log.info("site {site}: draining the tunnel (grace {grace}s)", site=self.state.site_name, grace=self.policy.drain_grace)
+            self._log.info(
+                "site {site}: draining the tunnel (grace {grace}s)",
+                site=self.state.site_name,
+                grace=self.policy.drain_grace,
+            )
             yield factory.current.drain(self.policy.drain_grace, "site shutting down")
         yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
 
@@ -562,4 +575,3 @@ class TunnelClientService(MultiService):
             prepareConnection=self.prepare_connection,
         )
         self.client.setServiceParent(self)
-

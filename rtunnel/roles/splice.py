@@ -11,14 +11,15 @@ errors as errors: a TCP reset becomes a stream RESET and the other way round.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
-from rtunnel.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from rtunnel.logs import Logger
 
 from ..adapter.eager import send_eagerly
 from ..adapter.stream import MuxStream, StreamReset

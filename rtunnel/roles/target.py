@@ -15,16 +15,17 @@ import errno
 import functools
 import ipaddress
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from attrs import frozen
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
 from rtunnel.logs import Logger
 from rtunnel.logsafe import LogBudget
-from twisted.python.failure import Failure
 
 from ..adapter.stream import MuxStream
 from ..mux.errors import ErrorCode
@@ -59,7 +60,7 @@ class Target:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Target":
+    def parse(cls, text: str) -> Target:
         """
         Parse C{HOST:PORT} (IPv6 in brackets: C{[::1]:554}).
 
