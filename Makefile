@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(RUN) -m rtunnel.demo
+	$(RUN) -m tools.demo
 
 bench: $(STAMP)
 	$(RUN) bench/run.py $(BENCH_ARGS)
@@ -36,7 +36,7 @@ bench-fleet: $(STAMP)
 # Static checks: ruff (lint rules and formatting, configured in pyproject.toml)
 # and strict mypy with the zope plugin; the checkers are pinned in the `dev`
 # extra, so a new release cannot turn CI red overnight. .ci/run runs it.
-CHECKED := rtunnel twisted tests bench
+CHECKED := rtunnel twisted tools tests bench
 check: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(VENV)/bin/ruff check $(CHECKED)

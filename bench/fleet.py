@@ -9,7 +9,7 @@ Usage (from the repo root)::
 
 What runs:
 
-* the server: ``twistd -n rtunnel-server`` started as rtunnel/harness.py does
+* the server: ``twistd -n rtunnel-server`` started as tools/harness.py does
   (``python -c TWISTD``, the source tree on PYTHONPATH), listening on
   127.0.0.1 with K forwards ``127.0.0.1:PORT:SITE:echo:7`` to K sites;
 * D driver processes (bench/fleet_driver.py), each running N/D sites as
@@ -73,7 +73,7 @@ from bench import fleet_profile, procstats  # noqa: E402
 WORK = REPO / "_bench" / "fleet"
 RESULTS_MD = REPO / "bench" / "results" / "fleet-latest.md"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-#: twistd, run by the same interpreter (as rtunnel/harness.py does)
+#: twistd, run by the same interpreter (as tools/harness.py does)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 NETNS_ENV = "RTUNNEL_FLEET_IN_NETNS"
 PROBE_ENV = "RTUNNEL_FLEET_PROBE"  # read by bench/fleet_probe.py

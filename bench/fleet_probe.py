@@ -2,7 +2,7 @@
 
     python bench/fleet_probe.py -n --pidfile= --logfile=LOG rtunnel-server ...
 
-is ``twistd`` (the same ``run()`` that rtunnel/harness.py starts) with one
+is ``twistd`` (the same ``run()`` that tools/harness.py starts) with one
 addition: on SIGUSR2 the process writes what its memory is made of to
 ``$RTUNNEL_FLEET_PROBE/probe-LABEL.json``, where LABEL (and whether to call
 ``malloc_trim`` afterwards) is read from ``$RTUNNEL_FLEET_PROBE/probe-request.json``:

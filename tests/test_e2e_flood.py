@@ -23,9 +23,9 @@ import time
 
 import pytest
 
-from rtunnel.harness import ROOT, Deployment, free_port, wait_until
 from rtunnel.mux.errors import ErrorCode
 from tests.e2e_support import EchoServer
+from tools.harness import ROOT, Deployment, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

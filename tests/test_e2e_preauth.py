@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from rtunnel.harness import Deployment, free_port, wait_until
 from tests.e2e_support import EchoServer
+from tools.harness import Deployment, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from rtunnel.harness import Deployment, free_port, wait_until
 from rtunnel.identity.certs import (
     create_ca,
     create_csr,
@@ -25,6 +24,7 @@ from rtunnel.identity.certs import (
     load_private_key,
 )
 from tests.e2e_support import AlertingPath, EchoServer
+from tools.harness import Deployment, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import textwrap
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.cli.malloc import tune_malloc
-from rtunnel.harness import ROOT
+from tools.harness import ROOT
 
 #: Page faults per round of what C{ROUND} does, after a short warm-up;
 #: printed by the child.

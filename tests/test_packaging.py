@@ -104,6 +104,10 @@ class WheelTests(SynchronousTestCase):
             if "__pycache__" not in p.parts
         }
         self.assertEqual(shipped, expected)
+        # Only what a user imports or runs: the process harness and the demo
+        # work only from a checkout, so they live in tools/, outside the wheel.
+        self.assertFalse([n for n in names if n.startswith(("tools/", "tests/", "bench/"))])
+        self.assertNotIn("rtunnel/harness.py", names)
 
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .harness import ROOT, Deployment, free_port, wait_until
+from tools.harness import ROOT, Deployment, free_port, wait_until
 
 MIB = 1024 * 1024
 
@@ -93,7 +93,7 @@ def pull(port: int, timeout: float) -> tuple[int, str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtunnel.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=256, help="how much to pull through the tunnel")
     parser.add_argument("--workdir", default=str(ROOT / "_demo"), help="scratch directory (wiped first)")
     args = parser.parse_args(argv)
