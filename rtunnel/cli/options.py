@@ -6,12 +6,35 @@ from __future__ import annotations
 
 import math
 
+import attrs
 from twisted.logger import LogLevel
 from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
 from ..logs import set_level
 from ..mux.settings import Settings, WindowTuning
+
+
+def default(config: type, name: str) -> str:
+    """
+    The default of field C{name} of the attrs class C{config}, written as
+    its option takes it. The config classes are the one source of defaults:
+    the taps, the builders and embedders all read them there, so a default
+    changed in one place changes everywhere (tests/test_cli_defaults.py
+    checks that every option's default parses back to the config's).
+    """
+    value = attrs.fields_dict(config)[name].default
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def size_text(size: int) -> str:
+    """C{262144} as C{256K}: a byte count as L{byte_size} reads it back."""
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
 
 
 def positive_float(name: str, text: str) -> float:
@@ -109,9 +132,19 @@ def flow_from(options: usage.Options, **settings: int) -> tuple[Settings, Window
 
 
 FLOW_PARAMETERS = [
-    ["window", None, "256K", "Initial receive window of each stream (bytes; K and M suffixes)."],
-    ["max-window", None, "16M", "Largest window a stream may grow to on a long path (0: no growth)."],
-    ["max-frame-size", None, "64K", "Largest DATA frame this end accepts."],
+    [
+        "window",
+        None,
+        size_text(Settings().initial_window),
+        "Initial receive window of each stream (bytes; K and M suffixes).",
+    ],
+    [
+        "max-window",
+        None,
+        size_text(WindowTuning().max_window),
+        "Largest window a stream may grow to on a long path (0: no growth).",
+    ],
+    ["max-frame-size", None, size_text(Settings().max_frame_size), "Largest DATA frame this end accepts."],
 ]
 
 
@@ -134,9 +167,9 @@ def keepalive_parameters(default: Keepalive, timeout_default: str) -> list[list[
     ]
 
 
-DRAIN_PARAMETERS = [
-    ["drain-grace", None, "10", "On SIGTERM, seconds that open streams get to finish."],
-]
+def drain_parameters(grace: str) -> list[list[str | None]]:
+    """C{--drain-grace}, with the default of one role."""
+    return [["drain-grace", None, grace, "On SIGTERM, seconds that open streams get to finish."]]
 
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")

@@ -16,10 +16,11 @@ from ..roles.server import SERVER_KEEPALIVE, ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
 from .malloc import tune_malloc
 from .options import (
-    DRAIN_PARAMETERS,
     FLOW_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
+    default,
+    drain_parameters,
     flow_from,
     keepalive_from,
     keepalive_parameters,
@@ -39,21 +40,41 @@ class Options(usage.Options):
     optParameters = [
         ["state", None, None, "State directory: CA, server certificate, database (created on first start)."],
         ["listen", None, DEFAULT_LISTEN, "Twisted server endpoint for sites; rtunnel adds TLS itself."],
-        ["open-timeout", None, "5", "Seconds a forwarded client waits for an absent site to (re)connect."],
-        ["handshake-timeout", None, "30", "Seconds a site connection has to finish TLS and authenticate or enroll."],
-        ["max-streams-per-site", None, "1024", "Most streams open at once to one site; further clients are refused."],
-        ["max-pending-opens", None, "256", "Most clients waiting at once for one absent site."],
+        [
+            "open-timeout",
+            None,
+            default(ServerConfig, "open_timeout"),
+            "Seconds a forwarded client waits for an absent site to (re)connect.",
+        ],
+        [
+            "handshake-timeout",
+            None,
+            default(ServerPolicy, "handshake_timeout"),
+            "Seconds a site connection has to finish TLS and authenticate or enroll.",
+        ],
+        [
+            "max-streams-per-site",
+            None,
+            default(ServerConfig, "max_streams_per_site"),
+            "Most streams open at once to one site; further clients are refused.",
+        ],
+        [
+            "max-pending-opens",
+            None,
+            default(ServerConfig, "max_pending_opens"),
+            "Most clients waiting at once for one absent site.",
+        ],
         [
             "max-preauth",
             None,
-            str(ServerPolicy().max_preauth),
+            default(ServerPolicy, "max_preauth"),
             "Most connections on the tunnel port that are not authenticated yet, waiting ones included; more are "
             "closed at accept (at most a quarter of the descriptor limit applies).",
         ],
         [
             "max-handshakes",
             None,
-            str(ServerPolicy().max_handshakes),
+            default(ServerPolicy, "max_handshakes"),
             "TLS handshakes the server works on at once; further connections on the tunnel port wait their turn, "
             "unread.",
         ],
@@ -62,7 +83,7 @@ class Options(usage.Options):
             f"{SERVER_KEEPALIVE.timeout:g}; 3 x --keepalive when that is given; sites ping first, the server"
             " mostly only answers",
         ),
-        *DRAIN_PARAMETERS,
+        *drain_parameters(default(ServerConfig, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
     ]

@@ -11,17 +11,18 @@ from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
 from ..identity.errors import IdentityError
-from ..mux.settings import MAX_STREAMS
+from ..mux.settings import MAX_STREAMS, Settings
 from ..roles.descriptors import raise_soft_limit
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
 from .malloc import tune_malloc
 from .options import (
-    DRAIN_PARAMETERS,
     FLOW_PARAMETERS,
     LOG_PARAMETERS,
     apply_log_level,
+    default,
+    drain_parameters,
     flow_from,
     keepalive_from,
     keepalive_parameters,
@@ -41,12 +42,27 @@ class Options(usage.Options):
     optParameters = [
         ["state", None, None, "Site state directory: private key, certificate, pinned server."],
         ["keyfile", None, None, "Keyfile to enroll with (first start, or to re-enroll)."],
-        ["retry-cap", None, "30", "Longest delay in seconds between reconnect attempts."],
-        ["connect-timeout", None, "10", "Seconds to connect to the tunnel server or a target."],
-        ["max-streams", None, "1024", "Most streams the cloud may have open at this site at once."],
-        ["handshake-timeout", None, "30", "Seconds for TLS and the server's HELLO on each connection to the server."],
+        ["retry-cap", None, default(SitePolicy, "retry_cap"), "Longest delay in seconds between reconnect attempts."],
+        [
+            "connect-timeout",
+            None,
+            default(SitePolicy, "connect_timeout"),
+            "Seconds to connect to the tunnel server or a target.",
+        ],
+        [
+            "max-streams",
+            None,
+            default(Settings, "max_streams"),
+            "Most streams the cloud may have open at this site at once.",
+        ],
+        [
+            "handshake-timeout",
+            None,
+            default(SitePolicy, "handshake_timeout"),
+            "Seconds for TLS and the server's HELLO on each connection to the server.",
+        ],
         *keepalive_parameters(Keepalive(), "3 x --keepalive"),
-        *DRAIN_PARAMETERS,
+        *drain_parameters(default(SitePolicy, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
     ]
