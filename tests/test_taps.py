@@ -23,10 +23,10 @@ from rtunnel.endpoints import SiteEndpointParser
 from rtunnel.identity.keyfile import write_keyfile
 from rtunnel.mux import Settings
 from rtunnel.roles.forward import ForwardSpec
-from rtunnel.roles.server import ServerPolicy
+from rtunnel.roles.server import ServerPolicy, TunnelServerService
 from rtunnel.roles.site import SitePolicy, TunnelClientService
 from rtunnel.roles.target import Target
-from rtunnel.services import ServerConfig, SiteConfig, TunnelServerService, build_server_service, build_site_service
+from rtunnel.services import ServerConfig, SiteConfig, build_server_service, build_site_service
 from tests.roles_helpers import ServerFixture, temp_dir
 
 

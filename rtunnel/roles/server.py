@@ -18,21 +18,33 @@ handshake, enrolling, waiting to read an enrollment reply, or refused. And
 at most C{max_preauth} may exist at once: L{AdmissionGate} closes the excess
 at accept, before any TLS work, so that silent or slow clients (slowloris)
 can never take the descriptors that sites and forward clients need.
+
+L{TunnelServerService} runs the role: the tunnel listener behind the gate,
+the forward ports, the revocation poll and the drain at stop (the builder in
+L{rtunnel.services} makes it from a config, as L{rtunnel.roles.site} holds
+its twin, the site's C{TunnelClientService}).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from collections import deque
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from attrs import frozen
 from OpenSSL import SSL
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHandshakeListener,
+    IListeningPort,
     IProtocol,
     IProtocolFactory,
     IPushProducer,
@@ -45,15 +57,19 @@ from zope.interface import implementer
 from ..adapter.address import describe
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
+from ..adapter.tls import BulkTLSFactory
 from ..adapter.wheel import KeepaliveWheel
 from ..identity.errors import PeerVerificationFailed, SiteRejected
+from ..identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, parse_address
 from ..identity.state import ServerState
-from ..identity.tlsconfig import client_refusal, peer_identity
+from ..identity.tlsconfig import client_refusal, peer_identity, server_tls_options
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..mux.errors import ErrorCode
 from ..mux.settings import FloodLimits, Settings, WindowTuning
+from .descriptors import RESERVED, DescriptorWatch, soft_limit
 from .enrollment import EnrollmentResponder
+from .forward import ForwardFactory, ForwardSpec
 from .registry import SiteRegistry
 from .splice import set_nodelay
 
@@ -730,6 +746,236 @@ class RevocationWatch:
         except SiteRejected as e:
             self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
             self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+
+
+#: Listen backlog of the tunnel port unless its endpoint description sets
+#: one. Twisted's default of 50 overflowed when a thousand sites came back
+#: after a restart (384 SYNs dropped, each a one-second stall or worse); at
+#: 10,000 sites a queue of 1,024 still dropped tens of thousands of SYNs.
+#: Linux silently caps it at net.core.somaxconn (4,096 by default since 5.4).
+TUNNEL_BACKLOG = 4096
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def with_backlog(description: str, backlog: int = TUNNEL_BACKLOG) -> str:
+    """
+    C{description} with C{backlog=BACKLOG} added, for the endpoint types
+    that take one (tcp, tcp6, unix, ssl), unless it already names one.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in {"tcp", "tcp6", "unix", "ssl"} or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def effective_max_preauth(configured: int, fd_limit: int) -> int:
+    """
+    The pre-auth cap actually applied: at most a quarter of the descriptors
+    the process may open, so that pre-auth connections alone can never take
+    the descriptors sites and forward clients need.
+    """
+    return max(1, min(configured, (fd_limit - RESERVED) // 4))
+
+
+class ServerSettings(TypingProtocol):
+    """
+    What L{TunnelServerService} reads of its configuration:
+    L{rtunnel.services.ServerConfig} provides it (the roles import nothing
+    from the entry points, so this says it by shape).
+    """
+
+    @property
+    def listen(self) -> str: ...
+    @property
+    def public_addresses(self) -> tuple[str, ...]: ...
+    @property
+    def forwards(self) -> tuple[ForwardSpec, ...]: ...
+    @property
+    def open_timeout(self) -> float: ...
+    @property
+    def drain_grace(self) -> float: ...
+    @property
+    def revocation_poll(self) -> float: ...
+    @property
+    def max_streams_per_site(self) -> int: ...
+    @property
+    def max_pending_opens(self) -> int: ...
+    @property
+    def policy(self) -> ServerPolicy: ...
+    @property
+    def name(self) -> str: ...
+
+
+class TunnelServerService(MultiService):
+    """
+    Listens for sites (TLS added here) and on each forward port; cuts
+    revoked sites; drains every session on stop.
+
+    @param on_fatal: called with a message when the service cannot run (a
+        port cannot be listened on); the twistd builder stops the process
+        with a non-zero status.
+    @param publish: called with the service's name and registry at start
+        (and C{withdraw} at stop), so that C{rtunnel:} endpoint descriptions
+        reach this server's sites; the builder passes the endpoints' table.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: ServerSettings,
+        state: ServerState,
+        reactor: Any,
+        on_fatal: Callable[[str], None],
+        *,
+        publish: Callable[[str, SiteRegistry], None] | None = None,
+        withdraw: Callable[[str, SiteRegistry], None] | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ is unannotated in Twisted
+        self.config = config
+        self.on_fatal = on_fatal
+        self._publish = publish
+        self._withdraw = withdraw
+        self.state = state
+        self.reactor = reactor
+        # The store numbers each connection so that the end of a replaced
+        # session can never mark its successor disconnected.
+        store_sessions: dict[str, int] = {}
+
+        def connected(site: str, peer: str) -> None:
+            store_sessions[site] = state.store.mark_connected(site, peer, utcnow())
+
+        def disconnected(site: str) -> None:
+            session = store_sessions.pop(site, None)
+            if self.factory.stopping:
+                # One write per site made a drain of ten thousand sessions
+                # seconds longer (and the sites with it); record_server_stop
+                # marks every site disconnected at the end.
+                return
+            state.store.mark_disconnected(site, utcnow(), session)
+
+        self.registry = SiteRegistry(
+            reactor,
+            on_connected=connected,
+            on_disconnected=disconnected,
+            max_pending_opens=config.max_pending_opens,
+            max_streams_per_site=config.max_streams_per_site,
+        )
+        self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
+        self.gate: AdmissionGate | None = None
+        self.forward_factories: list[ForwardFactory] = []
+        # Listing /proc/self/fd every 2 s is costly with many sites: it is
+        # read only when the connections we hold come near the warning level.
+        self.descriptors = DescriptorWatch(reactor, estimate=self._connections)
+        self.ports: list[IListeningPort] = []
+        self.tunnel_port: IListeningPort | None = None
+        self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
+        self._watch = RevocationWatch(state, self.registry)
+        self._poll: task.LoopingCall | None = None
+        self._listening: defer.Deferred[None] | None = None
+
+    def _connections(self) -> int:
+        """Connections this server holds a descriptor for: sites (and would-be sites), forward clients."""
+        return self.factory.connections + sum(f.connections for f in self.forward_factories)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
+        self.state.store.record_server_start(os.getpid(), utcnow())
+        if self._publish is not None:
+            self._publish(self.config.name, self.registry)
+        self._poll = task.LoopingCall(self._watch.check)
+        self._poll.clock = self.reactor
+        self._poll.start(self.config.revocation_poll, now=False)
+        self.descriptors.start()
+        self._listening = self._listen_all()
+
+    @defer.inlineCallbacks
+    def _listen_all(self) -> Generator[defer.Deferred[Any], Any, None]:
+        description = with_backlog(self.config.listen)
+        try:
+            # Our reactor, not the global one, times its small-write batching.
+            tls_factory = BulkTLSFactory(server_tls_options(self.state), False, self.factory, clock=self.reactor)
+            limit = effective_max_preauth(self.config.policy.max_preauth, soft_limit())
+            if limit < self.config.policy.max_preauth:
+                self._log.warn(
+                    "at most {limit} unauthenticated connections at once (--max-preauth {configured} lowered to a "
+                    "quarter of the file descriptor limit)",
+                    limit=limit,
+                    configured=self.config.policy.max_preauth,
+                )
+            self.gate = AdmissionGate(tls_factory, self.factory, limit, self.config.policy.max_handshakes)
+            port = yield serverFromString(self.reactor, description).listen(self.gate)
+            self.tunnel_port = port
+            self.ports.append(port)
+            self._log.info("tunnel server listening for sites on {address}", address=_address(port))
+            self.state.store.set_meta(PUBLIC_PORT_KEY, str(self._public_port(port)))
+            for spec in self.config.forwards:
+                description = spec.endpoint_description()
+                factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
+                self.forward_factories.append(factory)
+                port = yield serverFromString(self.reactor, description).listen(factory)
+                self.forward_ports[spec] = port
+                self.ports.append(port)
+                self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
+                if not spec.bind.startswith(_LOOPBACK):
+                    self._log.warn(
+                        "forward {forward} is bound to {bind}, not loopback: anyone who can reach that address "
+                        "reaches {site}:{target} without authentication (docs/security.md, forward clients)",
+                        forward=str(spec),
+                        bind=spec.bind,
+                        site=spec.site,
+                        target=str(spec.target),
+                    )
+        except Exception:
+            failure = Failure()
+            self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
+
+    def _public_port(self, port: IListeningPort) -> int:
+        """The port sites dial: from --public-address HOST:PORT if given,
+        else the one we listen on."""
+        for address in self.config.public_addresses:
+            try:
+                host, public = parse_address(address, default_port=0)
+            except ValueError:
+                continue
+            if public:
+                return public
+        return int(getattr(port.getHost(), "port", DEFAULT_PORT))
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self.descriptors.stop()
+        if self._withdraw is not None:
+            self._withdraw(self.config.name, self.registry)
+        ports, self.ports = self.ports, []
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        sessions = self.registry.sessions()
+        # From now on sessions end without a line and a database write each
+        # (see TunnelConnection._session_closed): one line says it all.
+        self.factory.stopping = True
+        if sessions:
+            self._log.info(
+                "draining {count} site sessions (grace {grace}s)", count=len(sessions), grace=self.config.drain_grace
+            )
+        started = self.reactor.seconds()
+        yield defer.gatherResults(
+            [s.drain(self.config.drain_grace, "tunnel server shutting down") for s in sessions], consumeErrors=True
+        )
+        if sessions:
+            self._log.info(
+                "drained {count} site sessions in {seconds:.1f}s",
+                count=len(sessions),
+                seconds=self.reactor.seconds() - started,
+            )
+        self.state.store.record_server_stop(utcnow())
+        self._log.info("tunnel server stopped")
+        yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
+
+
+def _address(port: IListeningPort) -> str:
+    return describe(port.getHost())
 
 
 def utcnow() -> datetime:
