@@ -22,21 +22,9 @@ from zope.interface import implementer
 from rtunnel.logs import Logger
 
 from ..adapter.eager import send_eagerly
+from ..adapter.net import set_nodelay as set_nodelay  # also re-exported: roles/server.py imports it from here
 from ..adapter.stream import MuxStream, StreamReset
 from ..mux.errors import ErrorCode
-
-
-def set_nodelay(transport: object) -> None:
-    """
-    Turn Nagle off: a forwarded request must not wait 40 ms for a delayed
-    ACK (FIELD-NOTES: 28 conn/s with Nagle vs thousands without).
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass
 
 
 @implementer(IPushProducer)
