@@ -18,6 +18,7 @@ rule cannot deadlock two ends).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import cast
 
@@ -36,6 +37,7 @@ from ..mux.errors import ErrorCode, SessionClosing, code_name
 from ..mux.session import MuxSession
 from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .address import describe
+from .net import set_nodelay
 from .stream import CLEAN_CLOSE, MuxStream, StreamReset
 from .wheel import KeepaliveWheel
 
@@ -49,6 +51,73 @@ def _exception_of(reason: Failure) -> BaseException:
     value = reason.value
     assert value is not None
     return value
+
+
+class TunnelState(enum.Enum):
+    """
+    Where a tunnel connection is in its life (L{MuxProtocol.state}).
+
+    Moves only forward, in this order, possibly skipping states::
+
+        CONNECTING ──HELLO──▶ OPEN ──drain()──▶ DRAINING
+            │                   │                   │ last stream ended,
+            │                   │                   │ or grace over
+            ▼                   ▼                   ▼
+        ───────────────────── CLOSING ─────────────────── (transport asked to close)
+                                   │
+        (from any state)   connectionLost
+                                   ▼
+                                CLOSED
+
+    CLOSING is entered by L{MuxProtocol.terminate}, L{MuxProtocol.abort},
+    a drain that finished (or L{MuxProtocol.drain} before HELLO, with
+    nothing to wait for), a broken rule or flood (our fatal GOAWAY), the
+    peer's fatal GOAWAY, a keepalive timeout, a stalled peer, or the
+    transport's C{stopProducing}. The peer's I{graceful} GOAWAY changes no
+    state: it only stops new streams (L{MuxProtocol.accepting_streams}); the
+    peer closes when its streams are done.
+    """
+
+    #: connected or not yet; the peer's HELLO has not arrived
+    CONNECTING = "connecting"
+    #: the session is up: streams flow and may be opened
+    OPEN = "open"
+    #: we sent GOAWAY (L{MuxProtocol.drain}): open streams finish, then we close
+    DRAINING = "draining"
+    #: we asked the transport to close (or will, at the end of this input batch)
+    CLOSING = "closing"
+    #: the connection is gone (C{connectionLost})
+    CLOSED = "closed"
+
+
+_CONNECTING = TunnelState.CONNECTING
+_OPEN = TunnelState.OPEN
+_DRAINING = TunnelState.DRAINING
+_CLOSING = TunnelState.CLOSING
+_CLOSED = TunnelState.CLOSED
+
+
+class SessionEnded(ConnectionError):
+    """
+    The session ended, or began to end, before it could be used: what
+    L{MuxProtocol.when_ready} fails with when a GOAWAY (either end's) came
+    before or with the peer's HELLO, or this end closed first.
+
+    @ivar code: the GOAWAY's code (L{ErrorCode}), or the one this end ended
+        the session with.
+    @ivar reason: its reason, as received (not yet made printable).
+    @ivar by_peer: C{True} if the peer sent it.
+    """
+
+    def __init__(self, code: int, reason: str, by_peer: bool) -> None:
+        super().__init__(code, reason, by_peer)
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+
+    def __str__(self) -> str:
+        who = "the peer" if self.by_peer else "this end"
+        return f"{who} ended the session: {code_name(self.code)}: {printable(self.reason)}"
 
 
 @frozen
@@ -83,8 +152,15 @@ class _Edges:
     """
 
     close_timeout: float | None
-    #: unregistered as the transport's producer (closing)
-    unregistered: bool = False
+    #: why this end is ending the session (code, reason), from the moment
+    #: it began to (drain, terminate, a failed session, abort)
+    close_cause: tuple[int, str] | None = None
+    #: the transport was told to close (and we unregistered as its
+    #: producer); until then a close decided during an input batch waits
+    #: for the batch's end
+    close_issued: bool = False
+    #: the close decided must be an abort (no TLS close_notify)
+    abort_wanted: bool = False
     close_call: IDelayedCall | None = None
     #: we paused our transport's reading: replies the peer does not read
     #: piled up (resumed with the transport), or it flooded us (for good)
@@ -126,6 +202,20 @@ class MuxProtocol(Protocol):
        other. Against a peer that does flood, the stop ends when it reads,
        or the session ends: never a hang.
 
+    Lifecycle: one variable, L{state} (L{TunnelState}, which draws the
+    transitions). Reading paused, the tunnel paused by its transport and a
+    flood are flow control, not lifecycle, and are kept apart from it.
+    Everything an input batch (one C{dataReceived}) brings is dispatched
+    first; only then is the output written, a close decided meanwhile
+    carried out, and the session's outcome told to L{when_ready} waiters.
+    So a HELLO and a GOAWAY in one read never look like a usable session,
+    not even for a moment.
+
+    Streams see the connection only through
+    L{rtunnel.adapter.stream.StreamConnection} (the methods under "called
+    by MuxStream" below), and the connection drives them only through
+    their public event methods.
+
     @param initiator: C{True} on the end that dialed (it uses odd stream ids).
     @param clock: for keepalive timers; injected so tests use L{Clock}.
     @param stream_handler: decides on streams the peer opens; without one,
@@ -164,6 +254,7 @@ class MuxProtocol(Protocol):
         "close_reason",
         "peer_goaway",
         "on_goaway",
+        "_state",
         "_ready_waiters",
         "_closed_waiters",
         "_in_receive",
@@ -173,12 +264,8 @@ class MuxProtocol(Protocol):
         "_wheel",
         "_keepalive_slot",
         "_drain_call",
-        "_draining",
         "_rotation",
-        "_lost",
         "_refusal",
-        "_closing",
-        "_close_wanted",
     )
 
     def __init__(
@@ -203,9 +290,12 @@ class MuxProtocol(Protocol):
         self.stream_handler = stream_handler
         self.keepalive = keepalive
         self.label = label
+        self._state = _CONNECTING
+        #: our transport paused us (flow control, not lifecycle)
         self.paused = False
         self.streams: dict[int, MuxStream] = {}
-        #: streams whose producer was paused because the tunnel was
+        #: streams that paused their producer because the tunnel was
+        #: paused, to be told when it resumes (L{hold_stream})
         self._held: dict[int, MuxStream] | None = None
         self.last_rtt: float | None = None
         self.close_reason: Failure | None = None
@@ -215,10 +305,12 @@ class MuxProtocol(Protocol):
         self.on_goaway: Callable[[int, str], None] | None = None
         # (made when first needed: a server keeps ten thousand sessions,
         # most of which never use them)
+        #: when_ready() Deferreds not yet settled (None: none waiting)
         self._ready_waiters: list[defer.Deferred[MuxProtocol]] | None = None
         #: what to call, and with what, once the connection is gone
         # (callback, *args) in one tuple: a server keeps two per session
         self._closed_waiters: list[tuple[Callable[..., object], *tuple[object, ...]]] = []
+        #: an input batch is being dispatched: output, closes and outcomes wait for its end
         self._in_receive = False
         self._last_received = 0.0
         self._ping_sent: dict[bytes, float] | None = None
@@ -228,33 +320,84 @@ class MuxProtocol(Protocol):
         self._wheel = keepalive_wheel
         self._keepalive_slot: int | None = None
         self._drain_call: IDelayedCall | None = None
-        self._draining = False
         self._rotation = 0
-        self._lost = False
         self._refusal: tuple[int, str] | None = None
-        self._closing = False
-        self._close_wanted: bool | None = None  # close (True: abort) once the current input is handled
 
     # -- observers -----------------------------------------------------------
 
     def when_ready(self) -> defer.Deferred[MuxProtocol]:
-        """Fires with this protocol once the peer's HELLO arrived."""
-        if self.session.ready:
-            return defer.succeed(self)
-        if self._lost:
-            return defer.fail(self.close_reason or CLEAN_CLOSE)
-        d: defer.Deferred[MuxProtocol] = defer.Deferred()
-        if self._ready_waiters is None:
-            self._ready_waiters = []
-        self._ready_waiters.append(d)
-        return d
+        """
+        A Deferred that fires exactly once: with this protocol once the
+        session is open for use, or with the reason it will not be.
+
+        While the peer's HELLO is awaited (L{TunnelState.CONNECTING}), the
+        outcome is settled at one of two moments, never in the middle of
+        an input batch and never inside a call of ours such as L{abort}:
+
+         - At the end of the input batch (one C{dataReceived}: the
+           session's C{receive_data} returned and every event it reported
+           was dispatched) after which the state is no longer CONNECTING:
+           success if the session is then L{TunnelState.OPEN} and no GOAWAY
+           came from the peer; otherwise L{SessionEnded}, with the peer's
+           GOAWAY if one came (a HELLO and a GOAWAY in one read never
+           succeed), else with the code this end is ending the session
+           with (a broken rule, a flood, L{terminate}, L{drain}).
+         - In C{connectionLost}, if the connection ends before that: a
+           failure with the connection's reason, once the state is
+           L{TunnelState.CLOSED} and every stream has ended, and before the
+           L{on_closed} observers and L{when_closed} are called. A close
+           this end starts before HELLO (L{abort}, L{terminate}, L{drain})
+           is settled this way too, or at the end of an input batch that
+           comes before the connection is gone.
+
+        Asked for during an input batch, it is settled at the batch's end;
+        asked for while others wait, with them. Otherwise it has the
+        outcome at once: this protocol while OPEN and no GOAWAY came from
+        the peer, L{SessionEnded} once either end began ending the session,
+        the connection's reason once it is gone.
+        """
+        d: defer.Deferred[MuxProtocol]
+        if self._ready_waiters is not None or self._state is _CONNECTING or self._in_receive:
+            d = defer.Deferred()
+            if self._ready_waiters is None:
+                self._ready_waiters = []
+            self._ready_waiters.append(d)
+            return d
+        outcome = self._ready_outcome()
+        return defer.succeed(self) if outcome is None else defer.fail(outcome)
+
+    def _ready_outcome(self) -> Failure | None:
+        """How L{when_ready} ends now that the state is past CONNECTING: C{None} for success."""
+        state = self._state
+        if state is _CLOSED:
+            return self.close_reason or CLEAN_CLOSE
+        goaway = self.peer_goaway
+        if goaway is not None:
+            return Failure(SessionEnded(goaway[0], goaway[1], by_peer=True))
+        if state is _OPEN:
+            return None
+        code, reason = self._edges.close_cause or (ErrorCode.CANCEL, "closed by this end")
+        return Failure(SessionEnded(code, reason, by_peer=False))
+
+    def _settle_ready(self) -> None:
+        """Tell every L{when_ready} waiter the outcome (see there for when this is called)."""
+        waiters, self._ready_waiters = self._ready_waiters, None
+        if not waiters:
+            return
+        outcome = self._ready_outcome()
+        for d in waiters:
+            if outcome is None:
+                d.callback(self)
+            else:
+                d.errback(outcome)
 
     def when_closed(self) -> defer.Deferred[BaseException]:
         """
-        Fires once the tunnel connection is gone, with the reason's
-        exception (a Deferred cannot carry a Failure as a success).
+        Fires once the tunnel connection is gone (in C{connectionLost},
+        after the L{when_ready} waiters), with the reason's exception (a
+        Deferred cannot carry a Failure as a success).
         """
-        if self._lost:
+        if self._state is _CLOSED:
             return defer.succeed(_exception_of(self.close_reason or CLEAN_CLOSE))
         d: defer.Deferred[BaseException] = defer.Deferred()
         self._closed_waiters.append((d.callback,))
@@ -270,7 +413,7 @@ class MuxProtocol(Protocol):
         keeps a few per session. An exception the callback raises is
         logged; the other observers are still called.
         """
-        if self._lost:
+        if self._state is _CLOSED:
             self._call_closed(callback, args, _exception_of(self.close_reason or CLEAN_CLOSE))
         else:
             self._closed_waiters.append((callback, *args))
@@ -320,12 +463,22 @@ class MuxProtocol(Protocol):
         return self._edges.reading_paused
 
     @property
+    def state(self) -> TunnelState:
+        """Where the connection is in its life."""
+        return self._state
+
+    @property
     def ready(self) -> bool:
-        return self.session.ready and not self._lost
+        """
+        The peer's HELLO arrived, the session has not failed and the
+        connection is not gone (also while draining or closing politely).
+        """
+        return self.session.ready and self._state is not _CLOSED
 
     @property
     def accepting_streams(self) -> bool:
-        return self.session.accepting_streams and not self._lost
+        """New streams may be opened now: OPEN, and no GOAWAY either way."""
+        return self._state is _OPEN and self.session.accepting_streams
 
     # -- Protocol ------------------------------------------------------------
 
@@ -333,12 +486,7 @@ class MuxProtocol(Protocol):
         transport = self.transport
         assert transport is not None
         # Small frames (PING, OPEN, interactive bytes) must not wait for Nagle.
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except Exception:
-                pass
+        set_nodelay(transport)
         cast(IConsumer, transport).registerProducer(self, True)
         self._last_received = self.clock.seconds()
         self.session.start()
@@ -361,37 +509,53 @@ class MuxProtocol(Protocol):
         self._refusal = (code, reason)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        One input batch: dispatch every event the session reports for
+        C{data}, then write the output, carry out a close decided meanwhile
+        and settle L{when_ready}, in that order.
+        """
         now = self._last_received = self.clock.seconds()
+        closing = _CLOSING
         self._in_receive = True
         try:
             for event in self.session.receive_data(data, now):
-                if self._closing:
-                    break  # terminated meanwhile: act on nothing more of this input
+                if self._state is closing:
+                    break  # ended meanwhile: act on nothing more of this input
                 self._dispatch(event)
         finally:
             self._in_receive = False
         self._flush()
-        if self.paused and self.session.reading_should_pause and not self._closing:
-            self._pause_reading_for_replies()
-        # A close asked for (terminate) or a drain finished during this input
-        # happens only now that the frames it produced have been written.
-        if self._close_wanted is not None:
-            self._close_transport(self._close_wanted)
-        self._maybe_finish_drain()
+        state = self._state
+        if state is _CLOSING:
+            # Closed during this input: now that its frames are written.
+            if not self._edges.close_issued:
+                self._close_transport()
+        else:
+            if self.paused and self.session.reading_should_pause:
+                self._pause_reading_for_replies()
+            if state is _DRAINING:
+                self._maybe_finish_drain()
+        if self._ready_waiters is not None and self._state is not _CONNECTING:
+            self._settle_ready()
 
     def connectionLost(self, reason: Failure = CLEAN_CLOSE) -> None:
-        if self._lost:
+        """
+        The connection is gone: the state becomes CLOSED, timers stop,
+        every stream ends with a reset; then L{when_ready} waiters fail
+        (if the session never settled), then the L{on_closed} observers
+        and L{when_closed} Deferreds are called, in the order registered.
+        """
+        if self._state is _CLOSED:
             return
-        self._lost = True
+        self._state = _CLOSED
         self.close_reason = reason
         self._cancel_timers()
         why = reason.getErrorMessage()
         for stream in list(self.streams.values()):
-            stream._terminate(Failure(StreamReset(ErrorCode.CONNECTION_RESET, f"tunnel lost: {why}")))
+            stream.closed(Failure(StreamReset(ErrorCode.CONNECTION_RESET, f"tunnel lost: {why}")))
         self.streams.clear()
-        ready_waiters, self._ready_waiters = self._ready_waiters, None
-        for d in ready_waiters or ():
-            d.errback(reason)
+        self._held = None
+        self._settle_ready()
         waiters, self._closed_waiters = self._closed_waiters, []
         for callback, *args in waiters:
             self._call_closed(callback, tuple(args), _exception_of(reason))
@@ -418,16 +582,18 @@ class MuxProtocol(Protocol):
         self._held = None
         # Rotate the starting point so the first streams do not always win.
         self._rotation = (self._rotation + 1) % len(held)
-        for index, stream in enumerate(held[self._rotation :] + held[: self._rotation]):
+        order = held[self._rotation :] + held[: self._rotation]
+        for index, stream in enumerate(order):
             if self.paused:
-                # Paused again meanwhile: the rest stay held for next time.
-                for rest in (held[self._rotation :] + held[: self._rotation])[index:]:
-                    self._hold(rest)
+                # Paused again meanwhile: the rest stay held (they still
+                # know they are) for next time.
+                for rest in order[index:]:
+                    self.hold_stream(rest)
                 break
-            stream._update_producer()
+            stream.tunnel_resumed()
 
     def stopProducing(self) -> None:
-        self._close_transport()
+        self._begin_close((ErrorCode.CANCEL, "the transport stopped"))
 
     # -- commands ------------------------------------------------------------
 
@@ -437,12 +603,13 @@ class MuxProtocol(Protocol):
         it at once (they travel as early data); C{stream.opened} fires on
         OPEN_OK.
 
-        @raise rtunnel.mux.SessionClosing: the session is going away.
+        @raise rtunnel.mux.SessionClosing: the session is going away, or
+            the connection is closing or gone.
         @raise rtunnel.mux.StreamLimitReached: the peer's stream limit is reached.
         """
-        if self._lost:
+        if self._state is _CLOSING or self._state is _CLOSED:
             # The session cannot know; without this the stream would never open nor fail.
-            raise SessionClosing("the tunnel connection is gone; no new streams")
+            raise SessionClosing("the tunnel connection is closing or gone; no new streams")
         stream_id = self.session.open_stream(host, port)
         stream = MuxStream(self, stream_id, host, port, local=True)
         self.streams[stream_id] = stream
@@ -451,7 +618,7 @@ class MuxProtocol(Protocol):
 
     def ping(self) -> None:
         """Send a PING; its answer updates L{last_rtt}."""
-        if not self.session.ready or self._lost:
+        if not self.session.ready or self._state is _CLOSED:
             return
         opaque = self.session.ping()
         sent = self._ping_sent
@@ -465,34 +632,41 @@ class MuxProtocol(Protocol):
     def drain(self, grace: float, reason: str = "shutting down") -> defer.Deferred[BaseException]:
         """
         Graceful shutdown: GOAWAY, no new streams, let open streams finish
-        for up to C{grace} seconds, then close. Fires when the connection is gone.
+        for up to C{grace} seconds (L{TunnelState.DRAINING}), then close.
+        With no stream open (or before the peer's HELLO) it closes at once.
+        Fires when the connection is gone; called again, or once closing,
+        it only returns that.
         """
         done = self.when_closed()
-        if self._lost:
+        state = self._state
+        if state is not _CONNECTING and state is not _OPEN:
             return done
-        if not self._draining:
-            self._draining = True
-            self.session.go_away(ErrorCode.GOING_AWAY, reason)
-            self._flush()
-            self._maybe_finish_drain()
-            if not self._closing:
-                # Streams are still open (or the close waits for this input's
-                # end): they get the grace period. A session with nothing open
-                # closed above and needs no timer, which a server draining ten
-                # thousand idle sessions would only schedule and cancel.
-                self._drain_call = self.clock.callLater(grace, self._drain_expired)
+        self.session.go_away(ErrorCode.GOING_AWAY, reason)
+        self._edges.close_cause = (ErrorCode.GOING_AWAY, reason)
+        self._flush()
+        if not self.streams:
+            # A session with nothing open needs no timer, which a server
+            # draining ten thousand idle sessions would only schedule and
+            # cancel. (During an input batch the close waits for its end.)
+            self._begin_close((ErrorCode.GOING_AWAY, reason))
+            return done
+        self._state = _DRAINING
+        self._drain_call = self.clock.callLater(grace, self._drain_expired)
         return done
 
     def abort(self) -> None:
         """Drop the connection at once (no TLS close): the path is dead."""
-        self._close_transport(abort=True)
+        self._begin_close((ErrorCode.CANCEL, "connection aborted by this end"), abort=True)
 
     def terminate(self, code: int, reason: str) -> None:
         """
         End the session now: fatal GOAWAY, every stream reset, connection closed.
         """
-        if self._lost:
+        if self._state is _CLOSED:
             return
+        # Closing from here on: a stream ending below must not finish a
+        # drain as if it were the last one.
+        self._enter_closing((code, reason))
         # RESET each stream first: after a fatal GOAWAY the peer reads nothing
         # more, and a graceful code (drain expiry) sends no second GOAWAY, so
         # without these the peer's streams would only see "tunnel lost".
@@ -501,86 +675,108 @@ class MuxProtocol(Protocol):
         self.session.go_away(code, reason)
         self._flush()
         for stream in list(self.streams.values()):
-            stream._terminate(Failure(StreamReset(code, reason)))
+            stream.closed(Failure(StreamReset(code, reason)))
         self._close_transport()
 
-    # -- called by MuxStream ------------------------------------------------
+    # -- called by MuxStream: the StreamConnection interface ------------------
 
     def _flush(self) -> None:
         if self._in_receive or self.transport is None:
             return
         out = self.session.data_to_send()
-        if out and not self._lost:
+        if out and self._state is not _CLOSED:
             self.transport.write(out)
 
-    def _send(self, stream: MuxStream, data: bytes) -> None:
-        window = self.session.send_window(stream.stream_id)
-        if len(data) <= window:
-            self.session.send_data(stream.stream_id, data)
+    def send_window(self, stream_id: int) -> int:
+        """How many bytes stream C{stream_id} may send now. For L{MuxStream}."""
+        return self.session.send_window(stream_id)
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        """
+        Send what the window allows of C{data} on stream C{stream_id};
+        return how many bytes that was. For L{MuxStream}, which keeps the rest.
+        """
+        session = self.session
+        size = len(data)
+        window = session.send_window(stream_id)
+        if size <= window:
+            session.send_data(stream_id, data)
+        elif window > 0:
+            # A view: the part that fits is sent without a copy.
+            session.send_data(stream_id, memoryview(data)[:window])  # type: ignore[arg-type]
+            size = window
         else:
-            rest: bytes | memoryview = data
-            if window > 0:
-                # Views: the rest of a large write is buffered without a copy.
-                view = memoryview(data)
-                self.session.send_data(stream.stream_id, view[:window])  # type: ignore[arg-type]
-                rest = view[window:]
-            stream._buffer_outbound(rest)
+            return 0
+        self._flush()
+        return size
+
+    def end_stream(self, stream_id: int) -> bool:
+        """Send FIN on stream C{stream_id}; C{True} if that closed it. For L{MuxStream}."""
+        closed = self.session.stream_state(stream_id) is not None and self.session.end_stream(stream_id)
+        self._flush()
+        return closed
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """C{size} bytes of stream C{stream_id} reached its consumer. For L{MuxStream}."""
+        self.session.consumed(stream_id, size)
         self._flush()
 
-    def _flush_stream(self, stream: MuxStream) -> None:
-        """Send what credit allows of the stream's buffer, then a wanted FIN."""
-        sid = stream.stream_id
-        if stream.send_blocked:
-            data = stream._take_outbound(self.session.send_window(sid))
-            if data:
-                self.session.send_data(sid, data)
-        if stream._fin_wanted and not stream.send_blocked and not stream._fin_sent:
-            stream._fin_sent = True
-            closed = self.session.stream_state(sid) is not None and self.session.end_stream(sid)
-            stream._write_closed()
-            if closed:
-                stream._closed(CLEAN_CLOSE)
-        stream._update_producer()
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer the peer's OPEN of C{stream_id} with OPEN_OK. For L{MuxStream}."""
+        self.session.accept_stream(stream_id)
         self._flush()
-        self._maybe_finish_drain()
 
-    def _accept(self, stream: MuxStream) -> None:
-        self.session.accept_stream(stream.stream_id)
-        stream.accepted = True
-        self._flush()
-        if not stream.opened.called:
-            stream.opened.callback(stream)
-
-    def _refuse(self, stream: MuxStream, code: int, reason: str) -> None:
-        # One line per OPEN the peer sends: rate-limited per session.
+    def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """
+        Answer the peer's OPEN of C{stream_id} with OPEN_FAIL and log it
+        (rate-limited: the peer decides how often). For L{MuxStream}, which
+        ends itself with the refusal after this returns; the stream leaves
+        the table first, so that a refusal past the peer's allowance of
+        refused OPENs, which ends the session here, does not end it with
+        the session's reason instead.
+        """
+        stream = self.streams.pop(stream_id, None)
         suppressed = self._log_allowance("refused")
         if suppressed is not None:
             self._log.debug(
                 "refused stream {streamID} to {target} from {peer}: {code}: {reason}"
                 + (" ({suppressed} similar suppressed)" if suppressed else ""),
-                streamID=stream.stream_id,
-                target=f"{stream.host}:{stream.port}",
+                streamID=stream_id,
+                target=f"{stream.host}:{stream.port}" if stream is not None else "?",
                 peer=self.who,
                 code=code_name(code),
                 reason=printable(reason),
                 suppressed=suppressed,
             )
         failure: list[ev.Event] = []
-        if self.session.stream_state(stream.stream_id) is not None:
-            failure = self.session.refuse_stream(stream.stream_id, code, reason)
-        stream._terminate(Failure(StreamReset(code, reason)))
+        if self.session.stream_state(stream_id) is not None:
+            failure = self.session.refuse_stream(stream_id, code, reason)
         self._flush()
-        # A refusal past the allowance of refused OPENs ended the session.
         for event in failure:
             self._dispatch(event)
 
-    def _reset(self, stream: MuxStream, code: int, reason: str) -> None:
-        self.session.reset_stream(stream.stream_id, code, reason)
+    def reset_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Send RESET on stream C{stream_id} if the session still has it. For L{MuxStream}."""
+        self.session.reset_stream(stream_id, code, reason)
         self._flush()
 
-    def _consumed(self, stream: MuxStream, size: int) -> None:
-        self.session.consumed(stream.stream_id, size)
-        self._flush()
+    def hold_stream(self, stream: MuxStream) -> None:
+        """
+        C{stream} paused its producer because the tunnel is paused: tell it
+        when the tunnel resumes. For L{MuxStream}.
+        """
+        held = self._held
+        if held is None:
+            held = self._held = {}
+        held[stream.stream_id] = stream
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Stream C{stream_id} has ended. For L{MuxStream}."""
+        self.streams.pop(stream_id, None)
+        if self._held:
+            self._held.pop(stream_id, None)
+        if self._state is _DRAINING:
+            self._maybe_finish_drain()
 
     def _log_allowance(self, key: str) -> int | None:
         """
@@ -595,57 +791,44 @@ class MuxProtocol(Protocol):
         allowed, suppressed = edges.log_budget.allow(key, self.clock.seconds())
         return suppressed if allowed else None
 
-    def _hold(self, stream: MuxStream) -> None:
-        """Remember C{stream}, paused because the tunnel is: resumed with it."""
-        held = self._held
-        if held is None:
-            held = self._held = {}
-        held[stream.stream_id] = stream
-
-    def _forget(self, stream: MuxStream) -> None:
-        self.streams.pop(stream.stream_id, None)
-        if self._held:
-            self._held.pop(stream.stream_id, None)
-        self._maybe_finish_drain()
-
     # -- events ------------------------------------------------------------
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._data_received(event.data)
+                stream.data_received(event.data)
         elif isinstance(event, ev.SendWindowAvailable):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                self._flush_stream(stream)
+                stream.window_opened()
         elif isinstance(event, ev.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._eof()
+                stream.input_ended()
         elif isinstance(event, ev.StreamClosed):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._closed(CLEAN_CLOSE)
+                stream.closed(CLEAN_CLOSE)
         elif isinstance(event, ev.StreamRequested):
             self._on_stream_requested(event)
         elif isinstance(event, ev.StreamAccepted):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and not stream.opened.called:
-                stream.accepted = True
-                stream.opened.callback(stream)
+            if stream is not None:
+                stream.open_accepted()
         elif isinstance(event, (ev.StreamRefused, ev.StreamReset)):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._terminate(Failure(StreamReset(event.code, event.reason)))
+                stream.closed(Failure(StreamReset(event.code, event.reason)))
         elif isinstance(event, ev.PongReceived):
             sent = self._ping_sent.pop(event.opaque, None) if self._ping_sent else None
             if sent is not None:
                 self.last_rtt = self.clock.seconds() - sent
         elif isinstance(event, ev.SessionReady):
-            waiters, self._ready_waiters = self._ready_waiters, None
-            for d in waiters or ():
-                d.callback(self)
+            # The waiters of when_ready hear of it at the end of this input
+            # batch, once a GOAWAY that came with the HELLO was handled too.
+            if self._state is _CONNECTING:
+                self._state = _OPEN
         elif isinstance(event, ev.GoAwayReceived):
             self._on_goaway(event)
         elif isinstance(event, ev.FloodDetected):
@@ -658,8 +841,9 @@ class MuxProtocol(Protocol):
                     code=code_name(event.code),
                     reason=event.reason,
                 )
+            self._enter_closing((event.code, event.reason))
             self._end_all_streams(event.code, event.reason)
-            self._close_after_flush()
+            self._close_transport()
 
     def _on_stream_requested(self, event: ev.StreamRequested) -> None:
         stream = MuxStream(self, event.stream_id, event.host, event.port, local=False)
@@ -691,8 +875,9 @@ class MuxProtocol(Protocol):
                 code=code_name(event.code),
                 reason=event.reason,
             )
+            self._enter_closing((event.code, event.reason))
             self._end_all_streams(event.code, event.reason)
-            self._close_after_flush()
+            self._close_transport()
             return
         self._log.info(
             "tunnel peer {peer} is draining: {reason}", peer=self.who, reason=event.reason or code_name(event.code)
@@ -734,7 +919,7 @@ class MuxProtocol(Protocol):
 
     def _pause_reading(self) -> None:
         transport = self.transport
-        if self._edges.reading_paused or transport is None or self._lost:
+        if self._edges.reading_paused or transport is None or self._state is _CLOSED:
             return
         self._edges.reading_paused = True
         cast(IPushProducer, transport).pauseProducing()
@@ -745,7 +930,7 @@ class MuxProtocol(Protocol):
             edges.stall_call.cancel()
         edges.stall_call = None
         transport = self.transport
-        if not edges.reading_paused or edges.flooded or transport is None or self._lost:
+        if not edges.reading_paused or edges.flooded or transport is None or self._state is _CLOSED:
             return
         edges.reading_paused = False
         cast(IPushProducer, transport).resumeProducing()
@@ -772,7 +957,7 @@ class MuxProtocol(Protocol):
 
     def _stalled(self) -> None:
         self._edges.stall_call = None
-        if self._lost or not self._edges.reading_paused:
+        if self._state is _CLOSED or not self._edges.reading_paused:
             return
         timeout = self.session.flood_limits.stall_timeout
         count = self.session.reply_debt
@@ -793,17 +978,12 @@ class MuxProtocol(Protocol):
 
     def _end_all_streams(self, code: int, reason: str) -> None:
         for stream in list(self.streams.values()):
-            stream._terminate(Failure(StreamReset(code, reason)))
-
-    def _close_after_flush(self) -> None:
-        self._in_receive = False
-        self._flush()
-        self._close_transport()
+            stream.closed(Failure(StreamReset(code, reason)))
 
     # -- timers --------------------------------------------------------------
 
     def _schedule_keepalive(self) -> None:
-        if self.keepalive is None or self._lost:
+        if self.keepalive is None or self._state is _CLOSED:
             return
         self._keepalive_after(self.keepalive.interval)
 
@@ -815,7 +995,7 @@ class MuxProtocol(Protocol):
 
     def _keepalive_due(self, slot: int) -> None:
         """The wheel's call: our check, unless it was cancelled meanwhile."""
-        if slot != self._keepalive_slot or self._lost:
+        if slot != self._keepalive_slot or self._state is _CLOSED:
             return
         self._keepalive_slot = None
         self._keepalive_tick()
@@ -855,46 +1035,67 @@ class MuxProtocol(Protocol):
         self.terminate(ErrorCode.GOING_AWAY, "drain grace period over")
 
     def _maybe_finish_drain(self) -> None:
+        """Close a draining connection once its last stream has ended."""
         if self._in_receive:
             return  # dataReceived calls again once this input's output is written
-        if self._draining and not self.streams and not self._lost and self.transport is not None:
+        if self._state is _DRAINING and not self.streams and self.transport is not None:
             self._flush()
-            self._close_transport()
+            self._begin_close(self._edges.close_cause or (ErrorCode.GOING_AWAY, "drained"))
+
+    def _enter_closing(self, cause: tuple[int, str]) -> None:
+        """
+        Decide to close, once: the state becomes CLOSING and C{cause} (the
+        code and reason this end ends the session with) is kept for
+        L{when_ready}. The transport is closed by L{_close_transport}.
+        """
+        state = self._state
+        if state is _CLOSING or state is _CLOSED:
+            return
+        self._state = _CLOSING
+        self._edges.close_cause = cause
+
+    def _begin_close(self, cause: tuple[int, str], abort: bool = False) -> None:
+        self._enter_closing(cause)
+        self._close_transport(abort)
 
     def _close_transport(self, abort: bool = False) -> None:
         """
-        Close the tunnel connection. We unregister as its producer first:
-        a TLS transport does not start its shutdown while a producer is
-        registered, and would otherwise wait forever. A polite close (TLS
-        sends close_notify and waits for the peer's) is aborted if the
-        connection is not gone within C{close_timeout} seconds.
+        Carry out the close decided (L{_enter_closing}): at once, or, during
+        an input batch, at its end, once the output it produced is written.
+        An abort asked for after a polite close replaces it.
+
+        We unregister as the transport's producer first: a TLS transport
+        does not start its shutdown while a producer is registered, and
+        would otherwise wait forever. A polite close (TLS sends
+        close_notify and waits for the peer's) is aborted if the connection
+        is not gone within C{close_timeout} seconds.
         """
         transport = self.transport
-        if transport is None or self._lost:
+        if transport is None or self._state is _CLOSED:
             return
-        self._closing = True
-        if self._in_receive:
-            # Output is written when the input has been handled; close after it.
-            self._close_wanted = abort or bool(self._close_wanted)
-            return
-        self._close_wanted = None
-        if not self._edges.unregistered:
-            self._edges.unregistered = True
-            cast(IConsumer, transport).unregisterProducer()
+        edges = self._edges
         if abort:
+            edges.abort_wanted = True
+        if self._in_receive:
+            return  # dataReceived calls again after writing this input's output
+        if not edges.close_issued:
+            edges.close_issued = True
+            cast(IConsumer, transport).unregisterProducer()
+        elif not abort:
+            return  # closing already
+        if edges.abort_wanted:
             abort_connection = getattr(transport, "abortConnection", None)
             if abort_connection is not None:
                 abort_connection()
                 return
         transport.loseConnection()
-        edges = self._edges
-        if edges.close_timeout is not None and edges.close_call is None and not self._lost:
+        if edges.close_timeout is not None and edges.close_call is None:
             edges.close_call = self.clock.callLater(edges.close_timeout, self._close_expired)
 
     def _close_expired(self) -> None:
         self._edges.close_call = None
         transport = self.transport
-        if self._lost or transport is None:
+        if self._state is _CLOSED or transport is None:
             return
         self._log.info(
             "tunnel peer {peer} did not finish closing within {timeout}s: aborting the connection",
@@ -921,4 +1122,4 @@ class MuxProtocol(Protocol):
         edges.close_call = edges.stall_call = None
 
 
-__all__ = ["Keepalive", "MuxProtocol", "StreamHandler"]
+__all__ = ["Keepalive", "MuxProtocol", "SessionEnded", "StreamHandler", "TunnelState"]

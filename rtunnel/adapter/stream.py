@@ -12,13 +12,25 @@ Backpressure, both ways:
  - Inbound, the stream is an L{IPushProducer}: while its consumer has paused
    it, received bytes wait here and no credit goes back, so the peer stops
    after one window. Credit returns only after C{dataReceived} returned.
+
+The seam with the tunnel connection is narrow and runs both ways through
+public names only, as C{H2Stream} and C{H2Connection} do in Twisted's
+C{twisted.web._http2}: the stream calls the few commands of
+L{StreamConnection} (a L{typing.Protocol}, so it costs nothing at run time),
+and the connection tells the stream what happened through its event methods
+(L{MuxStream.data_received}, L{MuxStream.window_opened},
+L{MuxStream.input_ended}, L{MuxStream.open_accepted},
+L{MuxStream.tunnel_resumed}, L{MuxStream.closed}). Neither writes the
+other's state: the stream owns its buffers, its pending FIN and its mark of
+being held while the tunnel is paused; the connection owns the session and
+the table of streams.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from attrs import frozen
 from twisted.internet import defer
@@ -38,9 +50,6 @@ from zope.interface import implementer
 from rtunnel.logs import Logger
 
 from ..mux.errors import ErrorCode, code_name
-
-if TYPE_CHECKING:
-    from .protocol import MuxProtocol
 
 
 @implementer(IAddress)
@@ -82,10 +91,85 @@ class StreamReset(ConnectionLost):
         self.reason = reason
 
 
+class StreamConnection(Protocol):
+    """
+    What a L{MuxStream} needs of the tunnel connection it runs on, and all
+    it uses of it: L{rtunnel.adapter.protocol.MuxProtocol} in production, a
+    fake in the stream's own tests.
+
+    Commands are addressed by stream id and only queue frames in the
+    session (and write them out unless an input batch is being handled);
+    none of them calls back into the stream, except that L{refuse_stream}
+    may end the whole session (a peer whose OPENs are refused past its
+    allowance), which ends this stream among the others.
+    """
+
+    @property
+    def paused(self) -> bool:
+        """The tunnel's own transport paused it: streams hold their producers."""
+        ...
+
+    @property
+    def peer_label(self) -> str:
+        """The tunnel peer's address, for L{MuxStream.getPeer}."""
+        ...
+
+    @property
+    def host_label(self) -> str:
+        """Our end's address, for L{MuxStream.getHost}."""
+        ...
+
+    def send_window(self, stream_id: int) -> int:
+        """How many bytes the stream may send now (0 once it is gone)."""
+        ...
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        """
+        Send as much of C{data} as the send window allows now and return
+        how many bytes that was; the rest is the caller's to keep.
+        """
+        ...
+
+    def end_stream(self, stream_id: int) -> bool:
+        """
+        Send FIN. C{True} if that closed the stream (the peer's FIN came
+        first); C{False} also when the stream is already gone.
+        """
+        ...
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """C{size} received bytes were handed to the consumer: credit may go back."""
+        ...
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer the peer's OPEN with OPEN_OK."""
+        ...
+
+    def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Answer the peer's OPEN with OPEN_FAIL (if the stream still exists) and log it."""
+        ...
+
+    def reset_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Send RESET, if the stream still exists in the session."""
+        ...
+
+    def hold_stream(self, stream: MuxStream) -> None:
+        """
+        C{stream} paused its producer because the tunnel is paused: call its
+        L{MuxStream.tunnel_resumed} when the tunnel resumes.
+        """
+        ...
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The stream has ended: drop it (and finish a drain it held up)."""
+        ...
+
+
 @implementer(ITransport, IConsumer, IPushProducer)
 class MuxStream:
     """
-    A stream of a L{MuxProtocol}; created by the protocol, never directly.
+    A stream of a tunnel connection; created by the connection, never
+    directly.
 
     @ivar opened: fires with this stream when the peer accepted it (OPEN_OK),
         fails with L{StreamOpenFailed}. Only for streams we opened.
@@ -93,8 +177,8 @@ class MuxStream:
 
     _log = Logger()
 
-    def __init__(self, mux: MuxProtocol, stream_id: int, host: str, port: int, local: bool) -> None:
-        self._mux = mux
+    def __init__(self, conn: StreamConnection, stream_id: int, host: str, port: int, local: bool) -> None:
+        self._mux = conn
         self.stream_id = stream_id
         self.host = host
         self.port = port
@@ -112,6 +196,9 @@ class MuxStream:
         self._fin_sent = False
         self._producer: IPushProducer | None = None
         self._producer_paused = False
+        #: our producer is paused because the tunnel is, and the connection
+        #: knows (L{StreamConnection.hold_stream}): told once per pause
+        self._held = False
         # inbound
         self._inbuf: deque[bytes] = deque()
         self._read_paused = False
@@ -154,7 +241,10 @@ class MuxStream:
                 protocol.makeConnection(self)
                 protocol.connectionLost(self._lost_reason or CLEAN_CLOSE)
             return
-        self._mux._accept(self)
+        self._mux.accept_stream(self.stream_id)
+        self.accepted = True
+        if not self.opened.called:
+            self.opened.callback(self)
         if protocol is not None:
             self.attach(protocol)
 
@@ -162,7 +252,8 @@ class MuxStream:
         """
         Answer the peer's OPEN with OPEN_FAIL.
         """
-        self._mux._refuse(self, code, reason)
+        self._mux.refuse_stream(self.stream_id, code, reason)
+        self._terminate(Failure(StreamReset(code, reason)))
 
     # -- ITransport ----------------------------------------------------------
 
@@ -177,7 +268,12 @@ class MuxStream:
             self._outbuf.append(data)
             self._outlen += len(data)
         else:
-            self._mux._send(self, data)
+            size = len(data)
+            sent = self._mux.send_data(self.stream_id, data)
+            if sent < size:
+                # A view: the rest of a large write is kept without a copy.
+                self._outbuf.append(memoryview(data)[sent:] if sent else data)
+                self._outlen += size - sent
         self._update_producer()
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
@@ -191,7 +287,7 @@ class MuxStream:
         if self._fin_wanted or self.disconnected:
             return
         self._fin_wanted = True
-        self._mux._flush_stream(self)
+        self._flush_outbound()
 
     def loseConnection(self) -> None:
         """
@@ -212,7 +308,7 @@ class MuxStream:
         """
         if self.disconnected:
             return
-        self._mux._reset(self, code, reason)
+        self._mux.reset_stream(self.stream_id, code, reason)
         self._terminate(Failure(StreamReset(code, reason)))
 
     def getPeer(self) -> StreamAddress:
@@ -248,7 +344,6 @@ class MuxStream:
     def resumeProducing(self) -> None:
         self._read_paused = False
         self._drain_inbound()
-        self._mux._flush()
 
     def stopProducing(self) -> None:
         """
@@ -262,12 +357,55 @@ class MuxStream:
         else:
             self.reset(ErrorCode.CANCEL, "local consumer closed")
 
-    # -- called by MuxProtocol -----------------------------------------------
-
     @property
     def send_blocked(self) -> bool:
         """Bytes wait for credit."""
         return bool(self._outbuf)
+
+    # -- events, told by the connection --------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """The peer's DATA: deliver it now, or keep it while delivery waits."""
+        if self.protocol is None or self._read_paused or self._inbuf:
+            self._inbuf.append(data)
+            return
+        if self._deliver(self.protocol.dataReceived, data):
+            self._mux.consumed(self.stream_id, len(data))
+
+    def window_opened(self) -> None:
+        """The peer returned credit: send what waits for it, then a wanted FIN."""
+        self._flush_outbound()
+
+    def input_ended(self) -> None:
+        """The peer's FIN: it sends no more; tell our protocol once what came before is delivered."""
+        self._eof_received = True
+        self._drain_inbound()
+
+    def open_accepted(self) -> None:
+        """The peer answered our OPEN with OPEN_OK."""
+        if not self.opened.called:
+            self.accepted = True
+            self.opened.callback(self)
+
+    def tunnel_resumed(self) -> None:
+        """The tunnel that held our producer (L{StreamConnection.hold_stream}) resumed."""
+        self._held = False
+        self._update_producer()
+
+    def closed(self, reason: Failure) -> None:
+        """
+        The stream ended in the session. A reset (L{StreamReset}: the
+        peer's RESET or OPEN_FAIL, a broken rule, the tunnel's end) ends it
+        now, dropping what is buffered; a clean close delivers what arrived
+        before it first.
+        """
+        if isinstance(reason.value, StreamReset):
+            self._terminate(reason)
+            return
+        self._end_reason = reason
+        self._drain_inbound()
+
+    # -- internals -------------------------------------------------------------
 
     def _take_outbound(self, window: int) -> bytes:
         """Remove up to C{window} buffered bytes for sending."""
@@ -293,9 +431,24 @@ class MuxStream:
         self._outlen -= len(data)
         return data
 
-    def _buffer_outbound(self, data: bytes | memoryview) -> None:
-        self._outbuf.append(data)
-        self._outlen += len(data)
+    def _flush_outbound(self) -> None:
+        """Send what credit allows of the buffer, then a wanted FIN; pause or resume our producer to match."""
+        if self._outbuf:
+            data = self._take_outbound(self._mux.send_window(self.stream_id))
+            if data:
+                self._mux.send_data(self.stream_id, data)
+        self._send_fin()
+        self._update_producer()
+
+    def _send_fin(self) -> None:
+        """Send the FIN asked for, once nothing waits before it."""
+        if not self._fin_wanted or self._outbuf or self._fin_sent:
+            return
+        self._fin_sent = True
+        closed = self._mux.end_stream(self.stream_id)
+        self._write_closed()
+        if closed:
+            self.closed(CLEAN_CLOSE)
 
     def _update_producer(self) -> None:
         """Pause our producer while bytes wait for credit or the tunnel is
@@ -303,22 +456,21 @@ class MuxStream:
         producer = self._producer
         if producer is None:
             return
-        should_pause = bool(self._outbuf) or self._mux.paused
-        if self._mux.paused and not self._outbuf:
-            self._mux._hold(self)
+        if self._outbuf:
+            should_pause = True
+        elif self._mux.paused:
+            should_pause = True
+            if not self._held:
+                self._held = True
+                self._mux.hold_stream(self)
+        else:
+            should_pause = False
         if should_pause and not self._producer_paused:
             self._producer_paused = True
             producer.pauseProducing()
         elif not should_pause and self._producer_paused:
             self._producer_paused = False
             producer.resumeProducing()
-
-    def _data_received(self, data: bytes) -> None:
-        if self.protocol is None or self._read_paused or self._inbuf:
-            self._inbuf.append(data)
-            return
-        if self._deliver(self.protocol.dataReceived, data):
-            self._mux._consumed(self, len(data))
 
     def _deliver(self, method: Callable[..., object], *args: bytes) -> bool:
         """
@@ -334,7 +486,7 @@ class MuxStream:
                 "protocol of stream {streamID} raised; resetting the stream", failure, streamID=self.stream_id
             )
             if not self.disconnected:
-                self._mux._reset(self, ErrorCode.INTERNAL_ERROR, "application error")
+                self._mux.reset_stream(self.stream_id, ErrorCode.INTERNAL_ERROR, "application error")
                 self._terminate(failure)
             return False
         return True
@@ -348,19 +500,6 @@ class MuxStream:
             except Exception:
                 self._log.failure("writeConnectionLost of stream {streamID} raised", streamID=self.stream_id)
 
-    def _eof(self) -> None:
-        self._eof_received = True
-        self._drain_inbound()
-
-    def _closed(self, reason: Failure) -> None:
-        """The stream ended in the session; deliver what is buffered first
-        unless it was a reset."""
-        if isinstance(reason.value, StreamReset):
-            self._terminate(reason)
-            return
-        self._end_reason = reason
-        self._drain_inbound()
-
     def _drain_inbound(self) -> None:
         protocol = self.protocol
         if protocol is None:
@@ -371,7 +510,7 @@ class MuxStream:
             chunk = self._inbuf.popleft()
             if not self._deliver(protocol.dataReceived, chunk):
                 return
-            self._mux._consumed(self, len(chunk))
+            self._mux.consumed(self.stream_id, len(chunk))
         if self._inbuf or self._read_paused or self.disconnected:
             return
         if self._eof_received and not self._eof_delivered:
@@ -394,7 +533,7 @@ class MuxStream:
         self._inbuf.clear()
         self._outbuf.clear()
         self._outlen = 0
-        self._mux._forget(self)
+        self._mux.forget_stream(self.stream_id)
         if not self.opened.called:
             if isinstance(reason.value, StreamReset):
                 self.opened.errback(StreamOpenFailed(reason.value.code, reason.value.reason))
