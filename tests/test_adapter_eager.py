@@ -5,7 +5,8 @@ The property that matters: a write on an idle connection leaves in the call
 itself (nothing queued, no writer registered with the reactor), while
 everything Twisted's queued path guarantees still holds: order, every byte,
 producer pausing, half-close, and errors reported through connectionLost
-rather than raised from write().
+rather than raised from write(). On stock Twisted I/O (rtunnel.adapter.fence)
+transports are left as Twisted made them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from rtunnel.adapter import fence
 from rtunnel.adapter.eager import EagerClient, EagerServer, send_eagerly
 
 
@@ -93,11 +95,11 @@ class EagerWriteTests(unittest.TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
-    def connect(self, server_side_under_test: bool = True):  # type: ignore[no-untyped-def]
+    def connect(self, server_side_under_test: bool = True, switch: bool = True):  # type: ignore[no-untyped-def]
         """
         A real loopback connection: returns (held, sink) where C{held} is the
-        end under test (its transport switched to eager writes) and C{sink}
-        the other end.
+        end under test (its transport switched to eager writes unless
+        C{switch} is false) and C{sink} the other end.
         """
         from twisted.internet import reactor
 
@@ -112,8 +114,29 @@ class EagerWriteTests(unittest.TestCase):
         reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
         yield defer.gatherResults([held.made, sink.made])
         self.addCleanup(lambda: held.transport.abortConnection() if held.transport.connected else None)
-        self.assertTrue(send_eagerly(held.transport))
+        if switch:
+            self.assertTrue(send_eagerly(held.transport))
         return held, sink
+
+    @defer.inlineCallbacks
+    def test_stock_io_leaves_transports_alone(self):  # type: ignore[no-untyped-def]
+        """
+        On stock Twisted I/O (RTUNNEL_STOCK_IO, or an internal missing) a
+        transport keeps Twisted's class and its queued write: the bytes wait
+        for the reactor, and still arrive.
+        """
+        from twisted.internet import reactor
+
+        self.addCleanup(fence.restore, fence.current())
+        fence.restore(fence.IOMode(stock=True, forced=True))
+        for server_side in (True, False):
+            held, sink = yield self.connect(server_side_under_test=server_side, switch=False)
+            self.assertFalse(send_eagerly(held.transport))
+            self.assertIs(type(held.transport), tcp.Server if server_side else tcp.Client)
+            held.transport.write(b"ping")
+            self.assertEqual(held.transport._tempDataLen, 4)
+            self.assertIn(held.transport, reactor.getWriters())
+            yield sink.wait_for(4)
 
     @defer.inlineCallbacks
     def test_idle_write_leaves_at_once(self):  # type: ignore[no-untyped-def]

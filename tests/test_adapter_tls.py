@@ -1,27 +1,33 @@
 """
 The adapter over TLS: in memory (iosim + TLSMemoryBIOFactory) for the
-session lifecycle, and once over real loopback sockets for bulk data.
+session lifecycle, once over real loopback sockets for bulk data, and the
+tuned TLS factories (rtunnel.adapter.tls) over loopback on the fast path and
+on stock Twisted I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rtunnel.adapter import MuxProtocol, MuxStream
+from rtunnel.adapter import MuxProtocol, MuxStream, fence
+from rtunnel.adapter.eager import EagerClient, EagerServer
+from rtunnel.adapter.tls import BulkTLSClientEndpoint, BulkTLSFactory, BulkTLSProtocol
 from tests.adapter_helpers import (
     MIB,
     Acceptor,
@@ -222,3 +228,122 @@ class RealTLSTests(unittest.TestCase):
         reason = yield client.drain(10.0)
         self.assertIsInstance(reason, ConnectionDone)
         yield closed
+
+
+class Echo(Protocol):
+    """Sends back what it receives; reports when its connection is gone."""
+
+    def __init__(self) -> None:
+        self.made: defer.Deferred[Echo] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class Collector(Protocol):
+    """Counts and hashes what comes back; fires C{done} at C{want} bytes."""
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.count = 0
+        self.hash = hashlib.sha256()
+        self.done: defer.Deferred[str] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.count += len(data)
+        if self.count >= self.want and not self.done.called:
+            self.done.callback(self.hash.hexdigest())
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+#: What the loopback tests echo: several MiB, so that writes exceed one TLS
+#: record, the bulk protocol's write chunk and the socket buffers.
+PAYLOAD = random.Random(20261210).randbytes(3 * MIB)
+
+
+class BulkTLSLoopbackTests(unittest.TestCase):
+    """
+    L{BulkTLSFactory} and L{BulkTLSClientEndpoint} over real loopback
+    sockets, in both I/O modes: the bytes arrive whole and in order, and the
+    protocol and transport classes are the tuned ones on the fast path and
+    Twisted's own on stock I/O (L{rtunnel.adapter.fence}).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.addCleanup(fence.restore, fence.current())
+
+    @defer.inlineCallbacks
+    def echo_through(self, payload: bytes):  # type: ignore[no-untyped-def]
+        """
+        Connect a client to an echo server, both through the adapter's
+        factories, send C{payload} in pieces of several sizes, check that it
+        all comes back, close; return (server side, client side) protocols.
+        """
+        from twisted.internet import reactor
+
+        server_options, client_options = tls_options()
+        echoes: list[Echo] = []
+
+        def build_echo() -> Echo:
+            echoes.append(Echo())
+            return echoes[-1]
+
+        server_factory = BulkTLSFactory(server_options, False, Factory.forProtocol(build_echo), clock=reactor)
+        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = BulkTLSClientEndpoint(
+            client_options, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), reactor
+        )
+        client = yield endpoint.connect(Factory.forProtocol(lambda: Collector(len(payload))))
+        [echo] = echoes
+        yield echo.made
+        for start, end in ((0, 1), (1, 100), (100, 70_000), (70_000, len(payload))):
+            client.transport.write(payload[start:end])
+        digest = yield client.done
+        self.assertEqual(digest, hashlib.sha256(payload).hexdigest())
+        tls_client, tls_server = client.transport, echo.transport
+        tcp_client, tcp_server = tls_client.transport, tls_server.transport
+        client.transport.loseConnection()
+        yield defer.gatherResults([client.lost, echo.lost])
+        return (tls_server, tcp_server), (tls_client, tcp_client)
+
+    @defer.inlineCallbacks
+    def test_fast_path(self):  # type: ignore[no-untyped-def]
+        """
+        With every internal in place: L{BulkTLSProtocol} at both ends, over
+        TCP transports that write eagerly, and 3 MiB echoed intact.
+        """
+        fence.restore(fence.IOMode(stock=False))
+        (tls_server, tcp_server), (tls_client, tcp_client) = yield self.echo_through(PAYLOAD)
+        self.assertIs(type(tls_server), BulkTLSProtocol)
+        self.assertIs(type(tls_client), BulkTLSProtocol)
+        self.assertIs(type(tcp_server), EagerServer)
+        self.assertIs(type(tcp_client), EagerClient)
+
+    @defer.inlineCallbacks
+    def test_stock_io(self):  # type: ignore[no-untyped-def]
+        """
+        With C{RTUNNEL_STOCK_IO=1} the same factories build Twisted's own
+        TLS protocol and leave Twisted's TCP transports as they are; the
+        bytes still arrive intact.
+        """
+        fence.settle({fence.STOCK_IO_ENV: "1"}, log=Logger(observer=lambda event: None))
+        (tls_server, tcp_server), (tls_client, tcp_client) = yield self.echo_through(PAYLOAD)
+        self.assertIs(type(tls_server), TLSMemoryBIOFactory.protocol)
+        self.assertIs(type(tls_client), TLSMemoryBIOFactory.protocol)
+        self.assertIs(type(tcp_server), tcp.Server)
+        self.assertIs(type(tcp_client), tcp.Client)

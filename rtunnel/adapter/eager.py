@@ -23,23 +23,40 @@ stays Twisted's own code:
  - once anything is queued, writes queue behind it, so order is kept.
 
 Swapping the class of a live transport is how Twisted itself once started TLS
-on a TCP connection; the subclasses add no state, so the swap is safe at any
-point of the connection's life.
+on a TCP connection; the subclasses add no state (the eager write is a plain
+mixin, and Twisted's transports already have an instance dict), so the
+instance layout is the same and the swap is safe at any point of the
+connection's life.
+
+All of this reads Twisted's private write-queue state: L{rtunnel.adapter.fence}
+checks every name used here once per process, and when one is missing, or
+C{RTUNNEL_STOCK_IO} is set, L{send_eagerly} leaves every transport stock.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from . import fence
 
-class _EagerWrite(tcp.Connection):
+if TYPE_CHECKING:
+    _Connection = tcp.Connection
+else:
+    # At run time a plain mixin: creating the eager classes cannot fail
+    # whatever the MRO of Twisted's transports, and fence.py checks that the
+    # switch to a plain mixin's subclass works on them, along with every
+    # private name the code below reads.
+    _Connection = object
+
+
+class _EagerWrite(_Connection):
     """The eager C{write} for C{tcp.Server} and C{tcp.Client} (see the module doc)."""
 
     def write(self, data: bytes) -> None:
@@ -131,12 +148,16 @@ def send_eagerly(transport: object) -> bool:
     Make an established TCP transport send writes at once when it can.
 
     Other transports (a TLS wrapper, a MuxStream, a test's
-    C{StringTransport}, a UNIX socket) are left as they are.
+    C{StringTransport}, a UNIX socket) are left as they are, and so is every
+    transport when this process runs on stock Twisted I/O
+    (L{rtunnel.adapter.fence}).
 
     @return: whether C{transport} now writes eagerly.
     """
     if isinstance(transport, _EagerWrite):
         return True
+    if fence.current().stock:
+        return False
     eager = _EAGER.get(type(transport))
     if eager is None:
         return False

@@ -5,8 +5,10 @@ L{TLSMemoryBIOProtocol} hands OpenSSL 16 KiB at a time and reads the result
 back 32 KiB at a time: for every 64 KiB frame that is four encrypt calls, four
 reads of the memory BIO and four writes to the socket transport, and on the
 receiving side one C{dataReceived} of the multiplexer per 16 KiB TLS record.
-Per-call Python work, not the cipher, is what limits a tunnel here
-(FIELD-NOTES), so L{BulkTLSProtocol}:
+Per-call Python work, not the cipher, is what limits a tunnel here (measured
+on a 2-core development machine: one core encrypts AES-128-GCM at about
+4.5 GB/s, while two plain Twisted TLS relays carried about 0.6 GB/s on one
+stream), so L{BulkTLSProtocol}:
 
  - passes whole writes to OpenSSL (it cuts records itself) and drains the
    BIO into one transport write;
@@ -18,6 +20,11 @@ Per-call Python work, not the cipher, is what limits a tunnel here
 
 The TLS behaviour (handshake, verification, shutdown, errors) is Twisted's,
 unchanged.
+
+The overridden and called methods are private to Twisted:
+L{rtunnel.adapter.fence} checks each of them once per process, and when one
+is missing or changed, or C{RTUNNEL_STOCK_IO} is set, L{BulkTLSFactory}
+builds Twisted's own TLS protocol instead.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import fence
 from .eager import send_eagerly
 
 #: Largest plaintext handed to OpenSSL in one call.
@@ -116,17 +124,28 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):
-    """L{TLSMemoryBIOFactory} building L{BulkTLSProtocol}."""
+    """
+    L{TLSMemoryBIOFactory} building L{BulkTLSProtocol}, or Twisted's own TLS
+    protocol when this process runs on stock Twisted I/O
+    (L{rtunnel.adapter.fence}).
+    """
 
-    protocol = BulkTLSProtocol
+    protocol: type[TLSMemoryBIOProtocol] = BulkTLSProtocol
     noisy = False
+
+    def __init__(
+        self, contextFactory: Any, isClient: bool, wrappedFactory: IProtocolFactory, clock: Any = None
+    ) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        if fence.current().stock:
+            self.protocol = TLSMemoryBIOFactory.protocol
 
 
 @implementer(IStreamClientEndpoint)
 class BulkTLSClientEndpoint:
     """
-    Like C{wrapClientTLS(creator, endpoint)}, with L{BulkTLSProtocol}:
-    C{connect} fires with the application protocol. C{clock} schedules the
+    Like C{wrapClientTLS(creator, endpoint)}, with L{BulkTLSFactory}'s
+    protocol: C{connect} fires with the application protocol. C{clock} schedules the
     TLS layer's write batching (the global reactor if not given).
     """
 
@@ -139,6 +158,6 @@ class BulkTLSClientEndpoint:
         factory = BulkTLSFactory(self._creator, True, protocolFactory, clock=self._clock)
 
         def unwrap(tls: IProtocol) -> IProtocol:
-            return cast(BulkTLSProtocol, tls).wrappedProtocol
+            return cast(TLSMemoryBIOProtocol, tls).wrappedProtocol
 
         return self._wrapped.connect(factory).addCallback(unwrap)
