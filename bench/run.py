@@ -17,7 +17,8 @@ Why it is built this way:
 * One run, tunnels interleaved: all LAN tunnels are up at once and each
   repetition visits them in turn (rotating the order), so drift on these shared
   machines hits every column alike.  Compare ratios inside one run, not
-  absolute numbers across runs (FIELD-NOTES: 10-25 % run to run).
+  absolute numbers across runs (measured on these machines: 10-25 % from run
+  to run).
 * The load generator is C (bench/loadgen.c) and every stream's bytes are
   counted and pattern-checked; the direct-TCP column shows its headroom.
 * Transfer sizes are calibrated per tunnel and metric (a warm-up transfer
