@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from rtunnel.identity.errors import (
     StateError,
 )
 from rtunnel.identity.keyfile import token_digest
-from rtunnel.identity.store import SCHEMA_VERSION, StateStore, pid_alive
+from rtunnel.identity.store import SCHEMA_VERSION, AdmissionSnapshot, SiteAdmission, StateStore, pid_alive
 from tests.helpers_identity import NOW, Authority, TestCase, later
 
 _AUTHORITY = Authority.create()
@@ -300,6 +301,111 @@ class AdmissionTests(_StoreTestCase):
         self.store.revoke_site("alpha", later(5))
         record = self.store.revoke_site("alpha", later(50))
         self.assertEqual(record.revoked_at, later(5))
+
+
+class SnapshotTests(_StoreTestCase):
+    """
+    The admission snapshot decides as check_site does, from the table the
+    store loads, and follows the changes committed through the store.
+    """
+
+    def fingerprints(self, *pems: str) -> list[str]:
+        return [certs.fingerprint(certs.load_certificate(pem)) for pem in pems]
+
+    def assert_same_decisions(self, snapshot: AdmissionSnapshot, cases: list[tuple[str, str]]) -> None:
+        for site, fp in cases:
+            try:
+                self.store.check_site(site, fp)
+            except SiteRejected as e:
+                error = self.assertRaises(SiteRejected, snapshot.check, site, fp)
+                self.assertEqual((error.code, error.message), (e.code, e.message))
+            else:
+                snapshot.check(site, fp)
+
+    def test_snapshot_decides_as_the_database(self) -> None:
+        """
+        Loaded from admission_table, the snapshot admits and refuses exactly
+        what check_site does, with the same codes and messages: enrolled,
+        superseded, revoked, only a token, never heard of.
+        """
+        _, alpha = self.enroll(_Site("alpha"))
+        _, old = self.enroll(_Site("beta"))
+        _, new = self.enroll(_Site("beta"), now=5)
+        _, gamma = self.enroll(_Site("gamma"))
+        self.store.revoke_site("gamma", later(7))
+        self.store.create_token("delta", timedelta(hours=1), NOW)
+        self.store.revoke_site("delta", later(8))  # revoked before it ever enrolled: unknown
+        snapshot = AdmissionSnapshot(self.store.admission_table())
+        self.assertEqual(len(snapshot), 4)
+        [a, b_old, b_new, g] = self.fingerprints(alpha, old, new, gamma)
+        cases = [("alpha", a), ("alpha", b_new), ("beta", b_old), ("beta", b_new), ("gamma", g)]
+        cases += [("delta", a), ("omega", a)]
+        self.assert_same_decisions(snapshot, cases)
+        self.assertEqual(self.store.admission("gamma"), snapshot.get("gamma"))
+        self.assertIsNone(self.store.admission("omega"))
+
+    def test_listener_follows_own_commits(self) -> None:
+        """
+        Enrollments and revocations committed through the store are handed
+        to its listeners with the site's new admission, after the commit
+        (another connection already sees them); a retry that changes
+        nothing, and a refused redemption, are not.
+        """
+        snapshot = AdmissionSnapshot(self.store.admission_table())
+        other = self.open()
+        seen: list[tuple[str, object]] = []
+
+        def listener(site: str, admission: SiteAdmission | None) -> None:
+            seen.append((site, admission))
+            self.assertEqual(other.admission(site), admission)  # committed
+
+        self.store.on_admission_change(listener)
+        self.store.on_admission_change(snapshot.update)
+        site = _Site("alpha")
+        token, pem = self.enroll(site)
+        [fp] = self.fingerprints(pem)
+        self.assertEqual(seen, [("alpha", SiteAdmission(True, fp, None))])
+        snapshot.check("alpha", fp)
+        self.store.redeem_token("alpha", token, site.key_fingerprint, site.issue, later(1))  # a retry
+        self.refused("token-spent", _Site("alpha"), token)
+        self.assertEqual(len(seen), 1)
+        self.store.revoke_site("alpha", later(2))
+        self.assertEqual(seen[-1], ("alpha", SiteAdmission(True, fp, later(2))))
+        error = self.assertRaises(SiteRejected, snapshot.check, "alpha", fp)
+        self.assertEqual(error.code, "site-revoked")
+
+    def test_snapshot_update_and_replace(self) -> None:
+        """update sets or forgets one site; replace takes a whole table."""
+        snapshot = AdmissionSnapshot()
+        snapshot.update("alpha", SiteAdmission(True, "a" * 64, None))
+        snapshot.check("alpha", "a" * 64)
+        snapshot.update("alpha", None)
+        error = self.assertRaises(SiteRejected, snapshot.check, "alpha", "a" * 64)
+        self.assertEqual(error.code, "site-unknown")
+        snapshot.replace({"beta": SiteAdmission(True, "b" * 64, None)})
+        snapshot.check("beta", "b" * 64)
+        self.assertEqual(len(snapshot), 1)
+
+    def test_connection_may_move_to_another_thread(self) -> None:
+        """
+        The store opened here may be used from another thread afterwards
+        (the tunnel server hands it to its database thread), one user at a
+        time.
+        """
+        results: list[object] = []
+
+        def elsewhere() -> None:
+            try:
+                results.append(self.store.create_token("alpha", timedelta(hours=1), NOW))
+            except Exception as e:  # reported below, not lost in the thread
+                results.append(e)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(30)
+        [token] = results
+        self.assertIsInstance(token, str)
+        self.assertIsNotNone(self.store.site("alpha"))
 
 
 class ConnectionStatusTests(_StoreTestCase):

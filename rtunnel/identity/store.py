@@ -10,9 +10,11 @@ up front: two writers queue on the busy timeout instead of deadlocking on a
 lock upgrade.
 
 Calls block.  Each is a handful of indexed row operations on a local file
-(well under a millisecond), which is why the server may call them from the
-reactor thread; only a competing writer holding the lock (for as long as one
-such transaction) makes a call wait.
+(well under a millisecond), but a competing writer holding the lock makes a
+call wait up to the busy timeout (5 s), and a slow disk makes any call wait:
+so the tunnel server never calls the store from its reactor while it runs.
+It admits sites from an L{AdmissionSnapshot} in memory, and does everything
+else in one database thread (L{rtunnel.roles.server.StateThread}).
 
 Tokens are stored only as their SHA-256 digest, so a copy of the database
 does not let anyone enroll a site.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,7 +49,15 @@ from rtunnel.identity.errors import (
 )
 from rtunnel.identity.keyfile import token_digest
 
-__all__ = ["SCHEMA_VERSION", "SiteRecord", "StateStore", "pid_alive"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "AdmissionSnapshot",
+    "SiteAdmission",
+    "SiteRecord",
+    "StateStore",
+    "check_admission",
+    "pid_alive",
+]
 
 SCHEMA_VERSION = 1
 
@@ -153,12 +163,105 @@ class SiteRecord:
         return self.revoked_at is not None
 
 
+@frozen
+class SiteAdmission:
+    """
+    What decides whether a site may connect: three columns of its row.
+
+    @ivar enrolled: whether a token was ever redeemed for the site.
+    @ivar certificate_fingerprint: the fingerprint of its newest certificate;
+        only that one is admitted.
+    @ivar revoked_at: when it was revoked, or C{None}.
+    """
+
+    enrolled: bool
+    certificate_fingerprint: str | None
+    revoked_at: datetime | None
+
+
+def check_admission(site: str, certificate_fingerprint: str, admission: SiteAdmission | None) -> None:
+    """
+    Decide whether a site presenting a certificate with this fingerprint
+    (already verified against our CA) may connect, given what the state
+    database says of it (C{None}: nothing).
+
+    @raise SiteRejected: C{site-unknown} if the site never enrolled,
+        C{site-revoked}, or C{certificate-superseded} if the site has
+        enrolled again since this certificate was issued.
+    """
+    if admission is None or not admission.enrolled:
+        raise SiteRejected(SITE_UNKNOWN, f"site {site!r} is not enrolled")
+    if admission.revoked_at is not None:
+        raise SiteRejected(SITE_REVOKED, f"site {site!r} was revoked at {_human(admission.revoked_at)}")
+    if admission.certificate_fingerprint != certificate_fingerprint:
+        raise SiteRejected(
+            CERTIFICATE_SUPERSEDED,
+            f"site {site!r} has enrolled again since this certificate was "
+            "issued; only its newest certificate is accepted",
+        )
+
+
+class AdmissionSnapshot:
+    """
+    Every site's L{SiteAdmission}, in memory: what the tunnel server admits
+    sites from, at the TLS handshake and again at HELLO.
+
+    Why not ask the database each time: a connection would then wait for
+    the file, on the reactor, and with it every tunnel; a CLI holding the
+    write lock or a slow disk stalled them all. The snapshot is loaded once
+    at start, replaced by the revocation poll when another process changed
+    the database, and updated at once for the changes the server commits
+    itself (L{StateStore.on_admission_change}): a site the server just
+    enrolled is admitted on its very next connection.
+
+    Costs about 250 bytes per known site. Knows no reactor and no thread:
+    its owner updates it from one thread (the tunnel server's reactor).
+    """
+
+    def __init__(self, table: Mapping[str, SiteAdmission] | None = None) -> None:
+        self._sites: dict[str, SiteAdmission] = dict(table or {})
+
+    def check(self, site: str, certificate_fingerprint: str) -> None:
+        """
+        As L{StateStore.check_site}, from memory.
+
+        @raise SiteRejected: see L{check_admission}.
+        """
+        check_admission(site, certificate_fingerprint, self._sites.get(site))
+
+    def get(self, site: str) -> SiteAdmission | None:
+        return self._sites.get(site)
+
+    def replace(self, table: Mapping[str, SiteAdmission]) -> None:
+        """Take a whole new table (L{StateStore.admission_table})."""
+        self._sites = dict(table)
+
+    def update(self, site: str, admission: SiteAdmission | None) -> None:
+        """Take one site's new row (C{None}: the site is not known)."""
+        if admission is None:
+            self._sites.pop(site, None)
+        else:
+            self._sites[site] = admission
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
 class StateStore:
     """
     The SQLite state database of one tunnel server.
 
-    One instance owns one connection; use it from one thread.  Open as many
-    instances (in as many processes) as needed on the same file.
+    One instance owns one connection; use it from one thread at a time.
+    Open as many instances (in as many processes) as needed on the same
+    file.
+
+    The connection is opened with C{check_same_thread=False}: the tunnel
+    server loads its state (and this store) at build time, in the thread
+    that builds the service, and from its start on uses the store only in
+    its one database thread; Python's check would refuse that hand-over.
+    One user at a time is all SQLite needs here (the module is built
+    serialized, C{sqlite3.threadsafety} 3, and a transaction is begun and
+    ended by the same call).
     """
 
     def __init__(
@@ -188,6 +291,8 @@ class StateStore:
         #: sites they concern (until L{take_own_changes})
         self._own_changes = 0
         self._own_changed_sites: set[str] = set()
+        #: told of every admission change committed through this connection
+        self._admission_listeners: list[Callable[[str, SiteAdmission | None], None]] = []
         p = Path(self.path)
         if p.is_dir():
             raise StateError(f"state database {self.path} is a directory")
@@ -207,7 +312,9 @@ class StateStore:
             )
         uri = p.absolute().as_uri() + "?mode=rw"
         try:
-            self._db = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+            self._db = sqlite3.connect(
+                uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
         except sqlite3.Error as e:
             raise StateError(f"cannot open state database {self.path}: {e}") from None
         try:
@@ -404,6 +511,23 @@ class StateStore:
             C{token-expired}.
         """
         digest = token_digest(token)
+        certificate_pem, admission = self._redeem(site, digest, public_key_fingerprint, issue, now)
+        if admission is not None:
+            self._admission_changed(site, admission)
+        return certificate_pem
+
+    def _redeem(
+        self,
+        site: str,
+        digest: str,
+        public_key_fingerprint: str,
+        issue: Callable[[], str],
+        now: datetime,
+    ) -> tuple[str, SiteAdmission | None]:
+        """
+        L{redeem_token}'s transaction: the certificate, and the site's new
+        admission if this call changed it.
+        """
         with self._transaction() as db:
             row = db.execute("SELECT * FROM tokens WHERE digest = ?", (digest,)).fetchone()
             if row is None:
@@ -427,7 +551,7 @@ class StateStore:
                     and current["revoked_at"] is None
                     and current["certificate_fingerprint"] == row["certificate_fingerprint"]
                 ):
-                    return str(row["certificate_pem"])
+                    return str(row["certificate_pem"]), None
                 spent = _dt(row["spent_at"])
                 assert spent is not None
                 raise EnrollmentRefused(
@@ -467,36 +591,67 @@ class StateStore:
             )
             self._own_changes += 1
             self._own_changed_sites.add(site)
-            return certificate_pem
+            return certificate_pem, SiteAdmission(enrolled=True, certificate_fingerprint=cert_fp, revoked_at=None)
 
     # -- admission --------------------------------------------------------
 
     def check_site(self, site: str, certificate_fingerprint: str) -> None:
         """
         Decide whether a site presenting a certificate with this fingerprint
-        (already verified against our CA) may connect now.
+        (already verified against our CA) may connect now, from the
+        database (the running server decides from its L{AdmissionSnapshot}).
 
-        @raise SiteRejected: C{site-unknown} if the site never enrolled,
-            C{site-revoked}, or C{certificate-superseded} if the site has
-            enrolled again since this certificate was issued.
+        @raise SiteRejected: see L{check_admission}.
+        """
+        check_admission(site, certificate_fingerprint, self.admission(site))
+
+    def admission(self, site: str) -> SiteAdmission | None:
+        """
+        What decides whether C{site} may connect (C{None}: no such row).
+        One indexed lookup.
         """
         with self._guard():
             row = self._db.execute(
                 "SELECT enrolled_at, certificate_fingerprint, revoked_at FROM sites WHERE name = ?",
                 (site,),
             ).fetchone()
-        if row is None or row["enrolled_at"] is None:
-            raise SiteRejected(SITE_UNKNOWN, f"site {site!r} is not enrolled")
-        if row["revoked_at"] is not None:
-            revoked = _dt(row["revoked_at"])
-            assert revoked is not None
-            raise SiteRejected(SITE_REVOKED, f"site {site!r} was revoked at {_human(revoked)}")
-        if row["certificate_fingerprint"] != certificate_fingerprint:
-            raise SiteRejected(
-                CERTIFICATE_SUPERSEDED,
-                f"site {site!r} has enrolled again since this certificate was "
-                "issued; only its newest certificate is accepted",
-            )
+        return None if row is None else self._admission(row)
+
+    def admission_table(self) -> dict[str, SiteAdmission]:
+        """
+        The L{SiteAdmission} of every site with a row, for an
+        L{AdmissionSnapshot}: one scan of the sites table.
+        """
+        with self._guard():
+            rows = self._db.execute(
+                "SELECT name, enrolled_at, certificate_fingerprint, revoked_at FROM sites"
+            ).fetchall()
+        return {row["name"]: self._admission(row) for row in rows}
+
+    @staticmethod
+    def _admission(row: sqlite3.Row) -> SiteAdmission:
+        return SiteAdmission(
+            enrolled=row["enrolled_at"] is not None,
+            certificate_fingerprint=row["certificate_fingerprint"],
+            revoked_at=_dt(row["revoked_at"]),
+        )
+
+    def on_admission_change(self, listener: Callable[[str, SiteAdmission | None], None]) -> None:
+        """
+        Call C{listener(site, admission)} after every commit through this
+        connection that changed whether C{site} may connect (an enrollment,
+        a revocation), in the thread that committed, before the committing
+        call returns.
+
+        The tunnel server keeps its L{AdmissionSnapshot} current this way
+        for its own enrollments, without waiting for a poll; changes by
+        other processes reach it through L{changes_token}.
+        """
+        self._admission_listeners.append(listener)
+
+    def _admission_changed(self, site: str, admission: SiteAdmission | None) -> None:
+        for listener in self._admission_listeners:
+            listener(site, admission)
 
     def revoke_site(self, name: str, now: datetime) -> SiteRecord:
         """
@@ -523,6 +678,7 @@ class StateStore:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
             self._own_changes += 1
             self._own_changed_sites.add(name)
+        self._admission_changed(name, self.admission(name))
         record = self.site(name)
         assert record is not None
         return record
