@@ -191,7 +191,11 @@ def test_a_flooding_site_is_cut_and_another_site_is_not_disturbed(tmp_path):
         assert "too many PING frames" in result["goaways"][0][1]
         # The server stopped reading it: far fewer than a million PINGs went in.
         assert flood_end["sent"] < 1_000_000 and flood_end["blocked"], flood_end
-        assert result["pongs"] <= 1000
+        # Answered: the burst of 1,000 and what the allowance (200/s) refills
+        # while the server reads. With Twisted's own TLS protocol
+        # (RTUNNEL_STOCK_IO=1) the records of one socket read arrive one by
+        # one, and a millisecond of refill between them lets one more through.
+        assert result["pongs"] <= 1000 + 200 * flood_end["seconds"], (result["pongs"], flood_end)
 
         def logged() -> bool:
             log = d.server.output()
