@@ -418,6 +418,67 @@ class ResponderTests(TestCase):
         self.assertEqual(responder.peer, "192.168.1.1:54321")
 
 
+class _LaterEnroller:
+    """An enroller that decides later, as the tunnel server's database thread does."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[str]] = []
+
+    def enroll(self, site: str, token: str, csr_pem: str, now: datetime) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class DeferredDecisionTests(TestCase):
+    """The responder with an enroller that answers with a Deferred."""
+
+    setUp = ResponderTests.setUp
+    respond = ResponderTests.respond
+    reply = ResponderTests.reply
+
+    def test_reply_waits_for_the_decision(self) -> None:
+        """
+        Nothing is written while the decision is pending (the responder is
+        C{deciding}, its own timer is done, more bytes are ignored); the
+        reply goes out when the Deferred fires.
+        """
+        enroller = _LaterEnroller()
+        responder = self.respond(enroller, encode_request(_REQUEST))
+        self.assertTrue(responder.deciding)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        responder.dataReceived(encode_request(_REQUEST))
+        self.assertEqual(len(enroller.pending), 1)
+        self.assertEqual(self.transport.value(), b"")
+        enroller.pending[0].callback(_CERT_PEM)
+        self.assertFalse(responder.deciding)
+        self.assertEqual(self.reply(), EnrollAccepted(_CERT_PEM))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_refusal_later(self) -> None:
+        """A refusal that comes as a failed Deferred is replied as one raised at once."""
+        enroller = _LaterEnroller()
+        self.respond(enroller, encode_request(_REQUEST))
+        enroller.pending[0].errback(EnrollmentRefused("token-spent", "already used"))
+        self.assertEqual(self.reply(), EnrollRejected("token-spent", "already used"))
+
+    def test_decision_after_the_connection_is_gone(self) -> None:
+        """
+        A decision that comes after the connection was dropped (the
+        server's handshake deadline) is logged and written nowhere.
+        """
+        enroller = _LaterEnroller()
+        responder = self.respond(enroller, encode_request(_REQUEST))
+        responder.connectionLost(Failure(ConnectionDone()))
+        self.transport.clear()
+        with capturedLogs() as events:
+            enroller.pending[0].callback(_CERT_PEM)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertIsNone(responder.reply)
+        [line] = [e["log_format"] for e in events if "gone" in e.get("log_format", "")]
+        self.assertIn("decided after the connection was gone", line)
+
+
 class RequesterTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()

@@ -100,6 +100,22 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(server.connected, [("alpha", "192.0.2.7:40123")])
         self.assertEqual((connection.site, connection.fingerprint), ("alpha", certs.fingerprint(cert)))
 
+    def test_admission_reads_no_database(self) -> None:
+        """
+        Admission (at the handshake and at HELLO) decides from the snapshot
+        in memory: with the database connection closed, an enrolled site is
+        still admitted and an unknown one still refused.
+        """
+        server = Server(self)
+        key, cert = server.fixture.enroll("alpha")
+        ghost_key, ghost_cert = server.fixture.certify_without_enrolling("ghost")
+        server.fixture.state.store.close()
+        site, _, _ = server.dial(key, cert)
+        self.assertTrue(site.ready)
+        self.assertIsNotNone(server.registry.session_for("alpha"))
+        ghost, _, _ = server.dial(ghost_key, ghost_cert)
+        self.assertIn("site-unknown", ghost.peer_goaway[1])  # type: ignore[index]
+
     def test_authenticated_session_is_wired_to_tls_directly(self) -> None:
         """
         Once a site is authenticated the TLS protocol delivers to its
@@ -615,7 +631,7 @@ class RevocationTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = Server(self)
         self.key, self.cert = self.server.fixture.enroll("alpha")
-        self.watch = RevocationWatch(self.server.fixture.state, self.server.registry)
+        self.watch = RevocationWatch(self.server.fixture.state, self.server.registry, self.server.factory.admission)
         self.site, _, self.pump = self.server.dial(self.key, self.cert)
         self.other = StateStore(self.server.fixture.state.store.path, create=False)
         self.addCleanup(self.other.close)
@@ -670,7 +686,7 @@ class OwnEnrollmentTests(SynchronousTestCase):
         """
         server = Server(self)
         key, cert = server.fixture.enroll("alpha")
-        watch = RevocationWatch(server.fixture.state, server.registry)
+        watch = RevocationWatch(server.fixture.state, server.registry, server.factory.admission)
         site, _, pump = server.dial(key, cert)
         watch.check()
         server.fixture.enroll("alpha")  # the same ServerState: the server's own connection
@@ -693,16 +709,17 @@ class OwnChangesTests(SynchronousTestCase):
         for name in ("alpha", "gamma"):
             key, cert = server.fixture.enroll(name)
             live[name] = server.dial(key, cert)
-        watch = RevocationWatch(server.fixture.state, server.registry)
+        watch = RevocationWatch(server.fixture.state, server.registry, server.factory.admission)
         store = server.fixture.state.store
+        admission = server.factory.admission
         checked: list[str] = []
-        check_site = store.check_site
+        check = admission.check
 
         def recording(site: str, fingerprint: str) -> None:
             checked.append(site)
-            check_site(site, fingerprint)
+            check(site, fingerprint)
 
-        store.check_site = recording  # type: ignore[method-assign]
+        admission.check = recording  # type: ignore[method-assign]
         for name in ("beta", "delta"):
             server.fixture.enroll(name)
         watch.check()
@@ -752,7 +769,7 @@ class RevocationRaceTests(SynchronousTestCase):
         """
         server = Server(self)
         key, cert = server.fixture.enroll("alpha")
-        watch = RevocationWatch(server.fixture.state, server.registry)
+        watch = RevocationWatch(server.fixture.state, server.registry, server.factory.admission)
         site, _, pump = server.dial(key, cert, protocol=lambda: LateHello(initiator=True, clock=server.clock))
         other = StateStore(server.fixture.state.store.path, create=False)
         self.addCleanup(other.close)
@@ -787,8 +804,14 @@ class ServiceTests(SynchronousTestCase):
         self.addCleanup(lambda: self.service.running and self.service.stopService())
 
     def dial_site(self):  # type: ignore[no-untyped-def]
-        """Connect an enrolled site through the listening TLS factory the service made."""
+        """
+        Connect an enrolled site through the listening TLS factory the
+        service made. The fixture enrolls it through its own connection to
+        the database, as another process would: the service admits it once
+        its poll has seen that.
+        """
         key, cert = self.fixture.enroll("alpha")
+        self.reactor.advance(self.config.revocation_poll)
         tls_factory = self.reactor.tcpServers[0][1]
         clients = Built(lambda: MuxProtocol(initiator=True, clock=self.reactor))
         client_tls = TLSMemoryBIOFactory(self.fixture.site_options(key, cert), True, clients, clock=self.reactor)

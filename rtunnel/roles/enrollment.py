@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -63,12 +63,15 @@ DEFAULT_TIMEOUT = 30.0
 
 class Enroller(TypingProtocol):
     """
-    What the responder needs from the server: L{ServerState} provides it.
+    What the responder needs from the server: L{ServerState} provides it
+    (deciding on the spot), and the tunnel server's factory (deciding in its
+    database thread, hence a Deferred).
     """
 
-    def enroll(self, site: str, token: str, csr_pem: str, now: datetime) -> str:
+    def enroll(self, site: str, token: str, csr_pem: str, now: datetime) -> str | Deferred[str]:
         """
-        Return the new certificate PEM or raise L{EnrollmentRefused}.
+        Return the new certificate PEM (or a Deferred firing with it), or
+        raise (or fail with) L{EnrollmentRefused}.
         """
 
 
@@ -106,6 +109,13 @@ class EnrollmentResponder(Protocol):
     C{internal-error} reply (details only in the server log).  If the request
     has not arrived C{timeout} seconds after the connection was handed over,
     the connection is dropped.
+
+    Once the request is complete the responder only waits for the decision
+    (C{deciding}); its own timer is done. The tunnel server's connection
+    keeps its handshake deadline armed over the whole exchange and drops a
+    connection whose decision is late; a decision that comes after the
+    connection is gone is logged and not sent (a token it spent can be
+    redeemed again with the same key, for the same certificate).
     """
 
     _log = Logger()
@@ -124,6 +134,9 @@ class EnrollmentResponder(Protocol):
         self._reader = RequestReader()
         self._timer: IDelayedCall | None = None
         self._finished = False
+        self._lost = False
+        #: the request is complete and the enroller has not answered yet
+        self.deciding = False
         self.reply: EnrollReply | None = None
 
     @property
@@ -147,14 +160,21 @@ class EnrollmentResponder(Protocol):
             self._finish(EnrollRejected(BAD_REQUEST, str(e)))
             return
         if request is not None:
-            self._finish(self._decide(request))
+            self._finished = True  # nothing more is read
+            self._cancel_timer()
+            self.deciding = True
+            site = _site_for_log(request.site)
+            self._decide(request, site).addCallback(self._decided, site)
 
-    def _decide(self, request: EnrollRequest) -> EnrollReply:
-        site = _site_for_log(request.site)
+    def _decide(self, request: EnrollRequest, site: str) -> Deferred[EnrollReply]:
         now = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        try:
-            certificate_pem = self._enroller.enroll(request.site, request.token, request.csr_pem, now)
-        except EnrollmentRefused as e:
+        decided = maybeDeferred(self._enroller.enroll, request.site, request.token, request.csr_pem, now)
+        return decided.addCallbacks(self._accepted, self._refused, callbackArgs=(site,), errbackArgs=(site,))
+
+    def _refused(self, failure: Failure, site: str) -> EnrollReply:
+        if failure.check(EnrollmentRefused):
+            e = failure.value
+            assert isinstance(e, EnrollmentRefused)
             self._log.warn(
                 # "reason", not "message": the legacy log bridge owns that key.
                 "enrollment refused for site {site} from {peer}: {code}: {reason}",
@@ -164,12 +184,13 @@ class EnrollmentResponder(Protocol):
                 reason=e.message,
             )
             return EnrollRejected(e.code, e.message)
-        except Exception:
-            self._log.failure("enrollment of site {site} from {peer} failed", site=site, peer=self.peer)
-            return EnrollRejected(
-                INTERNAL_ERROR,
-                "the tunnel server could not complete the enrollment; see its log",
-            )
+        self._log.failure("enrollment of site {site} from {peer} failed", failure, site=site, peer=self.peer)
+        return EnrollRejected(
+            INTERNAL_ERROR,
+            "the tunnel server could not complete the enrollment; see its log",
+        )
+
+    def _accepted(self, certificate_pem: str, site: str) -> EnrollReply:
         self._log.info(
             "enrolled site {site} from {peer}: certificate {fingerprint}",
             site=site,
@@ -177,6 +198,17 @@ class EnrollmentResponder(Protocol):
             fingerprint=fingerprint(load_certificate(certificate_pem)),
         )
         return EnrollAccepted(certificate_pem)
+
+    def _decided(self, reply: EnrollReply, site: str) -> None:
+        self.deciding = False
+        if self._lost:
+            self._log.info(
+                "enrollment of site {site} from {peer} decided after the connection was gone; not answered",
+                site=site,
+                peer=self.peer,
+            )
+            return
+        self._finish(reply)
 
     def _finish(self, reply: EnrollReply) -> None:
         self._finished = True
@@ -205,6 +237,7 @@ class EnrollmentResponder(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         self._finished = True
+        self._lost = True
 
 
 @implementer(IHandshakeListener)

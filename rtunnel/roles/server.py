@@ -28,11 +28,13 @@ its twin, the site's C{TunnelClientService}).
 from __future__ import annotations
 
 import enum
+import functools
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Generator
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
 from attrs import frozen
@@ -48,10 +50,14 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorFromThreads,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..adapter.address import describe
@@ -59,9 +65,10 @@ from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..adapter.tls import BulkTLSFactory
 from ..adapter.wheel import KeepaliveWheel
-from ..identity.errors import PeerVerificationFailed, SiteRejected
+from ..identity.errors import PeerVerificationFailed, SiteRejected, StateError
 from ..identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, parse_address
 from ..identity.state import ServerState
+from ..identity.store import AdmissionSnapshot, SiteAdmission
 from ..identity.tlsconfig import client_refusal, peer_identity, server_tls_options
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
@@ -81,6 +88,9 @@ from .splice import set_nodelay
 #: is still found within 30 s, as with 10/30; a site that runs without
 #: keepalive gets the server's PING 5 s before the timeout to answer it.
 SERVER_KEEPALIVE = Keepalive(interval=25.0, timeout=30.0)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @frozen
@@ -185,9 +195,7 @@ class TunnelConnection(Protocol):
             # Our own timer stays armed: the responder's ends with its reply,
             # and a client that then never closes must not keep the socket.
             remaining = max(self._deadline - self.factory.clock.seconds(), 0.001)
-            responder = EnrollmentResponder(
-                self.factory.state, clock=self.factory.clock, peer=self.peer, timeout=remaining
-            )
+            responder = EnrollmentResponder(self.factory, clock=self.factory.clock, peer=self.peer, timeout=remaining)
             self._become(responder)
             return
         site, fingerprint = identity
@@ -203,12 +211,13 @@ class TunnelConnection(Protocol):
 
     def _refusal(self, site: str, fingerprint: str) -> tuple[int, str] | None:
         """
-        Ask the state store whether this site certificate may connect:
+        Whether this site certificate may connect, from the admission
+        snapshot in memory (never the database: see L{AdmissionSnapshot}):
         C{None} if it may, else the GOAWAY code and reason that tell the
         site why not.
         """
         try:
-            self.factory.state.store.check_site(site, fingerprint)
+            self.factory.admission.check(site, fingerprint)
         except SiteRejected as e:
             allowed, suppressed = self.factory.log_budget.allow(("rejected", site), self.factory.clock.seconds())
             if allowed:
@@ -221,11 +230,6 @@ class TunnelConnection(Protocol):
                     suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
                 )
             return ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}"
-        except Exception:
-            # The database failed (locked, disk error): refuse this attempt;
-            # the site backs off and retries.
-            self._log.failure("could not check site {site} from {peer}; closing", site=site, peer=self.peer)
-            return ErrorCode.INTERNAL_ERROR, "the tunnel server could not check this site; try again"
         return None
 
     def _new_mux(self, site: str) -> MuxProtocol:
@@ -333,6 +337,8 @@ class TunnelConnection(Protocol):
         inner = self.inner
         if isinstance(inner, EnrollmentResponder) and inner.reply is not None:
             what = "enrollment answered but the client did not close"
+        elif isinstance(inner, EnrollmentResponder) and inner.deciding:
+            what = "enrollment not decided (the state database did not answer in time)"
         elif self._handshaken:
             what = "no authenticated session"
         else:
@@ -398,12 +404,32 @@ class TunnelServerFactory(Factory):
     noisy = False
 
     def __init__(
-        self, state: ServerState, registry: SiteRegistry, clock: IReactorTime, policy: ServerPolicy = ServerPolicy()
+        self,
+        state: ServerState,
+        registry: SiteRegistry,
+        clock: IReactorTime,
+        policy: ServerPolicy = ServerPolicy(),
+        *,
+        admission: AdmissionSnapshot | None = None,
+        database: StateThread | None = None,
     ) -> None:
+        """
+        @param admission: what sites are admitted from; by default a
+            snapshot loaded now that follows the commits of C{state}'s own
+            store in the committing thread (right for a factory whose store
+            is used on the reactor; L{TunnelServerService} passes its own).
+        @param database: where the store is used (enrollments); by default
+            inline, on the calling thread.
+        """
         self.state = state
         self.registry = registry
         self.clock = clock
         self.policy = policy
+        if admission is None:
+            admission = AdmissionSnapshot(state.store.admission_table())
+            state.store.on_admission_change(admission.update)
+        self.admission = admission
+        self.database = database if database is not None else StateThread(None)
         self.preauth = 0
         self.connections = 0
         #: the server is shutting down: sessions end without a line each
@@ -415,6 +441,26 @@ class TunnelServerFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> TunnelConnection:
         return TunnelConnection(self, addr)
+
+    def enroll(self, site: str, token: str, csr_pem: str, now: datetime) -> defer.Deferred[str]:
+        """
+        The enrollment responder's L{Enroller}: check the request, redeem
+        the token and sign the certificate, in the database thread.
+
+        Why there and not on the reactor: redeeming is a write, and a CLI
+        holding the write lock (or a slow disk) would stall every tunnel
+        for up to the busy timeout, once per enrolling site (a fleet being
+        rolled out enrolls thousands). It stays one transaction of
+        L{StateStore.redeem_token}, so a token is still spent once, and
+        every write of the server goes through the same one thread in
+        order. The responder waits for the Deferred within the connection's
+        handshake deadline; a decision that comes later finds the
+        connection gone, and the site retries with the same key (which
+        returns the same certificate). The admission snapshot learns of the
+        enrollment before the reply is written (L{StateStore.on_admission_change}),
+        so the site's next connection is admitted at once.
+        """
+        return self.database.run(self.state.enroll, site, token, csr_pem, now)
 
 
 class _Turn(enum.Enum):
@@ -693,59 +739,297 @@ class AdmissionGate:
         return "rtunnel"
 
 
+@frozen
+class _Poll:
+    """What one revocation poll read in the database thread."""
+
+    token: tuple[int, int]
+    #: sites enrolled or revoked through the server's own connection
+    own: frozenset[str]
+    #: every site's admission, when another process changed the database
+    table: dict[str, SiteAdmission] | None
+
+
 class RevocationWatch:
     """
     Cuts live sessions whose site was revoked or re-enrolled (by the
     C{rtunnel sites revoke} command or a new keyfile), within one poll
-    interval. Polling a SQLite change counter every second costs nothing and
-    needs no signal plumbing between the CLI and the server process.
+    interval, and keeps the admission snapshot current with other
+    processes' changes. Polling a SQLite change counter every second costs
+    nothing and needs no signal plumbing between the CLI and the server
+    process.
 
-    When the only changes since the last poll are the server's own
-    (enrollments it redeemed, which the store names), only those sites are
-    re-checked; a change by another process re-checks every live session.
+    The poll reads in the database thread and applies what it read on the
+    reactor: when another process committed, the whole admission table is
+    reloaded into the snapshot and every live session re-checked; when the
+    only changes since the last poll are the server's own (enrollments it
+    redeemed, which the store names and has already put in the snapshot),
+    only those sites are re-checked.
     """
 
     _log = Logger()
 
-    def __init__(self, state: ServerState, registry: SiteRegistry) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        registry: SiteRegistry,
+        admission: AdmissionSnapshot,
+        database: StateThread | None = None,
+    ) -> None:
+        """
+        Reads the store's change token now, in the calling thread: build
+        the watch before the snapshot's table is loaded, so that a change
+        between the two is seen by the first poll.
+        """
         self.state = state
         self.registry = registry
+        self.admission = admission
+        self.database = database if database is not None else StateThread(None)
         self._last = state.store.changes_token()
         state.store.take_own_changes()  # what happened before is no change to us
         #: sites changed through our own connection, not yet re-checked
         self._pending: set[str] = set()
 
-    def check(self) -> None:
+    def check(self) -> defer.Deferred[None]:
         """
-        One poll. Never raises: a database error is logged and the next poll
-        tries again (a LoopingCall stops for good on an exception).
+        One poll. Its Deferred never fails (a LoopingCall stops for good on
+        a failure): a database error is reported by the database thread
+        (one line when it starts failing, one when it works again) and the
+        next poll tries again. A LoopingCall waits for it, so polls never
+        pile up behind a slow database.
         """
-        try:
-            store = self.state.store
-            token = store.changes_token()
-            if token == self._last:
-                return
-            self._pending |= store.take_own_changes()
-            if token[0] != self._last[0]:
-                # Another process committed: anything may have changed.
-                for site, fingerprint, _ in self.registry.live():
-                    self._recheck(site, fingerprint)
-            else:
-                for site in sorted(self._pending):
-                    live = self.registry.live_session(site)
-                    if live is not None:
-                        self._recheck(site, live[0])
-            self._pending.clear()
-            self._last = token
-        except Exception:
-            self._log.failure("revocation check failed; retrying at the next poll")
+        d = self.database.run(self._read, self._last)
+        return d.addCallbacks(self._apply, self._failed)
+
+    def _read(self, last: tuple[int, int]) -> _Poll | None:
+        """In the database thread: what changed since C{last}, if anything."""
+        store = self.state.store
+        token = store.changes_token()
+        if token == last:
+            return None
+        table = store.admission_table() if token[0] != last[0] else None
+        return _Poll(token, store.take_own_changes(), table)
+
+    def _apply(self, poll: _Poll | None) -> None:
+        self.database.worked()
+        if poll is None:
+            return
+        self._pending |= poll.own
+        if poll.table is not None:
+            # Another process committed: anything may have changed.
+            self.admission.replace(poll.table)
+            for site, fingerprint, _ in self.registry.live():
+                self._recheck(site, fingerprint)
+        else:
+            for site in sorted(self._pending):
+                live = self.registry.live_session(site)
+                if live is not None:
+                    self._recheck(site, live[0])
+        self._pending.clear()
+        self._last = poll.token
+
+    def _failed(self, failure: Failure) -> None:
+        self.database.failed("the revocation poll", failure)
 
     def _recheck(self, site: str, fingerprint: str) -> None:
         try:
-            self.state.store.check_site(site, fingerprint)
+            self.admission.check(site, fingerprint)
         except SiteRejected as e:
             self._log.warn("cutting site {site}: {code}: {reason}", site=site, code=e.code, reason=e.message)
             self.registry.cut(site, ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}")
+
+
+#: How long a stopping server waits for the database thread to finish the
+#: writes queued before it (the stop record among them): twice the store's
+#: busy timeout, so that a CLI holding the write lock for one transaction
+#: does not cost them.
+STATE_FLUSH_TIMEOUT = 10.0
+
+
+class _DaemonThread(threading.Thread):
+    """A worker that never keeps the process alive (see L{StateThread.stop})."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, daemon=True, **kwargs)
+
+
+class _StatePool(ThreadPool):
+    threadFactory = _DaemonThread
+
+
+class StateThread:
+    """
+    The one thread that uses the server's state database while it runs.
+
+    The store's calls block (a CLI holding the write lock makes a write
+    wait up to 5 s; a slow disk makes anything wait), and on the reactor
+    that stalled every tunnel. So once the server starts, every use of its
+    store is a job here: the bookkeeping writes (a site connected or
+    disconnected, the public port, the stop record), the revocation poll's
+    reads, and enrollments. Admission itself reads the snapshot in memory.
+
+    One thread, hence one user of the store's one connection at a time
+    (SQLite connections must not be shared by concurrent users; see
+    L{StateStore} on the hand-over), and jobs run in the order they were
+    submitted: a site's "connected" is written before its "disconnected".
+
+    Background failures are reported through L{failed}/L{worked}: one line
+    when the database starts failing and one when it works again, never a
+    line per write (a locked database would otherwise log one per site
+    connecting). A failed write never ends a session.
+
+    With a reactor that cannot take calls from other threads (a test's
+    C{Clock} or C{MemoryReactor}), or C{None}, or before L{start} and after
+    a clean L{stop}, jobs run inline on the caller's thread, in order, as
+    the store was used before there was a thread.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: object | None, name: str = "rtunnel-state") -> None:
+        self._reactor = reactor
+        self.name = name
+        #: results can be delivered from the thread to this reactor
+        self.threaded = IReactorFromThreads.providedBy(reactor)
+        self._pool: ThreadPool | None = None
+        #: given up on at stop: queued jobs are skipped, new ones refused
+        self._abandoned = False
+        #: jobs submitted and not finished
+        self.pending = 0
+        #: the last background job failed; how many failed since it worked
+        self.failing = False
+        self.failures = 0
+
+    def start(self) -> None:
+        """Start the thread (with a threaded reactor); from now on only it uses the store."""
+        if self.threaded and self._pool is None and not self._abandoned:
+            self._pool = _StatePool(1, 1, self.name)
+            self._pool.start()
+
+    def run(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]:
+        """
+        Run C{f(*args, **kwargs)} after every job submitted before it; its
+        result (or failure) is delivered on the reactor.
+        """
+        if self._abandoned:
+            return defer.fail(StateError("the state database thread was given up at stop"))
+        self.pending += 1
+        if self._pool is None:
+            d = defer.maybeDeferred(f, *args, **kwargs)
+        else:
+            reactor = cast(IReactorFromThreads, self._reactor)
+            d = deferToThreadPool(reactor, self._pool, self._job, functools.partial(f, *args, **kwargs))
+        d.addBoth(self._finished)
+        return d
+
+    def _job(self, call: Callable[[], _T]) -> _T:
+        if self._abandoned:
+            raise StateError("skipped: the state database thread was given up at stop")
+        return call()
+
+    def _finished(self, result: _T) -> _T:
+        self.pending -= 1
+        return result
+
+    def write(self, what: str, f: Callable[_P, object], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[None]:
+        """
+        A background job whose failure is only reported (see L{failed});
+        the Deferred never fails. C{what} says what it does, for that line.
+        """
+
+        def done(_: object) -> None:
+            self.worked()
+
+        def failed(failure: Failure) -> None:
+            self.failed(what, failure)
+
+        return self.run(f, *args, **kwargs).addCallbacks(done, failed)
+
+    def worked(self) -> None:
+        """A background job worked: say so if the database was failing."""
+        if self.failing:
+            self.failing = False
+            self._log.info("state database works again ({count} operations failed meanwhile)", count=self.failures)
+            self.failures = 0
+
+    def failed(self, what: str, failure: Failure) -> None:
+        """A background job failed: one line if it is the first since one worked."""
+        self.failures += 1
+        if self.failing:
+            return
+        self.failing = True
+        text = (
+            "state database: {what} failed: {error}; tunnels carry on (sites are admitted from memory) "
+            "and no session is cut for it, but until it works again connection status is not recorded and "
+            "revocations by other processes are not seen (one line follows when it works)"
+        )
+        if failure.check(StateError):  # locked, disk full, damaged: the message says it all
+            self._log.warn(text, what=what, error=failure.getErrorMessage())
+        else:  # a bug: the traceback too
+            self._log.failure(text, failure, level=LogLevel.warn, what=what, error=failure.getErrorMessage())
+
+    def to_reactor(self, f: Callable[_P, object]) -> Callable[_P, None]:
+        """
+        C{f}, called on the reactor whatever thread calls the result (for
+        the store's listeners, which are called in the thread that commits).
+        """
+        if not self.threaded:
+
+            def inline(*args: _P.args, **kwargs: _P.kwargs) -> None:
+                f(*args, **kwargs)
+
+            return inline
+        reactor = cast(IReactorFromThreads, self._reactor)
+
+        def hop(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            reactor.callFromThread(f, *args, **kwargs)
+
+        return hop
+
+    def stop(self, timeout: float = STATE_FLUSH_TIMEOUT) -> defer.Deferred[bool]:
+        """
+        Wait for the jobs submitted so far, then end the thread: C{True}.
+
+        Bounded: after C{timeout} seconds (a database locked for longer, a
+        hung disk) the jobs still queued are given up (skipped when their
+        turn comes, with a warning saying how many), the thread is left to
+        finish its current one, and this fires C{False}; the thread is a
+        daemon, so it cannot keep the process from exiting. The next start
+        clears the connection flags a lost write would have cleared.
+        """
+        pool = self._pool
+        if pool is None:
+            return defer.succeed(True)
+        done: defer.Deferred[bool] = defer.Deferred()
+        clock = cast(IReactorTime, self._reactor)
+
+        def flushed(_: object) -> None:
+            if done.called:
+                return
+            timer.cancel()
+            self._pool = None
+            pool.stop()  # idle now: the join returns at once
+            done.callback(True)
+
+        def expired() -> None:
+            if done.called:
+                return
+            self._abandoned = True
+            self._pool = None
+            self._log.warn(
+                "state database: {count} writes not done after {timeout}s at stop; stopping without them "
+                "(the next start clears the connection flags)",
+                count=max(self.pending - 1, 0),
+                timeout=timeout,
+            )
+            # The pool ends its thread once the current job returns (the
+            # rest are skipped); joining it here could wait for ever.
+            threading.Thread(target=pool.stop, name=f"{self.name}-stopper", daemon=True).start()
+            done.callback(False)
+
+        timer = clock.callLater(timeout, expired)
+        self.run(lambda: None).addBoth(flushed)
+        return done
 
 
 #: Listen backlog of the tunnel port unless its endpoint description sets
@@ -811,6 +1095,13 @@ class TunnelServerService(MultiService):
     Listens for sites (TLS added here) and on each forward port; cuts
     revoked sites; drains every session on stop.
 
+    The state database is read once, here (at build time): the admission
+    snapshot and the revocation poll's starting point. From L{startService}
+    on, only the L{StateThread} uses it: sites are admitted from the
+    snapshot, and the connection status is written in the background, in
+    order; a database that is locked or slow delays those writes and
+    nothing else. L{stopService} waits for them (bounded).
+
     @param on_fatal: called with a message when the service cannot run (a
         port cannot be listened on); the twistd builder stops the process
         with a non-zero status.
@@ -838,30 +1129,27 @@ class TunnelServerService(MultiService):
         self._withdraw = withdraw
         self.state = state
         self.reactor = reactor
+        self.database = StateThread(reactor)
         # The store numbers each connection so that the end of a replaced
-        # session can never mark its successor disconnected.
-        store_sessions: dict[str, int] = {}
-
-        def connected(site: str, peer: str) -> None:
-            store_sessions[site] = state.store.mark_connected(site, peer, utcnow())
-
-        def disconnected(site: str) -> None:
-            session = store_sessions.pop(site, None)
-            if self.factory.stopping:
-                # One write per site made a drain of ten thousand sessions
-                # seconds longer (and the sites with it); record_server_stop
-                # marks every site disconnected at the end.
-                return
-            state.store.mark_disconnected(site, utcnow(), session)
-
+        # session can never mark its successor disconnected; used only in
+        # the database thread, which writes both.
+        self._store_sessions: dict[str, int] = {}
         self.registry = SiteRegistry(
             reactor,
-            on_connected=connected,
-            on_disconnected=disconnected,
+            on_connected=self._site_connected,
+            on_disconnected=self._site_disconnected,
             max_pending_opens=config.max_pending_opens,
             max_streams_per_site=config.max_streams_per_site,
         )
-        self.factory = TunnelServerFactory(state, self.registry, reactor, config.policy)
+        self.admission = AdmissionSnapshot()
+        # The watch reads the change token before the table is loaded: a
+        # change in between is then seen by the first poll, never missed.
+        self._watch = RevocationWatch(state, self.registry, self.admission, self.database)
+        self.admission.replace(state.store.admission_table())
+        state.store.on_admission_change(self.database.to_reactor(self.admission.update))
+        self.factory = TunnelServerFactory(
+            state, self.registry, reactor, config.policy, admission=self.admission, database=self.database
+        )
         self.gate: AdmissionGate | None = None
         self.forward_factories: list[ForwardFactory] = []
         # Listing /proc/self/fd every 2 s is costly with many sites: it is
@@ -870,7 +1158,6 @@ class TunnelServerService(MultiService):
         self.ports: list[IListeningPort] = []
         self.tunnel_port: IListeningPort | None = None
         self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
-        self._watch = RevocationWatch(state, self.registry)
         self._poll: task.LoopingCall | None = None
         self._listening: defer.Deferred[None] | None = None
 
@@ -878,9 +1165,32 @@ class TunnelServerService(MultiService):
         """Connections this server holds a descriptor for: sites (and would-be sites), forward clients."""
         return self.factory.connections + sum(f.connections for f in self.forward_factories)
 
+    # -- the connection status, written in the database thread -------------
+
+    def _site_connected(self, site: str, peer: str) -> None:
+        self.database.write(f"recording that site {site} connected", self._mark_connected, site, peer, utcnow())
+
+    def _site_disconnected(self, site: str) -> None:
+        if self.factory.stopping:
+            # One write per site made a drain of ten thousand sessions
+            # seconds longer (and the sites with it); record_server_stop
+            # marks every site disconnected at the end.
+            return
+        self.database.write(f"recording that site {site} disconnected", self._mark_disconnected, site, utcnow())
+
+    def _mark_connected(self, site: str, peer: str, now: datetime) -> None:
+        self._store_sessions.pop(site, None)  # a failed write must not leave the previous number
+        self._store_sessions[site] = self.state.store.mark_connected(site, peer, now)
+
+    def _mark_disconnected(self, site: str, now: datetime) -> None:
+        self.state.store.mark_disconnected(site, now, self._store_sessions.pop(site, None))
+
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
+        # Still in this thread, before any write is queued: the flags an
+        # earlier run left are cleared before this run sets any.
         self.state.store.record_server_start(os.getpid(), utcnow())
+        self.database.start()
         if self._publish is not None:
             self._publish(self.config.name, self.registry)
         self._poll = task.LoopingCall(self._watch.check)
@@ -908,7 +1218,9 @@ class TunnelServerService(MultiService):
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
-            self.state.store.set_meta(PUBLIC_PORT_KEY, str(self._public_port(port)))
+            self.database.write(
+                "recording the public port", self.state.store.set_meta, PUBLIC_PORT_KEY, str(self._public_port(port))
+            )
             for spec in self.config.forwards:
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
@@ -969,7 +1281,8 @@ class TunnelServerService(MultiService):
                 count=len(sessions),
                 seconds=self.reactor.seconds() - started,
             )
-        self.state.store.record_server_stop(utcnow())
+        self.database.write("recording the server's stop", self.state.store.record_server_stop, utcnow())
+        yield self.database.stop(STATE_FLUSH_TIMEOUT)
         self._log.info("tunnel server stopped")
         yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
 
