@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .adapter.stream import MuxStream, StreamOpenFailed
+from .address import parse_host, parse_port
 from .mux.errors import ErrorCode
 from .roles.registry import SiteRegistry, SiteUnavailable
 
@@ -166,20 +167,17 @@ class SiteEndpointParser:
         for required in ("site", "host", "port"):
             if not kwargs.get(required):
                 raise ValueError(f"rtunnel endpoint: missing {required}=")
-        port_text = kwargs["port"]
-        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"rtunnel endpoint: port={port_text!r} is not a number from 1 to 65535")
         # Imported here: the dropin imports this module whenever any program
-        # looks for Twisted plugins, and these pull in cryptography.
+        # looks for Twisted plugins, and this pulls in cryptography.
         from .identity.certs import validate_site_name
-        from .roles.target import Target
 
         try:
             validate_site_name(kwargs["site"])
-            # The same rules (and spelling) as --forward targets: a host no
-            # OPEN frame can carry would only fail later, at every connect.
-            host = kwargs["host"]
-            target = Target.parse(f"[{host}]:{port_text}" if ":" in host else f"{host}:{port_text}")
+            # The one grammar of every address rtunnel reads (rtunnel.address):
+            # a host no OPEN frame can carry would only fail later, at every
+            # connect. Twisted has already unescaped an IPv6 host's colons.
+            host = parse_host(kwargs["host"])
+            port = parse_port(kwargs["port"])
         except ValueError as e:
             raise ValueError(f"rtunnel endpoint: {e}") from None
         if "server" in kwargs and not kwargs["server"]:
@@ -192,4 +190,4 @@ class SiteEndpointParser:
         if not 0 < timeout < float("inf"):
             raise ValueError(f"rtunnel endpoint: timeout={timeout_text!r} is not a positive number of seconds")
         registry = PublishedRegistry(kwargs.get("server", "default"))
-        return SiteEndpoint(registry, kwargs["site"], target.host, target.port, timeout)
+        return SiteEndpoint(registry, kwargs["site"], host, port, timeout)

@@ -165,7 +165,8 @@ class DescriptionTests(SynchronousTestCase):
         """
         clientFromString finds the rtunnel parser plugin: site, host, port,
         timeout and server name come from the description (IPv6 host with
-        escaped colons), with defaults for the last two.
+        escaped colons), with defaults for the last two; the host in its
+        canonical spelling (rtunnel.address).
         """
         endpoint = clientFromString(self.reactor, "rtunnel:site=store-17:host=10.0.0.5:port=554")
         self.assertIsInstance(endpoint, SiteEndpoint)
@@ -174,6 +175,9 @@ class DescriptionTests(SynchronousTestCase):
         endpoint = clientFromString(self.reactor, r"rtunnel:site=alpha:host=\:\:1:port=22:timeout=2.5:server=edge")
         self.assertEqual((endpoint.host, endpoint.port, endpoint.open_timeout), ("::1", 22, 2.5))
         self.assertEqual(endpoint.registry.name, "edge")  # type: ignore[union-attr]
+        for host, canonical in (("CAMERA.Local.", "camera.local"), (r"[0\:0\:\:1]", "::1")):
+            endpoint = clientFromString(self.reactor, f"rtunnel:site=alpha:host={host}:port=22")
+            self.assertEqual(endpoint.host, canonical)  # type: ignore[attr-defined]
 
     def test_errors(self) -> None:
         """Missing or invalid parameters are refused with a message naming them."""
@@ -184,13 +188,15 @@ class DescriptionTests(SynchronousTestCase):
             "rtunnel:site=:host=h:port=1": "missing site=",
             "rtunnel:a:b": "takes only key=value parameters",
             "rtunnel:site=a:host=h:port=1:colour=red": "unknown parameter(s) colour",
-            "rtunnel:site=a:host=h:port=0": "port='0' is not a number from 1 to 65535",
-            "rtunnel:site=a:host=h:port=http": "port='http' is not a number from 1 to 65535",
+            "rtunnel:site=a:host=h:port=0": "rtunnel endpoint: port must be a number from 1 to 65535, not '0'",
+            "rtunnel:site=a:host=h:port=http": "rtunnel endpoint: port must be a number from 1 to 65535, not 'http'",
             "rtunnel:site=a:host=h:port=1:timeout=soon": "timeout='soon' is not a positive number of seconds",
             "rtunnel:site=a:host=h:port=1:timeout=0": "timeout='0' is not a positive number of seconds",
             "rtunnel:site=a:host=h:port=1:timeout=nan": "timeout='nan' is not a positive number of seconds",
             "rtunnel:site=Alpha:host=h:port=1": "site name 'Alpha' has upper-case letters",
-            "rtunnel:site=a:host=my host:port=1": "host must be a DNS name or an IP address",
+            "rtunnel:site=a:host=my host:port=1": "rtunnel endpoint: 'my host' is not a valid host name or IP address",
+            "rtunnel:site=a:host=a..b:port=1": "rtunnel endpoint: 'a..b' is not a valid host name: it has an empty",
+            "rtunnel:site=a:host=[camera]:port=1": "rtunnel endpoint: '[camera]': brackets are only for IPv6 addresses",
             "rtunnel:site=a:host=h:port=1:server=": "server= is empty",
         }
         for description, message in cases.items():

@@ -27,7 +27,8 @@ class ForwardSpecTests(SynchronousTestCase):
     def test_forms(self) -> None:
         """
         [BIND:]PORT:SITE:HOST:HOSTPORT, with IPv6 in brackets for the bind
-        address and the host, and 127.0.0.1 as the default bind address.
+        address and the host, and 127.0.0.1 as the default bind address;
+        both hosts in their canonical spelling (rtunnel.address).
         """
         cases = {
             "8080:alpha:10.0.0.5:554": ("127.0.0.1", 8080, "alpha", Target("10.0.0.5", 554)),
@@ -37,6 +38,8 @@ class ForwardSpecTests(SynchronousTestCase):
             "9000:alpha:[::1]:554": ("127.0.0.1", 9000, "alpha", Target("::1", 554)),
             "9000:alpha:CAM.local.:554": ("127.0.0.1", 9000, "alpha", Target("cam.local", 554)),
             "localhost:9000:a.b_c-d:h:1": ("localhost", 9000, "a.b_c-d", Target("h", 1)),
+            "LocalHost.:9000:alpha:h:1": ("localhost", 9000, "alpha", Target("h", 1)),
+            "[0:0::1]:9000:alpha:[0:0::5]:1": ("::1", 9000, "alpha", Target("::5", 1)),
         }
         self.assertEqual(DEFAULT_BIND, "127.0.0.1")
         for text, (bind, port, site, target) in cases.items():
@@ -55,18 +58,22 @@ class ForwardSpecTests(SynchronousTestCase):
             "1:2:3:4:5:6": "expected [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT",
             "8080:alpha:::1:80": "expected [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT",
             "[::1:8080:alpha:h:1": "expected [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT",
-            "x:alpha:h:1": "listening port 'x' is not a number from 0 to 65535",
-            "70000:alpha:h:1": "listening port '70000' is not a number from 0 to 65535",
-            "-1:alpha:h:1": "listening port '-1' is not a number from 0 to 65535",
+            "x:alpha:h:1": "listening port must be a number from 0 to 65535, not 'x'",
+            "70000:alpha:h:1": "listening port must be a number from 0 to 65535, not '70000'",
+            "-1:alpha:h:1": "listening port must be a number from 0 to 65535, not '-1'",
             "8080::h:1": "site name is empty",
             "8080:Alpha:h:1": "site name 'Alpha' has upper-case letters",
             "8080:al pha:h:1": "site name 'al pha' contains ' '",
             ":8080:alpha:h:1": "bind address is empty",
             "[]:8080:alpha:h:1": "bind address is empty",
-            "8080:alpha:h:0": "target 'h:0': port must be a number from 1 to 65535",
-            "8080:alpha:h:x": "target 'h:x': port must be a number from 1 to 65535",
-            "8080:alpha::80": "target ':80': expected HOST:PORT",
-            "8080:alpha:my host:80": "target 'my host:80': host must be a DNS name or an IP address",
+            "my host:8080:alpha:h:1": "bind address 'my host' is not a valid host name or IP address",
+            "[camera]:8080:alpha:h:1": "bind address '[camera]': brackets are only for IPv6 addresses",
+            "8080:alpha:h:0": "target 'h:0': port must be a number from 1 to 65535, not '0'",
+            "8080:alpha:h:x": "target 'h:x': port must be a number from 1 to 65535, not 'x'",
+            "8080:alpha::80": "target ':80': host is empty",
+            "8080:alpha:my host:80": "target 'my host:80': 'my host' is not a valid host name or IP address",
+            "8080:alpha:[camera]:80": "target '[camera]:80': '[camera]': brackets are only for IPv6 addresses",
+            "8080:alpha:[::1]x:80": "target '[::1]x:80': expected ':PORT' after ']', found 'x:80'",
         }
         for text, message in cases.items():
             with self.assertRaises(ValueError, msg=text) as raised:

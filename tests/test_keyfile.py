@@ -16,8 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rtunnel import address
 from rtunnel.identity.errors import AddressError, KeyfileError, KeyfileExists
 from rtunnel.identity.keyfile import (
+    DEFAULT_PORT,
     Keyfile,
     dumps_keyfile,
     format_address,
@@ -286,35 +288,40 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 
 def test_parse_address_default_port() -> None:
     """
-    The default port applies only when none is given.
+    The default port applies only when none is given; 0 (unchecked) tells a
+    caller that none was written.
     """
     assert parse_address("h.example", default_port=7) == ("h.example", 7)
     assert parse_address("h.example:8", default_port=7) == ("h.example", 8)
+    assert parse_address("[::1]", default_port=0) == ("::1", 0)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("", "address is empty"),
-        (":5500", "has no host"),
-        ("host:", "port '' is not a number"),
-        ("host:http", "port 'http' is not a number"),
-        ("host:0", "outside 1-65535"),
-        ("host:65536", "outside 1-65535"),
-        ("[::1", "'\\[' without '\\]'"),
-        ("[::1]5500", "expected ':PORT' after '\\]'"),
+        (":5500", "':5500': host is empty"),
+        ("host:", "'host:': port must be a number from 1 to 65535, not ''"),
+        ("host:http", "port must be a number from 1 to 65535, not 'http'"),
+        ("host:0", "port must be a number from 1 to 65535, not '0'"),
+        ("host:65536", "port must be a number from 1 to 65535, not '65536'"),
+        ("[::1", "'\\[::1' has '\\[' without '\\]'"),
+        ("[::1]5500", "expected ':PORT' after '\\]', found '5500'"),
         ("[host]:1", "brackets are only for IPv6"),
-        ("2001:db8::1:x", "IPv6 addresses with a port in brackets"),
-        ("bad_host:1", "not a valid host name"),
-        ("300.1.1.1", "not a valid IPv4 address"),
+        ("2001:db8::1:x", "write IPv6 addresses in brackets, \\[ADDR\\]:PORT"),
+        ("bad host:1", "'bad host' is not a valid host name or IP address: ' ' is not allowed"),
+        ("300.1.1.1", "'300.1.1.1' is not a valid IPv4 address"),
     ],
 )
 def test_parse_address_errors(text: str, message: str) -> None:
     """
-    Each malformed address gets a message saying what is wrong.
+    Each malformed address gets a message saying what is wrong: the words
+    of rtunnel.address, raised as the identity layer's AddressError.
     """
     with pytest.raises(AddressError, match=message):
         parse_address(text)
+    with pytest.raises(address.AddressError, match=message):
+        address.HostPort.parse(text, default_port=DEFAULT_PORT)
 
 
 @given(address=addresses)

@@ -6,12 +6,14 @@ checks it makes from the bytes alone.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtunnel.mux.errors import ErrorCode, ProtocolError, code_name
+from rtunnel.address import AddressError, is_wire_host, parse_host, wire_host_error
+from rtunnel.mux.errors import ErrorCode, MuxUsageError, ProtocolError, code_name
 from rtunnel.mux.frames import (
     HEADER,
     HEADER_SIZE,
@@ -32,6 +34,7 @@ from rtunnel.mux.frames import (
     parse_frame,
 )
 from tests import strategies as s
+from tests.mux_helpers import ready_session
 
 LIMIT = 16 * 1024
 _HELLO = Hello(1, LIMIT, 65536, 100)
@@ -211,6 +214,10 @@ MALFORMED = [
     ("OPEN host length 0", raw(FrameType.OPEN, b"\0\x50\x00"), ErrorCode.FRAME_SIZE_ERROR),
     ("OPEN host with a space", raw(FrameType.OPEN, b"\0\x50\x03a b"), ErrorCode.PROTOCOL_ERROR),
     ("OPEN host not ASCII", raw(FrameType.OPEN, b"\0\x50\x02\xc3\xa9"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN host in brackets", raw(FrameType.OPEN, b"\0\x50\x05[::1]"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN host with an empty label", raw(FrameType.OPEN, b"\0\x50\x04a..b"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN host a malformed IPv4", raw(FrameType.OPEN, b"\0\x50\x09999.1.1.1"), ErrorCode.PROTOCOL_ERROR),
+    ("OPEN host a malformed IPv6", raw(FrameType.OPEN, b"\0\x50\x041::x"), ErrorCode.PROTOCOL_ERROR),
     ("OPEN port 0", raw(FrameType.OPEN, b"\0\0\x01a"), ErrorCode.PROTOCOL_ERROR),
     ("OPEN_OK with payload", raw(FrameType.OPEN_OK, b"\0"), ErrorCode.FRAME_SIZE_ERROR),
     ("OPEN_FAIL without code", raw(FrameType.OPEN_FAIL, b"\0"), ErrorCode.FRAME_SIZE_ERROR),
@@ -268,6 +275,61 @@ class MalformedFrameTests(SynchronousTestCase):
         with self.assertRaises(ProtocolError) as cm:
             parse_frame(0x42, 0, 1, b"")
         self.assertEqual(cm.exception.code, ErrorCode.PROTOCOL_ERROR)
+
+
+_WIRE_CHARS = st.sampled_from(list("abZ09.-_:%"))
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except (ProtocolError, MuxUsageError) as e:
+        return ("refused", str(e))
+
+
+class WireHostTests(SynchronousTestCase):
+    """
+    The host of an OPEN frame is a host by the one grammar of
+    L{rtunnel.address}, in any spelling of the wire's characters: the
+    decoder, the sender's check in the session and C{parse_host} agree.
+    """
+
+    @given(st.one_of(st.text(_WIRE_CHARS, min_size=1, max_size=12), s.hosts))
+    def test_decoder_session_and_parser_agree(self, host: str) -> None:
+        """
+        The decoder takes an OPEN host exactly when the session would send
+        it and parse_host accepts it; the sender's refusal says why, in
+        parse_host's words.
+        """
+        try:
+            problem = None
+            parse_host(host)
+        except AddressError as e:
+            problem = str(e)
+        payload = struct.pack(">HB", 554, len(host)) + host.encode("ascii")
+        frame = _outcome(lambda: parse_frame(FrameType.OPEN, 0, 1, payload))
+        sent = _outcome(lambda: ready_session().open_stream(host, 554))
+        self.assertEqual(is_wire_host(host.encode("ascii")), problem is None)
+        if problem is None:
+            self.assertEqual(frame, Open(1, host, 554))
+            self.assertEqual(sent, 1)
+        else:
+            self.assertEqual(frame, ("refused", "PROTOCOL_ERROR: OPEN target host is not a valid name"))
+            self.assertEqual(sent, ("refused", f"target host {host!r} is not a DNS name or IP literal: {problem}"))
+
+    def test_what_keeps_a_host_off_the_wire_is_named(self) -> None:
+        """Characters outside the wire's set, length and grammar each have their message."""
+        cases = [
+            (b"", "host is empty"),
+            (b"caf\xc3\xa9", "host is not ASCII"),
+            (b"[::1]", "'[::1]' has characters an OPEN frame cannot carry"),
+            (b" h", "' h' has characters an OPEN frame cannot carry"),
+            (b"a" * 256, "host of 256 bytes (at most 255)"),
+            (b"a..b", "'a..b' is not a valid host name: it has an empty label"),
+        ]
+        for raw_host, problem in cases:
+            self.assertIn(problem, wire_host_error(raw_host) or "", raw_host)
+            self.assertFalse(is_wire_host(raw_host), raw_host)
 
 
 class ReasonEscapingTests(SynchronousTestCase):

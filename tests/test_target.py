@@ -58,28 +58,32 @@ class TargetParseTests(SynchronousTestCase):
             self.assertEqual(Target.parse(str(target)), target)
 
     def test_errors(self) -> None:
-        """Every malformed target is refused with a message saying what is wrong."""
+        """
+        Every malformed target is refused with a message quoting it and
+        saying what is wrong, in the words of rtunnel.address.
+        """
         cases = {
             "host": "expected HOST:PORT",
-            ":80": "expected HOST:PORT",
-            "a:b:80": "write IPv6 addresses in brackets",
-            "::1:80": "write IPv6 addresses in brackets",
+            ":80": "host is empty",
+            "a:b:80": "write IPv6 addresses in brackets, [ADDR]:PORT",
+            "::1:80": "write IPv6 addresses in brackets, [ADDR]:PORT",
             "[::1]": "expected [IPV6]:PORT",
-            "[::1]x80": "expected [IPV6]:PORT",
-            "[::1:80": "expected [IPV6]:PORT",
-            "host:": "port must be a number from 1 to 65535",
-            "host:0": "port must be a number from 1 to 65535",
-            "host:65536": "port must be a number from 1 to 65535",
-            "host:http": "port must be a number from 1 to 65535",
-            "host:-1": "port must be a number from 1 to 65535",
-            "host:\u0663": "port must be a number from 1 to 65535",
+            "[::1]x80": "expected ':PORT' after ']', found 'x80'",
+            "[::1:80": "has '[' without ']'",
+            "host:": "port must be a number from 1 to 65535, not ''",
+            "host:0": "port must be a number from 1 to 65535, not '0'",
+            "host:65536": "port must be a number from 1 to 65535, not '65536'",
+            "host:http": "port must be a number from 1 to 65535, not 'http'",
+            "host:-1": "port must be a number from 1 to 65535, not '-1'",
+            "host:\u0663": "port must be a number from 1 to 65535, not '\u0663'",
             "[]:80": "host is empty",
-            ".:80": "host is empty",
-            "[camera]:80": "brackets are only for IPv6 addresses",
-            "my camera:80": "host must be a DNS name or an IP address",
-            "a..b:80": "host must be a DNS name or an IP address",
-            "x/y:80": "host must be a DNS name or an IP address",
-            "a" * 256 + ":80": "host must be a DNS name or an IP address",
+            ".:80": "'.' is not a valid host name: it has an empty label",
+            "[camera]:80": "'[camera]': brackets are only for IPv6 addresses",
+            "my camera:80": "'my camera' is not a valid host name or IP address: ' ' is not allowed",
+            "a..b:80": "'a..b' is not a valid host name: it has an empty label",
+            "x/y:80": "'x/y' is not a valid host name or IP address: '/' is not allowed",
+            "a" * 256 + ":80": "is not a valid host name: longer than 253 characters",
+            "999.0.0.1:80": "'999.0.0.1' is not a valid IPv4 address",
         }
         for text, message in cases.items():
             with self.assertRaises(ValueError, msg=text) as raised:

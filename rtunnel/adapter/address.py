@@ -1,15 +1,10 @@
 """
-How a Twisted address reads in log lines: C{HOST:PORT}, IPv6 as
-C{[HOST]:PORT}; anything without a host as its C{str()}.
+How an address reads in log lines: L{rtunnel.address.describe}, re-exported
+for the modules that import it from the adapter.
 """
 
 from __future__ import annotations
 
+from rtunnel.address import describe
 
-def describe(address: object) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    port = getattr(address, "port", None)
-    host = str(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+__all__ = ["describe"]

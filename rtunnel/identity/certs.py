@@ -39,6 +39,8 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 
+from rtunnel import address
+from rtunnel.address import parse_host
 from rtunnel.identity.errors import AddressError, CertificateError, InvalidSiteName
 
 __all__ = [
@@ -77,7 +79,6 @@ CA_LIFETIME = timedelta(days=3652)
 _BACKDATE = timedelta(hours=1)
 _SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 _SITE_NAME_CHAR_RE = re.compile(r"[a-z0-9._-]")
-_DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 
 def _now(now: datetime | None) -> datetime:
@@ -117,33 +118,17 @@ def validate_site_name(name: object) -> str:
 
 def normalize_host(host: str) -> str:
     """
-    Return the canonical spelling of a host name or IP address.
-
-    IP addresses come back in their compressed form (no brackets), DNS
-    names in lower case without a trailing dot.
+    Return the canonical spelling of a host name or IP address, by the one
+    grammar of L{rtunnel.address.parse_host}: IP addresses compressed (no
+    brackets), DNS names in lower case without a trailing dot.
 
     @raise AddressError: if C{host} is neither an IP address nor a valid DNS
-        name (wildcards are not accepted).
+        name (wildcards are not accepted), with L{parse_host}'s message.
     """
-    if not host:
-        raise AddressError("host name is empty")
     try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    name = host.lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        raise AddressError(f"{host!r} is not a valid host name (length)")
-    for label in name.split("."):
-        if not _DNS_LABEL_RE.match(label):
-            raise AddressError(
-                f"{host!r} is not a valid host name or IP address (use letters, digits, '-' and '.', or an IP address)"
-            )
-    if name.replace(".", "").isdigit():
-        raise AddressError(f"{host!r} is not a valid IPv4 address")
-    return name
+        return parse_host(host)
+    except address.AddressError as e:
+        raise AddressError(str(e)) from None
 
 
 def generate_private_key() -> PrivateKey:

@@ -9,6 +9,8 @@ how the code noticed.
 
 from __future__ import annotations
 
+from rtunnel import address
+
 __all__ = [
     "IdentityError",
     "CertificateError",
@@ -75,9 +77,10 @@ class InvalidSiteName(IdentityError, ValueError):
     """
 
 
-class AddressError(IdentityError, ValueError):
+class AddressError(IdentityError, address.AddressError):
     """
-    A server address (C{HOST[:PORT]}) or host name cannot be parsed.
+    A server address (C{HOST[:PORT]}) or host name cannot be parsed (by
+    L{rtunnel.address}, whose refusal this is, as an identity error).
     """
 
 

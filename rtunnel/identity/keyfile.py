@@ -11,7 +11,6 @@ attacker cannot modify.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from typing import Any
 
 from attrs import field, frozen
 
+from rtunnel import address as _address
+from rtunnel.address import join_host_port, parse_host_port
 from rtunnel.identity.certs import load_certificate, normalize_host, validate_site_name
 from rtunnel.identity.errors import (
     AddressError,
@@ -56,7 +57,6 @@ VERSION = 1
 # it whole would be a waste.
 _MAX_KEYFILE_SIZE = 256 * 1024
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{22,256}\Z")
-_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 
 
 def token_digest(token: str) -> str:
@@ -71,76 +71,28 @@ def token_digest(token: str) -> str:
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """
-    Parse C{HOST}, C{HOST:PORT}, C{[IPV6]} or C{[IPV6]:PORT}.
+    Parse C{HOST}, C{HOST:PORT}, C{[IPV6]} or C{[IPV6]:PORT}, by the one
+    grammar of L{rtunnel.address.parse_host_port}.
 
     A bare IPv6 address (C{::1}) is accepted as a host without port;
     combining an IPv6 address with a port requires brackets.
 
     @return: the normalized host (see L{normalize_host}; no brackets) and
-        the port.
+        the port (C{default_port} if none is written).
 
     @raise AddressError: with a message saying what is wrong.
     """
-    if not isinstance(text, str):
-        raise AddressError(f"address must be text, not {type(text).__name__}")
-    original = text
-    text = text.strip()
-    if not text:
-        raise AddressError("address is empty")
-    port_text: str | None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise AddressError(f"address {original!r} has '[' without ']'")
-        host = text[1:end]
-        rest = text[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise AddressError(f"address {original!r}: expected ':PORT' after ']', found {rest!r}")
-        port_text = rest[1:] if rest else None
-        if not _is_ipv6(host):
-            raise AddressError(f"address {original!r}: brackets are only for IPv6 addresses")
-    elif text.count(":") > 1:
-        if not _is_ipv6(text):
-            raise AddressError(
-                f"address {original!r} is not valid; write IPv6 addresses with a port in brackets, like [::1]:5500"
-            )
-        host, port_text = text, None
-    elif ":" in text:
-        host, port_text = text.split(":", 1)
-    else:
-        host, port_text = text, None
-    if not host:
-        raise AddressError(f"address {original!r} has no host")
     try:
-        normalized = normalize_host(host)
-    except AddressError as e:
-        raise AddressError(f"address {original!r}: {e}") from None
-    if port_text is None:
-        port = default_port
-    else:
-        if not _PORT_RE.match(port_text):
-            raise AddressError(f"address {original!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise AddressError(f"address {original!r}: port {port} is outside 1-65535")
-    return normalized, port
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
+        return parse_host_port(text, default_port)
+    except _address.AddressError as e:
+        raise AddressError(str(e)) from None
 
 
 def format_address(host: str, port: int) -> str:
     """
     Format a host and port as C{host:port}, bracketing IPv6 addresses.
     """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 def normalize_address(text: str, default_port: int = DEFAULT_PORT) -> str:

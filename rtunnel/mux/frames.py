@@ -14,6 +14,7 @@ import struct
 
 from attrs import frozen
 
+from ..address import MAX_WIRE_HOST_BYTES, is_wire_host
 from ..logsafe import printable
 from .errors import ErrorCode, ProtocolError
 
@@ -30,7 +31,8 @@ _GOAWAY_HEAD = struct.Struct(">IH")
 MAX_STREAM_ID = 2**31 - 1
 MAX_WINDOW = 2**31 - 1
 MAX_REASON_BYTES = 1024
-MAX_HOST_BYTES = 255
+#: The longest host an OPEN frame carries (its one-byte length).
+MAX_HOST_BYTES = MAX_WIRE_HOST_BYTES
 PING_SIZE = 8
 
 #: The largest frame accepted before the peer's HELLO told us anything.
@@ -202,14 +204,6 @@ def _reason(payload: bytes, what: str) -> str:
     return printable(text, limit=MAX_REASON_BYTES)
 
 
-def _valid_host(host: bytes) -> bool:
-    # A DNS name or an IP literal: letters, digits and . - _ : (IPv6), nothing else.
-    return all(c in _HOST_BYTES for c in host)
-
-
-_HOST_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
-
-
 def _fixed(ftype: FrameType, payload: bytes, size: int) -> None:
     if len(payload) != size:
         raise ProtocolError(
@@ -252,7 +246,7 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
         if len(payload) != _OPEN_HEAD.size + host_len:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "OPEN host length does not match the payload")
         host = payload[_OPEN_HEAD.size :]
-        if host_len == 0 or not _valid_host(host):
+        if not is_wire_host(host):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target host is not a valid name")
         if port == 0:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target port 0")

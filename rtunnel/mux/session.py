@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from ..address import wire_host_error
 from . import events as ev
 from .errors import (
     ErrorCode,
@@ -34,7 +35,6 @@ from .flood import EMPTY_DATA, PING, REFUSED_OPEN, FloodMeter
 from .frames import (
     FLAG_FIN,
     HEADER,
-    MAX_HOST_BYTES,
     MAX_STREAM_ID,
     MAX_WINDOW,
     PING_SIZE,
@@ -61,7 +61,6 @@ _DEFAULT_SETTINGS = Settings()
 UPDATE_BATCH = 512 * 1024
 _GRACEFUL = (ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY)
 _MAX_PENDING_PINGS = 64
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 
 
 class _Flood(ProtocolError):
@@ -98,8 +97,11 @@ def _check_code(code: int) -> None:
 
 
 def _check_target(host: str, port: int) -> None:
-    if not (1 <= len(host) <= MAX_HOST_BYTES and set(host) <= _HOST_CHARS):
-        raise MuxUsageError(f"target host {host!r} is not a DNS name or IP literal")
+    # The same grammar as the receiving end's (frames.py): an OPEN this end
+    # sends can never be the protocol error that ends the session there.
+    problem = wire_host_error(host)
+    if problem is not None:
+        raise MuxUsageError(f"target host {host!r} is not a DNS name or IP literal: {problem}")
     if not (isinstance(port, int) and 1 <= port <= 65535):
         raise MuxUsageError(f"target port {port!r} is not in 1-65535")
 

@@ -19,9 +19,9 @@ from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
+from rtunnel.address import AddressError, describe, join_host_port, parse_host, parse_port, split_fields
 from rtunnel.logs import Logger
 
-from ..adapter.address import describe
 from ..adapter.stream import MuxStream, StreamOpenFailed, StreamReset
 from ..identity.certs import validate_site_name
 from ..identity.errors import InvalidSiteName
@@ -47,18 +47,23 @@ class ForwardSpec:
     @classmethod
     def parse(cls, text: str) -> ForwardSpec:
         """
-        @raise ValueError: naming the part that is wrong.
+        Read a spec; the bind address and the target are hosts by the one
+        grammar of L{rtunnel.address}, IPv6 in brackets.
+
+        @raise ValueError: naming the spec and the part that is wrong.
         """
-        parts = _split_colons(text)
+        parts = split_fields(text)
         if len(parts) == 4:
-            bind, rest = DEFAULT_BIND, parts
+            bind_text, rest = DEFAULT_BIND, parts
         elif len(parts) == 5:
-            bind, rest = parts[0], parts[1:]
+            bind_text, rest = parts[0], parts[1:]
         else:
             raise ValueError(f"--forward {text!r}: expected [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT")
         port_text, site, host, host_port = rest
-        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
-            raise ValueError(f"--forward {text!r}: listening port {port_text!r} is not a number from 0 to 65535")
+        try:
+            port = parse_port(port_text, "listening port", minimum=0)
+        except AddressError as e:
+            raise ValueError(f"--forward {text!r}: {e}") from None
         if not site:
             raise ValueError(f"--forward {text!r}: site name is empty")
         try:
@@ -66,13 +71,17 @@ class ForwardSpec:
             validate_site_name(site)
         except InvalidSiteName as e:
             raise ValueError(f"--forward {text!r}: {e}") from None
-        if not bind:
+        if bind_text.strip() in ("", "[]"):
             raise ValueError(f"--forward {text!r}: bind address is empty")
         try:
-            target = Target.parse(f"[{host}]:{host_port}" if ":" in host else f"{host}:{host_port}")
-        except ValueError as e:
+            bind = parse_host(bind_text)
+        except AddressError as e:
+            raise ValueError(f"--forward {text!r}: bind address {e}") from None
+        try:
+            target = Target.parse(f"{host}:{host_port}")
+        except AddressError as e:
             raise ValueError(f"--forward {text!r}: target {e}") from None
-        return cls(bind.strip("[]"), int(port_text), site, target)
+        return cls(bind, port, site, target)
 
     def endpoint_description(self, backlog: int = 1024) -> str:
         """
@@ -84,27 +93,7 @@ class ForwardSpec:
         return f"tcp:{self.port}:interface={bind}:backlog={backlog}"
 
     def __str__(self) -> str:
-        bind = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"{bind}:{self.port} -> {self.site}:{self.target}"
-
-
-def _split_colons(text: str) -> list[str]:
-    """Split on colons outside [brackets] (IPv6 addresses)."""
-    parts: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char == ":" and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+        return f"{join_host_port(self.bind, self.port)} -> {self.site}:{self.target}"
 
 
 class ForwardProtocol(TCPSide):

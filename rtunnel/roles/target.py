@@ -12,94 +12,27 @@ timeout, DNS), so the cloud-side log says what went wrong at the site.
 from __future__ import annotations
 
 import errno
-import functools
-import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping
 
-from attrs import frozen
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from rtunnel.address import HostPort, ip_version
 from rtunnel.logs import Logger
 from rtunnel.logsafe import LogBudget
 
 from ..adapter.stream import MuxStream
 from ..mux.errors import ErrorCode
-from ..mux.frames import MAX_HOST_BYTES
 from .splice import TCPSide
 
-# What an OPEN frame can name besides an IP literal (docs/protocol.md).
-_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_host(host: str) -> str:
-    """
-    One spelling per host, so that allowlist entries match however the cloud
-    wrote it. Cached: every stream asks, mostly for the same few hosts, and
-    C{ipaddress} parsing is a visible share of a new connection's cost.
-    """
-    host = host.strip().lower().rstrip(".")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
-
-
-@frozen
-class Target:
-    """A HOST:PORT the cloud may open at this site."""
-
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        """
-        Parse C{HOST:PORT} (IPv6 in brackets: C{[::1]:554}).
-
-        @raise ValueError: with a message naming what is wrong.
-        """
-        text = text.strip()
-        if text.startswith("["):
-            end = text.find("]")
-            if end < 0 or text[end + 1 : end + 2] != ":":
-                raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-            host, port_text = text[1:end], text[end + 2 :]
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep or not host:
-                raise ValueError(f"{text!r}: expected HOST:PORT")
-            if ":" in host:
-                raise ValueError(f"{text!r}: write IPv6 addresses in brackets, [ADDR]:PORT")
-        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
-        bracketed = text.startswith("[")
-        host = _canonical_host(host)
-        if not host:
-            raise ValueError(f"{text!r}: host is empty")
-        if not _is_ip(host):
-            if bracketed:
-                raise ValueError(f"{text!r}: brackets are only for IPv6 addresses")
-            if not host.isascii():
-                try:
-                    host = host.encode("idna").decode("ascii")
-                except UnicodeError:
-                    raise ValueError(f"{text!r}: {host!r} is not a valid host name") from None
-            # Anything else could never travel in an OPEN frame: an allowlist
-            # entry that can never match, a forward that fails every time.
-            if len(host) > MAX_HOST_BYTES or not _NAME.fullmatch(host):
-                raise ValueError(f"{text!r}: host must be a DNS name or an IP address")
-        return cls(host, int(port_text))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+#: A HOST:PORT the cloud may open at this site: an allowlist entry (C{--allow}),
+#: a forward's target, the key of an in-process target. The one address type
+#: (L{rtunnel.address.HostPort}): C{Target.parse} reads C{--allow} by the same
+#: grammar, with the same messages, as every other address rtunnel reads.
+Target = HostPort
 
 
 #: How the site reaches a target: (host, port) -> an endpoint.
@@ -115,7 +48,7 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
     """
 
     def endpoint_for(host: str, port: int) -> IStreamClientEndpoint:
-        version = _ip_version(host)
+        version = ip_version(host)
         if version is None:
             return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
         if version == 4:
@@ -123,19 +56,6 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float) -> EndpointFactory:
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
     return endpoint_for
-
-
-@functools.lru_cache(maxsize=4096)
-def _ip_version(host: str) -> int | None:
-    """4 or 6 for an IP literal, None for a name (cached like L{_canonical_host})."""
-    try:
-        return ipaddress.ip_address(host).version
-    except ValueError:
-        return None
-
-
-def _is_ip(host: str) -> bool:
-    return _ip_version(host) is not None
 
 
 _UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
@@ -185,7 +105,9 @@ class TargetConnector:
         self._budget = LogBudget(rate=1.0, burst=5)
 
     def __call__(self, stream: MuxStream) -> None:
-        target = Target(_canonical_host(stream.host), stream.port)
+        # The host passed the wire grammar (frames.py), so it has a
+        # canonical form: allowlist entries match however the cloud wrote it.
+        target = Target.of(stream.host, stream.port)
         factory = self.local_factories.get(target)
         if factory is not None:
             protocol: IProtocol | None = factory.buildProtocol(stream.getPeer())
