@@ -1,22 +1,24 @@
 """
 The site role: which failures are fatal (authentication) and which are
 retried (network), SiteMuxFactory against a real server over TLS in memory,
-and TunnelClientService's reconnect schedule on a MemoryReactorClock with a
-real enrolled site state.
+the reconnecting service's states on a Clock, and TunnelClientService's
+reconnect schedule on a MemoryReactorClock with a real enrolled site state.
 """
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime
 
 from OpenSSL import SSL
 from service_identity.exceptions import VerificationError
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHostnameResolver, IStreamClientEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
@@ -29,6 +31,7 @@ from rtunnel.identity.errors import EnrollmentIncomplete, EnrollmentRefused, Pee
 from rtunnel.identity.state import SiteState
 from rtunnel.identity.tlsconfig import site_tls_options
 from rtunnel.mux import ErrorCode
+from rtunnel.roles.reconnect import Phase, ReconnectingService
 from rtunnel.roles.registry import SiteRegistry
 from rtunnel.roles.server import ServerPolicy, TunnelServerFactory
 from rtunnel.roles.site import (
@@ -37,13 +40,25 @@ from rtunnel.roles.site import (
     RotatingEndpoint,
     SiteMuxFactory,
     SitePolicy,
+    SiteTunnelProtocol,
     TunnelClientService,
     Verdict,
     authentication_problem,
     judge,
 )
 from rtunnel.roles.target import Target, TargetConnector
-from tests.roles_helpers import EndpointMap, Holder, ServerFixture, mux_pair, pump_all, temp_dir, tls_connect
+from tests.roles_helpers import (
+    Built,
+    ControlledEndpoint,
+    EndpointMap,
+    Holder,
+    ServerFixture,
+    TCPTransport,
+    Watching,
+    pump_all,
+    temp_dir,
+    tls_connect,
+)
 
 
 def _failure(exception: BaseException) -> Failure:
@@ -153,6 +168,36 @@ class LogCapture:
 
     def levels(self, containing: str) -> list[str]:
         return [e["log_level"].name for e in self.events if containing in formatEvent(e)]
+
+    def errors(self) -> list[str]:
+        """Events at level error or critical (an unhandled error is critical), as text."""
+        bad = (LogLevel.error, LogLevel.critical)
+        return [formatEvent(e) or repr(e) for e in self.events if e.get("log_level") in bad]
+
+    def unexpected(self) -> list[str]:
+        """
+        Critical events, and errors not logged by rtunnel itself (which
+        logs a server failing verification as an error, by design).
+        """
+        return [
+            formatEvent(e) or repr(e)
+            for e in self.events
+            if e.get("log_level") is LogLevel.critical
+            or (e.get("log_level") is LogLevel.error and not str(e.get("log_namespace", "")).startswith("rtunnel."))
+        ]
+
+
+LOST = Failure(error.ConnectionLost("gone"))
+
+
+def server_hello(refusal: tuple[int, str] | None = None) -> bytes:
+    """What a tunnel server sends first: its HELLO (and, refusing, the GOAWAY with it)."""
+    server = MuxProtocol(initiator=False, clock=Clock())
+    if refusal is not None:
+        server.refuse_session(*refusal)
+    transport = TCPTransport()
+    server.makeConnection(transport)
+    return transport.value()
 
 
 class SiteOverTLS:
@@ -291,6 +336,120 @@ class SiteMuxFactoryTests(SynchronousTestCase):
 
 
 @implementer(IStreamClientEndpoint)
+class InMemoryTLS:
+    """Dials the world's real server over TLS in memory; the whole exchange happens within connect()."""
+
+    def __init__(self, world: SiteOverTLS, options: object) -> None:
+        self.world = world
+        self.options = options
+        self.connects = 0
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        self.connects += 1
+        world = self.world
+        watching = Watching(factory)
+        tls_connect(world.server, world.fixture.server_options(), watching, self.options, world.clock)
+        # the TLS protocol lets go of the protocol it wrapped once the connection is gone
+        return defer.succeed(watching.built[-1])
+
+    def connect_unwrapped(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol | None]:
+        """As BulkTLSClientEndpoint would unwrap a connection that is gone already: nothing."""
+        self.connects += 1
+        world = self.world
+        client, _, _ = tls_connect(world.server, world.fixture.server_options(), factory, self.options, world.clock)
+        return defer.succeed(client.wrappedProtocol)  # type: ignore[attr-defined]
+
+
+class VerdictsThroughTheServiceTests(SynchronousTestCase):
+    """The factory's verdicts drive the reconnecting service as TunnelClientService wires them."""
+
+    def run_service(
+        self, world: SiteOverTLS, options: object, unwrapped: bool = False
+    ) -> tuple[ReconnectingService, InMemoryTLS]:
+        endpoint = InMemoryTLS(world, options)
+        if unwrapped:
+            endpoint.connect = endpoint.connect_unwrapped  # type: ignore[method-assign,assignment]
+        service = ReconnectingService(
+            endpoint,
+            world.factory,
+            clock=world.clock,
+            retry_policy=lambda failures: 1.0,
+            prepare=lambda mux: mux.when_ready(),
+        )
+
+        def fatal(message: str) -> None:
+            world.fatal.append(message)
+            service.stopService()
+
+        world.factory.on_fatal = fatal
+        service.startService()
+        return service, endpoint
+
+    def test_refusal_stops_the_service(self) -> None:
+        """A revoked site is told so by its server: fatal once, stopped, nothing dialled again."""
+        world = SiteOverTLS(self)
+        log = LogCapture(self)
+        key, cert = world.fixture.enroll("alpha")
+        world.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+        service, endpoint = self.run_service(world, world.fixture.site_options(key, cert))
+        self.assertEqual(len(world.fatal), 1)
+        self.assertIn("tunnel server refused site alpha: site-revoked", world.fatal[0])
+        self.assertIs(service.phase, Phase.STOPPED)
+        world.clock.advance(100)
+        self.assertEqual(endpoint.connects, 1)
+        self.assertEqual(log.lines("connected to tunnel server"), [])
+        gc.collect()  # an unhandled failure in a Deferred is logged when it is collected
+        self.assertEqual(log.unexpected(), [])
+
+    def test_wrong_server_is_retried(self) -> None:
+        """A server failing verification is not fatal: the service waits and tries again."""
+        world = SiteOverTLS(self)
+        other = ServerFixture(self)
+        key, cert = world.fixture.enroll("alpha")
+        service, endpoint = self.run_service(
+            world, site_tls_options(other.ca_pem, "localhost", client_key=key, client_cert=cert)
+        )
+        self.assertEqual(world.fatal, [])
+        self.assertIs(service.phase, Phase.WAITING)
+        self.assertIs(world.factory.last_outcome.verdict, Verdict.VERIFICATION)  # type: ignore[union-attr]
+        world.clock.advance(1.0)
+        self.assertEqual(endpoint.connects, 2)
+        self.successResultOf(service.stopService())
+
+    def test_connection_let_go_of_within_connect(self) -> None:
+        """
+        An endpoint that hands back no protocol (its TLS wrapper let go of
+        it: the connection ended within connect()) is a failed attempt; a
+        refusal within it still stops the service.
+        """
+        for revoked, phase in ((False, Phase.WAITING), (True, Phase.STOPPED)):
+            world = SiteOverTLS(self)
+            log = LogCapture(self)
+            key, cert = world.fixture.enroll("alpha")
+            if revoked:
+                world.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+                options = world.fixture.site_options(key, cert)
+            else:
+                options = site_tls_options(ServerFixture(self).ca_pem, "localhost", client_key=key, client_cert=cert)
+            service, _ = self.run_service(world, options, unwrapped=True)
+            self.assertIs(service.phase, phase)
+            self.assertEqual(len(world.fatal), int(revoked))
+            gc.collect()  # an unhandled failure in a Deferred is logged when it is collected
+            self.assertEqual(log.unexpected(), [])
+            service.stopService()
+
+    def test_connected_site_counts_as_connected(self) -> None:
+        """An enrolled site's session opens: the service is connected, the factory said so once."""
+        world = SiteOverTLS(self)
+        log = LogCapture(self)
+        key, cert = world.fixture.enroll("alpha")
+        service, _ = self.run_service(world, world.fixture.site_options(key, cert))
+        self.assertIs(service.phase, Phase.CONNECTED)
+        self.assertIs(service.session, world.factory.current)
+        self.assertEqual(len(log.lines("site alpha connected to tunnel server")), 1)
+
+
+@implementer(IStreamClientEndpoint)
 class Named:
     def __init__(self, name: str, log: list[str]) -> None:
         self.name = name
@@ -299,6 +458,260 @@ class Named:
     def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
         self.log.append(self.name)
         return defer.Deferred()
+
+
+@implementer(IStreamClientEndpoint)
+class LosingEndpoint:
+    """Connects and loses the connection within connect(): the Deferred comes back fired, the protocol gone."""
+
+    def __init__(self) -> None:
+        self.protocols: list[IProtocol] = []
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5500))
+        assert protocol is not None
+        protocol.makeConnection(TCPTransport())
+        protocol.connectionLost(LOST)
+        self.protocols.append(protocol)
+        return defer.succeed(protocol)
+
+
+class ReconnectingServiceTests(SynchronousTestCase):
+    """
+    The reconnecting service's states on a Clock, with connections the test
+    makes, opens and loses: every input in every state it can arrive in,
+    and never an error logged.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = LogCapture(self)
+        self.endpoint = ControlledEndpoint()
+        self.built = Built(lambda: SiteTunnelProtocol(initiator=True, clock=self.clock))
+        self.policy_calls: list[int] = []
+        self.closed: list[SiteTunnelProtocol] = []
+        self.service = self.make(self.endpoint)
+        self.addCleanup(lambda: self.assertEqual(self.log.errors(), []))
+
+    def make(self, endpoint: IStreamClientEndpoint) -> ReconnectingService:
+        return ReconnectingService(
+            endpoint,
+            self.built,
+            clock=self.clock,
+            retry_policy=self.policy,
+            prepare=lambda mux: mux.when_ready(),
+            close=self.close,
+        )
+
+    def policy(self, failures: int) -> float:
+        self.policy_calls.append(failures)
+        return 2.0 ** (failures - 1)
+
+    def close(self, mux: SiteTunnelProtocol) -> None:
+        self.closed.append(mux)
+        mux.abort()
+
+    def connect(self) -> tuple[SiteTunnelProtocol, TCPTransport]:
+        """The pending attempt connects."""
+        protocol, transport = self.endpoint.complete()
+        self.assertIsInstance(protocol, SiteTunnelProtocol)
+        self.assertIs(self.service.phase, Phase.HANDSHAKING)
+        return protocol, transport  # type: ignore[return-value]
+
+    def open(self) -> SiteTunnelProtocol:
+        """The pending attempt connects and the session opens."""
+        mux, _ = self.connect()
+        mux.dataReceived(server_hello())
+        self.assertIs(self.service.phase, Phase.CONNECTED)
+        return mux
+
+    def next_attempt_after(self, delay: float) -> None:
+        count = len(self.endpoint.attempts)
+        self.assertIs(self.service.phase, Phase.WAITING)
+        self.clock.advance(delay - 0.001)
+        self.assertEqual(len(self.endpoint.attempts), count, f"attempt before {delay}s")
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.endpoint.attempts), count + 1, f"no attempt at {delay}s")
+        self.assertIs(self.service.phase, Phase.CONNECTING)
+
+    def test_connect_failures_back_off(self) -> None:
+        """A failed connect is a failed attempt: the next one after the policy's delay, one at a time."""
+        self.service.startService()
+        self.assertIs(self.service.phase, Phase.CONNECTING)
+        for failures in (1, 2, 3, 4):
+            self.endpoint.fail(error.ConnectionRefusedError())
+            self.assertEqual(self.policy_calls[-1], failures)
+            self.next_attempt_after(2.0 ** (failures - 1))
+
+    def test_lost_before_hello(self) -> None:
+        """A connection lost while the session is opening is a failed attempt, each one counted."""
+        self.service.startService()
+        for failures in (1, 2, 3):
+            mux, _ = self.connect()
+            mux.connectionLost(LOST)
+            self.assertEqual(self.service.failures, failures)
+            self.next_attempt_after(2.0 ** (failures - 1))
+
+    def test_lost_within_connect(self) -> None:
+        """
+        A connection made and lost before connect() returned (its Deferred
+        comes back fired, with a protocol already gone) is a failed attempt
+        like any other; the session check is not even made.
+        """
+        endpoint = LosingEndpoint()
+        service = self.make(endpoint)
+        service.startService()
+        self.assertIs(service.phase, Phase.WAITING)
+        self.assertEqual(service.failures, 1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(endpoint.protocols), 2)
+        self.assertEqual(service.failures, 2)
+        self.assertEqual(self.successResultOf(service.stopService()), None)
+        self.clock.advance(100)
+        self.assertEqual(len(endpoint.protocols), 2)
+
+    def test_hello_with_a_refusal_is_a_failed_attempt(self) -> None:
+        """
+        HELLO and GOAWAY in one read: the session never opened, so the
+        connection is dropped and the attempt counts as failed once it is
+        gone (not before: one connection at a time).
+        """
+        self.service.startService()
+        self.endpoint.fail(error.ConnectionRefusedError())
+        self.clock.advance(1.0)
+        mux, transport = self.connect()
+        mux.dataReceived(server_hello(refusal=(ErrorCode.INTERNAL_ERROR, "could not check this site")))
+        self.assertIs(self.service.phase, Phase.HANDSHAKING)
+        self.assertTrue(transport.aborted)
+        self.clock.advance(60)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        mux.connectionLost(LOST)
+        self.assertEqual(self.service.failures, 2)
+        self.next_attempt_after(2.0)
+
+    def test_open_session_resets_the_backoff(self) -> None:
+        """Only a session that opened resets the count: its end is followed by the first delay."""
+        self.service.startService()
+        for _ in range(3):
+            self.endpoint.fail(error.ConnectionRefusedError())
+            self.clock.advance(10)
+        mux = self.open()
+        self.assertEqual(self.service.failures, 0)
+        self.assertIs(self.service.session, mux)
+        mux.connectionLost(LOST)
+        self.assertEqual(self.service.failures, 1)
+        self.next_attempt_after(1.0)
+
+    def test_stop_while_waiting(self) -> None:
+        """Stopping during the backoff wait is done at once; the retry is cancelled."""
+        self.service.startService()
+        self.endpoint.fail(error.ConnectionRefusedError())
+        self.assertIsNone(self.successResultOf(self.service.stopService()))
+        self.assertIs(self.service.phase, Phase.STOPPED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_while_connecting(self) -> None:
+        """Stopping while the endpoint connects cancels the connect; the stop is done then."""
+        self.service.startService()
+        pending = self.endpoint.attempts[0][1]
+        self.assertIsNone(self.successResultOf(self.service.stopService()))
+        self.assertTrue(pending.called)  # cancelled
+        self.assertIs(self.service.phase, Phase.STOPPED)
+        self.clock.advance(100)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_stop_while_handshaking(self) -> None:
+        """
+        Stopping while the session opens aborts the connection; the stop is
+        done once it is gone. A HELLO arriving meanwhile changes nothing.
+        """
+        self.service.startService()
+        mux, transport = self.connect()
+        stopped = self.service.stopService()
+        self.assertTrue(transport.aborted)
+        self.assertIs(self.service.phase, Phase.STOPPING)
+        mux.dataReceived(server_hello())
+        self.assertNoResult(stopped)
+        mux.connectionLost(LOST)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertIs(self.service.phase, Phase.STOPPED)
+        self.clock.advance(100)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_stop_while_connected(self) -> None:
+        """Stopping with the session open closes it the given way; the stop is done once it is gone."""
+        self.service.startService()
+        mux = self.open()
+        stopped = self.service.stopService()
+        self.assertEqual(self.closed, [mux])
+        again = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertNoResult(again)
+        mux.connectionLost(LOST)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertIsNone(self.successResultOf(again))
+        self.clock.advance(100)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_stop_from_the_end_of_the_connection(self) -> None:
+        """
+        Stopped by an observer of the connection's end that comes before
+        the service's own (the site factory's, calling its fatal error on a
+        refusal), in either phase: no retry is scheduled.
+        """
+        stops: list[defer.Deferred[None]] = []
+
+        def build() -> SiteTunnelProtocol:
+            mux = SiteTunnelProtocol(initiator=True, clock=self.clock)
+            mux.on_closed(lambda _: stops.append(self.service.stopService()))
+            return mux
+
+        self.built.build = build
+        self.service.startService()
+        for make in (self.connect, lambda: (self.open(), None)):
+            mux, _ = make()
+            mux.connectionLost(LOST)
+            self.assertIsNone(self.successResultOf(stops[-1]))
+            self.assertIs(self.service.phase, Phase.STOPPED)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+            self.service.startService()
+        self.assertEqual(len(stops), 2)
+
+    def test_stop_from_within_connect(self) -> None:
+        """
+        A connection made, refused and ended within connect() whose end
+        stops the service: the stop is done when connect() returns, and
+        nothing is retried.
+        """
+        stops: list[defer.Deferred[None]] = []
+
+        @implementer(IStreamClientEndpoint)
+        class Refusing:
+            def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+                protocol = factory.buildProtocol(None)
+                assert isinstance(protocol, SiteTunnelProtocol)
+                protocol.makeConnection(TCPTransport())
+                protocol.on_closed(lambda _: stops.append(service.stopService()))
+                protocol.connectionLost(LOST)
+                return defer.succeed(protocol)
+
+        service = self.make(Refusing())
+        service.startService()
+        self.assertIsNone(self.successResultOf(stops[0]))
+        self.assertIs(service.phase, Phase.STOPPED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_started_again_while_stopping(self) -> None:
+        """Started again before the stop is done: the next attempt begins once the connection is gone."""
+        self.service.startService()
+        mux, _ = self.connect()
+        stopped = self.service.stopService()
+        self.service.startService()
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        mux.connectionLost(LOST)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertIs(self.service.phase, Phase.CONNECTING)
+        self.assertEqual(len(self.endpoint.attempts), 2)
 
 
 class RotatingEndpointTests(SynchronousTestCase):
@@ -351,30 +764,82 @@ class ServiceTests(SynchronousTestCase):
         self.reactor.advance(0.002)
         self.assertEqual(len(self.reactor.tcpClients), count + 1, f"no attempt at {delay}s")
 
+    def drop(self) -> None:
+        """The server accepts the current attempt's TCP connection, then drops it before its HELLO."""
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(TCPTransport(IPv4Address("TCP", host, port)))
+        self.assertIs(self.service.client.phase, Phase.HANDSHAKING)  # type: ignore[union-attr]
+        protocol.connectionLost(LOST)
+
     def test_hello_with_goaway_is_a_failed_attempt(self) -> None:
         """
         A server that refuses the session (HELLO and a fatal GOAWAY in one
         write, as TunnelConnection does when its database fails) does not
-        count as a made connection: prepare_connection fails, so
-        ClientService backs off instead of reconnecting at once; a plain
-        HELLO does count.
+        count as a made connection: prepare_connection fails, so the
+        service backs off instead of reconnecting at once; a plain HELLO
+        does count.
         """
-        from twisted.test.iosim import connectedServerAndClient
-
         self.build()
         refusing = MuxProtocol(initiator=False, clock=self.reactor)
         refusing.refuse_session(ErrorCode.INTERNAL_ERROR, "could not check this site")
-        refused_site = MuxProtocol(initiator=True, clock=self.reactor)
+        refused_site = SiteTunnelProtocol(initiator=True, clock=self.reactor)
         d = self.service.prepare_connection(refused_site)
         _, _, pump = connectedServerAndClient(lambda: refusing, lambda: refused_site, clock=self.reactor, greet=False)
         pump_all(pump)
-        self.reactor.advance(0)
         failure = self.failureResultOf(d, ConnectionError)
         self.assertIn("INTERNAL_ERROR", str(failure.value))
-        _, good_site, _ = mux_pair(self.reactor)
+        good_site = SiteTunnelProtocol(initiator=True, clock=self.reactor)
         accepted = self.service.prepare_connection(good_site)
-        self.reactor.advance(0)
+        _, _, pump = connectedServerAndClient(
+            lambda: MuxProtocol(initiator=False, clock=self.reactor), lambda: good_site, clock=self.reactor
+        )
+        pump_all(pump)
         self.successResultOf(accepted)
+
+    def test_server_that_drops_before_hello_is_backed_off_quietly(self) -> None:
+        """
+        A server that accepts TCP and drops it before its HELLO (full, out
+        of descriptors, a health-checking load balancer) is backed off from
+        like one that refuses: 1, 2, 4, 8 s without jitter. Each drop is one
+        warning naming the server; nothing at level error or critical (no
+        unhandled error from the reconnect machinery).
+        """
+        log = LogCapture(self)
+        self.build(jitter=lambda: 0.0)
+        for expected in (1, 2, 4, 8):
+            self.drop()
+            self.assertIs(self.service.client.phase, Phase.WAITING)  # type: ignore[union-attr]
+            self.next_attempt_after(expected)
+        self.assertEqual(log.levels("site alpha: tunnel to 127.0.0.1:5500 lost: "), ["warn"] * 4)
+        self.assertEqual(log.errors(), [])
+        self.assertEqual(self.fatal, [])
+
+    def test_drops_and_refusals_count_together(self) -> None:
+        """A dropped attempt and a refused one are both failed attempts: the delays keep doubling."""
+        self.build(jitter=lambda: 0.0)
+        for expected, fail in ((1, self.drop), (2, self.refuse), (4, self.drop), (8, self.refuse)):
+            fail()
+            self.next_attempt_after(expected)
+
+    def test_stop_while_handshaking_drops_the_connection(self) -> None:
+        """
+        Stopping while TLS and the HELLO are still under way aborts the
+        connection; the stop is done once it is gone, and nothing is dialled
+        again.
+        """
+        self.build()
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(None)
+        transport = TCPTransport()
+        protocol.makeConnection(transport)
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertTrue(transport.aborted)
+        protocol.connectionLost(LOST)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.reactor.advance(100)
+        self.assertEqual(len(self.attempts()), 1)
 
     def test_first_retry_within_one_to_two_seconds(self) -> None:
         """

@@ -28,11 +28,11 @@ from typing import Any, cast
 
 from attrs import frozen
 from OpenSSL import SSL
-from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IProtocol,
     IProtocolFactory,
@@ -56,6 +56,7 @@ from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
 from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .enrollment import enroll
+from .reconnect import ReconnectingService
 from .target import TargetConnector, tcp_endpoints
 
 
@@ -195,8 +196,8 @@ class RotatingEndpoint:
         self._next += 1
 
         def failed(failure: Failure) -> Failure:
-            # ClientService tells its retry policy only how many attempts
-            # failed; the operator wants to know why.
+            # The retry policy is told only how many attempts failed; the
+            # operator wants to know why.
             self._log.warn(
                 "cannot connect to tunnel server {server}: {reason}",
                 server=self._names[index],
@@ -275,27 +276,23 @@ class SiteMuxFactory(Factory):
         # TLS and HELLO must complete in time even with keepalive off: a
         # path that accepts TCP and then black-holes would hang us forever.
         deadline = self.clock.callLater(self.policy.handshake_timeout, self._handshake_deadline, mux)
-
-        def settled(_: object) -> None:
-            if deadline.active():
-                deadline.cancel()
-
-        mux.when_ready().addBoth(settled)
-        mux.when_closed().addBoth(settled)
-        mux.when_ready().addCallbacks(self._ready, lambda f: None)
-        mux.when_closed().addCallback(self._closed, mux)
+        mux.when_ready().addBoth(self._settled, mux, deadline)
+        # Observed before the reconnecting service observes the same end (it
+        # does once connected): the retry policy reads last_outcome.
+        mux.on_closed(self._closed, mux, deadline)
         return mux
 
-    def _ready(self, mux: MuxProtocol) -> None:
-        # A server that refuses us sends its HELLO and the GOAWAY saying why
-        # together: say "connected" only if no refusal came with the HELLO.
-        self.clock.callLater(0, self._announce, mux)
-
-    def _announce(self, mux: MuxProtocol) -> None:
-        if mux.peer_goaway is None and mux.ready:
+    def _settled(self, result: object, mux: MuxProtocol, deadline: IDelayedCall) -> None:
+        if deadline.active():
+            deadline.cancel()
+        # when_ready fails when a refusal came with the HELLO (a server that
+        # refuses us sends both in one write): "connected" only otherwise.
+        if result is mux:
             self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
-    def _closed(self, exception: BaseException, mux: MuxProtocol) -> None:
+    def _closed(self, exception: BaseException, mux: MuxProtocol, deadline: IDelayedCall) -> None:
+        if deadline.active():
+            deadline.cancel()
         reason = Failure(exception)
         if self.current is mux:
             self.current = None
@@ -341,7 +338,7 @@ class SiteMuxFactory(Factory):
 class TunnelClientService(MultiService):
     """
     The site's tunnel: enrollment (if a keyfile asks for it), then a
-    L{ClientService} that keeps the connection up.
+    L{ReconnectingService} that keeps the connection up.
 
     @param on_fatal: called with a message on an authentication failure;
         the twistd builder stops the process with a non-zero status.
@@ -367,7 +364,7 @@ class TunnelClientService(MultiService):
         self.policy = policy
         self.on_fatal = self._fatal_once(on_fatal)
         self.jitter = jitter
-        self.client: ClientService | None = None
+        self.client: ReconnectingService | None = None
         self.factory: SiteMuxFactory | None = None
         self._enrolling: defer.Deferred[None] | None = None
         self._failed = False
@@ -410,21 +407,34 @@ class TunnelClientService(MultiService):
                 )
             self._start_tunnel()
 
-    @defer.inlineCallbacks
-    def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop: enrollment is cancelled, an open tunnel drained (see
+        L{_close_tunnel}). Fires once the tunnel connection is gone.
+        """
         if self._enrolling is not None and not self._enrolling.called:
             self._enrolling.cancel()
-        factory = self.factory
-        if factory is not None:
-            factory.stopping = True
-        if factory is not None and factory.current is not None and factory.current.ready:
-            self._log.info(
-                "site {site}: draining the tunnel (grace {grace}s)",
-                site=self.state.site_name,
-                grace=self.policy.drain_grace,
-            )
-            yield factory.current.drain(self.policy.drain_grace, "site shutting down")
-        yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
+        if self.factory is not None:
+            self.factory.stopping = True
+        stopped: defer.Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        return stopped.addCallback(lambda _: None)
+
+    def _close_tunnel(self, mux: MuxProtocol) -> None:
+        """
+        End the open session on shutdown: GOAWAY, then open streams may
+        finish for C{drain_grace} seconds. A session ending already (the
+        server refused us, and the stop is the fatal error's) is only
+        dropped.
+        """
+        if not mux.ready:
+            mux.abort()
+            return
+        self._log.info(
+            "site {site}: draining the tunnel (grace {grace}s)",
+            site=self.state.site_name,
+            grace=self.policy.drain_grace,
+        )
+        mux.drain(self.policy.drain_grace, "site shutting down")
 
     # -- enrollment ---------------------------------------------------------
 
@@ -456,7 +466,7 @@ class TunnelClientService(MultiService):
         never longer than the cap.
         """
         # The exponent is bounded: 2.0**1024 overflows, which a site cut off
-        # for about nine hours reached, and ClientService then never retried.
+        # for about nine hours reached, and the next retry was never scheduled.
         growth = 2.0 ** min(attempt, 64)
         cap = max(self.policy.verify_retry_cap, self.policy.retry_cap) if slow else self.policy.retry_cap
         base = min(self.policy.retry_initial * growth, cap / 2)
@@ -522,24 +532,16 @@ class TunnelClientService(MultiService):
     def prepare_connection(self, protocol: IProtocol) -> defer.Deferred[None]:
         """
         A connection counts as made once the server's HELLO arrived and no
-        refusal came with it: a server that accepts TCP and then drops us
+        refusal came with it (L{MuxProtocol.when_ready} fails when a GOAWAY
+        came in the same read): a server that accepts TCP and then drops us
         (overloaded, refusing our certificate), or that sends HELLO and
         GOAWAY together (its database failed), is backed off from like any
-        other failure (ClientService counts a failure here as a failed
-        attempt).
+        other failure (the reconnecting service counts a failure here as a
+        failed attempt). Only a made connection resets the backoff.
         """
-        # ClientService types what it connected as IProtocol; our factory
+        # Endpoints type what they connected as IProtocol; our factory
         # builds only MuxProtocols.
-        mux = cast(MuxProtocol, protocol)
-
-        def check() -> None:
-            if mux.peer_goaway is not None or not mux.ready:
-                code, reason = mux.peer_goaway or (ErrorCode.CONNECTION_RESET, "connection closed")
-                raise ConnectionError(f"tunnel server ended the session at once: {code_name(code)}: {reason}")
-
-        # A GOAWAY sent with the HELLO is handled in the same turn: look once
-        # that turn is over.
-        return mux.when_ready().addCallback(lambda _: task.deferLater(self._clock, 0, check))
+        return cast(MuxProtocol, protocol).when_ready().addCallback(lambda _: None)
 
     def _start_tunnel(self) -> None:
         if not self.running or self._failed:
@@ -567,11 +569,12 @@ class TunnelClientService(MultiService):
             )
             return delay
 
-        self.client = ClientService(
+        self.client = ReconnectingService(
             RotatingEndpoint(endpoints, list(state.addresses)),
             self.factory,
-            retryPolicy=retry_policy,
             clock=self._clock,
-            prepareConnection=self.prepare_connection,
+            retry_policy=retry_policy,
+            prepare=self.prepare_connection,
+            close=self._close_tunnel,
         )
-        self.client.setServiceParent(self)
+        self.client.setServiceParent(self)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
