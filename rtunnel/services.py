@@ -10,6 +10,7 @@ process starts serving, and returns a L{MultiService}.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +22,6 @@ from rtunnel.logs import Logger
 from .endpoints import publish_registry, withdraw_registry
 from .identity.keyfile import Keyfile, read_keyfile
 from .identity.state import ServerState, SiteState
-from .roles.fatal import stop_with_status
 from .roles.forward import ForwardSpec
 from .roles.server import (
     TUNNEL_BACKLOG,
@@ -71,15 +71,33 @@ def build_server_service(
     Open (or create, on first start) the server state and build the service.
 
     @param on_fatal: what to do when the service cannot run (a port cannot
-        be listened on); by default the process stops with exit status 1.
-        Applications embedding the server pass their own.
+        be listened on); by default L{stop_reactor}: log it and stop the
+        reactor. C{twistd rtunnel-server} passes its own, which also makes
+        the process exit with status 1; an embedding application passes
+        what suits it.
 
     @raise rtunnel.identity.errors.StateError: the state directory is unusable.
     """
     state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
     if on_fatal is None:
-        on_fatal = lambda message: stop_with_status(reactor, 1, message, "rtunnel-server")  # noqa: E731
+        on_fatal = functools.partial(stop_reactor, reactor)
     return TunnelServerService(config, state, reactor, on_fatal, publish=publish_registry, withdraw=withdraw_registry)
+
+
+def stop_reactor(reactor: Any, message: str) -> None:
+    """
+    The builders' default C{on_fatal}: log C{message} as critical and stop
+    the reactor. Ending the process (and its exit status) is the CLI's
+    business (L{rtunnel.cli.fatal}), not the library's.
+    """
+    _fatal_log.critical("{message}", message=message)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
+
+_fatal_log = Logger(namespace="rtunnel.fatal")
 
 
 def build_site_service(
@@ -91,8 +109,10 @@ def build_site_service(
     """
     Load the site state and the keyfile (if given) and build the tunnel.
 
-    @param on_fatal: what to do on an authentication failure; by default the
-        process stops with exit status 1.
+    @param on_fatal: what to do when the site must not retry (its token is
+        spent, its site revoked, ...); by default L{stop_reactor}. C{twistd
+        rtunnel} passes its own, which also makes the process exit with
+        status 1.
     @param local_factories: for applications that embed the site role:
         targets served by a Twisted factory in this process instead of a TCP
         connection (the cloud opens them like any other target).
@@ -107,7 +127,7 @@ def build_site_service(
         config.allow, tcp_endpoints(reactor, config.target_connect_timeout), reactor, local_factories=local_factories
     )
     if on_fatal is None:
-        on_fatal = lambda message: stop_with_status(reactor, 1, message)  # noqa: E731
+        on_fatal = functools.partial(stop_reactor, reactor)
     return TunnelClientService(reactor, state, keyfile, connector, config.policy, on_fatal)
 
 

@@ -4,6 +4,7 @@ C{twistd rtunnel-server}: options in, L{build_server_service} out.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from twisted.application.service import IService
@@ -14,6 +15,7 @@ from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
 from ..roles.server import SERVER_KEEPALIVE, ServerPolicy
 from ..services import DEFAULT_LISTEN, ServerConfig, build_server_service
+from .fatal import stop_with_status
 from .malloc import tune_malloc
 from .options import (
     FLOW_PARAMETERS,
@@ -139,6 +141,8 @@ def makeService(options: Options) -> IService:
     # limit (1,024 under systemd) when the hard limit allows more.
     describe_capacity(*raise_soft_limit())
     try:
-        return build_server_service(options.config, reactor)
+        return build_server_service(
+            options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel-server")
+        )
     except IdentityError as e:
         sys.exit(f"rtunnel-server: error: {e}")

@@ -4,6 +4,7 @@ C{twistd rtunnel}: options in, L{build_site_service} out.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from twisted.application.service import IService
@@ -16,6 +17,7 @@ from ..roles.descriptors import raise_soft_limit
 from ..roles.site import SitePolicy
 from ..roles.target import Target
 from ..services import SiteConfig, build_site_service
+from .fatal import stop_with_status
 from .malloc import tune_malloc
 from .options import (
     FLOW_PARAMETERS,
@@ -108,6 +110,8 @@ def makeService(options: Options) -> IService:
     apply_log_level(options.log_level)
     raise_soft_limit()  # one descriptor per stream's target connection
     try:
-        return build_site_service(options.config, reactor)
+        return build_site_service(
+            options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel")
+        )
     except IdentityError as e:
         sys.exit(f"rtunnel: error: {e}")

@@ -18,7 +18,9 @@ from twisted.internet.interfaces import IReactorCore
 
 from rtunnel.logs import Logger
 
-_log = Logger()
+# One namespace for "the last word of a process", whoever stops it (see
+# rtunnel.services.stop_reactor): log filters need not know the module.
+_log = Logger(namespace="rtunnel.fatal")
 _exit_status: int | None = None
 
 
