@@ -222,12 +222,37 @@ def ip_version(host: str) -> int | None:
         return None
 
 
+def wire_chars_error(raw: bytes | str) -> str | None:
+    """
+    What keeps C{raw} from being carried in an OPEN frame at all (the
+    framing rule: ASCII letters, digits and C{.-_:%}, no brackets, no
+    spaces, 1 to L{MAX_WIRE_HOST_BYTES} bytes), or C{None}. A host that
+    passes this but not the grammar (C{a..b}, C{999.1.1.1}) is a well-formed
+    frame naming a bad target: the receiving session refuses that one stream
+    (OPEN_FAIL TARGET_NOT_ALLOWED) and the tunnel's other streams go on.
+    """
+    if isinstance(raw, bytes):
+        if not raw.isascii():
+            return "host is not ASCII"
+        text = raw.decode("ascii")
+    else:
+        text = raw
+    if not text:
+        return "host is empty"
+    if not isinstance(text, str) or not text.isascii() or not _WIRE_HOST.fullmatch(text):
+        return f"{text!r} has characters an OPEN frame cannot carry (only ASCII letters, digits and '.-_:%')"
+    if len(text) > MAX_WIRE_HOST_BYTES:
+        return f"host of {len(text)} bytes (at most {MAX_WIRE_HOST_BYTES})"
+    return None
+
+
 def wire_host_error(raw: bytes | str) -> str | None:
     """
     What keeps C{raw} from being the host of an OPEN frame, or C{None} if
     it may be one: a host by this module's grammar, in any spelling made of
     ASCII letters, digits and C{.-_:%} (no brackets, no spaces), at most
-    L{MAX_WIRE_HOST_BYTES} bytes.
+    L{MAX_WIRE_HOST_BYTES} bytes. The sender checks this; the receiver's
+    framing checks only L{wire_chars_error}.
     """
     if isinstance(raw, bytes):
         if not raw.isascii():

@@ -537,6 +537,23 @@ class StreamLimitTests(SynchronousTestCase):
         self.assertEqual(feed(session, Open(7, "a", 1)), [ev.StreamRequested(7, "a", 1)])
         self.assertTrue(session.ready)
 
+    def test_open_naming_no_host_refused_for_that_stream_only(self):
+        """An OPEN whose host is made of the wire's characters but is no host
+        (an empty label, a malformed IPv4 or IPv6) is answered OPEN_FAIL
+        TARGET_NOT_ALLOWED naming the fault; the session and its other
+        streams go on."""
+        session = ready_session(initiator=False)
+        self.assertEqual(feed(session, Open(1, "a", 1)), [ev.StreamRequested(1, "a", 1)])
+        for stream_id, host, fault in ((3, "a..b", "empty label"), (5, "999.1.1.1", "999"), (7, "1::x", "1::x")):
+            self.assertEqual(feed(session, Open(stream_id, host, 80), Data(stream_id, b"early")), [])
+            [refusal] = sent_frames(session)
+            self.assertIsInstance(refusal, OpenFail)
+            self.assertEqual((refusal.stream_id, refusal.code), (stream_id, ErrorCode.TARGET_NOT_ALLOWED))
+            self.assertIn(fault, refusal.reason)
+        self.assertEqual(feed(session, Data(1, b"ok")), [ev.DataReceived(1, b"ok")])
+        self.assertEqual(feed(session, Open(9, "b", 2)), [ev.StreamRequested(9, "b", 2)])
+        self.assertTrue(session.ready)
+
     def test_open_stream_beyond_peer_limit(self):
         """open_stream beyond the peer's max_streams raises StreamLimitReached
         without queueing anything; a stream closing frees a slot."""

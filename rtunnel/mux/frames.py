@@ -14,7 +14,7 @@ import struct
 
 from attrs import frozen
 
-from ..address import MAX_WIRE_HOST_BYTES, is_wire_host
+from ..address import MAX_WIRE_HOST_BYTES, wire_chars_error
 from ..logsafe import printable
 from .errors import ErrorCode, ProtocolError
 
@@ -246,8 +246,8 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
         if len(payload) != _OPEN_HEAD.size + host_len:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "OPEN host length does not match the payload")
         host = payload[_OPEN_HEAD.size :]
-        if not is_wire_host(host):
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target host is not a valid name")
+        if wire_chars_error(host) is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target host has bytes a host cannot have")
         if port == 0:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN target port 0")
         return Open(stream_id, host.decode("ascii"), port)

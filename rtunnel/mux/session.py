@@ -757,6 +757,13 @@ class MuxSession:
             )
             self._refused_open()
             return
+        problem = wire_host_error(frame.host)
+        if problem is not None:
+            # Well framed, but no host: refuse this stream only (a peer's
+            # slip must not cost the tunnel's other streams).
+            self._queue(OpenFail(stream_id, ErrorCode.TARGET_NOT_ALLOWED, f"target host refused: {problem}"))
+            self._refused_open()
+            return
         self._last_processed_peer_id = stream_id
         self._add_stream(stream_id, StreamState.OPENING_IN, False, frame.host, frame.port)
         events.append(ev.StreamRequested(stream_id, frame.host, frame.port))
