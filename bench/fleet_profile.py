@@ -83,7 +83,7 @@ def _name(frame: str) -> str:
     if not m:
         return frame.strip()
     path = m.group("file")
-    for marker in ("site-packages/", "/work/main/", str(REPO) + "/"):
+    for marker in ("site-packages/", str(REPO) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{m.group('fn')} ({path})"

@@ -86,8 +86,9 @@ class ForwardSpec:
     def endpoint_description(self, backlog: int = 1024) -> str:
         """
         The Twisted server endpoint to listen on. The backlog is large:
-        with Twisted's default of 50, 64 clients connecting at once lose a
-        SYN and stall for a second (FIELD-NOTES).
+        with Twisted's default of 50, 64 clients connecting at once lost a
+        SYN and stalled for a second (measured on loopback; the kernel caps
+        it at net.core.somaxconn).
         """
         bind = self.bind.replace(":", "\\:")
         return f"tcp:{self.port}:interface={bind}:backlog={backlog}"
