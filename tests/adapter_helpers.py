@@ -16,11 +16,14 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.test.iosim import IOPump
 from zope.interface import implementer
 
 from rtunnel.adapter import Keepalive, MuxProtocol, MuxStream
 from rtunnel.mux import Settings
+from tests.common import Holder as Holder  # re-exported: the adapter tests import their helpers from here
+from tests.common import Recorder, joined_muxes, mux_of
+from tests.common import pump_all as pump_all
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -31,25 +34,6 @@ TEST_SETTINGS = Settings(max_frame_size=64 * KIB, initial_window=256 * KIB, max_
 
 
 # -- application protocols ---------------------------------------------------
-
-
-class Recorder(Protocol):
-    """Records everything a stream hands its protocol."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.made = False
-        self.lost: Failure | None = None
-        self.read_closed = False
-
-    def connectionMade(self) -> None:
-        self.made = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.lost = reason
 
 
 @implementer(IHalfCloseableProtocol)
@@ -201,14 +185,7 @@ def make_mux(
     settings: Settings | None = None,
     keepalive: Keepalive | None = None,
 ) -> MuxProtocol:
-    return MuxProtocol(
-        initiator=initiator,
-        clock=clock,
-        stream_handler=handler,
-        settings=settings if settings is not None else TEST_SETTINGS,
-        keepalive=keepalive,
-        label="client" if initiator else "server",
-    )
+    return mux_of(initiator, clock, handler, settings if settings is not None else TEST_SETTINGS, keepalive)
 
 
 class Acceptor:
@@ -226,16 +203,6 @@ class Acceptor:
         stream.accept(protocol)
 
 
-class Holder:
-    """A stream handler that keeps streams unanswered for the test to decide."""
-
-    def __init__(self) -> None:
-        self.streams: list[MuxStream] = []
-
-    def __call__(self, stream: MuxStream) -> None:
-        self.streams.append(stream)
-
-
 def iosim_pair(
     clock: Clock | None = None,
     *,
@@ -247,20 +214,13 @@ def iosim_pair(
 ) -> tuple[MuxProtocol, MuxProtocol, IOPump, Clock]:
     """A client (initiator) and a server MuxProtocol joined by iosim, HELLOs exchanged."""
     clock = clock if clock is not None else Clock()
-    client, server, pump = connectedServerAndClient(
-        lambda: make_mux(False, clock, server_handler, server_settings, keepalive),
+    client, server, pump = joined_muxes(
+        clock,
         lambda: make_mux(True, clock, client_handler, client_settings, keepalive),
-        clock=clock,
+        lambda: make_mux(False, clock, server_handler, server_settings, keepalive),
+        greet=False,
     )
     return client, server, pump, clock
-
-
-def pump_until_idle(pump: IOPump, limit: int = 100_000) -> None:
-    """Like C{pump.flush()} without iosim's 1,000-round cap."""
-    for _ in range(limit):
-        if not pump.pump():
-            return
-    raise AssertionError("link never went idle")
 
 
 _HEADER = struct.Struct(">BBII")
@@ -358,7 +318,7 @@ class Link:
         self.taps = {self.client: FrameTap(), self.server: FrameTap()}
         self.client.makeConnection(self.client_transport)
         self.server.makeConnection(self.server_transport)
-        self.pump_until_idle()
+        self.pump_all()
 
     def pump(self) -> bool:
         """Move everything waiting, both ways, once. Returns whether anything moved."""
@@ -374,7 +334,7 @@ class Link:
                 moved = True
         return moved
 
-    def pump_until_idle(self, limit: int = 100_000, each: Callable[[], None] | None = None) -> None:
+    def pump_all(self, limit: int = 100_000, each: Callable[[], None] | None = None) -> None:
         """Pump until nothing moves; call C{each} after every round."""
         for _ in range(limit):
             moved = self.pump()

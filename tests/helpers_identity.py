@@ -10,22 +10,19 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from attrs import frozen
 from cryptography import x509
 from hypothesis import strategies as st
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from rtunnel.identity import certs
 from rtunnel.identity.certs import PrivateKey
+from tests.common import Recorder as Recorder  # re-exported for the identity tests
 
 
 class TestCase(SynchronousTestCase):
@@ -75,34 +72,6 @@ class Authority:
         key = certs.generate_private_key()
         csr = certs.create_csr(key, name)
         return key, certs.issue_site_certificate(self.ca_key, self.ca_certificate, csr, name)
-
-
-@implementer(IHandshakeListener)
-class Recorder(Protocol):
-    """
-    Records what happens to it: handshake, bytes received, how it ended.
-    """
-
-    def __init__(self, greeting: bytes = b"") -> None:
-        self.greeting = greeting
-        self.handshook = False
-        self.received = b""
-        self.lost: Failure | None = None
-        self.peer_certificate: Any = None
-
-    def connectionMade(self) -> None:
-        if self.greeting:
-            self.transport.write(self.greeting)  # type: ignore[union-attr]
-
-    def handshakeCompleted(self) -> None:
-        self.handshook = True
-        self.peer_certificate = self.transport.getPeerCertificate()  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.lost = reason
 
 
 def tls_pair(

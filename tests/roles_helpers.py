@@ -41,6 +41,10 @@ from rtunnel.identity.keyfile import Keyfile
 from rtunnel.identity.state import ServerState, SiteState
 from rtunnel.identity.tlsconfig import server_tls_options, site_tls_options
 from rtunnel.mux import Settings
+from tests.common import Echo as Echo  # re-exported: the roles tests import their helpers from here
+from tests.common import Holder as Holder
+from tests.common import Recorder as Recorder
+from tests.common import joined_muxes, mux_of, pump_all
 
 SERVER_NAME = "localhost"
 SITE_PEER = IPv4Address("TCP", "192.0.2.7", 40123)
@@ -162,50 +166,7 @@ class EndpointMap:
 # -- application protocols ---------------------------------------------------
 
 
-class Recorder(Protocol):
-    """Records what a transport hands its protocol."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.made = False
-        self.lost: Failure | None = None
-
-    def connectionMade(self) -> None:
-        self.made = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.lost = reason
-
-
-class Echo(Recorder):
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        assert self.transport is not None
-        self.transport.write(data)
-
-
-class Holder:
-    """A stream handler that keeps the peer's streams unanswered."""
-
-    def __init__(self) -> None:
-        self.streams: list[MuxStream] = []
-
-    def __call__(self, stream: MuxStream) -> None:
-        self.streams.append(stream)
-
-
 # -- two ends in memory --------------------------------------------------------
-
-
-def pump_all(pump: IOPump, limit: int = 10_000) -> None:
-    """Pump until nothing moves (iosim's own flush stops at 1,000 rounds)."""
-    for _ in range(limit):
-        if not pump.pump():
-            return
-    raise AssertionError("link never went idle")
 
 
 def mux_pair(
@@ -221,15 +182,11 @@ def mux_pair(
 
     @return: (server mux, site mux, pump)
     """
-    site, server, pump = connectedServerAndClient(
-        lambda: MuxProtocol(initiator=False, clock=clock, keepalive=keepalive, label="alpha"),
-        lambda: MuxProtocol(
-            initiator=True, clock=clock, stream_handler=site_handler, settings=site_settings, keepalive=keepalive
-        ),
-        clock=clock,
+    site, server, pump = joined_muxes(
+        clock,
+        lambda: mux_of(True, clock, site_handler, site_settings, keepalive, label=""),
+        lambda: mux_of(False, clock, keepalive=keepalive, label="alpha"),
     )
-    pump_all(pump)
-    assert server.ready and site.ready
     return server, site, pump
 
 

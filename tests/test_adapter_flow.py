@@ -32,7 +32,7 @@ from tests.adapter_helpers import (
     Recorder,
     StreamingWriter,
     iosim_pair,
-    pump_until_idle,
+    pump_all,
 )
 
 WINDOW = TEST_SETTINGS.initial_window  # 256 KiB
@@ -101,7 +101,7 @@ class StalledReaderTests(SynchronousTestCase):
 
         slow_writer.start()
         fast_writer.start()
-        link.pump_until_idle(each=measure)
+        link.pump_all(each=measure)
 
         # Stalled: exactly one window crossed, nothing consumed, writer paused.
         self.assertEqual(tap.data_bytes[slow.stream_id], WINDOW)
@@ -115,7 +115,7 @@ class StalledReaderTests(SynchronousTestCase):
         self.assertIsInstance(sinks[2].lost.value, ConnectionDone)  # type: ignore[union-attr]
 
         sinks[1].resume()  # type: ignore[attr-defined]
-        link.pump_until_idle(each=measure)
+        link.pump_all(each=measure)
 
         self.assertEqual(sinks[1].count, 50 * MIB)
         self.assertEqual(sinks[1].hash.digest(), slow_source.digest())
@@ -255,7 +255,7 @@ class ProducerTests(SynchronousTestCase):
             writer.start()
         self.assertTrue(link.client.paused)
         self.assertTrue(all(w.paused for w in writers))
-        link.pump_until_idle()
+        link.pump_all()
         self.assertGreater(link.client_transport.pauses, 1)
         digests = sorted(p.hash.digest() for p in acceptor.protocols)  # type: ignore[attr-defined]
         self.assertEqual(digests, sorted(s.digest() for s in sources))
@@ -306,7 +306,7 @@ class ManyStreamsTests(SynchronousTestCase):
             stream.loseConnection()
             streams.append((stream, mine, payload))
         self.assertEqual(len(client.streams), 1000)
-        pump_until_idle(pump)
+        pump_all(pump)
         self.assertEqual(len(acceptor.streams), 1000)
         by_port = {s.port: p for s, p in zip(acceptor.streams, acceptor.protocols, strict=False)}
         for stream, mine, payload in streams:
@@ -334,7 +334,7 @@ class LargeWriteTests(SynchronousTestCase):
         tracemalloc.start()
         try:
             stream.write(payload)
-            pump_until_idle(pump)
+            pump_all(pump)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -357,5 +357,5 @@ class LargeWriteTests(SynchronousTestCase):
         stream.write(buffer)
         del buffer[:]  # a view of it would make this raise BufferError
         buffer += b"b" * 10
-        pump_until_idle(pump)
+        pump_all(pump)
         self.assertEqual(sink.hash.digest(), hashlib.sha256(b"a" * (WINDOW * 2)).digest())

@@ -36,7 +36,7 @@ from tests.adapter_helpers import (
     PatternSource,
     StreamingWriter,
     make_tls_material,
-    pump_until_idle,
+    pump_all,
 )
 
 _MATERIAL: tuple[bytes, bytes] | None = None
@@ -84,7 +84,7 @@ class InMemoryTLSTests(unittest.SynchronousTestCase):
         _, _, pump = connectedServerAndClient(
             lambda: server_tls.buildProtocol(None), lambda: client_tls.buildProtocol(None), clock=clock
         )
-        pump_until_idle(pump)
+        pump_all(pump)
         return client_muxes.built[0], server_muxes.built[0], pump, clock
 
     def test_session_over_tls(self) -> None:
@@ -100,7 +100,7 @@ class InMemoryTLSTests(unittest.SynchronousTestCase):
         stream.attach(mine)
         stream.write(b"ping over tls")
         stream.loseConnection()
-        pump_until_idle(pump)  # type: ignore[arg-type]
+        pump_all(pump)  # type: ignore[arg-type]
         self.assertEqual(bytes(mine.data), b"ping over tls")
         self.assertTrue(mine.read_closed)
         self.assertIsInstance(mine.lost.value, ConnectionDone)  # type: ignore[union-attr]
@@ -116,10 +116,10 @@ class InMemoryTLSTests(unittest.SynchronousTestCase):
         stream = client.open_stream("localhost", 7)
         mine = HalfCloseRecorder()
         stream.attach(mine)
-        pump_until_idle(pump)  # type: ignore[arg-type]
+        pump_all(pump)  # type: ignore[arg-type]
         done = server.drain(30.0)
         stream.loseConnection()
-        pump_until_idle(pump)  # type: ignore[arg-type]
+        pump_all(pump)  # type: ignore[arg-type]
         self.assertIsInstance(mine.lost.value, ConnectionDone)  # type: ignore[union-attr]
         self.assertIsInstance(self.successResultOf(done), ConnectionDone)
         self.successResultOf(client.when_closed())
@@ -128,7 +128,7 @@ class InMemoryTLSTests(unittest.SynchronousTestCase):
         """C{terminate} over TLS closes the connection at both ends."""
         client, server, pump, _ = self._pair()
         client.terminate(2, "internal error")
-        pump_until_idle(pump)  # type: ignore[arg-type]
+        pump_all(pump)  # type: ignore[arg-type]
         self.successResultOf(client.when_closed())
         self.successResultOf(server.when_closed())
 

@@ -1,9 +1,10 @@
 """
 The built wheel ships the twistd dropin correctly (see Twisted's "Writing a
-twistd plugin" and "The Twisted Plugin System" howtos): twisted/plugins/rtunnel_plugins.py and nothing else under twisted/
-(no __init__.py that would shadow Twisted's own packages, no stale
-dropin.cache), every rtunnel package, and the py.typed marker; installed
-alone, its dropin is found by Twisted's plugin system.
+twistd plugin" and "The Twisted Plugin System" howtos):
+twisted/plugins/rtunnel_plugins.py and nothing else under twisted/ (no
+__init__.py that would shadow Twisted's own packages, no stale dropin.cache),
+every rtunnel package, and the py.typed marker; installed alone, its dropin
+is found by Twisted's plugin system.
 """
 
 from __future__ import annotations
