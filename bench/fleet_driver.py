@@ -84,7 +84,7 @@ class FleetSite(TunnelClientService):
 
     ``prepare_connection`` is the service's own "connection made" test (the
     server's HELLO arrived with no refusal): the site counts as up exactly when
-    ``ClientService`` counts the attempt as a success.  ``_start_tunnel`` is
+    the site's ``ReconnectingService`` counts the attempt as a success.  ``_start_tunnel`` is
     where the service goes once enrollment is done (or was not needed).
     """
 

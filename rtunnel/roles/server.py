@@ -78,7 +78,7 @@ from .descriptors import RESERVED, DescriptorWatch, soft_limit
 from .enrollment import EnrollmentResponder
 from .forward import ForwardFactory, ForwardSpec
 from .registry import SiteRegistry
-from .splice import set_nodelay
+from ..adapter.net import set_nodelay
 
 #: The server's keepalive: ping a site only after 25 s of silence, give up
 #: after 30. Sites ping after 10 s of silence (L{Keepalive}'s defaults), so

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from rtunnel.logs import Logger
 
 from ..adapter.eager import send_eagerly
-from ..adapter.net import set_nodelay as set_nodelay  # also re-exported: roles/server.py imports it from here
+from ..adapter.net import set_nodelay
 from ..adapter.stream import MuxStream, StreamReset
 from ..mux.errors import ErrorCode
 
