@@ -61,6 +61,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..adapter.address import describe
+from ..adapter.net import set_nodelay
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..adapter.tls import BulkTLSFactory
@@ -78,7 +79,6 @@ from .descriptors import RESERVED, DescriptorWatch, soft_limit
 from .enrollment import EnrollmentResponder
 from .forward import ForwardFactory, ForwardSpec
 from .registry import SiteRegistry
-from ..adapter.net import set_nodelay
 
 #: The server's keepalive: ping a site only after 25 s of silence, give up
 #: after 30. Sites ping after 10 s of silence (L{Keepalive}'s defaults), so
