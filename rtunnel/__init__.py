@@ -5,4 +5,4 @@ A site behind a firewall dials out over TLS to a tunnel server; the server then
 opens TCP streams back into the site through that single connection.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
