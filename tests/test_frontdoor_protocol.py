@@ -25,8 +25,9 @@ from rtunnel.adapter import MuxProtocol, MuxStream
 from rtunnel.address import HostPort
 from rtunnel.frontdoor.names import SiteDirectory
 from rtunnel.frontdoor.protocol import DoorKind, FrontDoorFactory, FrontDoorProtocol, refusal_for_unavailable
-from rtunnel.frontdoor.refusals import RefusalKind
+from rtunnel.frontdoor.refusals import TABLE, Refusal, RefusalKind, SocksReply, refusal_for_open_failure
 from rtunnel.frontdoor.users import UserStore, make_line
+from rtunnel.mux.errors import ErrorCode
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
 from rtunnel.roles.splice import TCPSide
 from rtunnel.roles.target import Target, TargetConnector
@@ -718,3 +719,32 @@ class UnavailableTests(SynchronousTestCase):
             kinds,
             [RefusalKind.SITE_NOT_CONNECTED, RefusalKind.LIMITS, RefusalKind.SITE_NOT_CONNECTED, RefusalKind.LIMITS],
         )
+
+
+class RefusalTableTests(SynchronousTestCase):
+    def test_every_kind_has_a_row(self) -> None:
+        """Every kind has its codes and log words (words, not the identifier), and reads as 'words: reason'."""
+        self.assertEqual(set(TABLE), set(RefusalKind))
+        for kind, codes in TABLE.items():
+            self.assertIn(" ", codes.log, kind)
+            self.assertNotEqual(codes.log, kind.value)
+            self.assertEqual(str(Refusal(kind, "why")), f"{codes.log}: why")
+            self.assertEqual(str(Refusal(kind, "")), codes.log)
+        self.assertEqual({c.socks for c in TABLE.values()} - {None}, set(SocksReply) - {SocksReply.SUCCEEDED})
+
+    def test_open_failures(self) -> None:
+        """The site's OPEN_FAIL codes map to their kinds; anything else is the tunnel's failure."""
+        expected = {
+            ErrorCode.TARGET_NOT_ALLOWED: RefusalKind.TARGET_NOT_ALLOWED,
+            ErrorCode.TARGET_REFUSED: RefusalKind.TARGET_REFUSED,
+            ErrorCode.TARGET_UNREACHABLE: RefusalKind.TARGET_UNREACHABLE,
+            ErrorCode.TARGET_DNS_FAILURE: RefusalKind.TARGET_DNS_FAILURE,
+            ErrorCode.TARGET_TIMEOUT: RefusalKind.TARGET_TIMEOUT,
+            ErrorCode.TARGET_ERROR: RefusalKind.TARGET_FAILED,
+            ErrorCode.REFUSED_STREAM: RefusalKind.LIMITS,
+            ErrorCode.CANCEL: RefusalKind.TUNNEL_LOST,
+            ErrorCode.GOING_AWAY: RefusalKind.TUNNEL_LOST,
+            999: RefusalKind.TUNNEL_LOST,
+        }
+        for code, kind in expected.items():
+            self.assertEqual(refusal_for_open_failure(code, "r"), Refusal(kind, "r"), code)

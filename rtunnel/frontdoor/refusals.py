@@ -135,9 +135,7 @@ TABLE: Mapping[RefusalKind, Codes] = MappingProxyType(
         RefusalKind.NAME_INVALID: Codes(_S.GENERAL_FAILURE, 400, "invalid name"),
         RefusalKind.NAME_TOO_LONG: Codes(_S.GENERAL_FAILURE, 400, "name too long"),
         RefusalKind.ADDRESS_TYPE: Codes(_S.ADDRESS_TYPE_NOT_SUPPORTED, 403, "address instead of a name"),
-        RefusalKind.COMMAND_NOT_SUPPORTED: Codes(
-            _S.COMMAND_NOT_SUPPORTED, 405, RefusalKind.COMMAND_NOT_SUPPORTED.value
-        ),
+        RefusalKind.COMMAND_NOT_SUPPORTED: Codes(_S.COMMAND_NOT_SUPPORTED, 405, "not a CONNECT request"),
         RefusalKind.NO_ACCEPTABLE_METHOD: Codes(None, 400, "no acceptable authentication method"),
         RefusalKind.CLIENT_TIMEOUT: Codes(None, 408, "request not complete in time"),
         RefusalKind.AUTH_REQUIRED: Codes(None, 407, "credentials required"),
