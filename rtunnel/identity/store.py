@@ -246,6 +246,10 @@ class AdmissionSnapshot:
     def __len__(self) -> int:
         return len(self._sites)
 
+    def __iter__(self) -> Iterator[str]:
+        """The names of every site in the table (admitted or not: see L{get})."""
+        return iter(list(self._sites))
+
 
 class StateStore:
     """

@@ -1090,6 +1090,25 @@ class ServerSettings(TypingProtocol):
     def name(self) -> str: ...
 
 
+@frozen
+class ExtraListener:
+    """
+    A port the service listens on beside the tunnel port and the forwards,
+    for a layer above the roles (the front doors of L{rtunnel.frontdoor}):
+    listened on after the forwards, stopped with them, its failure to
+    listen fatal like theirs, its C{connections} in the descriptor estimate.
+
+    @ivar label: how the "listening on" line names it.
+    @ivar description: a Twisted server endpoint description.
+    @ivar factory: the listening factory (its C{connections}, if it has one,
+        counts as descriptors held).
+    """
+
+    label: str
+    description: str
+    factory: Factory
+
+
 class TunnelServerService(MultiService):
     """
     Listens for sites (TLS added here) and on each forward port; cuts
@@ -1158,12 +1177,15 @@ class TunnelServerService(MultiService):
         self.ports: list[IListeningPort] = []
         self.tunnel_port: IListeningPort | None = None
         self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
+        #: ports of the layers above (front doors), added before the service starts
+        self.listeners: list[ExtraListener] = []
         self._poll: task.LoopingCall | None = None
         self._listening: defer.Deferred[None] | None = None
 
     def _connections(self) -> int:
         """Connections this server holds a descriptor for: sites (and would-be sites), forward clients."""
-        return self.factory.connections + sum(f.connections for f in self.forward_factories)
+        forwards = sum(f.connections for f in self.forward_factories)
+        return self.factory.connections + forwards + sum(getattr(x.factory, "connections", 0) for x in self.listeners)
 
     # -- the connection status, written in the database thread -------------
 
@@ -1238,6 +1260,11 @@ class TunnelServerService(MultiService):
                         site=spec.site,
                         target=str(spec.target),
                     )
+            for extra in self.listeners:
+                description = extra.description
+                port = yield serverFromString(self.reactor, description).listen(extra.factory)
+                self.ports.append(port)
+                self._log.info("{what} listening on {address}", what=extra.label, address=_address(port))
         except Exception:
             failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
