@@ -52,6 +52,9 @@ from rtunnel.identity.keyfile import token_digest
 __all__ = [
     "SCHEMA_VERSION",
     "AdmissionSnapshot",
+    "ForwardConflict",
+    "ForwardRecord",
+    "ForwardState",
     "SiteAdmission",
     "SiteRecord",
     "StateStore",
@@ -373,6 +376,7 @@ class StateStore:
         missing = _TABLES - tables
         if missing:
             raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
+        self._ensure_forward_tables(tables)
 
     def _tables(self) -> set[str]:
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -849,4 +853,327 @@ class StateStore:
             last_seen=_dt(row["last_seen"]),
             certificate_fingerprint=row["certificate_fingerprint"],
             token_expires=_dt(row["token_expires"]),
+        )
+
+    # -- live forwards (issue 11) -----------------------------------------
+
+    def _ensure_forward_tables(self, tables: set[str]) -> None:
+        """
+        Create the forward tables in a database made before they existed; a
+        no-op (no write) when they are there.
+        """
+        if {"forwards", "forward_states"} <= tables:
+            return
+        with self._transaction() as db:
+            for statement in _FORWARD_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def add_forward(self, record: ForwardRecord, now: datetime) -> ForwardRecord:
+        """
+        Store a forward for the tunnel server to listen on.
+
+        @raise ForwardConflict: if a stored forward, or the running server's
+            command-line forward, is on the same BIND:PORT already.
+        """
+        alive = self._server_alive()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM forwards WHERE bind = ? AND port = ? AND removed = 0", record.key
+            ).fetchone()
+            if row is not None:
+                existing = _forward_record(row)
+                raise ForwardConflict(
+                    f"a forward on {_join(record.bind, record.port)} is stored already: {existing.spec} "
+                    f"(remove it first with 'rtunnel forwards remove {_join(record.bind, record.port)}')"
+                )
+            if alive:
+                theirs = db.execute(
+                    "SELECT * FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
+                    (*record.key, SOURCE_COMMAND_LINE),
+                ).fetchone()
+                if theirs is not None:
+                    other = forward_spec_text(
+                        theirs["bind"], theirs["port"], theirs["site"], theirs["host"], theirs["hostport"]
+                    )
+                    raise ForwardConflict(
+                        f"forward {record.spec} conflicts with the running server's command-line forward "
+                        f"--forward {other}: both are on {_join(record.bind, record.port)}"
+                    )
+            db.execute(
+                "INSERT INTO forwards (bind, port, site, host, hostport, added_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (bind, port) DO UPDATE SET site = excluded.site, host = excluded.host, "
+                "hostport = excluded.hostport, added_at = excluded.added_at, removed = 0, cut = 0",
+                (record.bind, record.port, record.site, record.host, record.hostport, _ts(now)),
+            )
+            _bump_forwards(db)
+        return ForwardRecord(record.bind, record.port, record.site, record.host, record.hostport)
+
+    def remove_forward(self, bind: str, port: int, cut: bool) -> ForwardRecord:
+        """
+        Remove a stored forward: with a running server, mark it for the server
+        to close (and with C{cut}, to close its connections), else delete it.
+
+        @raise ForwardConflict: if no stored forward is on BIND:PORT (naming
+            the command-line forward there, if the running server has one).
+        """
+        alive = self._server_alive()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM forwards WHERE bind = ? AND port = ? AND removed = 0", (bind, port)
+            ).fetchone()
+            if row is None:
+                theirs = (
+                    db.execute(
+                        "SELECT * FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
+                        (bind, port, SOURCE_COMMAND_LINE),
+                    ).fetchone()
+                    if alive
+                    else None
+                )
+                if theirs is not None:
+                    other = forward_spec_text(
+                        theirs["bind"], theirs["port"], theirs["site"], theirs["host"], theirs["hostport"]
+                    )
+                    raise ForwardConflict(
+                        f"the forward on {_join(bind, port)} is the server's command-line forward --forward {other}: "
+                        "remove it from the command line and restart the server"
+                    )
+                raise ForwardConflict(f"no forward on {_join(bind, port)} is stored in the database")
+            if alive:
+                db.execute(
+                    "UPDATE forwards SET removed = 1, cut = ? WHERE bind = ? AND port = ?", (int(cut), bind, port)
+                )
+            else:
+                db.execute("DELETE FROM forwards WHERE bind = ? AND port = ?", (bind, port))
+                db.execute(
+                    "DELETE FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
+                    (bind, port, SOURCE_DATABASE),
+                )
+            _bump_forwards(db)
+        return _forward_record(row)
+
+    def forwards_version(self) -> int:
+        """A number that changes whenever a forward is added or removed: cheap to poll."""
+        value = self.get_meta(_FORWARDS_VERSION)
+        return int(value) if value is not None and value.isdigit() else 0
+
+    def stored_forwards(self) -> list[ForwardRecord]:
+        """Every stored forward, those marked removed included, by BIND:PORT."""
+        with self._guard():
+            rows = self._db.execute("SELECT * FROM forwards ORDER BY bind, port").fetchall()
+        return [_forward_record(r) for r in rows]
+
+    def forget_removed_forwards(self, keys: Sequence[tuple[str, int]]) -> None:
+        """
+        Delete the removed forwards the server has closed, and their states (a
+        forward added again on the same port meanwhile is kept).
+        """
+        with self._transaction() as db:
+            for bind, port in keys:
+                db.execute("DELETE FROM forwards WHERE bind = ? AND port = ? AND removed = 1", (bind, port))
+                gone = db.execute("SELECT 1 FROM forwards WHERE bind = ? AND port = ?", (bind, port)).fetchone() is None
+                if gone:
+                    db.execute(
+                        "DELETE FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
+                        (bind, port, SOURCE_DATABASE),
+                    )
+
+    def reset_forward_states(self, states: Sequence[ForwardState], now: datetime) -> None:
+        """Forget every recorded forward state (a new server run), then record C{states}."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM forward_states")
+            _put_states(db, states, now)
+
+    def record_forward_states(self, states: Sequence[ForwardState], now: datetime) -> None:
+        """Record the running server's view of these forwards."""
+        with self._transaction() as db:
+            _put_states(db, states, now)
+
+    def list_forwards(self) -> list[ForwardState]:
+        """
+        Every forward for C{rtunnel forwards list}: the stored ones (not
+        removed) with the state the running server reported (L{STATE_PENDING}
+        until it did), and the running server's command-line ones. With no
+        server running, only the stored ones, each L{STATE_NOT_RUNNING}: a
+        state recorded by a server that is gone would be stale.
+        """
+        alive = self._server_alive()
+        with self._guard():
+            stored = self._db.execute(
+                "SELECT f.*, s.state AS state FROM forwards f LEFT JOIN forward_states s "
+                "ON s.bind = f.bind AND s.port = f.port AND s.source = ? WHERE f.removed = 0",
+                (SOURCE_DATABASE,),
+            ).fetchall()
+            command_line = self._db.execute(
+                "SELECT * FROM forward_states WHERE source = ?", (SOURCE_COMMAND_LINE,)
+            ).fetchall()
+        result = [
+            ForwardState(
+                bind=r["bind"],
+                port=int(r["port"]),
+                site=r["site"],
+                host=r["host"],
+                hostport=int(r["hostport"]),
+                source=SOURCE_DATABASE,
+                state=(r["state"] or STATE_PENDING) if alive else STATE_NOT_RUNNING,
+            )
+            for r in stored
+        ]
+        if alive:
+            result += [
+                ForwardState(
+                    bind=r["bind"],
+                    port=int(r["port"]),
+                    site=r["site"],
+                    host=r["host"],
+                    hostport=int(r["hostport"]),
+                    source=SOURCE_COMMAND_LINE,
+                    state=r["state"],
+                )
+                for r in command_line
+            ]
+        return sorted(result, key=lambda f: (f.port, f.bind, f.source))
+
+    def server_running(self) -> bool:
+        """Whether the tunnel server that last recorded its start is running now."""
+        return self._server_alive()
+
+
+# -- live forwards (issue 11) ---------------------------------------------
+
+
+#: The forwards added with C{rtunnel forwards add}, and the state of every
+#: forward of the running server as it reported it. Added to a database of
+#: schema version 1 when missing (L{StateStore._ensure_forward_tables}): the
+#: tables are new, nothing older reads them, so no version change is needed.
+_FORWARD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forwards (
+    bind TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    host TEXT NOT NULL,
+    hostport INTEGER NOT NULL,
+    added_at TEXT NOT NULL,
+    removed INTEGER NOT NULL DEFAULT 0,
+    cut INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (bind, port)
+);
+CREATE TABLE IF NOT EXISTS forward_states (
+    bind TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    site TEXT NOT NULL,
+    host TEXT NOT NULL,
+    hostport INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (bind, port, source)
+);
+"""
+
+#: Where a forward comes from, as C{forwards list} shows it.
+SOURCE_COMMAND_LINE = "command line"
+SOURCE_DATABASE = "database"
+#: The state of every forward while no tunnel server runs.
+STATE_NOT_RUNNING = "not running"
+#: A database forward the running server has not applied yet.
+STATE_PENDING = "pending"
+_FORWARDS_VERSION = "forwards_version"
+
+
+def forward_spec_text(bind: str, port: int, site: str, host: str, hostport: int) -> str:
+    """C{BIND:PORT:SITE:HOST:HOSTPORT}, IPv6 in brackets: how every forward is shown."""
+    return f"{_join(bind, port)}:{site}:{_join(host, hostport)}"
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ForwardConflict(StateError):
+    """
+    A forward cannot be added or removed as asked (its port is taken by
+    another forward, or there is no such forward).
+    """
+
+
+@frozen
+class ForwardRecord:
+    """
+    One forward stored in the database (C{rtunnel forwards add}).
+
+    @ivar removed: C{rtunnel forwards remove} asked the running server to
+        close it; the server deletes the row once it has.
+    @ivar cut: with C{removed}: its open connections are closed too.
+    """
+
+    bind: str
+    port: int
+    site: str
+    host: str
+    hostport: int
+    removed: bool = False
+    cut: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.bind, self.port
+
+    @property
+    def spec(self) -> str:
+        return forward_spec_text(self.bind, self.port, self.site, self.host, self.hostport)
+
+
+@frozen
+class ForwardState:
+    """
+    One forward as C{rtunnel forwards list} shows it.
+
+    @ivar source: L{SOURCE_COMMAND_LINE} or L{SOURCE_DATABASE}.
+    @ivar state: C{listening}, C{failed: REASON}, L{STATE_PENDING} (not
+        applied yet), or L{STATE_NOT_RUNNING}.
+    """
+
+    bind: str
+    port: int
+    site: str
+    host: str
+    hostport: int
+    source: str
+    state: str
+
+    @property
+    def spec(self) -> str:
+        return forward_spec_text(self.bind, self.port, self.site, self.host, self.hostport)
+
+
+def _forward_record(row: sqlite3.Row) -> ForwardRecord:
+    return ForwardRecord(
+        bind=row["bind"],
+        port=int(row["port"]),
+        site=row["site"],
+        host=row["host"],
+        hostport=int(row["hostport"]),
+        removed=bool(row["removed"]),
+        cut=bool(row["cut"]),
+    )
+
+
+def _bump_forwards(db: sqlite3.Connection) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, '1') "
+        "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        (_FORWARDS_VERSION,),
+    )
+
+
+def _put_states(db: sqlite3.Connection, states: Sequence[ForwardState], now: datetime) -> None:
+    for s in states:
+        db.execute(
+            "INSERT INTO forward_states (bind, port, source, site, host, hostport, state, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bind, port, source) DO UPDATE SET "
+            "site = excluded.site, host = excluded.host, hostport = excluded.hostport, "
+            "state = excluded.state, updated_at = excluded.updated_at",
+            (s.bind, s.port, s.source, s.site, s.host, s.hostport, s.state, _ts(now)),
         )
