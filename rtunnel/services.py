@@ -20,6 +20,8 @@ from twisted.internet.protocol import Factory
 from rtunnel.logs import Logger
 
 from .endpoints import publish_registry, withdraw_registry
+from .frontdoor.names import DEFAULT_DOMAIN
+from .frontdoor.wiring import add_front_doors, check_front_doors
 from .identity.keyfile import Keyfile, read_keyfile
 from .identity.state import ServerState, SiteState
 from .roles.forward import ForwardSpec
@@ -51,6 +53,12 @@ class ServerConfig:
     max_pending_opens: int = 256
     policy: ServerPolicy = ServerPolicy()
     name: str = "default"
+    #: front doors (rtunnel/frontdoor): endpoints, off when None; loopback unless they name an interface
+    socks: str | None = None
+    connect_proxy: str | None = None
+    domain: str = DEFAULT_DOMAIN
+    #: the front doors' users file; required for a door beyond loopback
+    proxy_users: str | None = None
 
 
 @frozen
@@ -77,11 +85,18 @@ def build_server_service(
         what suits it.
 
     @raise rtunnel.identity.errors.StateError: the state directory is unusable.
+    @raise rtunnel.frontdoor.wiring.FrontDoorError: a front door is
+        misconfigured (beyond loopback without users, say).
     """
+    check_front_doors(config)
     state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
     if on_fatal is None:
         on_fatal = functools.partial(stop_reactor, reactor)
-    return TunnelServerService(config, state, reactor, on_fatal, publish=publish_registry, withdraw=withdraw_registry)
+    service = TunnelServerService(
+        config, state, reactor, on_fatal, publish=publish_registry, withdraw=withdraw_registry
+    )
+    add_front_doors(service, config, reactor)
+    return service
 
 
 def stop_reactor(reactor: Any, message: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
+from ..frontdoor.wiring import FrontDoorError
 from ..identity.errors import IdentityError
 from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
@@ -85,6 +86,33 @@ class Options(usage.Options):
             f"{SERVER_KEEPALIVE.timeout:g}; 3 x --keepalive when that is given; sites ping first, the server"
             " mostly only answers",
         ),
+        [
+            "socks",
+            None,
+            None,
+            "Serve SOCKS5 on this endpoint (a port, or a Twisted endpoint such as tcp:1080): a client asking for "
+            "SERVICE.SITE.DOMAIN or HOST.SITE.DOMAIN reaches it at SITE. Bound to 127.0.0.1 unless the endpoint "
+            "names an interface (tcp:1080:interface=0.0.0.0), which needs --proxy-users.",
+        ],
+        [
+            "connect-proxy",
+            None,
+            None,
+            "Serve HTTP CONNECT on this endpoint, with the names and binding of --socks.",
+        ],
+        [
+            "domain",
+            None,
+            default(ServerConfig, "domain"),
+            "The domain under which --socks and --connect-proxy serve names.",
+        ],
+        [
+            "proxy-users",
+            None,
+            None,
+            "Users file (USER:SCRYPT-HASH lines, mode 600; `rtunnel proxy-users add`) the front doors require; "
+            "without it they serve anyone who can connect, so they must stay on loopback.",
+        ],
         *drain_parameters(default(ServerConfig, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
@@ -121,6 +149,10 @@ class Options(usage.Options):
             drain_grace=positive_float("drain-grace", self["drain-grace"]),
             max_streams_per_site=positive_int("max-streams-per-site", self["max-streams-per-site"]),
             max_pending_opens=positive_int("max-pending-opens", self["max-pending-opens"]),
+            socks=self["socks"],
+            connect_proxy=self["connect-proxy"],
+            domain=self["domain"],
+            proxy_users=self["proxy-users"],
             policy=ServerPolicy(
                 settings=settings,
                 tuning=tuning,
@@ -144,5 +176,5 @@ def makeService(options: Options) -> IService:
         return build_server_service(
             options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel-server")
         )
-    except IdentityError as e:
+    except (IdentityError, FrontDoorError) as e:
         sys.exit(f"rtunnel-server: error: {e}")
