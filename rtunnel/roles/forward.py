@@ -125,6 +125,7 @@ class ForwardProtocol(TCPSide):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
+        self.factory.clients.discard(self)
         # A client gone while its site is awaited gives up its place in the
         # queue: no stream is opened for nobody.
         opening, self._opening = self._opening, None
@@ -197,13 +198,41 @@ class ForwardFactory(Factory):
     """
 
     noisy = False
+    _log = Logger()
 
     def __init__(self, spec: ForwardSpec, registry: SiteRegistry, open_timeout: float) -> None:
         self.spec = spec
         self.registry = registry
         self.open_timeout = open_timeout
         self.connections = 0
+        #: the client connections open now, for L{cut}
+        self.clients: set[ForwardProtocol] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> ForwardProtocol:
         self.connections += 1
-        return ForwardProtocol(self, addr)
+        protocol = ForwardProtocol(self, addr)
+        self.clients.add(protocol)
+        return protocol
+
+    def cut(self, reason: str) -> int:
+        """
+        Close every open client connection now (C{rtunnel forwards remove
+        --cut}): aborted, not closed politely, since the operator wants them
+        gone even if a client or its site has stopped reading. Their streams
+        are reset as when a client goes away.
+
+        @return: how many were closed.
+        """
+        clients = list(self.clients)
+        for client in clients:
+            self._log.info(
+                "forward {forward}: client {client} cut: {reason}",
+                forward=str(self.spec),
+                client=describe(client.peer),
+                reason=reason,
+            )
+            transport = client.transport
+            if transport is not None:
+                abort = getattr(transport, "abortConnection", None)
+                (abort or transport.loseConnection)()
+        return len(clients)

@@ -78,6 +78,7 @@ from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .descriptors import RESERVED, DescriptorWatch, soft_limit
 from .enrollment import EnrollmentResponder
 from .forward import ForwardFactory, ForwardSpec
+from .live_forwards import LiveForwards
 from .registry import SiteRegistry
 
 #: The server's keepalive: ping a site only after 25 s of silence, give up
@@ -1181,6 +1182,16 @@ class TunnelServerService(MultiService):
         self.listeners: list[ExtraListener] = []
         self._poll: task.LoopingCall | None = None
         self._listening: defer.Deferred[None] | None = None
+        # Forwards added and removed while we run (rtunnel forwards add/remove).
+        self.live_forwards = LiveForwards(
+            state,
+            self.registry,
+            reactor,
+            self.database,
+            config.open_timeout,
+            self.forward_factories,
+            poll_interval=config.revocation_poll,
+        )
 
     def _connections(self) -> int:
         """Connections this server holds a descriptor for: sites (and would-be sites), forward clients."""
@@ -1265,6 +1276,7 @@ class TunnelServerService(MultiService):
                 port = yield serverFromString(self.reactor, description).listen(extra.factory)
                 self.ports.append(port)
                 self._log.info("{what} listening on {address}", what=extra.label, address=_address(port))
+            self.live_forwards.start(self.config.forwards)
         except Exception:
             failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
@@ -1289,7 +1301,9 @@ class TunnelServerService(MultiService):
         if self._withdraw is not None:
             self._withdraw(self.config.name, self.registry)
         ports, self.ports = self.ports, []
-        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        yield defer.gatherResults(
+            [self.live_forwards.stop(), *(defer.maybeDeferred(p.stopListening) for p in ports)], consumeErrors=True
+        )
         sessions = self.registry.sessions()
         # From now on sessions end without a line and a database write each
         # (see TunnelConnection._session_closed): one line says it all.
