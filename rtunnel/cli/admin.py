@@ -5,6 +5,9 @@ The C{rtunnel} admin command: keyfiles and sites of a tunnel server.
                            [--address HOST[:PORT]]... [--expires DURATION]
     rtunnel sites list --state DIR [--json]
     rtunnel sites revoke NAME --state DIR
+    rtunnel forwards add [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT --state DIR
+    rtunnel forwards remove [BIND_ADDRESS:]PORT --state DIR [--cut]
+    rtunnel forwards list --state DIR [--json]
 
 It works on the server's state directory directly, including while the
 server runs: the state database is SQLite in WAL mode, and the server polls it
@@ -24,6 +27,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
+from rtunnel.address import AddressError, parse_host, parse_port, split_fields
 from rtunnel.identity.certs import certificate_covers, dump_certificate, validate_site_name
 from rtunnel.identity.errors import IdentityError, KeyfileExists
 from rtunnel.identity.keyfile import (
@@ -36,7 +40,8 @@ from rtunnel.identity.keyfile import (
     write_keyfile,
 )
 from rtunnel.identity.state import ServerState
-from rtunnel.identity.store import SiteRecord
+from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord
+from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
 
 __all__ = ["main", "parse_duration", "build_parser"]
 
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name", metavar="NAME", help="site name")
     revoke.add_argument("--state", required=True, metavar="DIR", help="server state directory")
     revoke.set_defaults(run=_sites_revoke)
+    _add_forward_commands(commands)
     return parser
 
 
@@ -318,6 +324,161 @@ def _sites_revoke(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
             "within seconds. Only a new keyfile re-admits it.",
             file=out,
         )
+    return 0
+
+
+# -- forwards (issue 11) ------------------------------------------------------
+
+
+def _add_forward_commands(commands: Any) -> None:
+    forwards = commands.add_parser("forwards", help="add, remove and list forwards while the server runs")
+    actions = forwards.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser(
+        "add",
+        help="add a forward; a running server listens on it within 2 s",
+        description=(
+            "Store a forward in the state database. A running tunnel server listens on it within "
+            "2 seconds, without a restart; a server started later listens on it at start. The site "
+            "need not exist yet."
+        ),
+    )
+    add.add_argument(
+        "spec",
+        metavar="[BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT",
+        type=_argument_type(_parse_forward, "forward"),
+        help="as --forward: bind address (default 127.0.0.1), port, site, target host and port",
+    )
+    add.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    add.set_defaults(run=_forwards_add)
+    remove = actions.add_parser(
+        "remove",
+        help="remove a forward; a running server closes its listener within 2 s",
+        description=(
+            "Remove a forward stored with 'forwards add'. A running tunnel server closes its listener "
+            "within 2 seconds; connections open through it go on until they end, unless --cut."
+        ),
+    )
+    remove.add_argument(
+        "address",
+        metavar="[BIND_ADDRESS:]PORT",
+        type=_argument_type(parse_forward_address, "address"),
+        help="the forward's bind address (default 127.0.0.1) and port",
+    )
+    remove.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    remove.add_argument("--cut", action="store_true", help="also close the connections open through it")
+    remove.set_defaults(run=_forwards_remove)
+    listing = actions.add_parser("list", help="list forwards, where they come from and their state")
+    listing.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=_forwards_list)
+
+
+def _parse_forward(text: str) -> ForwardSpec:
+    try:
+        return ForwardSpec.parse(text)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("--forward ")) from None
+
+
+def parse_forward_address(text: str) -> tuple[str, int]:
+    """
+    Read C{[BIND_ADDRESS:]PORT} (IPv6 in brackets) as a forward names its
+    listening address, the bind address defaulting as in a forward spec.
+
+    @raise ValueError: naming what is wrong.
+    """
+    parts = split_fields(text)
+    if len(parts) == 1:
+        bind_text, port_text = DEFAULT_BIND, parts[0]
+    elif len(parts) == 2:
+        bind_text, port_text = parts
+    else:
+        raise ValueError(f"{text!r}: expected [BIND_ADDRESS:]PORT")
+    try:
+        return parse_host(bind_text), parse_port(port_text, "listening port", minimum=0)
+    except AddressError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+
+
+def _forwards_add(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    spec: ForwardSpec = args.spec
+    record = ForwardRecord(spec.bind, spec.port, spec.site, spec.target.host, spec.target.port)
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        site = state.store.site(spec.site)
+        state.store.add_forward(record, now)
+        running = state.store.server_running()
+    if running:
+        print(f"added forward {record.spec}; the running tunnel server listens on it within 2 s", file=out)
+    else:
+        print(f"added forward {record.spec}; the tunnel server listens on it when it starts", file=out)
+    if site is None:
+        print(
+            f"note: site {spec.site!r} does not exist yet; the forward works once it enrolls "
+            f"(create its keyfile with 'rtunnel keyfile create --site {spec.site}')",
+            file=out,
+        )
+    print("check with 'rtunnel forwards list'", file=out)
+    return 0
+
+
+def _forwards_remove(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    bind, port = args.address
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        running = state.store.server_running()
+        record = state.store.remove_forward(bind, port, args.cut)
+    if not running:
+        print(f"removed forward {record.spec}", file=out)
+    elif args.cut:
+        print(
+            f"removed forward {record.spec}; the running tunnel server closes its listener and the "
+            "connections open through it within 2 s",
+            file=out,
+        )
+    else:
+        print(
+            f"removed forward {record.spec}; the running tunnel server closes its listener within 2 s "
+            "(connections open through it go on until they end; --cut closes them)",
+            file=out,
+        )
+    return 0
+
+
+def _forward_json(forward: ForwardState) -> dict[str, Any]:
+    return {
+        "spec": forward.spec,
+        "bind": forward.bind,
+        "port": forward.port,
+        "site": forward.site,
+        "host": forward.host,
+        "hostport": forward.hostport,
+        "source": forward.source,
+        "state": forward.state,
+    }
+
+
+def _forwards_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    state = ServerState.open_existing(args.state)
+    with contextlib.closing(state):
+        forwards = state.store.list_forwards()
+        running = state.store.server_running()
+    if args.json:
+        json.dump([_forward_json(f) for f in forwards], out, indent=2)
+        out.write("\n")
+        return 0
+    if not forwards:
+        if running:
+            print("no forwards (add one with 'rtunnel forwards add')", file=out)
+        else:
+            print("no forwards stored (the tunnel server is not running)", file=out)
+        return 0
+    rows = [["FORWARD", "SOURCE", "STATE"]] + [[f.spec, f.source, f.state] for f in forwards]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for row in rows:
+        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}".rstrip(), file=out)
+    if not running:
+        print("(the tunnel server is not running: its command-line forwards are not known)", file=out)
     return 0
 
 
