@@ -19,7 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# The front door's end-to-end tests drive real curl (tests/test_e2e_frontdoor.py).
 test: $(STAMP)
+	@command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends curl)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
 # The end-to-end tests once more on stock Twisted I/O (no eager TCP writes,

@@ -9,7 +9,9 @@ C{make demo}: a real tunnel server, a real site, real traffic, on loopback.
  4. start a stream source at the "site" (standing in for a video redirector);
  5. pull 256 MB through the cloud-side forward, verify SHA-256, print the
     throughput and C{rtunnel sites list};
- 6. stop everything with SIGTERM (graceful drain) and check that it all ended.
+ 6. pull it again by name through the server's SOCKS5 front door
+    (C{--socks}): C{127.0.0.1.demo-site.rtunnel.internal}, no forward needed;
+ 7. stop everything with SIGTERM (graceful drain) and check that it all ended.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from tools.harness import ROOT, Deployment, free_port, wait_until
+from tools.socks import socks5_handshake
 
 MIB = 1024 * 1024
 
@@ -76,13 +79,19 @@ class StreamSource:
         self.sock.close()
 
 
-def pull(port: int, timeout: float) -> tuple[int, str, float]:
-    """Read everything from 127.0.0.1:C{port}; return (bytes, sha256, seconds)."""
+def pull(port: int, timeout: float, by_name: tuple[str, int] | None = None) -> tuple[int, str, float]:
+    """
+    Read everything from 127.0.0.1:C{port}; return (bytes, sha256, seconds).
+
+    @param by_name: (name, port) to ask for when C{port} is a SOCKS5 front door.
+    """
     digest = hashlib.sha256()
     total = 0
     start = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if by_name is not None:
+            socks5_handshake(s, *by_name)
         while True:
             data = s.recv(4 * MIB)
             if not data:
@@ -103,14 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     deployment = Deployment(workdir)
     source = StreamSource(args.megabytes * MIB)
     forward_port = free_port()
+    socks_port = free_port()
     site = "demo-site"
     ok = False
     try:
         print(
             f"1. tunnel server on 127.0.0.1:{deployment.server_port}, "
-            f"forward 127.0.0.1:{forward_port} -> {site}:127.0.0.1:{source.port}"
+            f"forward 127.0.0.1:{forward_port} -> {site}:127.0.0.1:{source.port}, "
+            f"SOCKS5 front door on 127.0.0.1:{socks_port}"
         )
-        deployment.start_server(forwards=[f"127.0.0.1:{forward_port}:{site}:127.0.0.1:{source.port}"])
+        deployment.start_server(
+            forwards=[f"127.0.0.1:{forward_port}:{site}:127.0.0.1:{source.port}"],
+            extra=["--socks", f"tcp:{socks_port}"],
+        )
         keyfile = deployment.create_keyfile(site)
         print(f"2. keyfile for {site}: {keyfile.relative_to(ROOT) if keyfile.is_relative_to(ROOT) else keyfile}")
         site_proc = deployment.start_site(site, allow=[f"127.0.0.1:{source.port}"], keyfile=keyfile)
@@ -127,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         print("5. rtunnel sites list:")
         listing = deployment.rtunnel("sites", "list", "--state", str(deployment.server_state))
         print("   " + listing.stdout.rstrip().replace("\n", "\n   "))
+        name = f"127.0.0.1.{site}.rtunnel.internal"
+        print(f"6. pulling it again by name through the SOCKS5 front door: {name}:{source.port} ...")
+        total, received, seconds = pull(socks_port, timeout=60, by_name=(name, source.port))
+        wait_until(lambda: len(source.sent_digests) > 1, 10, "the source to finish")
+        sent = source.sent_digests[1]
+        by_name_ok = total == source.size and received == sent
+        ok = ok and by_name_ok
+        print(f"   received {total:,} bytes in {seconds:.2f}s = {total / seconds / 1e6:.0f} MB/s")
+        print(f"   sha256 sent     {sent}")
+        print(f"   sha256 received {received}  {'OK' if by_name_ok else 'MISMATCH'}")
     except Exception as e:
         print(f"demo failed: {e}", file=sys.stderr)
         for proc in deployment.processes:
@@ -137,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         source.close()
     left = [p.name for p in deployment.processes if p.running()]
     print(
-        f"6. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; "
+        f"7. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; "
         f"still running: {left or 'nothing'}"
     )
     if statuses and any(code != 0 for code in statuses.values()):
