@@ -263,13 +263,21 @@ class LiveForwards:
             )
         return _Entry(record, factory, port, LISTENING)
 
-    def _close(self, entry: _Entry, cut: bool, replaced: bool) -> defer.Deferred[Any]:
-        """Stop listening for a removed (or replaced) forward; cut its clients if asked."""
+    @defer.inlineCallbacks
+    def _close(self, entry: _Entry, cut: bool, replaced: bool) -> Generator[defer.Deferred[Any], Any, None]:
+        """
+        Stop listening for a removed (or replaced) forward, then cut its
+        clients if asked: in that order, so that a client cut can never
+        find the port still open.
+        """
         port, entry.port = entry.port, None
         factory = entry.factory
         if factory is None:
             self._log.info("forward {forward} removed (it was not listening)", forward=entry.record.spec)
-            return defer.succeed(None)
+            return
+        self._retired.append(factory)
+        if port is not None:
+            yield defer.maybeDeferred(port.stopListening)
         forward = str(factory.spec)
         if cut:
             count = factory.cut("forward removed with --cut")
@@ -285,9 +293,7 @@ class LiveForwards:
                 what="replaced" if replaced else "removed",
                 count=len(factory.clients),
             )
-        self._retired.append(factory)
         self._prune()
-        return defer.succeed(None) if port is None else defer.maybeDeferred(port.stopListening)
 
     def _prune(self) -> None:
         """Take removed forwards whose last connection ended out of the server's count."""
