@@ -29,6 +29,9 @@
  *   rtt   --host H --port P [--seconds S] [--max-count M] [--size 64] [--warmup 200]
  *   conn  --host H --port P [--seconds S] [--concurrency C] [--max-count M]
  *   hold  --host H --port P --count N [--concurrency C]
+ *   --socks NAME:PORT (rtt, conn, hold): H:P is a SOCKS5 proxy (rtunnel's
+ *         front door); every connection first does the SOCKS5 CONNECT by
+ *         name (RFC 1928, no authentication), counted in its time.
  *         opens N connections, does one echo on each (so the tunnel really
  *         carries them end to end), prints {"ready":..}, then holds them until
  *         stdin gives EOF or a line, or the timeout.
@@ -90,6 +93,7 @@ static const char *o_host = "127.0.0.1", *o_listen = NULL;
 static int o_port = 0, o_streams = 1, o_conc = 1, o_size = 64, o_timeout = 0, o_warmup = 200;
 static long long o_bytes = 0, o_count = 0, o_max = 1000000;
 static double o_seconds = 1.0;
+static const char *o_socks = NULL; /* NAME:PORT asked of a SOCKS5 proxy at --host/--port */
 
 /* ---------- socket helpers ---------- */
 static void set_nodelay(int fd) {
@@ -150,12 +154,31 @@ static void resolve(const char *host, int port) {
     freeaddrinfo(res);
 }
 
+/* SOCKS5 CONNECT to --socks NAME:PORT over fd: greeting, request, 10-byte reply.  0 on success. */
+static int socks5(int fd) {
+    const char *colon = strrchr(o_socks, ':');
+    size_t n = colon ? (size_t)(colon - o_socks) : 0;
+    if (!colon || n == 0 || n > 255) return -1;
+    int port = atoi(colon + 1);
+    unsigned char req[3 + 5 + 255 + 2], in[10];
+    memcpy(req, "\x05\x01\x00", 3);
+    if (write_all(fd, req, 3) || read_full(fd, in, 2) || in[0] != 5 || in[1] != 0) return -1;
+    memcpy(req, "\x05\x01\x00\x03", 4);
+    req[4] = (unsigned char)n;
+    memcpy(req + 5, o_socks, n);
+    req[5 + n] = (unsigned char)(port >> 8);
+    req[6 + n] = (unsigned char)port;
+    if (write_all(fd, req, 7 + n) || read_full(fd, in, 10) || in[1] != 0) return -1;
+    return 0;
+}
+
 static int dial(void) {
     int fd = socket(g_addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     set_nodelay(fd);
     set_io_timeout(fd, 30);
     if (connect(fd, (struct sockaddr *)&g_addr, g_addrlen) < 0) { close(fd); return -1; }
+    if (o_socks && socks5(fd)) { close(fd); return -1; }
     return fd;
 }
 
@@ -559,7 +582,7 @@ static int do_hold(void) {
 static void usage(void) {
     fprintf(stderr, "usage: loadgen serve|up|down|rtt|conn|hold [--listen H:P] [--host H] [--port P]\n"
                     "  [--bytes N] [--streams K] [--seconds S] [--max-count M] [--concurrency C]\n"
-                    "  [--count N] [--size B] [--warmup N] [--timeout S]\n");
+                    "  [--count N] [--size B] [--warmup N] [--timeout S] [--socks NAME:PORT]\n");
     exit(1);
 }
 
@@ -570,7 +593,7 @@ int main(int argc, char **argv) {
         {"listen", 1, 0, 'l'}, {"host", 1, 0, 'h'}, {"port", 1, 0, 'p'}, {"bytes", 1, 0, 'b'},
         {"streams", 1, 0, 's'}, {"seconds", 1, 0, 'S'}, {"max-count", 1, 0, 'm'}, {"concurrency", 1, 0, 'c'},
         {"count", 1, 0, 'n'}, {"size", 1, 0, 'z'}, {"timeout", 1, 0, 't'}, {"warmup", 1, 0, 'w'},
-        {0, 0, 0, 0}};
+        {"socks", 1, 0, 'x'}, {0, 0, 0, 0}};
     int ch, max_given = 0;
     optind = 2;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -587,6 +610,7 @@ int main(int argc, char **argv) {
         case 'z': o_size = atoi(optarg); break;
         case 't': o_timeout = atoi(optarg); break;
         case 'w': o_warmup = atoi(optarg); break;
+        case 'x': o_socks = optarg; break;
         default: usage();
         }
     }

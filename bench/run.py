@@ -303,14 +303,16 @@ class Bench:
         if moved and t.pids():
             self.record("lan", t, "cpu_gb", cpu_s / (moved / 1e9))
         try:
-            r = loadgen("rtt", t.forward_port, seconds=p["rtt_s"], max_count=200000)
+            r = loadgen("rtt", t.forward_port, seconds=p["rtt_s"], max_count=200000, **t.loadgen_opts)
             self.record("lan", t, "rtt_p50", r["p50_us"])
             self.record("lan", t, "rtt_p99", r["p99_us"])
         except MeasureError as e:
             self.fail(t, "rtt", e)
         for metric, conc in (("cseq", 1), ("c16", 16)):
             try:
-                r = loadgen("conn", t.forward_port, seconds=p["conn_s"], concurrency=conc, max_count=200000)
+                r = loadgen(
+                    "conn", t.forward_port, seconds=p["conn_s"], concurrency=conc, max_count=200000, **t.loadgen_opts
+                )
                 self.record("lan", t, metric, r["per_s"])
                 self.record("lan", t, metric + "_p50", r["p50_us"])
                 self.record("lan", t, metric + "_p99", r["p99_us"])
@@ -571,8 +573,23 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
         win, src = b.windows.get(c, (None, ""))
         if win and c not in b.latency_only:
             out.append(f"- {b.labels[c]} window: {win:,} bytes ({src}).")
+    if "rtunnel-socks" in lan:
+        forward = lan.get("rtunnel", {})
+        socks = lan["rtunnel-socks"]
+        compared = [
+            f"{label} {fmt(med(socks.get(key)) or 0)} vs {fmt(med(forward.get(key)) or 0)} {unit}"
+            for key, label, unit, _ in LAN_METRICS
+            if key in ("rtt_p50", "cseq", "c16") and med(forward.get(key))
+        ]
+        out.append(
+            f"- {b.labels['rtunnel-socks']}: the rtunnel server and site with `--socks`; each connection does the "
+            "SOCKS5 CONNECT by name (`127.0.0.1.bench.rtunnel.internal`), counted in its time, and the front "
+            "door answers only once the site accepted the stream (one more tunnel round trip than a forward, "
+            "which sends early data). RTT and new connections only."
+            + (f" Front door vs forward: {'; '.join(compared)}." if compared else "")
+        )
     for c in cols:
-        if c in b.latency_only and c in lan:
+        if c in b.latency_only and c in lan and c.startswith("ssh"):
             out.append(
                 f"- {b.labels[c]}: the same ssh and private sshd as ssh -R aes128-gcm with "
                 "`LD_PRELOAD=_bench/nodelay.so` (bench/nodelay.c sets TCP_NODELAY on every TCP socket they "
@@ -634,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         default="direct,ssh,rtunnel",
         help="comma list of: direct, ssh (all ssh columns), ssh-aes128-gcm, ssh-chacha20, "
         "ssh-nodelay (aes128-gcm + TCP_NODELAY via an LD_PRELOAD shim; RTT and new "
-        "connections only, LAN only), rtunnel",
+        "connections only, LAN only), rtunnel (with rtunnel-socks), rtunnel-socks (through the SOCKS5 front "
+        "door by name: RTT and new connections only, LAN only)",
     )
     ap.add_argument("--reps", type=int, help="repetitions (default: full 5, quick 2)")
     ap.add_argument("--no-wan", action="store_true", help="skip the 50 ms WAN phase")
@@ -648,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         plan["wan_reps"] = min(plan["wan_reps"], args.reps)
         plan["hold_reps"] = min(plan["hold_reps"], args.reps)
     selection = [s.strip() for s in args.only.split(",") if s.strip()]
-    known = {"direct", "ssh", "ssh-aes128-gcm", "ssh-chacha20", "ssh-nodelay", "rtunnel"}
+    known = {"direct", "ssh", "ssh-aes128-gcm", "ssh-chacha20", "ssh-nodelay", "rtunnel", "rtunnel-socks"}
     if set(selection) - known:
         ap.error(f"unknown --only names: {sorted(set(selection) - known)}")
     canonical = mode == "full" and not args.reps and args.only == ap.get_default("only")

@@ -308,6 +308,8 @@ class Tunnel:
         self.workdir = workdir.resolve()  # sshd wants absolute paths in its config
         self.wan_delay_ms = wan_delay_ms
         self.forward_port = 0
+        #: extra loadgen options for the RTT and connection runs (``socks``: through a SOCKS5 front door)
+        self.loadgen_opts: dict[str, str] = {}
         self.relay: Relay | None = None
         self.info: dict[str, str] = {}
 
@@ -609,6 +611,8 @@ class RtunnelTunnel(Tunnel):
     """
 
     key, label, family = "rtunnel", "rtunnel", "rtunnel"
+    #: also serve the SOCKS5 front door, and measure through it (RtunnelSocksTunnel)
+    socks = False
     # Windows start at 256 KiB and grow by bandwidth-delay probing up to
     # WindowTuning.max_window (docs/protocol.md, "Window growth"): on the WAN
     # path the window in use is that maximum once grown.
@@ -641,6 +645,7 @@ class RtunnelTunnel(Tunnel):
         d = self.workdir
         sdir, tdir, kf = d / "server-state", d / "site-state", d / "site.rtkey"
         listen_port, fwd_port = free_port(), free_port()
+        socks_port = free_port() if self.socks else 0
         self.server = spawn(
             [
                 self.twistd,
@@ -656,6 +661,7 @@ class RtunnelTunnel(Tunnel):
                 "127.0.0.1",
                 "--forward",
                 f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}",
+                *(["--socks", f"tcp:{socks_port}"] if self.socks else []),
             ],
             d / "server.stderr",
             env=self.env,
@@ -710,6 +716,10 @@ class RtunnelTunnel(Tunnel):
             raise RuntimeError(
                 f"{e}\n--- server.log\n{tail(d / 'server.log')}\n--- site.log\n{tail(d / 'site.log')}"
             ) from e
+        if self.socks:
+            # The forward proved the tunnel up; the measured runs go through the front door by name.
+            self.forward_port = socks_port
+            self.loadgen_opts = {"socks": f"127.0.0.1.{SITE_NAME}.rtunnel.internal:{site_port}"}
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
@@ -721,9 +731,22 @@ class RtunnelTunnel(Tunnel):
         super().stop()
 
 
+class RtunnelSocksTunnel(RtunnelTunnel):
+    """The same server and site, also started with ``--socks tcp:PORT``; every connection of the
+    RTT and connection runs goes through the SOCKS5 front door by name
+    (``127.0.0.1.SITE.rtunnel.internal:SITEPORT``, loadgen ``--socks``), the SOCKS handshake
+    counted in each new connection's time. Measured on the RTT and new-connection rows only
+    (after the handshake the stream is a forward's, so bulk, RSS and CPU would repeat its column)."""
+
+    key, label = "rtunnel-socks", "rtunnel SOCKS5 front door"
+    socks = True
+    latency_only = True
+
+
 def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
     """Tunnel objects for ``--only`` names: direct, ssh (all three ssh columns), ssh-aes128-gcm,
-    ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel."""
+    ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel (with rtunnel-socks),
+    rtunnel-socks (the SOCKS5 front door; RTT and new connections, LAN only)."""
     suffix = "-wan" if wan_delay_ms else ""
     out: list[Tunnel] = []
     for name in selection:
@@ -737,6 +760,8 @@ def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) ->
             out.append(SshTunnel(root / f"ssh-chacha{suffix}", None, wan_delay_ms))
         if name == "rtunnel":
             out.append(RtunnelTunnel(root / f"rtunnel{suffix}", wan_delay_ms))
+        if name in ("rtunnel", "rtunnel-socks") and not wan_delay_ms:
+            out.append(RtunnelSocksTunnel(root / "rtunnel-socks"))
     unique: dict[str, Tunnel] = {}  # "ssh,ssh-aes128-gcm" names one column once
     for t in out:
         unique.setdefault(t.key, t)
