@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
 from rtunnel.address import AddressError, parse_host, parse_port, split_fields
+from rtunnel.frontdoor.users import UserStore, make_line
 from rtunnel.identity.certs import certificate_covers, dump_certificate, validate_site_name
 from rtunnel.identity.errors import IdentityError, KeyfileExists
 from rtunnel.identity.keyfile import (
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--state", required=True, metavar="DIR", help="server state directory")
     revoke.set_defaults(run=_sites_revoke)
     _add_forward_commands(commands)
+    _add_proxy_user_commands(commands)
     return parser
 
 
@@ -480,6 +483,57 @@ def _forwards_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     if not running:
         print("(the tunnel server is not running: its command-line forwards are not known)", file=out)
     return 0
+
+
+def _add_proxy_user_commands(commands: Any) -> None:
+    users = commands.add_parser("proxy-users", help="users of the front doors (--proxy-users FILE)")
+    actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser(
+        "add",
+        help="add a user to a users file (created mode 600); the password is read from stdin, never argv",
+        description=(
+            "Add USER to FILE with a scrypt hash of the password read from standard input (one line; asked twice "
+            "on a terminal). The running server reads the file at start: restart it to apply."
+        ),
+    )
+    add.add_argument("user", metavar="USER", help="user name (no spaces or ':')")
+    add.add_argument("--file", required=True, metavar="FILE", help="the users file (--proxy-users of the server)")
+    add.set_defaults(run=_proxy_users_add)
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise ValueError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _proxy_users_add(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    try:
+        if os.path.exists(args.file) and args.user in UserStore.load(args.file):
+            raise ValueError(f"user '{args.user}' is already in {args.file}")
+        password = _read_password()
+        if not password:
+            raise ValueError("empty password (give it on standard input)")
+        line = make_line(args.user, password)
+    except ValueError as e:
+        print(f"rtunnel: error: {_one_line(str(e))}", file=sys.stderr)
+        return 1
+    fd = os.open(args.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        if f.tell() and not _ends_with_newline(args.file):
+            f.write("\n")
+        f.write(line + "\n")
+    print(f"added user {args.user} to {args.file}", file=out)
+    return 0
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _one_line(text: str) -> str:
