@@ -47,6 +47,10 @@ __all__ = [
     "loopback_endpoint",
 ]
 
+#: Listen backlog of a front door: that of a forward (L{ForwardSpec.endpoint_description
+#: <rtunnel.roles.forward.ForwardSpec.endpoint_description>}), for the same bursts of clients.
+FRONT_DOOR_BACKLOG = 1024
+
 #: Password-check threads: scrypt is memory-hard (16 MiB each), so a few at most.
 PASSWORD_THREADS = 2
 
@@ -93,7 +97,7 @@ def loopback_endpoint(description: str) -> tuple[str, str | None]:
     parts = _UNESCAPED_COLON.split(text)
     kind = parts[0].lower()
     if kind == "unix":
-        return with_backlog(text), None
+        return with_backlog(text, FRONT_DOOR_BACKLOG), None
     if kind not in _WITH_INTERFACE:
         raise FrontDoorError(
             f"endpoint {description!r}: a front door listens on tcp:, tcp6:, ssl: or unix: endpoints (or a bare port)"
@@ -105,7 +109,7 @@ def loopback_endpoint(description: str) -> tuple[str, str | None]:
     if interface is None:
         interface = _WITH_INTERFACE[kind]
         text += ":interface=" + interface.replace(":", "\\:")
-    return with_backlog(text), interface.replace("\\:", ":")
+    return with_backlog(text, FRONT_DOOR_BACKLOG), interface.replace("\\:", ":")
 
 
 class KnownSites(Mapping[str, Mapping[str, HostPort]]):
