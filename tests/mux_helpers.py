@@ -113,7 +113,7 @@ def ready_session(
     session = MuxSession(initiator=initiator, settings=settings, flood_limits=flood_limits)
     session.start()
     p = peer_settings or Settings()
-    events = feed(session, Hello(p.version, p.max_frame_size, p.initial_window, p.max_streams))
+    events = feed(session, Hello(p.version, p.max_frame_size, p.initial_window, p.max_streams, p.capabilities))
     assert events == [ev.SessionReady(p, min(p.version, session.local_settings.version))], events
     session.data_to_send()
     return session

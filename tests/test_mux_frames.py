@@ -255,10 +255,11 @@ class MalformedFrameTests(SynchronousTestCase):
         self.assertEqual(frames, [Reset(5, 0xBEEF, ""), GoAway(4, 999, "bye")])
 
     def test_hello_extension_and_reserved_ignored(self):
-        """HELLO bytes after the known settings, and the reserved field, are
-        ignored on receipt (room for later settings)."""
+        """HELLO bytes after the known settings are ignored on receipt (room
+        for later settings); the field once reserved carries capability bits,
+        passed on as they are (the session ignores those it does not know)."""
         payload = _hello_payload(reserved=0xFFFF, extra=b"future settings")
-        self.assertEqual(primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5)])
+        self.assertEqual(primed_decoder().feed(raw(FrameType.HELLO, payload, 0)), [Hello(1, LIMIT, 65536, 5, 0xFFFF)])
 
     def test_code_names(self):
         """Known codes have their names; unknown ones a readable stand-in, and

@@ -19,7 +19,7 @@ rule cannot deadlock two ends).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from attrs import define, field, frozen, validators
@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from rtunnel.logs import Logger
 
+from ..address import HostPort
 from ..logsafe import LogBudget, printable
 from ..mux import events as ev
 from ..mux.errors import ErrorCode, SessionClosing, code_name
@@ -95,6 +96,8 @@ _OPEN = TunnelState.OPEN
 _DRAINING = TunnelState.DRAINING
 _CLOSING = TunnelState.CLOSING
 _CLOSED = TunnelState.CLOSED
+#: when_services: the outcome is not known yet
+_PENDING = object()
 
 
 class SessionEnded(ConnectionError):
@@ -231,6 +234,9 @@ class MuxProtocol(Protocol):
     @param keepalive_wheel: run the keepalive checks through this wheel,
         shared with other sessions (a server's), instead of a timer of the
         session's own; checks then run up to the wheel's resolution late.
+    @param services: the named services this end announces when the peer
+        offers the capability (L{MuxSession}); the peer's are
+        L{when_services}.
     """
 
     _log = Logger()
@@ -266,6 +272,7 @@ class MuxProtocol(Protocol):
         "_drain_call",
         "_rotation",
         "_refusal",
+        "_services_waiters",
     )
 
     def __init__(
@@ -281,10 +288,13 @@ class MuxProtocol(Protocol):
         flood_limits: FloodLimits | None = None,
         close_timeout: float | None = 5.0,
         keepalive_wheel: KeepaliveWheel | None = None,
+        services: Mapping[str, HostPort] | None = None,
     ) -> None:
         if close_timeout is not None and not close_timeout > 0:
             raise ValueError(f"close_timeout must be positive or None, not {close_timeout!r}")
-        self.session = MuxSession(initiator=initiator, settings=settings, tuning=tuning, flood_limits=flood_limits)
+        self.session = MuxSession(
+            initiator=initiator, settings=settings, tuning=tuning, flood_limits=flood_limits, services=services
+        )
         self._edges = _Edges(close_timeout)
         self.clock = clock
         self.stream_handler = stream_handler
@@ -322,6 +332,8 @@ class MuxProtocol(Protocol):
         self._drain_call: IDelayedCall | None = None
         self._rotation = 0
         self._refusal: tuple[int, str] | None = None
+        #: when_services() Deferreds not yet settled (None: none waiting)
+        self._services_waiters: list[defer.Deferred[Mapping[str, HostPort] | None]] | None = None
 
     # -- observers -----------------------------------------------------------
 
@@ -390,6 +402,41 @@ class MuxProtocol(Protocol):
                 d.callback(self)
             else:
                 d.errback(outcome)
+
+    def when_services(self) -> defer.Deferred[Mapping[str, HostPort] | None]:
+        """
+        A Deferred that fires exactly once, never failing: with the named
+        services the peer announced, or with C{None} once it is clear none
+        will come (a HELLO without the capability, on either side, or the
+        connection ended before the SERVICES frame). Settled at the end of
+        an input batch, as L{when_ready}, or in C{connectionLost}.
+        """
+        outcome = self._services_outcome()
+        if outcome is not _PENDING and not self._in_receive:
+            return defer.succeed(cast("Mapping[str, HostPort] | None", outcome))
+        d: defer.Deferred[Mapping[str, HostPort] | None] = defer.Deferred()
+        if self._services_waiters is None:
+            self._services_waiters = []
+        self._services_waiters.append(d)
+        return d
+
+    def _services_outcome(self) -> Mapping[str, HostPort] | None | object:
+        session = self.session
+        if session.peer_services is not None:
+            return session.peer_services
+        if self._state is _CLOSED:
+            return None
+        if self._state is _CONNECTING or session.services_pending:
+            return _PENDING
+        return None
+
+    def _settle_services(self) -> None:
+        outcome = self._services_outcome()
+        if outcome is _PENDING:
+            return
+        waiters, self._services_waiters = self._services_waiters, None
+        for d in waiters or ():
+            d.callback(cast("Mapping[str, HostPort] | None", outcome))
 
     def when_closed(self) -> defer.Deferred[BaseException]:
         """
@@ -537,6 +584,8 @@ class MuxProtocol(Protocol):
                 self._maybe_finish_drain()
         if self._ready_waiters is not None and self._state is not _CONNECTING:
             self._settle_ready()
+        if self._services_waiters is not None:
+            self._settle_services()
 
     def connectionLost(self, reason: Failure = CLEAN_CLOSE) -> None:
         """
@@ -556,6 +605,8 @@ class MuxProtocol(Protocol):
         self.streams.clear()
         self._held = None
         self._settle_ready()
+        if self._services_waiters is not None:
+            self._settle_services()
         waiters, self._closed_waiters = self._closed_waiters, []
         for callback, *args in waiters:
             self._call_closed(callback, tuple(args), _exception_of(reason))

@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
 from ..logs import set_level
-from ..mux.settings import Settings, WindowTuning
+from ..mux.settings import ALL_CAPABILITIES, Settings, WindowTuning
 
 
 def default(config: type, name: str) -> str:
@@ -116,7 +116,7 @@ def flow_from(options: usage.Options, **settings: int) -> tuple[Settings, Window
     frame = byte_size("max-frame-size", options["max-frame-size"])
     max_window = byte_size("max-window", options["max-window"])
     try:
-        announced = Settings(initial_window=window, max_frame_size=frame, **settings)
+        announced = Settings(initial_window=window, max_frame_size=frame, capabilities=ALL_CAPABILITIES, **settings)
     except ValueError as e:
         raise usage.UsageError(
             f"--window must be 1K-1G and --max-frame-size 16K-16M: {e.args[0] if e.args else e}"

@@ -13,8 +13,11 @@ C{True} when our FIN was the last.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from attrs import frozen
 
+from ..address import HostPort
 from .settings import Settings
 
 
@@ -24,6 +27,15 @@ class SessionReady:
 
     peer_settings: Settings
     version: int
+
+
+@frozen
+class ServicesAnnounced:
+    """The peer's SERVICES frame arrived (both ends offered the capability):
+    the named services it declares, checked (names are DNS labels, hosts
+    and ports by the address grammar, no name twice)."""
+
+    services: Mapping[str, HostPort]
 
 
 @frozen
@@ -164,6 +176,7 @@ class FloodDetected:
 
 Event = (
     SessionReady
+    | ServicesAnnounced
     | StreamRequested
     | StreamAccepted
     | StreamRefused

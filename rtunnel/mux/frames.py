@@ -10,6 +10,7 @@ state (stream ids, states, windows) live in L{rtunnel.mux.session}.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 
 from attrs import frozen
@@ -34,6 +35,16 @@ MAX_REASON_BYTES = 1024
 #: The longest host an OPEN frame carries (its one-byte length).
 MAX_HOST_BYTES = MAX_WIRE_HOST_BYTES
 PING_SIZE = 8
+#: Most named services one SERVICES frame (one session) announces.
+MAX_SERVICES = 64
+#: Most bytes of a SERVICES payload: the smallest max_frame_size a peer may
+#: announce, so an announcement fits every peer's frame limit.
+MAX_SERVICES_BYTES = 16 * 1024
+MAX_SERVICE_NAME_BYTES = 63
+#: A service name on the wire: one DNS label in lower case (the same rule as
+#: rtunnel.frontdoor.names.validate_service_name, which the mux layer cannot
+#: import; tests/test_services_mux.py checks that the two agree).
+_SERVICE_NAME = re.compile(rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 #: The largest frame accepted before the peer's HELLO told us anything.
 PRE_HELLO_MAX_LENGTH = 1024
@@ -52,6 +63,7 @@ class FrameType(enum.IntEnum):
     RESET = 0x06
     PING = 0x07
     GOAWAY = 0x08
+    SERVICES = 0x09
 
 
 _ALLOWED_FLAGS = {
@@ -59,7 +71,7 @@ _ALLOWED_FLAGS = {
     FrameType.PING: FLAG_ACK,
 }
 
-_SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.GOAWAY})
+_SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.GOAWAY, FrameType.SERVICES})
 # Plain lookups: calling an Enum class to convert a value is slow on the data path.
 _FRAME_TYPES = {int(t): t for t in FrameType}
 _DATA = int(FrameType.DATA)
@@ -71,6 +83,20 @@ class Hello:
     max_frame_size: int
     initial_window: int
     max_streams: int
+    #: capability bits (the u16 after the version; older ends send 0)
+    capabilities: int = 0
+    stream_id: int = 0
+
+
+@frozen
+class Services:
+    """
+    The sender's named services: C{(name, host, port)} in the order sent.
+    The decoder checks the layout, the count, the name rule and the host's
+    bytes; the session checks the host grammar and duplicate names.
+    """
+
+    entries: tuple[tuple[str, str, int], ...]
     stream_id: int = 0
 
 
@@ -128,7 +154,75 @@ class GoAway:
     stream_id: int = 0
 
 
-Frame = Hello | Open | OpenOk | OpenFail | Data | WindowUpdate | Reset | Ping | GoAway
+Frame = Hello | Open | OpenOk | OpenFail | Data | WindowUpdate | Reset | Ping | GoAway | Services
+
+_SERVICE_HEAD = struct.Struct(">B")
+_SERVICE_PORT = struct.Struct(">HB")
+
+
+def services_payload(entries: tuple[tuple[str, str, int], ...]) -> bytes:
+    """
+    The payload of a SERVICES frame: count u8, then per service name length
+    u8, name, port u16, host length u8, host.
+
+    @raise ValueError: when the entries break a rule the receiver checks
+        (too many, a bad name or host, too large), so that a sender can
+        refuse them up front instead of ending its sessions.
+    """
+    if len(entries) > MAX_SERVICES:
+        raise ValueError(f"{len(entries)} services; at most {MAX_SERVICES} can be announced")
+    out = bytearray(_SERVICE_HEAD.pack(len(entries)))
+    for name, host, port in entries:
+        raw_name = name.encode("ascii", "replace")
+        raw_host = host.encode("ascii", "replace")
+        if not _SERVICE_NAME.fullmatch(raw_name):
+            raise ValueError(f"service name {name!r} is not a lower-case DNS label")
+        if wire_chars_error(raw_host) is not None:
+            raise ValueError(f"service {name}: host {host!r} cannot travel in a frame")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"service {name}: port {port} not in 1-65535")
+        out += _SERVICE_HEAD.pack(len(raw_name)) + raw_name + _SERVICE_PORT.pack(port, len(raw_host)) + raw_host
+    if len(out) > MAX_SERVICES_BYTES:
+        raise ValueError(f"the services take {len(out)} bytes; at most {MAX_SERVICES_BYTES} can be announced")
+    return bytes(out)
+
+
+def _parse_services(payload: bytes) -> Services:
+    if len(payload) > MAX_SERVICES_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"SERVICES payload of {len(payload)} bytes")
+    if not payload:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SERVICES payload too short")
+    count = payload[0]
+    if count > MAX_SERVICES:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"SERVICES announces {count} services (at most {MAX_SERVICES})")
+    entries = []
+    at = 1
+    for _ in range(count):
+        if at >= len(payload):
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SERVICES payload ends inside an entry")
+        name_len = payload[at]
+        name = payload[at + 1 : at + 1 + name_len]
+        at += 1 + name_len
+        if len(name) != name_len or at + _SERVICE_PORT.size > len(payload):
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SERVICES payload ends inside an entry")
+        port, host_len = _SERVICE_PORT.unpack_from(payload, at)
+        at += _SERVICE_PORT.size
+        host = payload[at : at + host_len]
+        at += host_len
+        if len(host) != host_len:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SERVICES payload ends inside an entry")
+        if not _SERVICE_NAME.fullmatch(name):
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"SERVICES name {printable(name)} is not a lower-case DNS label"
+            )
+        if wire_chars_error(host) is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SERVICES host has bytes a host cannot have")
+        if port == 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SERVICES port 0")
+        entries.append((name.decode("ascii"), host.decode("ascii"), port))
+    if at != len(payload):
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SERVICES payload longer than its entries")
+    return Services(tuple(entries))
 
 
 def _reason_bytes(reason: str) -> bytes:
@@ -170,12 +264,14 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, GoAway):
         ftype, flags = FrameType.GOAWAY, 0
         payload = _GOAWAY_HEAD.pack(frame.last_stream_id, frame.code) + _reason_bytes(frame.reason)
+    elif isinstance(frame, Services):
+        ftype, flags, payload = FrameType.SERVICES, 0, services_payload(frame.entries)
     elif isinstance(frame, Hello):
         ftype, flags = FrameType.HELLO, 0
         payload = _HELLO.pack(
             HELLO_MAGIC,
             frame.version,
-            0,
+            frame.capabilities,
             frame.max_frame_size,
             frame.initial_window,
             frame.max_streams,
@@ -271,13 +367,15 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
         if last > MAX_STREAM_ID:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY last stream id out of range")
         return GoAway(last, code, _reason(payload[_GOAWAY_HEAD.size :], "GOAWAY"))
+    if ftype is FrameType.SERVICES:
+        return _parse_services(payload)
     # HELLO
     if len(payload) < _HELLO.size:
         raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HELLO payload too short")
-    magic, version, _reserved, max_frame, window, streams = _HELLO.unpack_from(payload)
+    magic, version, capabilities, max_frame, window, streams = _HELLO.unpack_from(payload)
     if magic != HELLO_MAGIC:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an rtunnel mux peer (bad HELLO magic)")
-    return Hello(version, max_frame, window, streams)
+    return Hello(version, max_frame, window, streams, capabilities)
 
 
 class FrameDecoder:

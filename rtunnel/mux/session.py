@@ -20,8 +20,10 @@ ENHANCE_YOUR_CALM, reported as L{FloodDetected} then L{SessionFailed}.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
-from ..address import wire_host_error
+from ..address import AddressError, HostPort, wire_host_error
 from . import events as ev
 from .errors import (
     ErrorCode,
@@ -49,10 +51,12 @@ from .frames import (
     OpenOk,
     Ping,
     Reset,
+    Services,
     WindowUpdate,
     encode,
+    services_payload,
 )
-from .settings import FloodLimits, Settings, WindowTuning
+from .settings import CAP_SERVICES, FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
@@ -117,6 +121,11 @@ class MuxSession:
     @param flood_limits: what this end tolerates from a flooding peer;
         without it, those of this end's role (L{FloodLimits.for_role}: the
         tunnel server's on the acceptor, the site's on the initiator).
+    @param services: the named services this end announces (a site's
+        C{--service}), sent in one SERVICES frame right after the peer's
+        HELLO when both HELLOs offer L{CAP_SERVICES}; never sent to a peer
+        that does not (it would take the frame for a protocol error).
+        Checked here: L{ValueError} if the frame could not carry them.
     """
 
     # A server holds one session per site: slots save the instance dictionary.
@@ -149,6 +158,8 @@ class MuxSession:
         "_window_growth",
         "_learned_window",
         "_flood",
+        "_announce",
+        "peer_services",
     )
 
     def __init__(
@@ -158,6 +169,7 @@ class MuxSession:
         settings: Settings | None = None,
         tuning: WindowTuning | None = None,
         flood_limits: FloodLimits | None = None,
+        services: Mapping[str, HostPort] | None = None,
     ) -> None:
         self.initiator = initiator
         self.local_settings = settings if settings is not None else Settings()
@@ -195,6 +207,11 @@ class MuxSession:
         # caps), useless frames per kind, and replies the peer left unread;
         # one attribute (see FloodMeter).
         self._flood = FloodMeter(limits)
+        entries = tuple((name, hp.host, hp.port) for name, hp in sorted((services or {}).items()))
+        services_payload(entries)  # raises ValueError for what the peer would refuse
+        self._announce = Services(entries)
+        #: the services the peer announced, once its SERVICES frame arrived
+        self.peer_services: Mapping[str, HostPort] | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -202,6 +219,17 @@ class MuxSession:
     def ready(self) -> bool:
         """The peer's HELLO arrived and the session has not failed."""
         return self.peer_settings is not None and not self._failed
+
+    @property
+    def services_negotiated(self) -> bool:
+        """Both HELLOs offered L{CAP_SERVICES}: each end sends one SERVICES."""
+        peer = self.peer_settings
+        return peer is not None and bool(peer.capabilities & self.local_settings.capabilities & CAP_SERVICES)
+
+    @property
+    def services_pending(self) -> bool:
+        """The peer's SERVICES frame is due (negotiated) and has not arrived."""
+        return self.services_negotiated and self.peer_services is None and not self._failed
 
     @property
     def failed(self) -> bool:
@@ -310,7 +338,9 @@ class MuxSession:
             raise MuxUsageError("session already started")
         self._started = True
         s = self.local_settings
-        self._queue(Hello(s.version, s.max_frame_size, s.initial_window, s.max_streams))
+        self._queue(Hello(s.version, s.max_frame_size, s.initial_window, s.max_streams, s.capabilities))
+        if self.services_negotiated:
+            self._queue(self._announce)  # the peer's HELLO came first
 
     def open_stream(self, host: str, port: int) -> int:
         """
@@ -700,8 +730,27 @@ class MuxSession:
                 self._owe("PING ACK")
         elif isinstance(frame, GoAway):
             self._on_goaway(frame, events)
+        elif isinstance(frame, Services):
+            self._on_services(frame, events)
         elif isinstance(frame, Hello):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HELLO")
+
+    def _on_services(self, frame: Services, events: list[ev.Event]) -> None:
+        if not self.services_negotiated:
+            # What a peer that predates the frame does with it (an unknown type).
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SERVICES frame without the capability in both HELLOs")
+        if self.peer_services is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "second SERVICES frame")
+        services: dict[str, HostPort] = {}
+        for name, host, port in frame.entries:
+            if name in services:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"SERVICES names service {name} twice")
+            try:
+                services[name] = HostPort.of(host, port)
+            except AddressError as e:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"SERVICES service {name}: {e}") from None
+        self.peer_services = MappingProxyType(services)
+        events.append(ev.ServicesAnnounced(self.peer_services))
 
     def _check_not_idle(self, frame: Frame) -> None:
         # A frame for a closed stream is normal (it crossed our RESET); one for
@@ -719,6 +768,7 @@ class MuxSession:
                 initial_window=frame.initial_window,
                 max_streams=frame.max_streams,
                 version=frame.version,
+                capabilities=frame.capabilities,
             )
         except ValueError as e:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting out of range: {e.args[0]}") from None
@@ -732,6 +782,8 @@ class MuxSession:
         self.peer_settings = peer
         self.version = version
         events.append(ev.SessionReady(peer, version))
+        if self._started and self.services_negotiated:
+            self._queue(self._announce)
 
     def _on_open(self, frame: Open, events: list[ev.Event]) -> None:
         stream_id = frame.stream_id

@@ -17,6 +17,12 @@ MIN_WINDOW = 1 * KIB
 MAX_INITIAL_WINDOW = 1024 * MIB
 MAX_STREAMS = 2**31 - 1
 
+#: HELLO capability bit: this end understands SERVICES frames (named
+#: services, docs/protocol.md). Sent in the HELLO field older ends ignore.
+CAP_SERVICES = 0x0001
+#: Every capability this implementation offers.
+ALL_CAPABILITIES = CAP_SERVICES
+
 
 def _in_range(low: int, high: int):  # type: ignore[no-untyped-def]
     return [validators.instance_of(int), validators.ge(low), validators.le(high)]
@@ -32,12 +38,18 @@ class Settings:
     @ivar initial_window: the credit this end grants the peer on every new
         stream. 256 KiB fills a LAN path and bounds a stalled stream's memory.
     @ivar max_streams: how many streams opened by the peer may be open at once.
+    @ivar capabilities: the HELLO capability bits this end offers (the u16
+        an older end sends as 0 and ignores). The default, C{0}, is the
+        plain protocol, exactly as an end that predates them (tests build
+        "old" peers this way); rtunnel's roles offer L{ALL_CAPABILITIES}
+        (L{ROLE_SETTINGS}), as they turn window growth on.
     """
 
     max_frame_size: int = field(default=64 * KIB, validator=_in_range(MIN_FRAME_SIZE, MAX_FRAME_SIZE))
     initial_window: int = field(default=256 * KIB, validator=_in_range(MIN_WINDOW, MAX_INITIAL_WINDOW))
     max_streams: int = field(default=1024, validator=_in_range(1, MAX_STREAMS))
     version: int = field(default=PROTOCOL_VERSION, validator=_in_range(1, 0xFFFF))
+    capabilities: int = field(default=0, validator=_in_range(0, 0xFFFF))
 
 
 @frozen
@@ -181,3 +193,8 @@ class FloodLimits:
 # frozen): a server holds ten thousand sessions.
 _SERVER_LIMITS = FloodLimits()
 _SITE_LIMITS = FloodLimits(refused_opens=None, reply_limit=65536)
+
+
+#: The settings the site and server roles announce unless configured
+#: otherwise: the defaults, with every capability offered.
+ROLE_SETTINGS = Settings(capabilities=ALL_CAPABILITIES)

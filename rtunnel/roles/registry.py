@@ -11,7 +11,8 @@ them; the number of such waiters per site is bounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 
 from attrs import define
 from twisted.internet import defer
@@ -21,6 +22,7 @@ from rtunnel.logs import Logger
 
 from ..adapter.protocol import MuxProtocol
 from ..adapter.stream import MuxStream
+from ..address import HostPort
 from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
 
 #: A session replaced younger than this (seconds) suggests duplicate sites.
@@ -67,6 +69,32 @@ class SiteRegistry:
     @param max_pending_opens: most opens that may wait for one site at once.
     @param max_streams_per_site: most streams open to one site at once, our
         own cap whatever the site announces.
+    @param on_services: C{(site, services)} when the live session of a site
+        announced its named services (C{--service} at the site; C{{}} for a
+        site whose session does not offer the capability), for the state
+        store's record of what each site last announced.
+
+    B{Named services} (issue 11 section 2). A site declares
+    C{--service NAME=HOST:PORT}; its session announces them right after the
+    HELLOs (docs/protocol.md, SERVICES). The server's connection code calls
+    L{announce} with what arrived; readers use:
+
+     - L{services}C{(site)}: the services of the site's I{live} session, or
+       C{None} when the site is not connected (for C{service=} endpoints);
+     - L{directory}C{(known_sites)}: a L{rtunnel.frontdoor.names.SiteDirectory}
+       (C{{site: {service: HostPort}}}) for every known site, with the
+       services each last announced, connected or not (for the front door:
+       a known site that is away is waited for, so its names must still
+       route). Its values are read-only and replaced, never mutated, so a
+       caller may keep one for the length of a request;
+     - L{when_services}C{(site, timeout)}: the live services once the site
+       is connected and its announcement has arrived.
+
+    What a site last announced is kept after it disconnects (one small
+    mapping per site that ever connected, or seeded from the store by
+    L{seed_services} at start), so a reconnect does not make its names
+    briefly unroutable; a session of the site that does not offer the
+    capability replaces it with C{{}}.
     """
 
     _log = Logger()
@@ -79,6 +107,7 @@ class SiteRegistry:
         on_disconnected: Callable[[str], None] | None = None,
         max_pending_opens: int = 256,
         max_streams_per_site: int = 1024,
+        on_services: Callable[[str, Mapping[str, HostPort]], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_streams_per_site = max_streams_per_site
@@ -86,6 +115,12 @@ class SiteRegistry:
         self.on_disconnected = on_disconnected
         self.max_pending_opens = max_pending_opens
         self._sites: dict[str, _SiteEntry] = {}
+        self.on_services = on_services
+        #: what each site last announced (read-only mappings, replaced whole)
+        self._announced: dict[str, Mapping[str, HostPort]] = {}
+        #: the sessions whose announcement arrived (a session that never
+        #: announces keeps its site's previous services out of services())
+        self._live_services: dict[str, Mapping[str, HostPort]] = {}
 
     # -- sessions ---------------------------------------------------------
 
@@ -98,6 +133,8 @@ class SiteRegistry:
         old = entry.session
         entry.session = session
         entry.fingerprint = fingerprint
+        if old is not session:
+            self._live_services.pop(site, None)  # until this session announces
         if old is not None and old is not session and old.accepting_streams:
             if self.clock.seconds() - entry.since < DUPLICATE_WINDOW:
                 # A takeover normally replaces a long-lived, half-dead
@@ -174,12 +211,85 @@ class SiteRegistry:
         entry.session = None
         entry.peer = ""
         entry.fingerprint = ""
+        self._live_services.pop(site, None)
         self._prune(site, entry)
         if self.on_disconnected is not None:
             try:
                 self.on_disconnected(site)
             except Exception:
                 self._log.failure("on_disconnected failed for site {site}", site=site)
+
+    # -- named services ---------------------------------------------------
+
+    def announce(self, site: str, session: MuxProtocol, services: Mapping[str, HostPort] | None) -> None:
+        """
+        Record what C{session} of C{site} announced: C{services}, or C{None}
+        when the session does not offer the capability (an older site: its
+        services are then simply absent). Ignored unless C{session} is the
+        site's live session (an announcement racing a takeover).
+        """
+        entry = self._sites.get(site)
+        if entry is None or entry.session is not session:
+            return
+        frozen: Mapping[str, HostPort] = MappingProxyType(dict(services or {}))
+        self._live_services[site] = frozen
+        self._announced[site] = frozen
+        if self.on_services is not None:
+            try:
+                self.on_services(site, frozen)
+            except Exception:
+                self._log.failure("on_services failed for site {site}", site=site)
+
+    def seed_services(self, announced: Mapping[str, Mapping[str, HostPort]]) -> None:
+        """
+        What each site last announced before this process started (the state
+        store's record), for L{directory} until the site announces again.
+        """
+        for site, services in announced.items():
+            self._announced.setdefault(site, MappingProxyType(dict(services)))
+
+    def services(self, site: str) -> Mapping[str, HostPort] | None:
+        """
+        The services the live session of C{site} announced: C{None} when the
+        site is not connected or its announcement has not arrived yet, C{{}}
+        when it declares none or does not offer the capability.
+        """
+        if self.session_for(site) is None:
+            return None
+        return self._live_services.get(site)
+
+    def directory(self, known_sites: Iterable[str] = ()) -> Mapping[str, Mapping[str, HostPort]]:
+        """
+        A L{rtunnel.frontdoor.names.SiteDirectory}: every site of
+        C{known_sites} (the enrolled ones, say the admission snapshot's) and
+        every connected site, each with the services it last announced
+        (C{{}} if none known). Built anew on each call.
+        """
+        empty: Mapping[str, HostPort] = MappingProxyType({})
+        sites = {site: self._announced.get(site, empty) for site in known_sites}
+        for site, entry in self._sites.items():
+            if entry.session is not None:
+                sites.setdefault(site, self._announced.get(site, empty))
+        return sites
+
+    def when_services(self, site: str, timeout: float) -> defer.Deferred[Mapping[str, HostPort]]:
+        """
+        The services of C{site}'s live session once it is connected (within
+        C{timeout} seconds, as L{wait_for}) and its announcement arrived
+        (right after the HELLOs; C{{}} from a session without the
+        capability). Fails with L{SiteUnavailable}.
+        """
+
+        def connected(session: MuxProtocol) -> defer.Deferred[Mapping[str, HostPort]]:
+            def arrived(services: Mapping[str, HostPort] | None) -> Mapping[str, HostPort]:
+                live = self.services(site)
+                if live is None or self.session_for(site) is not session:
+                    raise SiteUnavailable(site, "its session ended before it announced its services")
+                return live
+
+            return session.when_services().addCallback(arrived)
+
+        return self.wait_for(site, timeout).addCallback(connected)
 
     # -- opening streams ----------------------------------------------------
 

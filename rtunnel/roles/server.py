@@ -74,7 +74,7 @@ from ..identity.tlsconfig import client_refusal, peer_identity, server_tls_optio
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..mux.errors import ErrorCode
-from ..mux.settings import FloodLimits, Settings, WindowTuning
+from ..mux.settings import ROLE_SETTINGS, FloodLimits, Settings, WindowTuning
 from .descriptors import RESERVED, DescriptorWatch, soft_limit
 from .enrollment import EnrollmentResponder
 from .forward import ForwardFactory, ForwardSpec
@@ -115,7 +115,7 @@ class ServerPolicy:
         connections wait their turn, unread (L{AdmissionGate}).
     """
 
-    settings: Settings = Settings()
+    settings: Settings = ROLE_SETTINGS
     tuning: WindowTuning = WindowTuning()
     keepalive: Keepalive | None = SERVER_KEEPALIVE
     handshake_timeout: float = 30.0

@@ -54,7 +54,7 @@ from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
 from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
-from ..mux.settings import FloodLimits, Settings, WindowTuning
+from ..mux.settings import ROLE_SETTINGS, FloodLimits, Settings, WindowTuning
 from .enrollment import enroll
 from .reconnect import ReconnectingService
 from .target import TargetConnector, tcp_endpoints
@@ -77,7 +77,7 @@ class SitePolicy:
     @ivar drain_grace: on shutdown, how long open streams may finish.
     """
 
-    settings: Settings = Settings()
+    settings: Settings = ROLE_SETTINGS
     tuning: WindowTuning = WindowTuning()
     keepalive: Keepalive | None = Keepalive()
     retry_initial: float = 1.0
