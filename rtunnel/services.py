@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from attrs import frozen
 from twisted.internet.protocol import Factory
 
@@ -70,6 +71,9 @@ class SiteConfig:
     allow: tuple[Target, ...] = ()
     target_connect_timeout: float = 10.0
     policy: SitePolicy = SitePolicy()
+    #: C{--service NAME=HOST:PORT}: announced to the server, and reachable
+    #: without an C{--allow} of their own
+    services: tuple[tuple[str, Target], ...] = ()
 
 
 def build_server_service(
@@ -136,14 +140,17 @@ def build_site_service(
     log = Logger(namespace="rtunnel.site")
     state = SiteState.load(config.state_dir)
     keyfile: Keyfile | None = read_keyfile(config.keyfile) if config.keyfile else None
-    if not config.allow and not local_factories:
+    if not config.allow and not config.services and not local_factories:
         log.warn("no --allow given: the cloud can reach nothing at this site")
+    # A declared service is reachable without an --allow of its own.
+    allowed = tuple(dict.fromkeys((*config.allow, *(target for _, target in config.services))))
     connector = TargetConnector(
-        config.allow, tcp_endpoints(reactor, config.target_connect_timeout), reactor, local_factories=local_factories
+        allowed, tcp_endpoints(reactor, config.target_connect_timeout), reactor, local_factories=local_factories
     )
     if on_fatal is None:
         on_fatal = functools.partial(stop_reactor, reactor)
-    return TunnelClientService(reactor, state, keyfile, connector, config.policy, on_fatal)
+    policy = attrs.evolve(config.policy, services=config.services) if config.services else config.policy
+    return TunnelClientService(reactor, state, keyfile, connector, policy, on_fatal)
 
 
 __all__ = [

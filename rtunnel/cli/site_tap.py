@@ -11,7 +11,9 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ..adapter.protocol import Keepalive
+from ..frontdoor.names import parse_service_spec
 from ..identity.errors import IdentityError
+from ..mux.frames import MAX_SERVICES
 from ..mux.settings import MAX_STREAMS, Settings
 from ..roles.descriptors import raise_soft_limit
 from ..roles.site import SitePolicy
@@ -72,6 +74,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options.__init__ is unannotated in Twisted
         self["allow"] = []
+        self["service"] = {}
 
     def opt_allow(self, target: str) -> None:
         """HOST:PORT the cloud may open at this site (repeatable; [IPv6]:PORT)."""
@@ -79,6 +82,19 @@ class Options(usage.Options):
             self["allow"].append(Target.parse(target))
         except ValueError as e:
             raise usage.UsageError(f"--allow {e}") from None
+
+    def opt_service(self, spec: str) -> None:
+        """NAME=HOST:PORT: a named service of this site, announced to the server and reachable
+        without --allow (repeatable; NAME is a DNS label: a-z, 0-9, '-', at most 63)."""
+        try:
+            name, target = parse_service_spec(spec)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if name in self["service"]:
+            raise usage.UsageError(f"--service {spec!r}: service {name} is declared twice")
+        if len(self["service"]) >= MAX_SERVICES:
+            raise usage.UsageError(f"--service {spec!r}: at most {MAX_SERVICES} services")
+        self["service"][name] = target
 
     def postOptions(self) -> None:
         if not self["state"]:
@@ -90,6 +106,7 @@ class Options(usage.Options):
             state_dir=self["state"],
             keyfile=self["keyfile"],
             allow=tuple(self["allow"]),
+            services=tuple(self["service"].items()),
             target_connect_timeout=connect_timeout,
             policy=SitePolicy(
                 settings=settings,

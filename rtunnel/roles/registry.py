@@ -29,6 +29,11 @@ from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
 DUPLICATE_WINDOW = 60.0
 
 
+def format_services(services: Mapping[str, HostPort]) -> str:
+    """C{name=host:port,...} in name order (log lines, C{rtunnel sites list})."""
+    return ",".join(f"{name}={target}" for name, target in sorted(services.items()))
+
+
 class SiteUnavailable(Exception):
     """
     No stream could be opened to the site: not connected within the open
@@ -231,6 +236,15 @@ class SiteRegistry:
         entry = self._sites.get(site)
         if entry is None or entry.session is not session:
             return
+        if services is None:
+            self._log.info("site {site}: its session does not offer named services (an older rtunnel)", site=site)
+        else:
+            self._log.info(
+                "site {site} announced {count} service(s): {services}",
+                site=site,
+                count=len(services),
+                services=format_services(services) or "none",
+            )
         frozen: Mapping[str, HostPort] = MappingProxyType(dict(services or {}))
         self._live_services[site] = frozen
         self._announced[site] = frozen

@@ -259,6 +259,8 @@ class TunnelConnection(Protocol):
         self._leave_preauth()
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
+        registry = self.factory.registry
+        mux.when_services().addCallback(lambda services: registry.announce(site, mux, services))
         # The session's end is counted and logged without us from now on,
         # and the TLS protocol talks to the session directly where it can:
         # this object, a few hundred bytes, is then freed (one per site).

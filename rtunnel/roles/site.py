@@ -48,6 +48,7 @@ from rtunnel.logs import Logger
 
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.tls import BulkTLSClientEndpoint
+from ..address import HostPort
 from ..identity.errors import EnrollmentRefused, PeerVerificationFailed
 from ..identity.keyfile import Keyfile, parse_address
 from ..identity.state import SiteState
@@ -78,6 +79,8 @@ class SitePolicy:
     """
 
     settings: Settings = ROLE_SETTINGS
+    #: named services announced to the server (C{--service NAME=HOST:PORT})
+    services: tuple[tuple[str, HostPort], ...] = ()
     tuning: WindowTuning = WindowTuning()
     keepalive: Keepalive | None = Keepalive()
     retry_initial: float = 1.0
@@ -271,6 +274,7 @@ class SiteMuxFactory(Factory):
             keepalive=self.policy.keepalive,
             label=self.site,
             flood_limits=FloodLimits.for_site(),
+            services=dict(self.policy.services),
         )
         self.current = mux
         # TLS and HELLO must complete in time even with keepalive off: a
