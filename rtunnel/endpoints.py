@@ -12,12 +12,19 @@ or, by description, once a tunnel server runs in the same process::
 
     endpoint = clientFromString(reactor, "rtunnel:site=store-17:host=10.0.0.5:port=554")
 
+or a service the site declared (C{--service directory=HOST:PORT} at the
+site), resolved at each connect from what the site's live session announced::
+
+    endpoint = SiteEndpoint(registry, "store-17", service="directory")
+    endpoint = clientFromString(reactor, "rtunnel:site=store-17:service=directory")
+
 The description names the server (C{server=NAME}, default C{default}); a
 tunnel server service publishes its registry under its name while it runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 from twisted.internet import defer
@@ -33,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .adapter.stream import MuxStream, StreamOpenFailed
-from .address import parse_host, parse_port
+from .address import HostPort, parse_host, parse_port
 from .mux.errors import ErrorCode
 from .roles.registry import SiteRegistry, SiteUnavailable
 
@@ -75,6 +82,13 @@ class PublishedRegistry:
             return defer.fail()
         return registry.open(site, host, port, timeout)
 
+    def when_services(self, site: str, timeout: float) -> defer.Deferred[Mapping[str, HostPort]]:
+        try:
+            registry = published_registry(self.name)
+        except SiteUnavailable:
+            return defer.fail()
+        return registry.when_services(site, timeout)
+
 
 @implementer(IStreamClientEndpoint)
 class SiteEndpoint:
@@ -86,16 +100,27 @@ class SiteEndpoint:
     the protocol built by the factory; it fails with L{SiteUnavailable} (site
     not connected within C{open_timeout}, limits) or L{StreamOpenFailed}
     (the site refused: not allowed, target down).
+
+    Give either C{host} and C{port} or C{service}: a named service of the
+    site, looked up at each connect in what its live session announced (it
+    must be connected within C{open_timeout} and declare the service; else
+    L{SiteUnavailable} with the reason, e.g. C{site store-17 declares no
+    service directory (declared: web)}).
     """
 
     def __init__(
         self,
         registry: SiteRegistry | PublishedRegistry,
         site: str,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int | None = None,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        *,
+        service: str | None = None,
     ) -> None:
+        if (service is None) == (host is None or port is None) or (host is None) != (port is None):
+            raise ValueError("SiteEndpoint takes either host and port, or service")
+        self.service = service
         self.registry = registry
         self.site = site
         self.host = host
@@ -103,10 +128,29 @@ class SiteEndpoint:
         self.open_timeout = open_timeout
 
     def __repr__(self) -> str:
+        if self.service is not None:
+            return f"<SiteEndpoint {self.site}:service={self.service}>"
         return f"<SiteEndpoint {self.site}:{self.host}:{self.port}>"
 
+    def _open(self) -> defer.Deferred[MuxStream]:
+        if self.service is None:
+            assert self.host is not None and self.port is not None
+            return self.registry.open(self.site, self.host, self.port, self.open_timeout)
+        from .frontdoor.names import route_service
+        from .frontdoor.refusals import Refusal
+
+        service = self.service
+
+        def resolved(services: Mapping[str, HostPort]) -> defer.Deferred[MuxStream]:
+            route = route_service(self.site, service, {self.site: services})
+            if isinstance(route, Refusal):
+                raise SiteUnavailable(self.site, route.reason)
+            return self.registry.open(self.site, route.host, route.port, self.open_timeout)
+
+        return self.registry.when_services(self.site, self.open_timeout).addCallback(resolved)
+
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        stream_d = self.registry.open(self.site, self.host, self.port, self.open_timeout)
+        stream_d = self._open()
 
         def opened(stream: MuxStream) -> defer.Deferred[IProtocol]:
             # Cancelling the connect must abandon the stream too (RESET
@@ -150,7 +194,8 @@ class SiteEndpoint:
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
 class SiteEndpointParser:
     """
-    C{rtunnel:site=NAME:host=HOST:port=PORT[:timeout=SECONDS][:server=NAME]}.
+    C{rtunnel:site=NAME:host=HOST:port=PORT[:timeout=SECONDS][:server=NAME]}
+    or C{rtunnel:site=NAME:service=SERVICE[:timeout=SECONDS][:server=NAME]}.
     """
 
     prefix = "rtunnel"
@@ -161,10 +206,13 @@ class SiteEndpointParser:
         kwargs = cast(dict[str, str], params)
         if args:
             raise ValueError(f"rtunnel endpoint takes only key=value parameters, got {args!r}")
-        unknown = set(kwargs) - {"site", "host", "port", "timeout", "server"}
+        unknown = set(kwargs) - {"site", "host", "port", "service", "timeout", "server"}
         if unknown:
             raise ValueError(f"rtunnel endpoint: unknown parameter(s) {', '.join(sorted(unknown))}")
-        for required in ("site", "host", "port"):
+        named = "service" in kwargs
+        if named and ("host" in kwargs or "port" in kwargs):
+            raise ValueError("rtunnel endpoint: give either service= or host= and port=, not both")
+        for required in ("site", "service") if named else ("site", "host", "port"):
             if not kwargs.get(required):
                 raise ValueError(f"rtunnel endpoint: missing {required}=")
         # Imported here: the dropin imports this module whenever any program
@@ -176,8 +224,16 @@ class SiteEndpointParser:
             # The one grammar of every address rtunnel reads (rtunnel.address):
             # a host no OPEN frame can carry would only fail later, at every
             # connect. Twisted has already unescaped an IPv6 host's colons.
-            host = parse_host(kwargs["host"])
-            port = parse_port(kwargs["port"])
+            if named:
+                from .frontdoor.names import validate_service_name
+
+                service: str | None = validate_service_name(kwargs["service"])
+                host: str | None = None
+                port: int | None = None
+            else:
+                service = None
+                host = parse_host(kwargs["host"])
+                port = parse_port(kwargs["port"])
         except ValueError as e:
             raise ValueError(f"rtunnel endpoint: {e}") from None
         if "server" in kwargs and not kwargs["server"]:
@@ -190,4 +246,4 @@ class SiteEndpointParser:
         if not 0 < timeout < float("inf"):
             raise ValueError(f"rtunnel endpoint: timeout={timeout_text!r} is not a positive number of seconds")
         registry = PublishedRegistry(kwargs.get("server", "default"))
-        return SiteEndpoint(registry, kwargs["site"], host, port, timeout)
+        return SiteEndpoint(registry, kwargs["site"], host, port, timeout, service=service)

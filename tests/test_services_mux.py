@@ -14,13 +14,17 @@ import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.adapter.protocol import MuxProtocol
+from rtunnel.adapter.stream import MuxStream, StreamOpenFailed
 from rtunnel.address import HostPort
 from rtunnel.cli.site_tap import Options as SiteOptions
+from rtunnel.endpoints import SiteEndpoint
 from rtunnel.frontdoor.names import validate_service_name
 from rtunnel.mux import ErrorCode, MuxSession, Settings
 from rtunnel.mux import events as ev
@@ -269,3 +273,59 @@ class SiteOptionsTests(SynchronousTestCase):
     def test_bad_and_duplicate_services(self) -> None:
         for args in [["--service", "Web=h:1"], ["--service", "web"], ["--service", "a=h:1", "--service", "a=h:2"]]:
             self.assertRaises(usage.UsageError, SiteOptions().parseOptions, ["--state", "/x", *args])
+
+
+class EndpointTests(SynchronousTestCase):
+    """SiteEndpoint(..., service=) and rtunnel:site=S:service=NAME."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = SiteRegistry(self.clock)
+        self.asked: list[tuple[str, int]] = []
+
+        def handler(stream: MuxStream) -> None:
+            self.asked.append((stream.host, stream.port))
+            stream.refuse(ErrorCode.TARGET_REFUSED, "test")
+
+        def site() -> MuxProtocol:
+            return MuxProtocol(
+                initiator=True, clock=self.clock, settings=ROLE_SETTINGS, services=WEB, stream_handler=handler
+            )
+
+        _, server, self.pump = joined_muxes(self.clock, site, lambda: server_mux(self.clock, True))
+        self.registry.register("store-17", server, "192.0.2.1:1")
+        server.when_services().addCallback(lambda s: self.registry.announce("store-17", server, s))
+        pump_all(self.pump)
+
+    def test_service_resolves_to_the_declared_target(self) -> None:
+        d = SiteEndpoint(self.registry, "store-17", service="directory").connect(Factory.forProtocol(Protocol))
+        pump_all(self.pump)
+        self.assertEqual(self.asked, [("10.0.0.5", 389)])
+        self.failureResultOf(d, StreamOpenFailed)
+
+    def test_unknown_service_and_site(self) -> None:
+        d = SiteEndpoint(self.registry, "store-17", service="nope").connect(Factory.forProtocol(Protocol))
+        failure = self.failureResultOf(d, SiteUnavailable)
+        self.assertIn("declares no service nope (declared: directory, web)", str(failure.value))
+        d = SiteEndpoint(self.registry, "store-99", service="web", open_timeout=1).connect(
+            Factory.forProtocol(Protocol)
+        )
+        self.clock.advance(1)
+        self.failureResultOf(d, SiteUnavailable)
+        self.assertEqual(self.asked, [])
+
+    def test_exactly_one_of_host_port_or_service(self) -> None:
+        self.assertRaises(ValueError, SiteEndpoint, self.registry, "s")
+        self.assertRaises(ValueError, SiteEndpoint, self.registry, "s", "h", 1, service="web")
+        self.assertRaises(ValueError, SiteEndpoint, self.registry, "s", "h")
+
+    def test_string_parser(self) -> None:
+        endpoint = clientFromString(self.clock, "rtunnel:site=store-17:service=directory")
+        assert isinstance(endpoint, SiteEndpoint)
+        self.assertEqual((endpoint.site, endpoint.service, endpoint.host), ("store-17", "directory", None))
+        for bad in [
+            "rtunnel:site=s:service=Web",
+            "rtunnel:site=s:service=web:host=h:port=1",
+            "rtunnel:site=s:service=",
+        ]:
+            self.assertRaises(ValueError, clientFromString, self.clock, bad)
