@@ -10,6 +10,7 @@ raw bytes of a HELLO with the field sent as 0).
 
 from __future__ import annotations
 
+import json
 import struct
 
 from hypothesis import given
@@ -41,6 +42,7 @@ from rtunnel.mux.frames import (
 from rtunnel.mux.settings import ALL_CAPABILITIES, CAP_SERVICES, ROLE_SETTINGS
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
 from tests.common import joined_muxes, pump_all
+from tests.test_admin_cli import NOW, _CLITestCase
 
 WEB = {"web": HostPort("127.0.0.1", 8080), "directory": HostPort("10.0.0.5", 389)}
 
@@ -242,7 +244,7 @@ class ProtocolAndRegistryTests(SynchronousTestCase):
         assert live is not None
         self.assertEqual(dict(live), {})
         self.assertTrue(site.ready and server.ready)
-        self.assertEqual(self.stored, [("store-17", {})])
+        self.assertEqual(self.stored, [])  # nothing changed: nothing to store
 
     def test_new_site_old_server(self) -> None:
         """A new site at an old server keeps its session; nothing announced."""
@@ -329,3 +331,24 @@ class EndpointTests(SynchronousTestCase):
             "rtunnel:site=s:service=",
         ]:
             self.assertRaises(ValueError, clientFromString, self.clock, bad)
+
+
+class SitesListTests(_CLITestCase):
+    """The store keeps what each site last announced; sites list shows it."""
+
+    def test_store_and_sites_list(self) -> None:
+        self.enroll("alpha")
+        self.enroll("beta")
+        server = self.open_state()
+        server.store.record_services("alpha", {"web": HostPort("127.0.0.1", 8080)}, NOW)
+        server.store.record_services("alpha", WEB, NOW)  # the last announcement replaces the one before
+        self.assertEqual(server.store.site_services(), {"alpha": WEB})
+        status, out, _ = self.run_cli("sites", "list", "--state", str(self.state))
+        self.assertEqual(status, 0)
+        header, alpha, beta = out.splitlines()
+        self.assertEqual(header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"])
+        self.assertIn(" directory=10.0.0.5:389,web=127.0.0.1:8080 ", alpha)
+        self.assertNotIn("=", beta)
+        status, out, _ = self.run_cli("sites", "list", "--state", str(self.state), "--json")
+        listed = {entry["name"]: entry["services"] for entry in json.loads(out)}
+        self.assertEqual(listed, {"alpha": {"directory": "10.0.0.5:389", "web": "127.0.0.1:8080"}, "beta": {}})

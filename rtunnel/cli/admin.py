@@ -44,6 +44,7 @@ from rtunnel.identity.keyfile import (
 from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord
 from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
+from rtunnel.roles.registry import format_services
 
 __all__ = ["main", "parse_duration", "build_parser"]
 
@@ -295,18 +296,28 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     state = ServerState.open_existing(args.state)
     with contextlib.closing(state):
         records = state.store.list_sites()
+        services = state.store.site_services()
     if args.json:
-        json.dump([_site_json(r) for r in records], out, indent=2)
+        listed = []
+        for r in records:
+            entry = _site_json(r)
+            # as last announced (issue 11); {} for a site that announced none or never connected
+            entry["services"] = {name: str(target) for name, target in sorted(services.get(r.name, {}).items())}
+            listed.append(entry)
+        json.dump(listed, out, indent=2)
         out.write("\n")
         return 0
     if not records:
         print("no sites yet (create a keyfile with 'rtunnel keyfile create')", file=out)
         return 0
-    rows = [["SITE", "ENROLLED", "REVOKED", "CONNECTED"]]
-    rows += [_site_row(r, now) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"]]
+    for r in records:
+        row = _site_row(r, now)
+        row.insert(3, format_services(services.get(r.name, {})) or "-")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        cells = [row[i].ljust(widths[i]) for i in range(3)] + [row[3]]
+        cells = [row[i].ljust(widths[i]) for i in range(4)] + [row[4]]
         print("  ".join(cells).rstrip(), file=out)
     return 0
 

@@ -22,6 +22,7 @@ does not let anyone enroll a site.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sqlite3
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from attrs import frozen
 
+from rtunnel.address import HostPort
 from rtunnel.identity.certs import fingerprint, load_certificate, validate_site_name
 from rtunnel.identity.errors import (
     CERTIFICATE_SUPERSEDED,
@@ -377,6 +379,7 @@ class StateStore:
         if missing:
             raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
         self._ensure_forward_tables(tables)
+        self._ensure_service_table(tables)
 
     def _tables(self) -> set[str]:
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -855,6 +858,40 @@ class StateStore:
             token_expires=_dt(row["token_expires"]),
         )
 
+    # -- named services (issue 11) ----------------------------------------
+
+    def _ensure_service_table(self, tables: set[str]) -> None:
+        """Create C{site_services} in a database made before it existed."""
+        if "site_services" in tables:
+            return
+        with self._transaction() as db:
+            db.execute(_SERVICE_SCHEMA)
+
+    def record_services(self, site: str, services: Mapping[str, HostPort], now: datetime) -> None:
+        """
+        Record the named services C{site} announced (replacing what it
+        announced before), for C{rtunnel sites list} and the server's next
+        start.
+        """
+        text = json.dumps({name: str(target) for name, target in sorted(services.items())})
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO site_services (site, services, announced_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (site) DO UPDATE SET services = excluded.services, announced_at = excluded.announced_at",
+                (site, text, _ts(now)),
+            )
+
+    def site_services(self) -> dict[str, dict[str, HostPort]]:
+        """What each site last announced ({} for a site that announced none);
+        sites that never announced are absent. Unreadable entries are skipped."""
+        found: dict[str, dict[str, HostPort]] = {}
+        for site, text in self._db.execute("SELECT site, services FROM site_services").fetchall():
+            try:
+                found[site] = {name: HostPort.parse(target) for name, target in json.loads(text).items()}
+            except (ValueError, AttributeError):
+                continue
+        return found
+
     # -- live forwards (issue 11) -----------------------------------------
 
     def _ensure_forward_tables(self, tables: set[str]) -> None:
@@ -1038,6 +1075,18 @@ class StateStore:
     def server_running(self) -> bool:
         """Whether the tunnel server that last recorded its start is running now."""
         return self._server_alive()
+
+
+#: What each site last announced with C{--service} (issue 11): one JSON
+#: object C{{name: "host:port"}} per site. New table, added when missing, as
+#: the forward tables are: nothing older reads it.
+_SERVICE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS site_services (
+    site TEXT PRIMARY KEY,
+    services TEXT NOT NULL,
+    announced_at TEXT NOT NULL
+)
+"""
 
 
 # -- live forwards (issue 11) ---------------------------------------------

@@ -75,7 +75,7 @@ class SiteRegistry:
     @param max_streams_per_site: most streams open to one site at once, our
         own cap whatever the site announces.
     @param on_services: C{(site, services)} when the live session of a site
-        announced its named services (C{--service} at the site; C{{}} for a
+        announced named services different from those it last announced (C{--service} at the site; C{{}} for a
         site whose session does not offer the capability), for the state
         store's record of what each site last announced.
 
@@ -247,8 +247,11 @@ class SiteRegistry:
             )
         frozen: Mapping[str, HostPort] = MappingProxyType(dict(services or {}))
         self._live_services[site] = frozen
+        # Stored only when it changed: a fleet reconnecting after a restart
+        # would otherwise cost one database write per site.
+        changed = frozen != self._announced.get(site, {})
         self._announced[site] = frozen
-        if self.on_services is not None:
+        if changed and self.on_services is not None:
             try:
                 self.on_services(site, frozen)
             except Exception:

@@ -32,7 +32,7 @@ import functools
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar, cast
 from typing import Protocol as TypingProtocol
@@ -66,6 +66,7 @@ from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..adapter.tls import BulkTLSFactory
 from ..adapter.wheel import KeepaliveWheel
+from ..address import HostPort
 from ..identity.errors import PeerVerificationFailed, SiteRejected, StateError
 from ..identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, parse_address
 from ..identity.state import ServerState
@@ -1162,7 +1163,9 @@ class TunnelServerService(MultiService):
             on_disconnected=self._site_disconnected,
             max_pending_opens=config.max_pending_opens,
             max_streams_per_site=config.max_streams_per_site,
+            on_services=self._site_services,
         )
+        self.registry.seed_services(state.store.site_services())
         self.admission = AdmissionSnapshot()
         # The watch reads the change token before the table is loaded: a
         # change in between is then seen by the first poll, never missed.
@@ -1204,6 +1207,11 @@ class TunnelServerService(MultiService):
 
     def _site_connected(self, site: str, peer: str) -> None:
         self.database.write(f"recording that site {site} connected", self._mark_connected, site, peer, utcnow())
+
+    def _site_services(self, site: str, services: Mapping[str, HostPort]) -> None:
+        self.database.write(
+            f"recording the services site {site} announced", self.state.store.record_services, site, services, utcnow()
+        )
 
     def _site_disconnected(self, site: str) -> None:
         if self.factory.stopping:
