@@ -22,6 +22,7 @@ from rtunnel.cli import server_tap, site_tap
 from rtunnel.endpoints import SiteEndpointParser
 from rtunnel.identity.keyfile import write_keyfile
 from rtunnel.mux import Settings
+from rtunnel.mux.settings import ALL_CAPABILITIES
 from rtunnel.roles.forward import ForwardSpec
 from rtunnel.roles.server import ServerPolicy, TunnelServerService
 from rtunnel.roles.site import SitePolicy, TunnelClientService
@@ -217,7 +218,7 @@ class SiteOptionsTests(SynchronousTestCase):
         self.assertEqual(
             config.policy,
             SitePolicy(
-                settings=Settings(max_streams=20),
+                settings=Settings(max_streams=20, capabilities=ALL_CAPABILITIES),
                 keepalive=Keepalive(6.0, 30.0),
                 retry_cap=12.0,
                 connect_timeout=4.0,
