@@ -99,7 +99,7 @@ def build_server_service(
     service = TunnelServerService(
         config, state, reactor, on_fatal, publish=publish_registry, withdraw=withdraw_registry
     )
-    add_front_doors(service, config, reactor)
+    add_front_doors(service, config, reactor, services=service.registry.last_announced)
     return service
 
 

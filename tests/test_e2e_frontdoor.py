@@ -98,7 +98,14 @@ def world(tmp_path_factory):
         allow = [f"127.0.0.1:{http[site].port}"]
         if site == "alpha":
             allow.append(f"127.0.0.1:{refused_port}")
-        processes[site] = d.start_site(site, allow=allow, keyfile=d.create_keyfile(site), extra=["--retry-cap", "2"])
+        # Each site declares its HTTP server as the service "www" (and
+        # allows it too, for the HOST.SITE.D tests).
+        processes[site] = d.start_site(
+            site,
+            allow=allow,
+            keyfile=d.create_keyfile(site),
+            extra=["--retry-cap", "2", "--service", f"www=127.0.0.1:{http[site].port}"],
+        )
     gone = d.start_site(GONE, allow=[], keyfile=d.create_keyfile(GONE), extra=["--retry-cap", "2"])
     for site in SITES:
         d.wait_connected(site, watch=processes[site])
@@ -214,6 +221,33 @@ def test_curl_fetches_by_host_site_name_through_http_connect(world, site):
     result = curl("--proxy", f"http://127.0.0.1:{doors['connect']}", "--proxytunnel", url)
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(result.stdout).hexdigest() == http[site].sha256
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_curl_fetches_by_service_site_name(world, site):
+    """
+    SERVICE.SITE.D on the service's declared port reaches what the site
+    declared (--service www=HOST:PORT), through both doors, byte for byte.
+    """
+    d, http, doors, _ = world
+    url = f"http://www.{site}.{D}:{http[site].port}/file.bin"
+    for args in (
+        ("--socks5-hostname", f"127.0.0.1:{doors['socks']}"),
+        ("--proxy", f"http://127.0.0.1:{doors['connect']}", "--proxytunnel"),
+    ):
+        result = curl(*args, url)
+        assert result.returncode == 0, (args, result.stderr)
+        assert hashlib.sha256(result.stdout).hexdigest() == http[site].sha256
+
+
+def test_service_asked_on_another_port(world):
+    """A declared service asked on another port is refused (SOCKS 0x02, HTTP 403), never sent on."""
+    d, http, doors, _ = world
+    other = http["beta"].port
+    assert socks(doors["socks"], f"www.alpha.{D}", other) == ("reply", NOT_ALLOWED)
+    request = f"CONNECT www.alpha.{D}:{other} HTTP/1.1\r\nHost: www.alpha.{D}:{other}\r\n\r\n".encode()
+    assert connect_status(doors["connect"], request) == 403
+    logged(d, "refused", f"www.alpha.{D}:{other}", "declared service asked on another port")
 
 
 def test_names_route_to_their_own_site_never_the_other(world):

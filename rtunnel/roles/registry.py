@@ -65,6 +65,9 @@ class _SiteEntry:
     waiters: list[_Waiter] | None = None
 
 
+_NO_SERVICES: Mapping[str, HostPort] = MappingProxyType({})
+
+
 class SiteRegistry:
     """
     @param clock: for open timeouts.
@@ -264,6 +267,14 @@ class SiteRegistry:
         """
         for site, services in announced.items():
             self._announced.setdefault(site, MappingProxyType(dict(services)))
+
+    def last_announced(self, site: str) -> Mapping[str, HostPort]:
+        """
+        The services C{site} last announced, connected or not (C{{}} if
+        none known): the front door's per-name lookup, without building
+        the whole L{directory} for each request.
+        """
+        return self._announced.get(site, _NO_SERVICES)
 
     def services(self, site: str) -> Mapping[str, HostPort] | None:
         """
