@@ -10,7 +10,9 @@ C{make demo}: a real tunnel server, a real site, real traffic, on loopback.
  5. pull 256 MB through the cloud-side forward, verify SHA-256, print the
     throughput and C{rtunnel sites list};
  6. pull it again by name through the server's SOCKS5 front door
-    (C{--socks}): C{127.0.0.1.demo-site.rtunnel.internal}, no forward needed;
+    (C{--socks}): the site declares its source as the service C{video}
+    (C{--service video=HOST:PORT}), reached as
+    C{video.demo-site.rtunnel.internal}, no forward needed;
  7. stop everything with SIGTERM (graceful drain) and check that it all ended.
 """
 
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         keyfile = deployment.create_keyfile(site)
         print(f"2. keyfile for {site}: {keyfile.relative_to(ROOT) if keyfile.is_relative_to(ROOT) else keyfile}")
-        site_proc = deployment.start_site(site, allow=[f"127.0.0.1:{source.port}"], keyfile=keyfile)
+        # The source is a declared service (reachable by name, no --allow needed for it).
+        site_proc = deployment.start_site(
+            site, allow=[], keyfile=keyfile, extra=["--service", f"video=127.0.0.1:{source.port}"]
+        )
         deployment.wait_connected(site, timeout=30, watch=site_proc)
         print(f"3. site {site} enrolled and connected (twistd pid {site_proc.pid})")
         print(f"4. pulling {args.megabytes} MB from the site's stream source through the forward ...")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print("5. rtunnel sites list:")
         listing = deployment.rtunnel("sites", "list", "--state", str(deployment.server_state))
         print("   " + listing.stdout.rstrip().replace("\n", "\n   "))
-        name = f"127.0.0.1.{site}.rtunnel.internal"
+        name = f"video.{site}.rtunnel.internal"
         print(f"6. pulling it again by name through the SOCKS5 front door: {name}:{source.port} ...")
         total, received, seconds = pull(socks_port, timeout=60, by_name=(name, source.port))
         wait_until(lambda: len(source.sent_digests) > 1, 10, "the source to finish")
