@@ -254,19 +254,10 @@ def wire_host_error(raw: bytes | str) -> str | None:
     L{MAX_WIRE_HOST_BYTES} bytes. The sender checks this; the receiver's
     framing checks only L{wire_chars_error}.
     """
-    if isinstance(raw, bytes):
-        if not raw.isascii():
-            return "host is not ASCII"
-        text = raw.decode("ascii")
-    else:
-        text = raw
-    if not text:
-        return "host is empty"
-    if not isinstance(text, str) or not text.isascii() or not _WIRE_HOST.fullmatch(text):
-        return f"{text!r} has characters an OPEN frame cannot carry (only ASCII letters, digits and '.-_:%')"
-    if len(text) > MAX_WIRE_HOST_BYTES:
-        return f"host of {len(text)} bytes (at most {MAX_WIRE_HOST_BYTES})"
-    result = _canonical(text)
+    problem = wire_chars_error(raw)
+    if problem is not None:
+        return problem
+    result = _canonical(raw.decode("ascii") if isinstance(raw, bytes) else raw)
     return str(result) if isinstance(result, AddressError) else None
 
 
