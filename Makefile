@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # tree on PYTHONPATH makes `twistd rtunnel…` find the dropin (see docs/development.md).
 RUN    := PYTHONPATH=$(CURDIR) $(PY)
 
-.PHONY: all venv test test-stock-io demo bench bench-fleet check clean
+.PHONY: all venv test test-packages test-stock-io demo bench bench-fleet check clean
 
 all: test
 
@@ -19,16 +19,26 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# The front door's end-to-end tests drive real curl (tests/test_e2e_frontdoor.py).
-test: $(STAMP)
-	@command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends curl)
+# Real clients the tests drive, installed from Debian's packages when missing:
+# curl (the front door's end-to-end tests), chromium and chromedriver (the
+# status page, in a real browser), promtool of the prometheus package (checks
+# the /metrics output).
+TEST_PACKAGES := curl:curl chromium:chromium chromedriver:chromium-driver promtool:prometheus
+test: $(STAMP) test-packages
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
+
+test-packages:
+	@missing=""; for pair in $(TEST_PACKAGES); do \
+	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing the test tools from Debian's packages:$$missing"; \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; fi
 
 # The end-to-end tests once more on stock Twisted I/O (no eager TCP writes,
 # Twisted's own TLS protocol): the fallback rtunnel takes when a Twisted
 # internal it relies on is missing (rtunnel/adapter/fence.py). The twistd
 # processes the tests start inherit RTUNNEL_STOCK_IO. .ci/run runs it.
-test-stock-io: $(STAMP)
+test-stock-io: $(STAMP) test-packages
 	RTUNNEL_STOCK_IO=1 $(RUN) -m pytest -q -m e2e $(PYTEST_ARGS)
 
 demo: $(STAMP)
