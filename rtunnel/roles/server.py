@@ -1106,11 +1106,14 @@ class ExtraListener:
     @ivar description: a Twisted server endpoint description.
     @ivar factory: the listening factory (its C{connections}, if it has one,
         counts as descriptors held).
+    @ivar on_listening: called with the port once it listens, for a layer
+        that must know the address actually bound (port 0 picks one).
     """
 
     label: str
     description: str
     factory: Factory
+    on_listening: Callable[[IListeningPort], object] | None = None
 
 
 class TunnelServerService(MultiService):
@@ -1286,6 +1289,8 @@ class TunnelServerService(MultiService):
                 port = yield serverFromString(self.reactor, description).listen(extra.factory)
                 self.ports.append(port)
                 self._log.info("{what} listening on {address}", what=extra.label, address=_address(port))
+                if extra.on_listening is not None:
+                    extra.on_listening(port)
             self.live_forwards.start(self.config.forwards)
         except Exception:
             failure = Failure()
