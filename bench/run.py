@@ -6,11 +6,19 @@ OpenSSH with -N leaves Nagle on).  The last column is only measured where Nagle
 matters (64 B echo RTT, new connections) and has its own ratio column, since the
 connection-rate target is against ssh with TCP_NODELAY.
 
+The cost of metrics: two more rtunnel columns measure bulk throughput and the
+tunnel's CPU per GB only, one with the server's admin endpoint off
+(``--admin none``) and one with it on and ``/metrics`` fetched every second, as
+a Prometheus server would (bench/tunnels.py, ``MetricsScraper``); they move the
+same calibrated transfer sizes and run interleaved with the others, and a
+section of the report gives the difference (target: under 3 %).
+
 Usage (from the repo root)::
 
     make bench                          # full: 5 repetitions, ~6-8 min on 2 cores
     make bench BENCH_ARGS=--quick       # smoke: 2 repetitions, ~1-2 min
     make bench BENCH_ARGS="--only direct,ssh --reps 3 --no-wan"
+    make bench BENCH_ARGS="--quick --only rtunnel-admin --no-wan"   # the metrics-cost pair alone
 
 Why it is built this way:
 
@@ -99,6 +107,11 @@ LAN_METRICS = [
 ]
 # What a ``latency_only`` tunnel (ssh -R + TCP_NODELAY) measures: what Nagle affects.
 LATENCY_METRICS = {"rtt_p50", "rtt_p99", "cseq", "cseq_p50", "cseq_p99", "c16", "c16_p50", "c16_p99"}
+# The cost of metrics: the admin endpoint scraped every second against --admin none.
+METRICS_COST_PAIR = ("rtunnel-admin-off", "rtunnel-admin-scraped")
+METRICS_COST_JUDGED = ("up1", "down1", "agg16", "agg64", "cpu_gb")  # rss_idle is shown, not judged
+METRICS_COST_ROWS = (*METRICS_COST_JUDGED, "rss_idle")
+METRICS_COST_TARGET_PCT = 3.0
 WAN_METRICS = [
     ("wan_rtt", "64 B echo RTT p50", "ms", "down"),
     ("wan_down1", "1 stream download (site → cloud)", "MB/s", "up"),
@@ -248,6 +261,7 @@ class Bench:
         self.tinfo: dict[str, dict[str, str]] = {}
         self.windows: dict[str, tuple[int | None, str]] = {}
         self.latency_only: set[str] = set()  # columns measured on LATENCY_METRICS only
+        self.bulk_only: set[str] = set()  # columns measured on bulk, CPU and idle RSS only (metrics cost)
 
     def record(self, phase: str, t: Tunnel, metric: str, value: float) -> None:
         self.values[phase].setdefault(t.key, {}).setdefault(metric, []).append(value)
@@ -259,7 +273,7 @@ class Bench:
     # -- measurements
     def calibrated(self, t: Tunnel, metric: str, mode: str, streams: int, target_s: float, probe: int) -> int:
         """Bytes for one transfer of about ``target_s`` seconds on this tunnel (warm-up, not counted)."""
-        key = (t.key + ("-wan" if t.wan_delay_ms else ""), metric)
+        key = ((t.calibration_group or t.key) + ("-wan" if t.wan_delay_ms else ""), metric)
         if key not in self.sizes:
             size = probe
             for attempt in range(2):
@@ -302,6 +316,8 @@ class Bench:
                 self.fail(t, metric, e)
         if moved and t.pids():
             self.record("lan", t, "cpu_gb", cpu_s / (moved / 1e9))
+        if t.bulk_only:
+            return
         try:
             r = loadgen("rtt", t.forward_port, seconds=p["rtt_s"], max_count=200000, **t.loadgen_opts)
             self.record("lan", t, "rtt_p50", r["p50_us"])
@@ -364,8 +380,8 @@ class Bench:
         Fresh because a process that already moved data keeps freed heap and
         would under-count what a new stream costs.  False if a restart failed.
         """
-        if not t.pids() or t.latency_only:
-            return True  # direct TCP: no tunnel process to measure; latency-only columns skip it
+        if not t.pids() or t.latency_only or t.bulk_only:
+            return True  # direct TCP: no tunnel process to measure; latency- and bulk-only columns skip it
         for i in range(self.plan["hold_reps"]):
             try:
                 if i:
@@ -408,6 +424,8 @@ class Bench:
             self.labels[t.key] = t.label
             if t.latency_only:
                 self.latency_only.add(t.key)
+            if t.bulk_only:
+                self.bulk_only.add(t.key)
             try:
                 t.check_available()
                 log(f"starting {t.label} ({phase})")
@@ -449,6 +467,8 @@ class Bench:
         finally:
             for t in ts:
                 t.stop()
+                if t.info:
+                    self.tinfo.setdefault(t.key, {}).update(t.info)  # what stop() adds (scrape counts)
 
 
 # ------------------------------------------------------------------ report
@@ -493,7 +513,7 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
     ]
 
     def table(phase: str, metrics: list, vals: dict, extra: dict[str, dict[str, str]] | None = None) -> list[str]:
-        present = [c for c in cols if c in vals or c in b.skipped or (extra and c in extra)]
+        present = [c for c in cols if (c in vals or c in b.skipped or (extra and c in extra)) and c not in b.bulk_only]
         head = ["metric", "unit", "better"] + [b.labels.get(c, c) for c in present]
         ratio = "rtunnel" in present and best_ssh is not None
         if ratio:
@@ -527,6 +547,7 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
         return rows
 
     out += ["## Loopback (LAN)", ""] + table("lan", LAN_METRICS, lan) + [""]
+    out += metrics_cost_section(b)
     if wan:
         extra: dict[str, dict[str, str]] = {}
         for c in cols:
@@ -570,8 +591,12 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
         if "negotiated_cipher" in ti:
             out.append(f"- {b.labels[c]}: negotiated cipher `{ti['negotiated_cipher']}`.")
     for c in cols:
+        admin = b.tinfo.get(c, {}).get("admin")
+        if admin and c not in b.bulk_only:
+            out.append(f"- {b.labels[c]}: server with `{admin}` (the admin endpoint on, as by default; not scraped).")
+    for c in cols:
         win, src = b.windows.get(c, (None, ""))
-        if win and c not in b.latency_only:
+        if win and c not in b.latency_only and c not in b.bulk_only:
             out.append(f"- {b.labels[c]} window: {win:,} bytes ({src}).")
     if "rtunnel-socks" in lan:
         forward = lan.get("rtunnel", {})
@@ -606,7 +631,8 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
                     "Nagle-bound ~28/s: the shim may not have taken effect."
                 )
     for c, why in b.skipped.items():
-        out.append(f"- **{b.labels.get(c, c)} skipped**: {why}")
+        if c not in METRICS_COST_PAIR:  # said in their own section
+            out.append(f"- **{b.labels.get(c, c)} skipped**: {why}")
     for c, fails in b.failures.items():
         for metric, errs in fails.items():
             out.append(f"- {b.labels.get(c, c)} {metric}: {len(errs)} failed run(s), first: `{errs[0][:200]}`")
@@ -625,6 +651,86 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
         "rtunnel: both twistd); the load generator and relay are not counted."
     )
     return "\n".join(out) + "\n"
+
+
+def metrics_cost(b: Bench) -> dict:
+    """Per row: the medians of both columns and the difference, scraped against off, in percent.
+
+    ``cost_pct`` is the difference in the direction that is worse (less
+    throughput, more CPU or memory), so one threshold fits every row.
+    """
+    off, on = (b.values["lan"].get(c, {}) for c in METRICS_COST_PAIR)
+    rows: dict[str, dict] = {}
+    for key, label, unit, better in LAN_METRICS:
+        if key not in METRICS_COST_ROWS:
+            continue
+        a, s = med(off.get(key)), med(on.get(key))
+        diff = 100 * (s / a - 1) if a and s is not None else None
+        cost = None if diff is None else (-diff if better == "up" else diff)
+        rows[key] = {"label": label, "unit": unit, "off": a, "scraped": s, "diff_pct": diff, "cost_pct": cost}
+    info = b.tinfo.get(METRICS_COST_PAIR[1], {})
+    return {
+        "target_pct": METRICS_COST_TARGET_PCT,
+        "rows": rows,
+        "scrapes_ok": int(info.get("scrapes_ok", 0)),
+        "scrapes_failed": int(info.get("scrapes_failed", 0)),
+        "scrape_ms_median": float(info["scrape_ms_median"]) if "scrape_ms_median" in info else None,
+        "metrics_bytes": int(info.get("metrics_bytes", 0)),
+        "scrape_error": info.get("scrape_error", ""),
+    }
+
+
+def metrics_cost_section(b: Bench) -> list[str]:
+    """The report's section on the cost of metrics (empty when neither column was selected)."""
+    off_key, on_key = METRICS_COST_PAIR
+    if off_key not in b.labels and on_key not in b.labels:
+        return []
+    out = ["## Cost of metrics: admin endpoint scraped every second vs `--admin none`", ""]
+    skipped = [f"{b.labels.get(c, c)}: {b.skipped[c]}" for c in METRICS_COST_PAIR if c in b.skipped]
+    if skipped:
+        return out + [f"Not measured ({'; '.join(skipped)}).", ""]
+    cost = metrics_cost(b)
+    lan = b.values["lan"]
+    head = ["metric", "unit", "better", b.labels[off_key], b.labels[on_key], "difference"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    over = []
+    for key, label, unit, better in LAN_METRICS:
+        row = cost["rows"].get(key)
+        if row is None or (row["off"] is None and row["scraped"] is None):
+            continue
+        cells = []
+        for c in METRICS_COST_PAIR:
+            nfail = len(b.failures.get(c, {}).get(key, []))
+            cells.append(cell(lan.get(c, {}).get(key)) + (f" ({nfail} failed)" if nfail else ""))
+        diff = "–" if row["diff_pct"] is None else f"{row['diff_pct']:+.1f} %"
+        if key in METRICS_COST_JUDGED and row["cost_pct"] is not None and row["cost_pct"] >= METRICS_COST_TARGET_PCT:
+            over.append(label)
+        out.append("| " + " | ".join([label, unit, {"up": "↑", "down": "↓"}[better], *cells, diff]) + " |")
+    measured = [k for k in METRICS_COST_JUDGED if cost["rows"].get(k, {}).get("cost_pct") is not None]
+    verdict = (
+        "no row measured"
+        if not measured
+        else f"over the {METRICS_COST_TARGET_PCT:g} % target on: {', '.join(over)}"
+        if over
+        else f"every row within the {METRICS_COST_TARGET_PCT:g} % target"
+    )
+    scrapes = (
+        f"{cost['scrapes_ok']} scrapes of `/metrics` answered (HTTP 200, Prometheus text, "
+        f"{cost['metrics_bytes']:,} bytes, median {cost['scrape_ms_median'] or 0:.1f} ms)"
+    )
+    if cost["scrapes_failed"]:
+        scrapes += f"; **{cost['scrapes_failed']} failed**, first: `{cost['scrape_error'][:200]}`"
+    out += [
+        "",
+        f"- Difference: scraped median / off median − 1; for ↑ rows a negative difference is the cost, for ↓ "
+        f"rows a positive one. Target: under {METRICS_COST_TARGET_PCT:g} % (idle RSS is shown, not judged): "
+        f"{verdict}. Differences inside both columns' min–max ranges are within this run's noise.",
+        f"- Both columns: the rtunnel server and site as in the rtunnel column, bulk transfers of the same "
+        f"calibrated sizes, interleaved with the other columns; the scraped one fetches `/metrics` once a "
+        f"second from a thread of the bench (not counted) while its tunnel is up: {scrapes}.",
+        "",
+    ]
+    return out
 
 
 def update_docs(md: str) -> None:
@@ -651,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
         default="direct,ssh,rtunnel",
         help="comma list of: direct, ssh (all ssh columns), ssh-aes128-gcm, ssh-chacha20, "
         "ssh-nodelay (aes128-gcm + TCP_NODELAY via an LD_PRELOAD shim; RTT and new "
-        "connections only, LAN only), rtunnel (with rtunnel-socks), rtunnel-socks (through the SOCKS5 front "
-        "door by name: RTT and new connections only, LAN only)",
+        "connections only, LAN only), rtunnel (with rtunnel-socks and rtunnel-admin), rtunnel-socks (through "
+        "the SOCKS5 front door by name: RTT and new connections only, LAN only), rtunnel-admin (the cost of "
+        "metrics: rtunnel-admin-off with --admin none and rtunnel-admin-scraped with /metrics fetched every "
+        "second; bulk throughput, CPU per GB and idle RSS only, LAN only)",
     )
     ap.add_argument("--reps", type=int, help="repetitions (default: full 5, quick 2)")
     ap.add_argument("--no-wan", action="store_true", help="skip the 50 ms WAN phase")
@@ -666,7 +774,16 @@ def main(argv: list[str] | None = None) -> int:
         plan["wan_reps"] = min(plan["wan_reps"], args.reps)
         plan["hold_reps"] = min(plan["hold_reps"], args.reps)
     selection = [s.strip() for s in args.only.split(",") if s.strip()]
-    known = {"direct", "ssh", "ssh-aes128-gcm", "ssh-chacha20", "ssh-nodelay", "rtunnel", "rtunnel-socks"}
+    known = {
+        "direct",
+        "ssh",
+        "ssh-aes128-gcm",
+        "ssh-chacha20",
+        "ssh-nodelay",
+        "rtunnel",
+        "rtunnel-socks",
+        "rtunnel-admin",
+    }
     if set(selection) - known:
         ap.error(f"unknown --only names: {sorted(set(selection) - known)}")
     canonical = mode == "full" and not args.reps and args.only == ap.get_default("only")
@@ -716,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped": bench.skipped,
                 "tunnels": bench.tinfo,
                 "sizes": {f"{k[0]}/{k[1]}": v for k, v in bench.sizes.items()},
+                "metrics_cost": metrics_cost(bench) if set(METRICS_COST_PAIR) <= set(bench.labels) else None,
             },
             indent=1,
         )

@@ -15,6 +15,10 @@ Topology, the same for every tunnel::
 * ``RtunnelTunnel``: ``twistd rtunnel-server`` + ``twistd rtunnel``, started
   exactly by the CLI contract (see the class); skipped with a reason while the
   plugins do not exist yet.
+* ``RtunnelAdminOffTunnel`` / ``RtunnelAdminScrapedTunnel``: the same, bulk
+  throughput and CPU only, with the server's admin endpoint off
+  (``--admin none``) and on with ``/metrics`` fetched every second by a
+  ``MetricsScraper`` thread (as a Prometheus server would): the cost of metrics.
 
 ``wan_delay_ms`` puts ``bench/relay.py`` (a delay line) on the tunnel's own TCP
 connection: between ssh and sshd, between ``twistd rtunnel`` and the server's
@@ -28,14 +32,17 @@ Every process is started here with ``start_new_session=True`` and recorded;
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -291,6 +298,88 @@ def tcp_nodelay_of(pid: int) -> dict[int, int]:
     return out
 
 
+class MetricsScraper:
+    """``GET /metrics`` on an admin endpoint once every ``interval`` seconds, from a thread.
+
+    What a Prometheus server does to a scraped rtunnel-server: one keep-alive
+    HTTP/1.1 connection (http.client: no proxy from the environment), a new one
+    after an error.  The loop is bounded (``max_seconds``) and ends with ``stop()``.
+    Its own CPU is the bench process's, not the tunnel's: only the server's work
+    to answer is counted.  A scrape counts as ok on HTTP 200 with a body in the
+    Prometheus text format (a ``# TYPE`` line).
+    """
+
+    def __init__(self, port: int, interval: float = 1.0, max_seconds: float = 3600.0) -> None:
+        self.port = port
+        self.interval = interval
+        self.max_seconds = max_seconds
+        self.ok = 0
+        self.failed = 0
+        self.first_error = ""
+        self.last_bytes = 0
+        self.times_ms: list[float] = []
+        self._conn: http.client.HTTPConnection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def scrape_once(self) -> None:
+        """One scrape; RuntimeError saying what was wrong if it failed."""
+        t0 = time.perf_counter()
+        try:
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            self._conn.request("GET", "/metrics")
+            r = self._conn.getresponse()
+            body = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            raise RuntimeError(f"GET http://127.0.0.1:{self.port}/metrics: {e!r}") from e
+        if r.status != 200 or b"# TYPE " not in body:
+            raise RuntimeError(
+                f"GET http://127.0.0.1:{self.port}/metrics: HTTP {r.status}, {len(body)} bytes, "
+                f"{'Prometheus text' if b'# TYPE ' in body else 'not Prometheus text'}: {body[:120]!r}"
+            )
+        self.times_ms.append((time.perf_counter() - t0) * 1000)
+        self.last_bytes = len(body)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.wait(self.interval) and time.monotonic() < deadline:
+            try:
+                self.scrape_once()
+                self.ok += 1
+            except RuntimeError as e:
+                self.failed += 1
+                self.first_error = self.first_error or str(e)[:300]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"scrape-{self.port}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+_admin_support: dict[str, bool] = {}
+
+
+def server_has_admin(twistd: str, env: dict[str, str]) -> bool:
+    """Whether ``twistd rtunnel-server`` has the ``--admin`` option (issue 12), asked once per twistd."""
+    if twistd not in _admin_support:
+        r = subprocess.run(
+            [twistd, "rtunnel-server", "--help"], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+        )
+        _admin_support[twistd] = "--admin" in r.stdout
+    return _admin_support[twistd]
+
+
 # ---------------------------------------------------------------- tunnels
 class Tunnel:
     """Interface: ``start(site_port)``, ``stop()``, ``pids()``, ``forward_port``."""
@@ -303,6 +392,10 @@ class Tunnel:
     window_source = ""
     #: measure only the 64 B echo RTT and new connections (no bulk, idle RSS, CPU or WAN)
     latency_only = False
+    #: measure only bulk throughput, CPU per GB and idle RSS (no RTT, new connections, held streams or WAN)
+    bulk_only = False
+    #: columns of one group move the same calibrated transfer sizes (an A/B pair); "": the column's own
+    calibration_group = ""
 
     def __init__(self, workdir: Path, wan_delay_ms: float = 0.0) -> None:
         self.workdir = workdir.resolve()  # sshd wants absolute paths in its config
@@ -608,9 +701,18 @@ class RtunnelTunnel(Tunnel):
     dropin lives in the source tree).  With a WAN delay the keyfile's
     ``--address`` is the relay, which forwards to the server's listen port.
     PIDs measured: both twistd processes.
+
+    The admin endpoint (``--admin``, once the server has it): on, as by
+    default, but on a free loopback port (``--admin tcp:PORT:interface=127.0.0.1``),
+    since the rtunnel columns run at once and the default port would be taken by
+    the first; not scraped.  ``admin = "off"`` passes ``--admin none``;
+    ``admin = "scraped"`` also fetches ``/metrics`` every second while the
+    tunnel is up (``MetricsScraper``), after one scrape at start that must succeed.
     """
 
     key, label, family = "rtunnel", "rtunnel", "rtunnel"
+    #: "default" (on, not scraped), "off" (--admin none) or "scraped"
+    admin = "default"
     #: also serve the SOCKS5 front door, and measure through it (RtunnelSocksTunnel)
     socks = False
     # Windows start at 256 KiB and grow by bandwidth-delay probing up to
@@ -625,6 +727,9 @@ class RtunnelTunnel(Tunnel):
         self.site: subprocess.Popen | None = None
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
         self.twistd = str(VENV_BIN / "twistd")
+        self.admin_port = 0
+        self.scraper: MetricsScraper | None = None
+        self.scrapes = {"ok": 0, "failed": 0}
 
     def _admin(self) -> list[str]:
         script = VENV_BIN / "rtunnel"
@@ -639,6 +744,20 @@ class RtunnelTunnel(Tunnel):
             raise TunnelUnavailable(f"cannot run {self.twistd}: {e}") from e
         if "rtunnel-server" not in r.stdout:
             raise TunnelUnavailable("`twistd --help` does not list rtunnel-server yet (rtunnel not built)")
+        if self.admin != "default" and not server_has_admin(self.twistd, self.env):
+            raise TunnelUnavailable("`twistd rtunnel-server --help` has no --admin option yet (issue 12)")
+
+    def _admin_args(self) -> list[str]:
+        self.admin_port = 0
+        if self.admin == "off":
+            args = ["--admin", "none"]
+        elif not server_has_admin(self.twistd, self.env):
+            return []
+        else:
+            self.admin_port = free_port()
+            args = ["--admin", f"tcp:{self.admin_port}:interface=127.0.0.1"]
+        self.info["admin"] = " ".join(args)
+        return args
 
     def start(self, site_port: int) -> None:
         self._fresh_workdir()
@@ -662,6 +781,7 @@ class RtunnelTunnel(Tunnel):
                 "--forward",
                 f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}",
                 *(["--socks", f"tcp:{socks_port}"] if self.socks else []),
+                *self._admin_args(),
             ],
             d / "server.stderr",
             env=self.env,
@@ -720,11 +840,32 @@ class RtunnelTunnel(Tunnel):
             # The forward proved the tunnel up; the measured runs go through the front door by name.
             self.forward_port = socks_port
             self.loadgen_opts = {"socks": f"127.0.0.1.{SITE_NAME}.rtunnel.internal:{site_port}"}
+        if self.admin == "scraped":
+            wait_port(self.admin_port, 30, self.server)
+            self.scraper = MetricsScraper(self.admin_port)
+            try:
+                self.scraper.scrape_once()
+            except RuntimeError as e:
+                raise RuntimeError(f"first scrape failed: {e}\n--- server.log\n{tail(d / 'server.log')}") from e
+            self.info["metrics_bytes"] = str(self.scraper.last_bytes)
+            self.scraper.start()
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
 
     def stop(self) -> None:
+        if self.scraper is not None:
+            s, self.scraper = self.scraper, None
+            s.stop()
+            self.scrapes["ok"] += s.ok
+            self.scrapes["failed"] += s.failed
+            if s.first_error and "scrape_error" not in self.info:
+                self.info["scrape_error"] = s.first_error
+            if s.times_ms:
+                self.info["scrape_ms_median"] = f"{statistics.median(s.times_ms):.1f}"
+            self.info["metrics_bytes"] = str(s.last_bytes)
+            self.info["scrapes_ok"] = str(self.scrapes["ok"])
+            self.info["scrapes_failed"] = str(self.scrapes["failed"])
         for p in (self.site, self.server):
             if p is not None:
                 end_process(p)
@@ -743,10 +884,27 @@ class RtunnelSocksTunnel(RtunnelTunnel):
     latency_only = True
 
 
+class RtunnelAdminOffTunnel(RtunnelTunnel):
+    """The cost-of-metrics baseline: the server with ``--admin none``; bulk throughput and CPU only."""
+
+    key, label = "rtunnel-admin-off", "rtunnel, --admin none"
+    admin = "off"
+    bulk_only = True
+    calibration_group = "rtunnel-admin"
+
+
+class RtunnelAdminScrapedTunnel(RtunnelAdminOffTunnel):
+    """The same with the admin endpoint on and ``/metrics`` scraped every second (``MetricsScraper``)."""
+
+    key, label = "rtunnel-admin-scraped", "rtunnel, admin on, /metrics every 1 s"
+    admin = "scraped"
+
+
 def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
     """Tunnel objects for ``--only`` names: direct, ssh (all three ssh columns), ssh-aes128-gcm,
-    ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel (with rtunnel-socks),
-    rtunnel-socks (the SOCKS5 front door; RTT and new connections, LAN only)."""
+    ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel (with rtunnel-socks
+    and the rtunnel-admin pair), rtunnel-socks (the SOCKS5 front door; RTT and new connections, LAN
+    only), rtunnel-admin (rtunnel-admin-off and rtunnel-admin-scraped: bulk and CPU only, LAN only)."""
     suffix = "-wan" if wan_delay_ms else ""
     out: list[Tunnel] = []
     for name in selection:
@@ -762,6 +920,9 @@ def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) ->
             out.append(RtunnelTunnel(root / f"rtunnel{suffix}", wan_delay_ms))
         if name in ("rtunnel", "rtunnel-socks") and not wan_delay_ms:
             out.append(RtunnelSocksTunnel(root / "rtunnel-socks"))
+        if name in ("rtunnel", "rtunnel-admin") and not wan_delay_ms:
+            out.append(RtunnelAdminOffTunnel(root / "rtunnel-admin-off"))
+            out.append(RtunnelAdminScrapedTunnel(root / "rtunnel-admin-scraped"))
     unique: dict[str, Tunnel] = {}  # "ssh,ssh-aes128-gcm" names one column once
     for t in out:
         unique.setdefault(t.key, t)
