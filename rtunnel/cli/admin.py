@@ -24,7 +24,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
@@ -43,6 +43,7 @@ from rtunnel.identity.keyfile import (
 )
 from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord
+from rtunnel.observe.live import ADMIN_URL_KEY, LIVE_TIMEOUT, LiveUnavailable, fetch_sites, sites_url
 from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
 from rtunnel.roles.registry import format_services
 
@@ -292,17 +293,64 @@ def _site_row(record: SiteRecord, now: datetime) -> list[str]:
     return [record.name, enrolled, _when(record.revoked_at), connected]
 
 
+def _live_sites(state: ServerState) -> tuple[dict[str, Mapping[str, Any]] | None, str | None]:
+    """
+    The running server's live figures, by site, from its admin endpoint;
+    or C{None} and why there are none (for the one line that says so).
+    """
+    if not state.store.server_running():
+        return None, "the tunnel server is not running"
+    base = state.store.get_meta(ADMIN_URL_KEY)
+    if not base:
+        return None, "the running tunnel server has no admin endpoint (--admin none)"
+    try:
+        return fetch_sites(base, LIVE_TIMEOUT), None
+    except LiveUnavailable as e:
+        return None, f"{sites_url(base)}: {e}"
+
+
+#: What --json adds to each site from the admin endpoint (null without it).
+_LIVE_FIELDS = ("streams", "bytes_to_site", "bytes_from_site", "rtt_seconds")
+
+
+def _human_bytes(count: int) -> str:
+    """C{1536} as C{1.5K}: short enough for a table cell."""
+    value = float(count)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{count}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _live_cells(entry: Mapping[str, Any] | None) -> list[str]:
+    """STREAMS, BYTES (to the site / from it) and RTT of one site; dashes for a site the server does not report."""
+    if entry is None:
+        return ["-", "-", "-"]
+    rtt = entry.get("rtt_seconds")
+    return [
+        str(entry.get("streams", "-")),
+        f"{_human_bytes(int(entry.get('bytes_to_site', 0)))}/{_human_bytes(int(entry.get('bytes_from_site', 0)))}",
+        "-" if rtt is None else f"{float(rtt) * 1000:.1f}ms",
+    ]
+
+
 def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     state = ServerState.open_existing(args.state)
     with contextlib.closing(state):
         records = state.store.list_sites()
         services = state.store.site_services()
+        live, why = _live_sites(state) if records else ({}, None)
+    if why is not None:
+        print(f"rtunnel: no live figures: {why}; listing the state database alone", file=args.stderr)
     if args.json:
         listed = []
         for r in records:
             entry = _site_json(r)
             # as last announced (issue 11); {} for a site that announced none or never connected
             entry["services"] = {name: str(target) for name, target in sorted(services.get(r.name, {}).items())}
+            figures = (live or {}).get(r.name, {})
+            entry.update({key: figures.get(key) for key in _LIVE_FIELDS})
             listed.append(entry)
         json.dump(listed, out, indent=2)
         out.write("\n")
@@ -310,14 +358,18 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     if not records:
         print("no sites yet (create a keyfile with 'rtunnel keyfile create')", file=out)
         return 0
-    rows = [["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"]]
+    header = ["SITE", "ENROLLED", "REVOKED", "SERVICES"] + (["STREAMS", "BYTES", "RTT"] if live is not None else [])
+    rows = [[*header, "CONNECTED"]]
     for r in records:
         row = _site_row(r, now)
         row.insert(3, format_services(services.get(r.name, {})) or "-")
+        if live is not None:
+            row[4:4] = _live_cells(live.get(r.name))
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    padded = len(header)
+    widths = [max(len(row[i]) for row in rows) for i in range(padded)]
     for row in rows:
-        cells = [row[i].ljust(widths[i]) for i in range(4)] + [row[4]]
+        cells = [row[i].ljust(widths[i]) for i in range(padded)] + [row[padded]]
         print("  ".join(cells).rstrip(), file=out)
     return 0
 
@@ -588,6 +640,7 @@ def main(
     # Whole seconds: the keyfile states its expiry to the second, and the
     # server must agree with it exactly.
     when = (datetime.now(UTC) if now is None else now).replace(microsecond=0)
+    args.stderr = err  # for notes that are not errors (sites list without live figures)
     try:
         status: int = args.run(args, when, out)
         return status
