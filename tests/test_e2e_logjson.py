@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.e2e_support import EchoServer, closed_port, read_until_closed
-from tools.harness import Deployment, Process, free_port, port_open, wait_until
+from tools.harness import Deployment, Process, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -45,38 +45,14 @@ def test_both_roles_write_json_lines_with_fields(tmp_path):
     d = Deployment(tmp_path)
     forward, refused_forward, not_allowed = free_port(), free_port(), closed_port()
     try:
-        server = d.server = d.twistd(
-            "server",
-            [
-                *JSON_LOGS,
-                "rtunnel-server",
-                "--state",
-                str(d.server_state),
-                "--listen",
-                f"tcp:{d.server_port}:interface=127.0.0.1",
-                "--public-address",
-                "127.0.0.1",
-                "--forward",
+        server = d.start_server(
+            forwards=[
                 f"127.0.0.1:{forward}:{SITE}:{echo.target}",
-                "--forward",
                 f"127.0.0.1:{refused_forward}:{SITE}:127.0.0.1:{not_allowed}",
             ],
+            twistd_options=JSON_LOGS,
         )
-        wait_until(lambda: port_open("127.0.0.1", d.server_port) or not server.running(), 30, "the server to listen")
-        assert server.running(), server.output()
-        site = d.twistd(
-            f"site-{SITE}",
-            [
-                *JSON_LOGS,
-                "rtunnel",
-                "--state",
-                str(d.site_state(SITE)),
-                "--keyfile",
-                str(d.create_keyfile(SITE)),
-                "--allow",
-                echo.target,
-            ],
-        )
+        site = d.start_site(SITE, allow=[echo.target], keyfile=d.create_keyfile(SITE), twistd_options=JSON_LOGS)
         d.wait_connected(SITE, watch=site)
 
         with socket.create_connection(("127.0.0.1", forward), timeout=10) as s:

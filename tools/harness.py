@@ -177,7 +177,12 @@ class Deployment:
         return result
 
     def start_server(
-        self, forwards: Sequence[str] = (), extra: Sequence[str] = (), wait: bool = True, nofile: int | None = None
+        self,
+        forwards: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        wait: bool = True,
+        nofile: int | None = None,
+        twistd_options: Sequence[str] = (),
     ) -> Process:
         args = [
             "rtunnel-server",
@@ -190,7 +195,8 @@ class Deployment:
         ]
         for spec in forwards:
             args += ["--forward", spec]
-        server = self.server = self.twistd("server", [*args, *extra], nofile)
+        # twistd's own options (e.g. --logger) go before the plugin name.
+        server = self.server = self.twistd("server", [*twistd_options, *args, *extra], nofile)
         if wait:
             wait_until(
                 lambda: port_open("127.0.0.1", self.server_port) or not server.running(),
@@ -217,8 +223,9 @@ class Deployment:
         keyfile: Path | None = None,
         extra: Sequence[str] = (),
         name: str | None = None,
+        twistd_options: Sequence[str] = (),
     ) -> Process:
-        args = ["rtunnel", "--state", str(self.site_state(site))]
+        args = [*twistd_options, "rtunnel", "--state", str(self.site_state(site))]
         if keyfile is not None:
             args += ["--keyfile", str(keyfile)]
         for target in allow:
