@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
+from typing import Protocol as TypingProtocol
 from typing import cast
 
 from attrs import define, field, frozen, validators
@@ -45,6 +46,20 @@ from .wheel import KeepaliveWheel
 #: Called for each stream the peer opens; it must eventually call
 #: C{stream.accept(protocol)} or C{stream.refuse(code, reason)}.
 StreamHandler = Callable[[MuxStream], None]
+
+
+class OpenOutcomes(TypingProtocol):
+    """
+    Where a L{MuxProtocol} counts how stream opens were answered
+    (L{MuxProtocol.figures}; the figures of L{rtunnel.observe.stats} have
+    it). Called once per answered open, never per byte.
+    """
+
+    def local_open(self, code: int, reason: str) -> None:
+        """The peer answered an OPEN of ours: C{code} 0 for OPEN_OK, else why not (or why it ended unanswered)."""
+
+    def remote_open(self, code: int, reason: str) -> None:
+        """We answered the peer's OPEN: C{code} 0 for OPEN_OK, else the OPEN_FAIL code."""
 
 
 def _exception_of(reason: Failure) -> BaseException:
@@ -237,6 +252,13 @@ class MuxProtocol(Protocol):
     @param services: the named services this end announces when the peer
         offers the capability (L{MuxSession}); the peer's are
         L{when_services}.
+
+    @ivar bytes_sent: stream payload bytes sent so far (what the window let
+        out, framing not counted); C{bytes_received}: those received and
+        handed to a stream. One integer add per DATA frame, so that the
+        figures (L{rtunnel.observe.stats}) cost the data path nothing more.
+    @ivar figures: told how each stream open was answered (L{OpenOutcomes}),
+        if set.
     """
 
     _log = Logger()
@@ -273,6 +295,9 @@ class MuxProtocol(Protocol):
         "_rotation",
         "_refusal",
         "_services_waiters",
+        "bytes_sent",
+        "bytes_received",
+        "figures",
     )
 
     def __init__(
@@ -334,6 +359,9 @@ class MuxProtocol(Protocol):
         self._refusal: tuple[int, str] | None = None
         #: when_services() Deferreds not yet settled (None: none waiting)
         self._services_waiters: list[defer.Deferred[Mapping[str, HostPort] | None]] | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.figures: OpenOutcomes | None = None
 
     # -- observers -----------------------------------------------------------
 
@@ -600,6 +628,7 @@ class MuxProtocol(Protocol):
         self.close_reason = reason
         self._cancel_timers()
         why = reason.getErrorMessage()
+        self._count_unanswered(ErrorCode.CONNECTION_RESET, f"tunnel lost: {why}")
         for stream in list(self.streams.values()):
             stream.closed(Failure(StreamReset(ErrorCode.CONNECTION_RESET, f"tunnel lost: {why}")))
         self.streams.clear()
@@ -725,6 +754,7 @@ class MuxProtocol(Protocol):
             self.session.reset_stream(stream_id, code, reason)
         self.session.go_away(code, reason)
         self._flush()
+        self._count_unanswered(code, reason)
         for stream in list(self.streams.values()):
             stream.closed(Failure(StreamReset(code, reason)))
         self._close_transport()
@@ -758,6 +788,7 @@ class MuxProtocol(Protocol):
             size = window
         else:
             return 0
+        self.bytes_sent += size
         self._flush()
         return size
 
@@ -775,6 +806,8 @@ class MuxProtocol(Protocol):
     def accept_stream(self, stream_id: int) -> None:
         """Answer the peer's OPEN of C{stream_id} with OPEN_OK. For L{MuxStream}."""
         self.session.accept_stream(stream_id)
+        if self.figures is not None:
+            self.figures.remote_open(0, "")
         self._flush()
 
     def refuse_stream(self, stream_id: int, code: int, reason: str) -> None:
@@ -787,6 +820,8 @@ class MuxProtocol(Protocol):
         the session's reason instead.
         """
         stream = self.streams.pop(stream_id, None)
+        if self.figures is not None:
+            self.figures.remote_open(code, reason)
         suppressed = self._log_allowance("refused")
         if suppressed is not None:
             self._log.debug(
@@ -848,6 +883,7 @@ class MuxProtocol(Protocol):
         if isinstance(event, ev.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                self.bytes_received += len(event.data)
                 stream.data_received(event.data)
         elif isinstance(event, ev.SendWindowAvailable):
             stream = self.streams.get(event.stream_id)
@@ -866,15 +902,24 @@ class MuxProtocol(Protocol):
         elif isinstance(event, ev.StreamAccepted):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                if self.figures is not None and not stream.accepted:
+                    self.figures.local_open(0, "")
                 stream.open_accepted()
         elif isinstance(event, (ev.StreamRefused, ev.StreamReset)):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                if self.figures is not None and stream.local and not stream.accepted:
+                    self.figures.local_open(event.code, event.reason)
                 stream.closed(Failure(StreamReset(event.code, event.reason)))
         elif isinstance(event, ev.PongReceived):
-            sent = self._ping_sent.pop(event.opaque, None) if self._ping_sent else None
+            pings = self._ping_sent
+            sent = pings.pop(event.opaque, None) if pings else None
             if sent is not None:
                 self.last_rtt = self.clock.seconds() - sent
+                if not pings:
+                    # An emptied dictionary keeps its table: a server that
+                    # pings ten thousand sessions would keep one each.
+                    self._ping_sent = None
         elif isinstance(event, ev.SessionReady):
             # The waiters of when_ready hear of it at the end of this input
             # batch, once a GOAWAY that came with the HELLO was handled too.
@@ -1028,8 +1073,18 @@ class MuxProtocol(Protocol):
         self._close_transport(abort=True)
 
     def _end_all_streams(self, code: int, reason: str) -> None:
+        self._count_unanswered(code, reason)
         for stream in list(self.streams.values()):
             stream.closed(Failure(StreamReset(code, reason)))
+
+    def _count_unanswered(self, code: int, reason: str) -> None:
+        """Our opens the peer never answered end with the session: an outcome for L{figures}."""
+        figures = self.figures
+        if figures is None:
+            return
+        for stream in self.streams.values():
+            if stream.local and not stream.accepted and not stream.disconnected:
+                figures.local_open(code, reason)
 
     # -- timers --------------------------------------------------------------
 
@@ -1173,4 +1228,4 @@ class MuxProtocol(Protocol):
         edges.close_call = edges.stall_call = None
 
 
-__all__ = ["Keepalive", "MuxProtocol", "SessionEnded", "StreamHandler", "TunnelState"]
+__all__ = ["Keepalive", "MuxProtocol", "OpenOutcomes", "SessionEnded", "StreamHandler", "TunnelState"]

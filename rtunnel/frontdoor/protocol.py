@@ -60,6 +60,7 @@ from ..address import describe
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..mux.errors import code_name
+from ..observe.stats import DoorFigures
 from ..roles.registry import SiteUnavailable
 from ..roles.splice import TCPSide
 from .http_connect import HttpConnectHandshake
@@ -318,7 +319,7 @@ class FrontDoorProtocol(TCPSide):
             if where.single_label and refusal.kind in (RefusalKind.TARGET_NOT_ALLOWED, RefusalKind.TARGET_DNS_FAILURE):
                 detail += f" ({where.host} is not a declared service of {where.site} either)"
             refusal = Refusal(refusal.kind, detail)
-        self._refuse(refusal)
+        self._refuse(refusal, door_decided=False)
         return None
 
     def _open_failed(self, failure: Failure) -> None:
@@ -326,32 +327,45 @@ class FrontDoorProtocol(TCPSide):
         if isinstance(failure.value, defer.CancelledError) or self.state is not _State.OPENING:
             return  # the client left first
         if isinstance(failure.value, SiteUnavailable):
-            self._refuse(refusal_for_unavailable(failure.value))
+            self._refuse(refusal_for_unavailable(failure.value), door_decided=False)
             return
         self._log.failure("front door {door}: opening a stream failed", failure, door=self.factory.kind.value)
         self._refuse(Refusal(RefusalKind.INTERNAL, "opening the stream failed"))
 
     # -- refusals ------------------------------------------------------------
 
-    def _refuse(self, refusal: Refusal) -> None:
-        self._refused(self.handshake.refuse(refusal).refusal)
+    def _refuse(self, refusal: Refusal, door_decided: bool = True) -> None:
+        self._refused(self.handshake.refuse(refusal).refusal, door_decided)
 
-    def _refused(self, refusal: Refusal) -> None:
-        """The handshake queued its refusal: write it, log it, close."""
+    def _refused(self, refusal: Refusal, door_decided: bool = True) -> None:
+        """
+        The handshake queued its refusal: write it, log it, count it, close.
+        A refusal the registry or the site decided (C{door_decided} false)
+        is kept among the server's refusals as theirs, not again as ours.
+        """
         self._flush()
         self.state = _State.DONE
         self._cancel_deadline()
         factory = self.factory
         host = getattr(self.peer, "host", None)
         allowed, suppressed = factory.log_budget.allow((refusal.kind, host), factory.reactor.seconds())
+        request = self.request
+        asked = f" asking for {request.name}:{request.port}" if request is not None else ""
+        reason = (
+            f"{factory.kind.value} refused {describe(self.peer)}{self._user_text()}{asked}: {refusal}"
+            if door_decided
+            else None
+        )
+        factory.figures.refused(
+            refusal.kind.value, self.route.site if self.route is not None else "", reason, keep=allowed
+        )
         if allowed:
-            request = self.request
             self._log.warn(
                 "front door {door}: refused {client}{user}{asked}: {refusal}{suppressed}",
                 door=factory.kind.value,
                 client=describe(self.peer),
                 user=self._user_text(),
-                asked=f" asking for {request.name}:{request.port}" if request is not None else "",
+                asked=asked,
                 refusal=str(refusal),
                 kind=refusal.kind.value,
                 suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
@@ -401,6 +415,8 @@ class FrontDoorFactory(Factory):
     @param users: who may use the front door (C{--proxy-users}); C{None}:
         anyone who can connect (the server allows that on loopback only).
     @param thread_pool: where passwords are checked; C{None}: inline (tests).
+    @param figures: where connections and refusals are counted (the
+        server's L{DoorFigures} for this door); by default figures of its own.
     @ivar connections: client connections open now (one descriptor each).
     @ivar pending_checks: password checks submitted and not finished.
     """
@@ -421,6 +437,7 @@ class FrontDoorFactory(Factory):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS,
         max_early_data: int = DEFAULT_MAX_EARLY_DATA,
+        figures: DoorFigures | None = None,
     ) -> None:
         if thread_pool is not None and not IReactorFromThreads.providedBy(reactor):
             raise TypeError("a thread pool needs a reactor that takes calls from threads (IReactorFromThreads)")
@@ -437,6 +454,7 @@ class FrontDoorFactory(Factory):
         self.max_early_data = max_early_data
         self.connections = 0
         self.pending_checks = 0
+        self.figures = figures if figures is not None else DoorFigures(kind.value)
         #: one budget for the refusal lines any client can cause
         self.log_budget = LogBudget(rate=1.0, burst=5.0)
 
@@ -449,4 +467,5 @@ class FrontDoorFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> FrontDoorProtocol:
         self.connections += 1
+        self.figures.accepted += 1
         return FrontDoorProtocol(self, addr)

@@ -236,6 +236,7 @@ def add_front_doors(
             domain=config.domain,
             users=users,
             thread_pool=pool,
+            figures=service.figures.door(kind.value),
         )
         service.listeners.append(ExtraListener(f"front door {kind.value}", description, factory))
         factories.append(factory)

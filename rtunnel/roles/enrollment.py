@@ -13,6 +13,7 @@ The wire format is in L{rtunnel.identity.enrollment}.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -49,6 +50,9 @@ from rtunnel.identity.errors import (
     IdentityError,
 )
 from rtunnel.logs import Logger
+
+if TYPE_CHECKING:
+    from rtunnel.observe.stats import ServerFigures
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -116,6 +120,11 @@ class EnrollmentResponder(Protocol):
     connection whose decision is late; a decision that comes after the
     connection is gone is logged and not sent (a token it spent can be
     redeemed again with the same key, for the same certificate).
+
+    With C{figures}, each exchange's outcome is counted there
+    (L{ServerFigures.enrollment}: C{ok}, the refusal's code,
+    C{bad-request}, C{internal-error}, C{timeout}) and each refusal kept
+    with the reason its log line gives.
     """
 
     _log = Logger()
@@ -126,8 +135,10 @@ class EnrollmentResponder(Protocol):
         clock: IReactorTime,
         timeout: float = DEFAULT_TIMEOUT,
         peer: str | None = None,
+        figures: ServerFigures | None = None,
     ) -> None:
         self._enroller = enroller
+        self._figures = figures
         self._clock = clock
         self._timeout = timeout
         self._peer = peer
@@ -157,6 +168,7 @@ class EnrollmentResponder(Protocol):
                 peer=self.peer,
                 error=str(e),
             )
+            self._count(BAD_REQUEST, "", f"malformed request from {self.peer}: {e}")
             self._finish(EnrollRejected(BAD_REQUEST, str(e)))
             return
         if request is not None:
@@ -183,8 +195,10 @@ class EnrollmentResponder(Protocol):
                 code=e.code,
                 reason=e.message,
             )
+            self._count(e.code, site, f"from {self.peer}: {e.code}: {e.message}")
             return EnrollRejected(e.code, e.message)
         self._log.failure("enrollment of site {site} from {peer} failed", failure, site=site, peer=self.peer)
+        self._count(INTERNAL_ERROR, site, f"from {self.peer}: failed: {failure.getErrorMessage()}")
         return EnrollRejected(
             INTERNAL_ERROR,
             "the tunnel server could not complete the enrollment; see its log",
@@ -197,7 +211,18 @@ class EnrollmentResponder(Protocol):
             peer=self.peer,
             fingerprint=fingerprint(load_certificate(certificate_pem)),
         )
+        self._count("ok", site, None)
         return EnrollAccepted(certificate_pem)
+
+    def _count(self, result: str, site: str, refusal: str | None) -> None:
+        """Count the outcome; a refusal (with its reason) is also kept."""
+        figures = self._figures
+        if figures is None:
+            return
+        figures.enrollment(result)
+        if refusal is not None:
+            # A name that breaks the naming rule is shown quoted in the log: no site of ours.
+            figures.refuse(site if not site.startswith(("'", '"')) else "", "enrollment", refusal)
 
     def _decided(self, reply: EnrollReply, site: str) -> None:
         self.deciding = False
@@ -227,6 +252,7 @@ class EnrollmentResponder(Protocol):
             peer=self.peer,
             timeout=self._timeout,
         )
+        self._count("timeout", "", f"from {self.peer}: no complete request within {self._timeout:.1f} seconds")
         _drop(self.transport)
 
     def _cancel_timer(self) -> None:

@@ -195,6 +195,7 @@ class ForwardFactory(Factory):
         back before its connection is closed.
     @ivar connections: client connections open now (one descriptor each;
         L{rtunnel.roles.descriptors.DescriptorWatch} estimates with it).
+    @ivar accepted: client connections accepted since it was made.
     """
 
     noisy = False
@@ -205,11 +206,14 @@ class ForwardFactory(Factory):
         self.registry = registry
         self.open_timeout = open_timeout
         self.connections = 0
+        self.accepted = 0
         #: the client connections open now, for L{cut}
         self.clients: set[ForwardProtocol] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> ForwardProtocol:
         self.connections += 1
+        self.accepted += 1
+        self.registry.figures.forward_connections += 1
         protocol = ForwardProtocol(self, addr)
         self.clients.add(protocol)
         return protocol

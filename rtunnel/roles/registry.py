@@ -24,6 +24,7 @@ from ..adapter.protocol import MuxProtocol
 from ..adapter.stream import MuxStream
 from ..address import HostPort
 from ..mux.errors import ErrorCode, SessionClosing, StreamLimitReached
+from ..observe.stats import ServerFigures
 
 #: A session replaced younger than this (seconds) suggests duplicate sites.
 DUPLICATE_WINDOW = 60.0
@@ -81,6 +82,8 @@ class SiteRegistry:
         announced named services different from those it last announced (C{--service} at the site; C{{}} for a
         site whose session does not offer the capability), for the state
         store's record of what each site last announced.
+    @param figures: where sessions, bytes and stream opens are counted
+        (L{ServerFigures}); by default figures of its own, on C{clock}'s time.
 
     B{Named services} (issue 11 section 2). A site declares
     C{--service NAME=HOST:PORT}; its session announces them right after the
@@ -116,8 +119,10 @@ class SiteRegistry:
         max_pending_opens: int = 256,
         max_streams_per_site: int = 1024,
         on_services: Callable[[str, Mapping[str, HostPort]], None] | None = None,
+        figures: ServerFigures | None = None,
     ) -> None:
         self.clock = clock
+        self.figures = figures if figures is not None else ServerFigures(clock.seconds)
         self.max_streams_per_site = max_streams_per_site
         self.on_connected = on_connected
         self.on_disconnected = on_disconnected
@@ -165,6 +170,9 @@ class SiteRegistry:
             old.terminate(ErrorCode.SESSION_REPLACED, "a newer session of this site took over")
         entry.peer = peer
         entry.since = self.clock.seconds()
+        if old is not session:
+            # Counted from here: the session's bytes, and its opens' outcomes.
+            session.figures = self.figures.session_opened(site, session)
         if self.on_connected is not None:
             # A failing observer (the state database locked, say) must not
             # leave the session half registered: never served, never removed.
@@ -212,7 +220,16 @@ class SiteRegistry:
     def sessions(self) -> list[MuxProtocol]:
         return [e.session for e in self._sites.values() if e.session is not None]
 
+    def connection(self, site: str) -> tuple[str, float] | None:
+        """(peer address, when it connected) of the live session of C{site}, if any."""
+        entry = self._sites.get(site)
+        if entry is None or entry.session is None:
+            return None
+        return entry.peer, entry.since
+
     def _session_ended(self, reason: BaseException, site: str, session: MuxProtocol) -> None:
+        # Every session's bytes are counted, a replaced one's too.
+        self.figures.session_closed(site, session)
         entry = self._sites.get(site)
         if entry is None or entry.session is not session:
             return  # already replaced by a newer session
@@ -326,14 +343,19 @@ class SiteRegistry:
         The live session of C{site}, now or as soon as it connects, within
         C{timeout} seconds; fails with L{SiteUnavailable}.
         """
+        return self._wait(site, timeout, opening=False)
+
+    def _wait(self, site: str, timeout: float, opening: bool) -> defer.Deferred[MuxProtocol]:
+        """L{wait_for}; an C{opening} wait that fails is counted as a refused stream open."""
         session = self.session_for(site)
         if session is not None:
             return defer.succeed(session)
         if timeout <= 0:
-            return defer.fail(SiteUnavailable(site, "not connected"))
+            return defer.fail(self._unavailable(site, "not connected", "not-connected", opening))
         entry = self._sites.setdefault(site, _SiteEntry())
         if entry.waiters is not None and len(entry.waiters) >= self.max_pending_opens:
-            return defer.fail(SiteUnavailable(site, f"too many clients already waiting for it ({len(entry.waiters)})"))
+            reason = f"too many clients already waiting for it ({len(entry.waiters)})"
+            return defer.fail(self._unavailable(site, reason, "too-many-waiting", opening))
 
         def cancel(d: defer.Deferred[MuxProtocol]) -> None:
             self._drop_waiter(entry, waiter)
@@ -345,7 +367,9 @@ class SiteRegistry:
             waiter.timer = None
             self._drop_waiter(entry, waiter)
             self._prune(site, entry)
-            waiter.deferred.errback(SiteUnavailable(site, f"not connected within {timeout:g}s"))
+            waiter.deferred.errback(
+                self._unavailable(site, f"not connected within {timeout:g}s", "not-connected", opening)
+            )
 
         waiter.timer = self.clock.callLater(timeout, expire)
         if entry.waiters is None:
@@ -377,12 +401,20 @@ class SiteRegistry:
 
         def opened(session: MuxProtocol) -> MuxStream:
             if session.session.local_streams >= self.max_streams_per_site:
-                raise SiteUnavailable(site, f"stream limit reached ({self.max_streams_per_site} open)")
+                raise self._unavailable(
+                    site, f"stream limit reached ({self.max_streams_per_site} open)", "stream-limit", True
+                )
             try:
                 return session.open_stream(host, port)
             except StreamLimitReached as e:
-                raise SiteUnavailable(site, f"stream limit reached ({e})") from None
+                raise self._unavailable(site, f"stream limit reached ({e})", "stream-limit", True) from None
             except SessionClosing:
-                raise SiteUnavailable(site, "its session is going away") from None
+                raise self._unavailable(site, "its session is going away", "going-away", True) from None
 
-        return self.wait_for(site, timeout).addCallback(opened)
+        return self._wait(site, timeout, opening=True).addCallback(opened)
+
+    def _unavailable(self, site: str, reason: str, label: str, opening: bool) -> SiteUnavailable:
+        """The error for an open that cannot be; counted (as C{label}) if it was an open."""
+        if opening:
+            self.figures.site(site).refused_open(label, reason)
+        return SiteUnavailable(site, reason)

@@ -91,6 +91,13 @@ from .registry import SiteRegistry
 #: keepalive gets the server's PING 5 s before the timeout to answer it.
 SERVER_KEEPALIVE = Keepalive(interval=25.0, timeout=30.0)
 
+#: Seconds between two keepalive round-trip measurements of a site. Sites
+#: ping the server and not the other way round (L{SERVER_KEEPALIVE}), so
+#: the server learns a site's round trip only from PINGs of its own: a
+#: share of the sessions each second, each once per this interval (at
+#: 10,000 sites, 167 PINGs a second, about half a percent of a core).
+RTT_PROBE_INTERVAL = 60.0
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -155,6 +162,7 @@ class TunnelConnection(Protocol):
         "_preauth",
         "_deadline",
         "_counted",
+        "_judged",
     )
 
     def __init__(self, factory: TunnelServerFactory, addr: IAddress | None) -> None:
@@ -179,6 +187,8 @@ class TunnelConnection(Protocol):
         #: counted in the factory's connections (until the session observer takes over)
         self._counted = True
         factory.connections += 1
+        #: this connection's handshake outcome is counted (L{ServerFigures.handshakes})
+        self._judged = False
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
@@ -197,7 +207,9 @@ class TunnelConnection(Protocol):
             # Our own timer stays armed: the responder's ends with its reply,
             # and a client that then never closes must not keep the socket.
             remaining = max(self._deadline - self.factory.clock.seconds(), 0.001)
-            responder = EnrollmentResponder(self.factory, clock=self.factory.clock, peer=self.peer, timeout=remaining)
+            responder = EnrollmentResponder(
+                self.factory, clock=self.factory.clock, peer=self.peer, timeout=remaining, figures=self.factory.figures
+            )
             self._become(responder)
             return
         site, fingerprint = identity
@@ -209,7 +221,13 @@ class TunnelConnection(Protocol):
             self._become(mux)
             return
         self._become(mux)
-        mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), lambda f: None)
+        mux.when_ready().addCallbacks(lambda _: self._authenticated(site, mux), self._no_session)
+
+    def _no_session(self, failure: Failure) -> None:
+        """TLS succeeded but no session followed (the site left, or ended it before its HELLO)."""
+        if not self._judged:  # (a timeout was counted as such)
+            self._judged = True
+            self.factory.figures.handshake("session-failed")
 
     def _refusal(self, site: str, fingerprint: str) -> tuple[int, str] | None:
         """
@@ -231,6 +249,9 @@ class TunnelConnection(Protocol):
                     reason=e.message,
                     suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
                 )
+            figures = self.factory.figures
+            figures.handshake(e.code)
+            figures.refuse(site, "handshake", f"rejected from {self.peer}: {e.code}: {e.message}", keep=allowed)
             return ErrorCode.NOT_AUTHORIZED, f"{e.code}: {e.message}"
         return None
 
@@ -258,6 +279,7 @@ class TunnelConnection(Protocol):
             return
         self._cancel_timer()
         self._leave_preauth()
+        self.factory.figures.handshake("ok")
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
         registry = self.factory.registry
@@ -285,6 +307,9 @@ class TunnelConnection(Protocol):
         self._held_size += len(data)
         if self._held_size > self.factory.policy.max_preauth_bytes:
             self._log.warn("dropping {peer}: too much data before authentication", peer=self.peer)
+            self._judged = True
+            self.factory.figures.handshake("too-much-data")
+            self.factory.figures.refuse("", "handshake", f"dropped {self.peer}: too much data before authentication")
             self._abort()
             return
         if self._held is None:
@@ -316,14 +341,21 @@ class TunnelConnection(Protocol):
         host, since anyone can cause these at will.
         """
         value = client_refusal(self.transport) or reason.value
+        figures = self.factory.figures
         if isinstance(value, PeerVerificationFailed):
             kind, level, what = "certificate", "warn", str(value)
+            result = "bad-certificate"
         elif isinstance(value, SSL.Error):
             kind, level, what = "tls", "info", _ssl_reason(value)
+            result = "tls-error"
         else:
+            if not self._judged:  # (a timeout or too much data was counted as such)
+                figures.handshake("closed")
             return  # closed before or during the handshake: nothing to say
         host = self.peer.rpartition(":")[0]
         allowed, suppressed = self.factory.log_budget.allow((kind, host), self.factory.clock.seconds())
+        figures.handshake(result)
+        figures.refuse("", "handshake", f"refused TLS connection from {self.peer}: {printable(what)}", keep=allowed)
         if not allowed:
             return
         log = self._log.warn if level == "warn" else self._log.info
@@ -350,6 +382,16 @@ class TunnelConnection(Protocol):
         allowed, suppressed = self.factory.log_budget.allow(
             ("timeout", self.peer.rpartition(":")[0]), self.factory.clock.seconds()
         )
+        figures = self.factory.figures
+        reason = f"dropped {self.peer}: {what} within {self.factory.policy.handshake_timeout}s"
+        if isinstance(inner, EnrollmentResponder):
+            if inner.reply is None:  # an answered enrollment was counted with its answer
+                figures.enrollment("timeout")
+                figures.refuse("", "enrollment", reason, keep=allowed)
+        else:
+            self._judged = True
+            figures.handshake("timeout")
+            figures.refuse(self.site or "", "handshake", reason, keep=allowed)
         if allowed:
             self._log.warn(
                 "dropping {peer}: {what} within {timeout}s{suppressed}",
@@ -434,6 +476,8 @@ class TunnelServerFactory(Factory):
             state.store.on_admission_change(admission.update)
         self.admission = admission
         self.database = database if database is not None else StateThread(None)
+        #: what the server counts (the registry's: one set of figures per server)
+        self.figures = registry.figures
         self.preauth = 0
         self.connections = 0
         #: the server is shutting down: sessions end without a line each
@@ -613,6 +657,15 @@ class AdmissionGate:
         if self.preauth >= self.limit:
             self.refused += 1
             allowed, suppressed = self._budget.allow("full", self.server.clock.seconds())
+            figures = self.server.figures
+            figures.handshake("preauth-limit")
+            figures.refuse(
+                "",
+                "handshake",
+                f"refused {describe(addr)} at accept: {self.preauth} connections not authenticated yet "
+                f"(--max-preauth {self.limit})",
+                keep=allowed,
+            )
             if allowed:
                 self._log.warn(
                     "refusing connections on the tunnel port (from {peer} and others): {count} connections are not "
@@ -706,6 +759,15 @@ class AdmissionGate:
         if count:
             self.expired += count
             allowed, suppressed = self._budget.allow("expired", now)
+            figures = self.server.figures
+            figures.handshake("queue-timeout", count)
+            figures.refuse(
+                "",
+                "handshake",
+                f"dropped {count} connections that waited {timeout}s for their turn to handshake",
+                keep=allowed,
+                count=count,
+            )
             if allowed:
                 self._log.warn(
                     "dropping {count} connections on the tunnel port that waited {timeout}s for their turn to "
@@ -1169,6 +1231,13 @@ class TunnelServerService(MultiService):
             on_services=self._site_services,
         )
         self.registry.seed_services(state.store.site_services())
+        #: what the server counts, for its admin endpoint (L{rtunnel.observe})
+        self.figures = self.registry.figures
+        self.figures.seed_last_seen(
+            (record.name, record.last_seen.timestamp())
+            for record in state.store.list_sites()
+            if record.last_seen is not None
+        )
         self.admission = AdmissionSnapshot()
         # The watch reads the change token before the table is loaded: a
         # change in between is then seen by the first poll, never missed.
@@ -1186,9 +1255,14 @@ class TunnelServerService(MultiService):
         self.ports: list[IListeningPort] = []
         self.tunnel_port: IListeningPort | None = None
         self.forward_ports: dict[ForwardSpec, IListeningPort] = {}
+        #: the factories of the command-line forwards (the database's are L{live_forwards}')
+        self.command_line_forwards: dict[ForwardSpec, ForwardFactory] = {}
         #: ports of the layers above (front doors), added before the service starts
         self.listeners: list[ExtraListener] = []
         self._poll: task.LoopingCall | None = None
+        self._ticker: task.LoopingCall | None = None
+        self._ticks = 0
+        self._probe_cursor = 0
         self._listening: defer.Deferred[None] | None = None
         # Forwards added and removed while we run (rtunnel forwards add/remove).
         self.live_forwards = LiveForwards(
@@ -1242,6 +1316,9 @@ class TunnelServerService(MultiService):
         self._poll = task.LoopingCall(self._watch.check)
         self._poll.clock = self.reactor
         self._poll.start(self.config.revocation_poll, now=False)
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(1.0, now=False)
         self.descriptors.start()
         self._listening = self._listen_all()
 
@@ -1271,6 +1348,7 @@ class TunnelServerService(MultiService):
                 description = spec.endpoint_description()
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
                 self.forward_factories.append(factory)
+                self.command_line_forwards[spec] = factory
                 port = yield serverFromString(self.reactor, description).listen(factory)
                 self.forward_ports[spec] = port
                 self.ports.append(port)
@@ -1296,6 +1374,28 @@ class TunnelServerService(MultiService):
             failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
 
+    def _tick(self) -> None:
+        """
+        Each second: the throughput sample when one is due, and the
+        keepalive round trip of a share of the sites (L{RTT_PROBE_INTERVAL}).
+        """
+        self._ticks += 1
+        if self._ticks % max(round(self.figures.interval), 1) == 0:
+            self.figures.sample()
+        sessions = self.registry.sessions()
+        if not sessions:
+            return
+        total = len(sessions)
+        count = -(-total // max(int(RTT_PROBE_INTERVAL), 1))
+        start = self._probe_cursor % total
+        end = start + count
+        batch = sessions[start:end]
+        if end > total:
+            batch += sessions[: end - total]
+        for session in batch:
+            session.ping()
+        self._probe_cursor = end
+
     def _public_port(self, port: IListeningPort) -> int:
         """The port sites dial: from --public-address HOST:PORT if given,
         else the one we listen on."""
@@ -1312,6 +1412,8 @@ class TunnelServerService(MultiService):
     def stopService(self) -> Generator[defer.Deferred[Any], object, None]:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
         self.descriptors.stop()
         if self._withdraw is not None:
             self._withdraw(self.config.name, self.registry)

@@ -56,6 +56,7 @@ from ..identity.tlsconfig import site_tls_options
 from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
 from ..mux.settings import ROLE_SETTINGS, FloodLimits, Settings, WindowTuning
+from ..observe.stats import ClientFigures
 from .enrollment import enroll
 from .reconnect import ReconnectingService
 from .target import TargetConnector, tcp_endpoints
@@ -187,12 +188,19 @@ class RotatingEndpoint:
 
     _log = Logger()
 
-    def __init__(self, endpoints: Sequence[IStreamClientEndpoint], names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[IStreamClientEndpoint],
+        names: Sequence[str] | None = None,
+        figures: ClientFigures | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("no server address")
         self._endpoints = list(endpoints)
         self._names = list(names) if names is not None else [repr(e) for e in endpoints]
         self._next = 0
+        #: told that an attempt ended in a failed connect (the next reconnect's reason)
+        self.figures = figures
 
     def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         index = self._next % len(self._endpoints)
@@ -206,6 +214,8 @@ class RotatingEndpoint:
                 server=self._names[index],
                 reason=failure.getErrorMessage(),
             )
+            if self.figures is not None:
+                self.figures.ended = "connect"
             return failure
 
         return self._endpoints[index].connect(factory).addErrback(failed)
@@ -241,13 +251,18 @@ class SiteMuxFactory(Factory):
         connector: TargetConnector,
         policy: SitePolicy,
         on_fatal: Callable[[str], None],
+        figures: ClientFigures | None = None,
     ) -> None:
         self.site = site
         self.clock = clock
         self.connector = connector
         self.policy = policy
         self.on_fatal = on_fatal
+        #: what the tunnel counts (L{TunnelClientService.figures})
+        self.figures = figures if figures is not None else ClientFigures()
         self.current: MuxProtocol | None = None
+        #: the connection the handshake deadline dropped (its end's reason)
+        self._timed_out: MuxProtocol | None = None
         #: set when the service stops: an ending tunnel is then expected
         self.stopping = False
         #: how the last attempt ended (the retry policy picks its cap by it)
@@ -261,6 +276,7 @@ class SiteMuxFactory(Factory):
                 server=mux.peer_label,
                 timeout=self.policy.handshake_timeout,
             )
+            self._timed_out = mux
             mux.abort()
 
     def buildProtocol(self, addr: IAddress | None) -> MuxProtocol:
@@ -277,6 +293,8 @@ class SiteMuxFactory(Factory):
             services=dict(self.policy.services),
         )
         self.current = mux
+        mux.figures = self.figures
+        self.figures.attach(mux)
         # TLS and HELLO must complete in time even with keepalive off: a
         # path that accepts TCP and then black-holes would hang us forever.
         deadline = self.clock.callLater(self.policy.handshake_timeout, self._handshake_deadline, mux)
@@ -292,6 +310,7 @@ class SiteMuxFactory(Factory):
         # when_ready fails when a refusal came with the HELLO (a server that
         # refuses us sends both in one write): "connected" only otherwise.
         if result is mux:
+            self.figures.opened()
             self._log.info("site {site} connected to tunnel server {server}", site=self.site, server=mux.peer_label)
 
     def _closed(self, exception: BaseException, mux: MuxProtocol, deadline: IDelayedCall) -> None:
@@ -300,13 +319,24 @@ class SiteMuxFactory(Factory):
         reason = Failure(exception)
         if self.current is mux:
             self.current = None
+        figures = self.figures
+        figures.up = False
+        figures.detach(mux)
         goaway = mux.peer_goaway
         if goaway is not None and goaway[0] == ErrorCode.NOT_AUTHORIZED:
             # A multiplexer frame: it came through mutual TLS, from our server.
+            figures.ended = "refused"
             self.on_fatal(f"tunnel server refused site {self.site}: {printable(goaway[1])}")
             return
         outcome = judge(reason, getattr(mux, "tls_established", False))
         self.last_outcome = outcome
+        if self._timed_out is mux:
+            self._timed_out = None
+            figures.ended = "handshake-timeout"
+        elif goaway is not None:
+            figures.ended = "goaway"
+        else:
+            figures.ended = outcome.verdict.value
         if outcome.verdict is Verdict.REFUSED:
             self.on_fatal(outcome.reason)
             return
@@ -370,6 +400,9 @@ class TunnelClientService(MultiService):
         self.jitter = jitter
         self.client: ReconnectingService | None = None
         self.factory: SiteMuxFactory | None = None
+        #: what the tunnel counts, for the admin endpoint (L{rtunnel.observe}):
+        #: sessions, reconnects by reason, streams and their opens, bytes each way
+        self.figures = ClientFigures()
         self._enrolling: defer.Deferred[None] | None = None
         self._failed = False
 
@@ -560,12 +593,16 @@ class TunnelClientService(MultiService):
             BulkTLSClientEndpoint(creator, self._server_endpoint(host, port), self.reactor)
             for host, port in (parse_address(a) for a in state.addresses)
         ]
-        self.factory = SiteMuxFactory(state.site_name, self._clock, self.connector, self.policy, self.on_fatal)
+        self.factory = SiteMuxFactory(
+            state.site_name, self._clock, self.connector, self.policy, self.on_fatal, figures=self.figures
+        )
         site = state.site_name
 
         factory = self.factory
+        figures = self.figures
 
         def retry_policy(failures: int) -> float:
+            figures.reconnect()
             last = factory.last_outcome
             delay = self._retry_delay(failures - 1, slow=last is not None and last.verdict is Verdict.VERIFICATION)
             self._log.info(
@@ -574,7 +611,7 @@ class TunnelClientService(MultiService):
             return delay
 
         self.client = ReconnectingService(
-            RotatingEndpoint(endpoints, list(state.addresses)),
+            RotatingEndpoint(endpoints, list(state.addresses), figures=self.figures),
             self.factory,
             clock=self._clock,
             retry_policy=retry_policy,
