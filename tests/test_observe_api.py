@@ -78,6 +78,10 @@ class EncodingTests(SynchronousTestCase):
         self.assertIsNone(site_json(snapshot("a", rtt=float("nan")))["rtt_seconds"])
         self.assertIsNone(site_json(snapshot("a", rtt=float("inf")))["rtt_seconds"])
 
+    def test_rtt_to_the_microsecond(self) -> None:
+        self.assertEqual(site_json(snapshot("a", rtt=0.0007143020629882812))["rtt_seconds"], 0.000714)
+        self.assertEqual(site_json(snapshot("a", rtt=2.5))["rtt_seconds"], 2.5)
+
     def test_throughput(self) -> None:
         """Rates to a tenth, oldest first, the interval as a float."""
         rates = Throughput(10, [0.0, 1234.56, 7.04], [5.0, 0.25, 1e9])

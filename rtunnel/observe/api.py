@@ -61,6 +61,15 @@ def _finite(value: float | None) -> float | None:
     return float(value)
 
 
+def _seconds(value: float | None) -> float | None:
+    """
+    A duration to the microsecond: the clock's float noise
+    (C{0.0007143020629882812}) is no information, and JSON has no NaN.
+    """
+    value = _finite(value)
+    return None if value is None else round(value, 6)
+
+
 def _rate(value: float) -> float:
     """
     A rate in bytes per second, to a tenth: a finer figure means nothing on
@@ -108,7 +117,7 @@ def site_json(
         "streams": int(site.streams),
         "bytes_to_site": int(site.bytes_to_site),
         "bytes_from_site": int(site.bytes_from_site),
-        "rtt_seconds": _finite(site.rtt),
+        "rtt_seconds": _seconds(site.rtt),
         "last_refusal": None
         if last is None
         else {"time": iso_time(last.time), "kind": last.kind, "reason": last.reason},
