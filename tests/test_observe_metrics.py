@@ -141,7 +141,7 @@ class ServerCollectorTests(SynchronousTestCase):
         self.assertEqual(value(samples, "rtunnel_sites_connected"), 1)
         self.assertEqual(
             {s.labels["site"]: s.value for s in samples["rtunnel_site_up"]},
-            {"alpha": 1, "beta": 0, "gamma": 0, "invited": 0},
+            {"alpha": 1, "beta": 0},  # none for a site revoked or only invited
         )
         self.assertEqual(value(samples, "rtunnel_site_sessions", site="alpha"), 1)
         self.assertEqual(value(samples, "rtunnel_site_sessions", site="beta"), 1)

@@ -129,13 +129,22 @@ class ServerCollector(Collector):
         admission = service.admission
         known = set(admission)  # from the snapshot's own copy of its names
         enrolled = revoked = 0
+        #: sites that should be connected: enrolled, not revoked
+        expected = set()
         for name in known:
             entry = admission.get(name)
             if entry is not None:
                 enrolled += entry.enrolled
                 revoked += entry.revoked_at is not None
+                if entry.enrolled and entry.revoked_at is None:
+                    expected.add(name)
         sites = snapshot_items(service.figures.sites)
-        up = GaugeMetricFamily("rtunnel_site_up", "1 while the site has a live session, else 0.", labels=["site"])
+        up = GaugeMetricFamily(
+            "rtunnel_site_up",
+            "1 while the site has a live session, 0 while an enrolled, unrevoked site has none "
+            "(no series for a site invited or revoked).",
+            labels=["site"],
+        )
         sessions = CounterMetricFamily("rtunnel_site_sessions", "Sessions the site opened.", labels=["site"])
         streams = GaugeMetricFamily("rtunnel_site_streams", "Streams open to the site now.", labels=["site"])
         opens = CounterMetricFamily(
@@ -166,7 +175,8 @@ class ServerCollector(Collector):
             site = figures_of.get(name)
             labels = {"site": name}
             if site is None:
-                add_up(Sample("rtunnel_site_up", labels, 0))
+                if name in expected:
+                    add_up(Sample("rtunnel_site_up", labels, 0))
                 add_sessions(Sample("rtunnel_site_sessions_total", labels, 0))
                 add_streams(Sample("rtunnel_site_streams", labels, 0))
                 add_bytes(Sample("rtunnel_site_bytes_total", {"site": name, "direction": "to_site"}, 0))
@@ -175,7 +185,10 @@ class ServerCollector(Collector):
             live: Live = site.live
             current = live.current
             to_site, from_site = live.totals()
-            add_up(Sample("rtunnel_site_up", labels, 0 if current is None else 1))
+            if current is not None:
+                add_up(Sample("rtunnel_site_up", labels, 1))
+            elif name in expected:
+                add_up(Sample("rtunnel_site_up", labels, 0))
             add_sessions(Sample("rtunnel_site_sessions_total", labels, site.sessions))
             add_streams(Sample("rtunnel_site_streams", labels, live.streams()))
             add_bytes(Sample("rtunnel_site_bytes_total", {"site": name, "direction": "to_site"}, to_site))
