@@ -25,6 +25,7 @@ from .frontdoor.names import DEFAULT_DOMAIN
 from .frontdoor.wiring import add_front_doors, check_front_doors
 from .identity.keyfile import Keyfile, read_keyfile
 from .identity.state import ServerState, SiteState
+from .observe.web import DEFAULT_SERVER_ADMIN, add_server_admin, add_site_admin
 from .roles.forward import ForwardSpec
 from .roles.server import (
     TUNNEL_BACKLOG,
@@ -60,6 +61,8 @@ class ServerConfig:
     domain: str = DEFAULT_DOMAIN
     #: the front doors' users file; required for a door beyond loopback
     proxy_users: str | None = None
+    #: the read-only admin endpoint (metrics, health, JSON API, status page); off when None
+    admin: str | None = DEFAULT_SERVER_ADMIN
 
 
 @frozen
@@ -74,6 +77,8 @@ class SiteConfig:
     #: C{--service NAME=HOST:PORT}: announced to the server, and reachable
     #: without an C{--allow} of their own
     services: tuple[tuple[str, Target], ...] = ()
+    #: C{--admin}: metrics, health and readiness on this endpoint; off when None
+    admin: str | None = None
 
 
 def build_server_service(
@@ -91,6 +96,7 @@ def build_server_service(
     @raise rtunnel.identity.errors.StateError: the state directory is unusable.
     @raise rtunnel.frontdoor.wiring.FrontDoorError: a front door is
         misconfigured (beyond loopback without users, say).
+    @raise rtunnel.observe.web.AdminEndpointError: C{admin} is no endpoint.
     """
     check_front_doors(config)
     state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
@@ -100,6 +106,7 @@ def build_server_service(
         config, state, reactor, on_fatal, publish=publish_registry, withdraw=withdraw_registry
     )
     add_front_doors(service, config, reactor, services=service.registry.last_announced)
+    add_server_admin(service, config.admin, reactor)
     return service
 
 
@@ -136,6 +143,7 @@ def build_site_service(
         targets served by a Twisted factory in this process instead of a TCP
         connection (the cloud opens them like any other target).
     @raise rtunnel.identity.errors.StateError, KeyfileError: unusable input.
+    @raise rtunnel.observe.web.AdminEndpointError: C{admin} is no endpoint.
     """
     log = Logger(namespace="rtunnel.site")
     state = SiteState.load(config.state_dir)
@@ -150,7 +158,9 @@ def build_site_service(
     if on_fatal is None:
         on_fatal = functools.partial(stop_reactor, reactor)
     policy = attrs.evolve(config.policy, services=config.services) if config.services else config.policy
-    return TunnelClientService(reactor, state, keyfile, connector, policy, on_fatal)
+    service = TunnelClientService(reactor, state, keyfile, connector, policy, on_fatal)
+    add_site_admin(service, config.admin, reactor)
+    return service
 
 
 __all__ = [

@@ -828,12 +828,13 @@ class ServiceTests(SynchronousTestCase):
         """
         Starting listens for sites (with TLS added, behind the pre-auth
         admission gate) with a backlog of 4096 and on every forward with one
-        of 1024, and publishes the registry by name.
+        of 1024, then on the admin endpoint (loopback port 5501 by default),
+        and publishes the registry by name.
         """
         self.start()
         ports = [(port, backlog, interface) for port, _, backlog, interface in self.reactor.tcpServers]
         self.assertEqual(ports[0][:2], (5500, 4096))
-        self.assertEqual(ports[1:], [(8080, 1024, "127.0.0.1"), (8081, 1024, "::1")])
+        self.assertEqual(ports[1:], [(8080, 1024, "127.0.0.1"), (8081, 1024, "::1"), (5501, 50, "127.0.0.1")])
         gate = self.reactor.tcpServers[0][1]
         self.assertIsInstance(gate, AdmissionGate)
         self.assertIsInstance(gate.wrapped, TLSMemoryBIOFactory)

@@ -143,8 +143,11 @@ class Deployment:
     A tunnel server and its sites, all on loopback, state under C{workdir}.
     """
 
-    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+    def __init__(self, workdir: Path, python: str = sys.executable, admin: str = "tcp:0:interface=127.0.0.1") -> None:
         self.workdir = Path(workdir)
+        #: the server's --admin: a port the kernel picks (its URL is recorded in the state database), so that
+        #: deployments side by side never fight over the default 5501
+        self.admin = admin
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.server_state = self.workdir / "server-state"
@@ -192,6 +195,8 @@ class Deployment:
             f"tcp:{self.server_port}:interface=127.0.0.1",
             "--public-address",
             "127.0.0.1",
+            "--admin",
+            self.admin,
         ]
         for spec in forwards:
             args += ["--forward", spec]

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from ..frontdoor.wiring import FrontDoorError
 from ..identity.errors import IdentityError
+from ..observe.web import AdminEndpointError, admin_option
 from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
 from ..roles.server import SERVER_KEEPALIVE, ServerPolicy
@@ -113,6 +114,14 @@ class Options(usage.Options):
             "Users file (USER:SCRYPT-HASH lines, mode 600; `rtunnel proxy-users add`) the front doors require; "
             "without it they serve anyone who can connect, so they must stay on loopback.",
         ],
+        [
+            "admin",
+            None,
+            default(ServerConfig, "admin"),
+            "Serve the read-only admin endpoint here: /metrics (Prometheus), /healthz, /readyz, the JSON API "
+            "/api/v1/... and the status page /. A port or a Twisted endpoint, bound to 127.0.0.1 unless it names "
+            "an interface; 'none' turns it off.",
+        ],
         *drain_parameters(default(ServerConfig, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
@@ -153,6 +162,7 @@ class Options(usage.Options):
             connect_proxy=self["connect-proxy"],
             domain=self["domain"],
             proxy_users=self["proxy-users"],
+            admin=_admin(self),
             policy=ServerPolicy(
                 settings=settings,
                 tuning=tuning,
@@ -162,6 +172,14 @@ class Options(usage.Options):
                 max_handshakes=positive_int("max-handshakes", self["max-handshakes"]),
             ),
         )
+
+
+def _admin(options: usage.Options) -> str | None:
+    """C{--admin}, checked now: a mistake is a usage error, not a failure at start."""
+    try:
+        return admin_option(options["admin"])
+    except AdminEndpointError as e:
+        raise usage.UsageError(f"--admin: {e}") from None
 
 
 def makeService(options: Options) -> IService:
@@ -176,5 +194,5 @@ def makeService(options: Options) -> IService:
         return build_server_service(
             options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel-server")
         )
-    except (IdentityError, FrontDoorError) as e:
+    except (IdentityError, FrontDoorError, AdminEndpointError) as e:
         sys.exit(f"rtunnel-server: error: {e}")

@@ -15,6 +15,7 @@ from ..frontdoor.names import parse_service_spec
 from ..identity.errors import IdentityError
 from ..mux.frames import MAX_SERVICES
 from ..mux.settings import MAX_STREAMS, Settings
+from ..observe.web import AdminEndpointError, admin_option
 from ..roles.descriptors import raise_soft_limit
 from ..roles.site import SitePolicy
 from ..roles.target import Target
@@ -65,6 +66,14 @@ class Options(usage.Options):
             default(SitePolicy, "handshake_timeout"),
             "Seconds for TLS and the server's HELLO on each connection to the server.",
         ],
+        [
+            "admin",
+            None,
+            None,
+            "Serve a read-only admin endpoint here: /metrics (Prometheus), /healthz, and /readyz (ready while the "
+            "tunnel session is open). A port or a Twisted endpoint, bound to 127.0.0.1 unless it names an "
+            "interface; off unless given.",
+        ],
         *keepalive_parameters(Keepalive(), "3 x --keepalive"),
         *drain_parameters(default(SitePolicy, "drain_grace")),
         *FLOW_PARAMETERS,
@@ -108,6 +117,7 @@ class Options(usage.Options):
             allow=tuple(self["allow"]),
             services=tuple(self["service"].items()),
             target_connect_timeout=connect_timeout,
+            admin=_admin(self),
             policy=SitePolicy(
                 settings=settings,
                 tuning=tuning,
@@ -120,6 +130,14 @@ class Options(usage.Options):
         )
 
 
+def _admin(options: usage.Options) -> str | None:
+    """C{--admin}, checked now: a mistake is a usage error, not a failure at start."""
+    try:
+        return admin_option(options["admin"])
+    except AdminEndpointError as e:
+        raise usage.UsageError(f"--admin: {e}") from None
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -130,5 +148,5 @@ def makeService(options: Options) -> IService:
         return build_site_service(
             options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel")
         )
-    except IdentityError as e:
+    except (IdentityError, AdminEndpointError) as e:
         sys.exit(f"rtunnel: error: {e}")
