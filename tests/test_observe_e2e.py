@@ -159,8 +159,9 @@ class CountersUnderLoadTests(unittest.TestCase):
             self.assertEqual(value(served, "rtunnel_sessions"), 1)
             self.assertEqual(value(served, "rtunnel_handshakes", result="ok"), 1)
             self.assertEqual(value(served, "rtunnel_sites_connected"), 1)
-            for spec, accepted in zip(forwards, (len(SIZES), 1, 1), strict=True):
+            for spec, accepted, refused in zip(forwards, (len(SIZES), 1, 1), (0, 1, 1), strict=True):
                 self.assertEqual(value(served, "rtunnel_forward_connections", forward=spec_text(spec)), accepted)
+                self.assertEqual(value(served, "rtunnel_forward_refusals", forward=spec_text(spec)), refused)
                 self.assertEqual(value(served, "rtunnel_forward_open_connections", forward=spec_text(spec)), 0)
             self.assertEqual(value(served, "rtunnel_refusals", kind="stream"), 2)
 

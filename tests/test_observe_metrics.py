@@ -130,7 +130,7 @@ class ServerCollectorTests(SynchronousTestCase):
         door.accepted = 4
         door.refused("unknown-site", "", "socks5 refused 127.0.0.1:1 asking for x: unknown site")
         [factory] = self.service.forward_factories
-        factory.accepted, factory.connections = 9, 2
+        factory.accepted, factory.connections, factory.refused = 9, 2, 1
 
         samples = parse(scrape(ServerCollector(self.service)))
 
@@ -168,6 +168,7 @@ class ServerCollectorTests(SynchronousTestCase):
         forward = "127.0.0.1:8080:alpha:10.0.0.5:554"
         self.assertEqual(value(samples, "rtunnel_forward_connections", forward=forward), 9)
         self.assertEqual(value(samples, "rtunnel_forward_open_connections", forward=forward), 2)
+        self.assertEqual(value(samples, "rtunnel_forward_refusals", forward=forward), 1)
         self.assertEqual(value(samples, "rtunnel_forward_listening", forward=forward, source="command line"), 1)
         self.assertEqual(value(samples, "rtunnel_frontdoor_connections", door="socks5"), 4)
         self.assertEqual(value(samples, "rtunnel_frontdoor_refusals", door="socks5", reason="unknown-site"), 1)

@@ -216,6 +216,12 @@ class ServerCollector(Collector):
         accepted = CounterMetricFamily(
             "rtunnel_forward_connections", "Client connections the forward accepted.", labels=["forward"]
         )
+        refused = CounterMetricFamily(
+            "rtunnel_forward_refusals",
+            "Client connections of the forward closed because no stream could be opened for them "
+            "(the site away, a limit, the site's refusal: rtunnel_site_stream_opens_total says which).",
+            labels=["forward"],
+        )
         listening = GaugeMetricFamily(
             "rtunnel_forward_listening",
             "1 while the forward listens, 0 when it failed to; source is command line or database.",
@@ -233,8 +239,10 @@ class ServerCollector(Collector):
             listening.add_metric([text, source], 1 if is_listening else 0)
             open_now.add_metric([text], factory.connections if factory is not None else 0)
             accepted.add_metric([text], factory.accepted if factory is not None else 0)
+            refused.add_metric([text], factory.refused if factory is not None else 0)
         yield open_now
         yield accepted
+        yield refused
         yield listening
 
     def _doors(self) -> Iterator[Metric]:

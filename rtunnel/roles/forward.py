@@ -156,6 +156,7 @@ class ForwardProtocol(TCPSide):
         self._opening = None
         if isinstance(failure.value, defer.CancelledError):
             return  # the client left first
+        self.factory.refused += 1
         self._log.warn(
             "forward {forward}: client {client} closed: {reason}",
             forward=str(self.factory.spec),
@@ -168,6 +169,7 @@ class ForwardProtocol(TCPSide):
     def _refused(self, failure: Failure) -> Failure | None:
         if not isinstance(failure.value, StreamOpenFailed):
             return failure  # not ours to handle: on down the errback chain
+        self.factory.refused += 1
         self._log.warn(
             "forward {forward}: site refused the stream for client {client}: {reason}",
             forward=str(self.factory.spec),
@@ -196,6 +198,8 @@ class ForwardFactory(Factory):
     @ivar connections: client connections open now (one descriptor each;
         L{rtunnel.roles.descriptors.DescriptorWatch} estimates with it).
     @ivar accepted: client connections accepted since it was made.
+    @ivar refused: client connections closed because no stream could be
+        opened for them (the site away, a limit, the site's refusal).
     """
 
     noisy = False
@@ -207,6 +211,7 @@ class ForwardFactory(Factory):
         self.open_timeout = open_timeout
         self.connections = 0
         self.accepted = 0
+        self.refused = 0
         #: the client connections open now, for L{cut}
         self.clients: set[ForwardProtocol] = set()
 
