@@ -96,6 +96,8 @@ class WheelTests(SynchronousTestCase):
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertFalse([n for n in names if n.endswith("dropin.cache")])
         self.assertIn("rtunnel/py.typed", names)
+        # package data the admin endpoint reads at start (rtunnel.observe.page)
+        self.assertIn("rtunnel/observe/page/status.html", names)
         for package in on_disk:
             self.assertIn(package.replace(".", "/") + "/__init__.py", names, package)
         shipped = {n for n in names if n.startswith("rtunnel/") and n.endswith(".py")}
