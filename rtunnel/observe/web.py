@@ -17,7 +17,7 @@ reactor up, whoever connects:
    it does not read what is left;
  - B{little synchronous work}: the metrics are gathered on the reactor (so
    that no role object is read from another thread) and formatted in
-   twisted's thread pool by prometheus_client's own Twisted resource; the
+   Twisted's thread pool by prometheus_client's own Twisted resource; the
    other pages are snapshots of a few values per site.
 
 No access log: a Prometheus scrape and two Kubernetes probes every few
@@ -63,7 +63,9 @@ from .page import status_page
 from .server_view import ServerView
 
 __all__ = [
+    "ABORT_TIMEOUT",
     "ADMIN_URL_KEY",
+    "COLLECT_TIMEOUT",
     "DEFAULT_SERVER_ADMIN",
     "IDLE_TIMEOUT",
     "MAX_CONNECTIONS",
@@ -71,6 +73,7 @@ __all__ = [
     "AdminEndpointError",
     "AdminService",
     "AdminSite",
+    "OnReactor",
     "add_server_admin",
     "add_site_admin",
     "admin_endpoint",
