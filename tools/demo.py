@@ -13,7 +13,9 @@ C{make demo}: a real tunnel server, a real site, real traffic, on loopback.
     (C{--socks}): the site declares its source as the service C{video}
     (C{--service video=HOST:PORT}), reached as
     C{video.demo-site.rtunnel.internal}, no forward needed;
- 7. stop everything with SIGTERM (graceful drain) and check that it all ended.
+ 7. ask the server's admin endpoint: /readyz, and the site's byte counter
+    in /metrics, which must hold exactly the bytes of both pulls;
+ 8. stop everything with SIGTERM (graceful drain) and check that it all ended.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtunnel.identity.state import DATABASE
+from rtunnel.identity.store import StateStore
+from rtunnel.observe.live import ADMIN_URL_KEY
 from tools.harness import ROOT, Deployment, free_port, wait_until
 from tools.socks import socks5_handshake
 
@@ -103,6 +111,37 @@ def pull(port: int, timeout: float, by_name: tuple[str, int] | None = None) -> t
     return total, digest.hexdigest(), time.perf_counter() - start
 
 
+def show_admin(deployment: Deployment, site: str, expected_from_site: int) -> bool:
+    """
+    Step 7: the server's admin endpoint (its URL as the server recorded it
+    in the state database, the port the kernel picked): readiness, and the
+    site's byte counter, which must hold exactly what the two pulls carried.
+    """
+    with StateStore(deployment.server_state / DATABASE, create=False) as store:
+        url = store.get_meta(ADMIN_URL_KEY)
+    if not url:
+        print("7. the admin endpoint recorded no URL", file=sys.stderr)
+        return False
+    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+        ready = response.read().decode().strip()
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        scrape = response.read().decode()
+    counted = {
+        sample.labels["direction"]: int(sample.value)
+        for family in text_string_to_metric_families(scrape)
+        for sample in family.samples
+        if sample.name == "rtunnel_site_bytes_total" and sample.labels.get("site") == site
+    }
+    from_site = counted.get("from_site", -1)
+    exact = from_site == expected_from_site
+    print(f"7. admin endpoint {url} (status page at {url}/): /readyz says {ready!r}")
+    print(
+        f'   /metrics: rtunnel_site_bytes_total{{site="{site}",direction="from_site"}} {from_site:,} '
+        f"({'exactly' if exact else 'NOT'} the {expected_from_site:,} bytes pulled)"
+    )
+    return ready == "ready" and exact
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=256, help="how much to pull through the tunnel")
@@ -156,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   received {total:,} bytes in {seconds:.2f}s = {total / seconds / 1e6:.0f} MB/s")
         print(f"   sha256 sent     {sent}")
         print(f"   sha256 received {received}  {'OK' if by_name_ok else 'MISMATCH'}")
+        ok = show_admin(deployment, site, 2 * source.size) and ok
     except Exception as e:
         print(f"demo failed: {e}", file=sys.stderr)
         for proc in deployment.processes:
@@ -166,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         source.close()
     left = [p.name for p in deployment.processes if p.running()]
     print(
-        f"7. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; "
+        f"8. stopped: {', '.join(f'{name} exit {code}' for name, code in statuses.items())}; "
         f"still running: {left or 'nothing'}"
     )
     if statuses and any(code != 0 for code in statuses.values()):
