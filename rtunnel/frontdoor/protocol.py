@@ -361,14 +361,15 @@ class FrontDoorProtocol(TCPSide):
         )
         if allowed:
             self._log.warn(
-                "front door {door}: refused {client}{user}{asked}: {refusal}{suppressed}",
+                "front door {door}: refused {client}{user}{asked}: {refusal}{not_logged}",
                 door=factory.kind.value,
                 client=describe(self.peer),
                 user=self._user_text(),
                 asked=asked,
                 refusal=str(refusal),
                 kind=refusal.kind.value,
-                suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
+                suppressed=suppressed,
+                not_logged=f" ({suppressed} similar from this host not logged)" if suppressed else "",
             )
         if self.transport is not None:
             self.transport.loseConnection()

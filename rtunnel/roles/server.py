@@ -242,12 +242,13 @@ class TunnelConnection(Protocol):
             allowed, suppressed = self.factory.log_budget.allow(("rejected", site), self.factory.clock.seconds())
             if allowed:
                 self._log.warn(
-                    "site {site} from {peer} rejected: {code}: {reason}{suppressed}",
+                    "site {site} from {peer} rejected: {code}: {reason}{not_logged}",
                     site=site,
                     peer=self.peer,
                     code=e.code,
                     reason=e.message,
-                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                    suppressed=suppressed,
+                    not_logged=f" ({suppressed} similar not logged)" if suppressed else "",
                 )
             figures = self.factory.figures
             figures.handshake(e.code)
@@ -360,10 +361,11 @@ class TunnelConnection(Protocol):
             return
         log = self._log.warn if level == "warn" else self._log.info
         log(
-            "refused TLS connection from {peer}: {reason}{suppressed}",
+            "refused TLS connection from {peer}: {reason}{not_logged}",
             peer=self.peer,
             reason=printable(what),
-            suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
+            suppressed=suppressed,
+            not_logged=f" ({suppressed} similar from this host not logged)" if suppressed else "",
         )
 
     def _timed_out(self) -> None:
@@ -394,11 +396,12 @@ class TunnelConnection(Protocol):
             figures.refuse(self.site or "", "handshake", reason, keep=allowed)
         if allowed:
             self._log.warn(
-                "dropping {peer}: {what} within {timeout}s{suppressed}",
+                "dropping {peer}: {what} within {timeout}s{not_logged}",
                 peer=self.peer,
                 what=what,
                 timeout=self.factory.policy.handshake_timeout,
-                suppressed=f" ({suppressed} similar from this host not logged)" if suppressed else "",
+                suppressed=suppressed,
+                not_logged=f" ({suppressed} similar from this host not logged)" if suppressed else "",
             )
         self._abort()
 

@@ -122,10 +122,11 @@ class TargetConnector:
             allowed, suppressed = self._budget.allow(target, self.clock.seconds())
             if allowed:
                 self._log.warn(
-                    "refused stream {streamID} to {target}: not in the allowlist (--allow){suppressed}",
+                    "refused stream {streamID} to {target}: not in the allowlist (--allow){not_logged}",
                     streamID=stream.stream_id,
                     target=str(target),
-                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                    suppressed=suppressed,
+                    not_logged=f" ({suppressed} similar not logged)" if suppressed else "",
                 )
             stream.refuse(ErrorCode.TARGET_NOT_ALLOWED, f"{target} is not allowed at this site")
             return
@@ -147,10 +148,11 @@ class TargetConnector:
             allowed, suppressed = self._budget.allow((target, code), self.clock.seconds())
             if allowed:
                 self._log.warn(
-                    "refused stream {streamID}: {reason}{suppressed}",
+                    "refused stream {streamID}: {reason}{not_logged}",
                     streamID=stream.stream_id,
                     reason=reason,
-                    suppressed=f" ({suppressed} similar not logged)" if suppressed else "",
+                    suppressed=suppressed,
+                    not_logged=f" ({suppressed} similar not logged)" if suppressed else "",
                 )
             stream.refuse(code, reason)
 
