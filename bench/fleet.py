@@ -30,7 +30,10 @@ Phases at each N (every wait polls a real condition and is bounded):
    site has a new session;
 6. ``kill -9`` the server, restart; the same;
 7. settle, idle window again (a server process that never enrolled anyone);
-8. sequential connect + 64 B echo + close through the forwards.
+8. sequential connect + 64 B echo + close through the forwards;
+9. the admin endpoint (issue 12; bench/fleet_admin.py): timed scrapes of
+   /metrics and /api/v1/sites with all N sites connected, what they count
+   checked against N, and echoes through the forwards while a scrape runs.
 
 Listen drops and overflows come from ``nstat`` around each phase.  By default
 (as root) the whole benchmark runs in its own network namespace, so these
@@ -57,6 +60,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -68,7 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import fleet_profile, procstats  # noqa: E402
+from bench import fleet_admin, fleet_profile, procstats  # noqa: E402
 
 WORK = REPO / "_bench" / "fleet"
 RESULTS_MD = REPO / "bench" / "results" / "fleet-latest.md"
@@ -163,6 +167,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def echo_once(port: int, msg: bytes) -> float:
+    """Connect to 127.0.0.1:port (a forward), send ``msg``, read it back, close: the seconds it took.
+
+    OSError if the connection fails; MeasureError if what came back is not ``msg``.
+    """
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = c.recv(len(msg) - len(got))
+            if not chunk:
+                break
+            got += chunk
+    elapsed = time.perf_counter() - start
+    if got != msg:
+        raise MeasureError(f"echo mismatch ({len(got)} bytes)")
+    return elapsed
+
+
+def thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
 def fd_count(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -227,6 +259,11 @@ class Server:
         self.probe = probe
         self.state = workdir / "server-state"
         self.port = free_port()
+        # The admin endpoint's default port (5501) is fixed and may be taken on this host: give it a free one,
+        # unless --server-arg says where it goes (or turns it off); the admin phase is skipped then.
+        self.admin_port: int | None = (
+            None if any(a == "--admin" or a.startswith("--admin=") for a in self.extra) else free_port()
+        )
         self.forwards = forwards
         self.backlog = backlog
         self.proc: subprocess.Popen | None = None
@@ -252,6 +289,8 @@ class Server:
         ]
         for port, site in self.forwards:
             argv += ["--forward", f"127.0.0.1:{port}:{site}:echo:7"]
+        if self.admin_port is not None:
+            argv += ["--admin", f"tcp:{self.admin_port}:interface=127.0.0.1"]
         return argv + self.extra
 
     def start(self) -> None:
@@ -667,6 +706,7 @@ class Fleet:
             self.phase_restart("kill9", signal.SIGKILL)
             self.phase_idle("idle_steady")
             self.phase_echo()
+            self.phase_admin()
         finally:
             server_log_events(self.workdir, self.res["phases"])
             for _, _, spy in self._spies:
@@ -871,22 +911,9 @@ class Fleet:
                 errors.append(f"time limit reached after {i} connections")
                 break
             port = ports[i % len(ports)]
-            start = time.perf_counter()
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    c.sendall(msg)
-                    got = b""
-                    while len(got) < len(msg):
-                        chunk = c.recv(len(msg) - len(got))
-                        if not chunk:
-                            break
-                        got += chunk
-                elapsed = time.perf_counter() - start
-                if got != msg:
-                    errors.append(f"connection {i}: echo mismatch ({len(got)} bytes)")
-                    continue
-            except OSError as e:
+                elapsed = echo_once(port, msg)
+            except (OSError, MeasureError) as e:
                 errors.append(f"connection {i}: {e}")
                 continue
             if i >= 50:
@@ -913,6 +940,166 @@ class Fleet:
             f"p50 {ph['p50_ms']:.2f} ms, p99 {ph['p99_ms']:.2f} ms, max {ph['max_ms']:.1f} ms; "
             f"{len(errors)} errors"
         )
+
+    def phase_admin(self) -> None:
+        """Scrape the admin endpoint with all N sites connected (bench/fleet_admin.py says what and why).
+
+        It runs after the echo phase, not before it: the echo figures (a
+        target) stay measured as in earlier runs, with no scrape's leftovers
+        in the server (Twisted's thread pool started by /metrics, freed
+        megabytes, objects the collector promoted); the forwards' sites then
+        carry non-zero stream and byte counters, as a working fleet does; and
+        the echo phase's p50 is there to read the echoes during a scrape against.
+        """
+        s = self.server
+        assert s is not None
+        if s.admin_port is None:
+            self.res["phases"]["admin"] = {"n": self.n, "skipped": "--server-arg sets --admin"}
+            log("  admin: skipped (--server-arg sets --admin)")
+            return
+        deadline = time.monotonic() + 30
+        while not listening(s.admin_port):  # it listens after the forwards, which wait_listening saw
+            if time.monotonic() > deadline or not s.alive():
+                raise MeasureError(f"admin: nothing listens on 127.0.0.1:{s.admin_port} after 30 s")
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{s.admin_port}"
+        sts = self.status(0.0)
+        up0, sessions0 = sum(st["up"] for st in sts), sum(st["sessions"] for st in sts)
+        if up0 < self.n:
+            raise MeasureError(f"admin: only {up0} of {self.n} sites up before the scrapes")
+        idle_pct = self.res["phases"].get("idle_steady", {}).get("server_cpu_pct")
+        self.events()
+        self.spy("admin-server", s.pid, rate=200)
+        wall0, t0, c0 = time.time(), time.monotonic(), self.cpu()
+        deadline = t0 + 600  # every request is bounded too (fleet_admin.TIMEOUT_S)
+        scrapes: dict[str, dict[str, Any]] = {}
+        bodies: dict[str, bytes] = {}
+        for label, path, count in fleet_admin.PAGES:
+            scrapes[label], bodies[label] = fleet_admin.scrape_series(
+                base + path, count, deadline, lambda: procstats.cpu_seconds(s.pid)
+            )
+            if idle_pct is not None:  # what the server would have spent meanwhile had nobody asked
+                scrapes[label]["idle_cpu_s"] = idle_pct / 100 * scrapes[label]["wall_s"]
+        during = {
+            label: self.echo_during_scrape(base + path, deadline)
+            for label, path, _ in fleet_admin.PAGES
+            if label in ("metrics", "history")
+        }
+        t1, c1 = time.monotonic(), self.cpu()
+        self.unspy()
+        sts = self.status(0.0)
+        up1, sessions1 = sum(st["up"] for st in sts), sum(st["sessions"] for st in sts)
+        ph: dict[str, Any] = {
+            "n": self.n,
+            "url": base,
+            "scrapes": scrapes,
+            "during": during,
+            "wall_s": t1 - t0,
+            "server_cpu_s": c1["server"] - c0["server"],
+            "idle_cpu_pct": idle_pct,
+            "rss_kib": self.rss_kib(),
+            "server_threads": thread_count(s.pid),
+            "up_before": up0,
+            "up_after": up1,
+            "new_sessions": sessions1 - sessions0,
+            "site_events": self.events(),
+            "wall": [wall0, time.time()],
+        }
+        self.res["phases"]["admin"] = ph
+        problems = [
+            f"{sc['url']}: {sc['errors']} of {sc['errors'] + sc['count']} scrapes failed, first: {sc['first_error']}"
+            for sc in scrapes.values()
+            if sc["errors"]
+        ]
+        try:
+            if bodies["metrics"]:
+                ph["metrics"] = fleet_admin.metrics_figures(bodies["metrics"])
+            if bodies["sites"]:
+                ph["sites"] = fleet_admin.sites_figures(bodies["sites"])
+            if bodies["history"]:
+                ph["history"] = fleet_admin.sites_figures(bodies["history"])
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"a page did not parse: {e!r}")
+        log(f"  admin: {fleet_admin.summary(ph)}")
+        # The drivers saw every site up before and after, with no new session: every page must count N connected.
+        steady = up1 == self.n and ph["new_sessions"] == 0
+        m = ph.get("metrics")
+        if m is not None:
+            if m["sites_connected"] != self.n:
+                problems.append(f"rtunnel_sites_connected is {m['sites_connected']}, not {self.n}")
+            if m["site_up_series"] != self.n or m["site_up_sum"] != self.n:
+                problems.append(
+                    f"rtunnel_site_up: {m['site_up_series']} series summing to {m['site_up_sum']:.0f}, not {self.n}"
+                )
+        for key in ("sites", "history"):
+            j = ph.get(key)
+            if j is not None and (j["sites"] != self.n or j["connected"] != self.n):
+                problems.append(
+                    f"{scrapes[key]['url']}: {j['connected']} of {j['sites']} sites connected, not {self.n}"
+                )
+        if ph.get("history") is not None and ph["history"]["with_throughput"] != self.n:
+            problems.append(f"?history=1: {ph['history']['with_throughput']} of {self.n} sites with a throughput")
+        for label, d in during.items():
+            if d["scrape_error"] or d["errors"]:
+                problems.append(
+                    f"echo during {scrapes[label]['url']}: {d['errors']} echo errors, scrape "
+                    f"{d['scrape_error'] or 'ok'}" + (f" (first echo error: {d['first_error']})" if d["errors"] else "")
+                )
+        if problems and not steady:
+            problems.append(f"(sites up after the scrapes: {up1} of {self.n}, {ph['new_sessions']} new sessions)")
+        ph["problems"] = problems
+        if problems:
+            raise MeasureError("admin: " + "; ".join(problems))
+
+    def echo_during_scrape(self, url: str, deadline: float) -> dict[str, Any]:
+        """Sequential echoes through the forwards for as long as a scrape of ``url`` runs, over a few scrapes.
+
+        The admin endpoint shares the server's reactor with the tunnels, so
+        the longest echo is about the longest stretch a page held that
+        reactor. A small fleet's scrape lasts a few echoes only, hence
+        several scrapes (fleet_admin.ECHO_SCRAPES), one after the other.
+        Bounded by each scrape's own timeout and ``deadline``.
+        """
+        s = self.server
+        assert s is not None
+        ports = [p for p, _ in s.forwards]
+        msg = bytes(range(64))
+        lat: list[float] = []
+        errors: list[str] = []
+        scrape_s: list[float] = []
+        scrape_errors: list[str] = []
+        i = 0
+        for _ in range(fleet_admin.ECHO_SCRAPES):
+            if time.monotonic() > deadline:
+                scrape_errors.append("phase time limit reached")
+                break
+            scrape = fleet_admin.Background(url)
+            stop = min(deadline, time.monotonic() + fleet_admin.TIMEOUT_S + 5)
+            scrape.start()
+            while scrape.running() and time.monotonic() < stop:
+                try:
+                    lat.append(1000 * echo_once(ports[i % len(ports)], msg))
+                except (OSError, MeasureError) as e:
+                    errors.append(f"connection {i}: {e}")
+                i += 1
+            scrape.join(max(0.0, stop - time.monotonic()))
+            if scrape.running():
+                scrape_errors.append("still running at the time limit")
+                break  # its thread is a daemon with a socket timeout: it ends on its own
+            if scrape.error is not None:
+                scrape_errors.append(scrape.error)
+            elif scrape.seconds is not None:
+                scrape_s.append(scrape.seconds)
+        return {
+            "scrapes": len(scrape_s),
+            "scrape_median_s": statistics.median(scrape_s) if scrape_s else None,
+            "scrape_error": scrape_errors[0] if scrape_errors else None,
+            "count": len(lat),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            "p50_ms": pct(lat, 50) if lat else None,
+            "max_ms": max(lat) if lat else None,
+        }
 
 
 # ------------------------------------------------------------------ report
@@ -1022,6 +1209,59 @@ def timeline_rows(timeline: list[list[float]], label: str) -> list[str]:
         ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         + ["| " + " | ".join(r) + " |" for r in (up, srv, drv)]
         + [""]
+    )
+
+
+def admin_lines(a: dict[str, Any]) -> list[str]:
+    """The admin phase in the Phases section: what each page cost and what it said."""
+    parts = []
+    for label, path, _ in fleet_admin.PAGES:
+        sc = a["scrapes"].get(label)
+        if not sc or not sc["count"]:
+            parts.append(f"`{path}` no answer ({sc and sc['first_error']})")
+            continue
+        idle = f" (~{1000 * sc['idle_cpu_s'] / sc['count']:.1f} ms of it the idle rate)" if "idle_cpu_s" in sc else ""
+        took = (
+            f"{f1(1000 * sc['median_s'], ' ms', 1)} (median of {sc['count']}; max {f1(1000 * sc['max_s'], ' ms', 1)})"
+            if sc["count"] > 1
+            else f1(1000 * sc["max_s"], " ms", 1)
+        )
+        parts.append(
+            f"`{path}` {sc['bytes']:,} bytes in {took}, server CPU "
+            f"{f1(1000 * sc['server_cpu_s_per_scrape'], ' ms', 1)} per scrape{idle}"
+            + (f", {sc['errors']} failed (first: {sc['first_error']})" if sc["errors"] else "")
+        )
+    line = f"- Admin endpoint ({a['url']}, after the echo phase): " + "; ".join(parts) + "."
+    m = a.get("metrics")
+    if m:
+        line += (
+            f" The `/metrics` body holds {m['samples']:,} samples in {m['families']} families; "
+            f"`rtunnel_sites_connected` {m['sites_connected']:,.0f}, `rtunnel_site_up` {m['site_up_series']:,} "
+            f"series summing to {m['site_up_sum']:,.0f}, RTT measured for {m['site_rtt_series']:,} sites"
+        )
+        j = a.get("sites")
+        if j:
+            line += f"; `/api/v1/sites` lists {j['sites']:,} sites, {j['connected']:,} connected"
+        line += f" (N = {a['n']:,})."
+    for label, d in a.get("during", {}).items():
+        path = dict((lb, p) for lb, p, _ in fleet_admin.PAGES)[label]
+        median = None if d["scrape_median_s"] is None else 1000 * d["scrape_median_s"]
+        line += (
+            f" During {d['scrapes']} more `{path}` scrapes (median {f1(median, ' ms', 0)}): "
+            f"{d['count']} sequential echoes, p50 {f1(d['p50_ms'], ' ms', 2)}, max {f1(d['max_ms'], ' ms', 1)}"
+            + (f", {d['errors']} errors" if d["errors"] else "")
+            + (f", scrape {d['scrape_error']}" if d["scrape_error"] else "")
+            + "."
+        )
+    line += (
+        f" Server CPU over the phase {a['server_cpu_s']:.2f} s in {a['wall_s']:.1f} s; RSS after it "
+        f"{a['rss_kib'] / 1024:.1f} MiB, {a['server_threads']} threads; {a['new_sessions']} sessions (re)made "
+        "meanwhile."
+    )
+    return (
+        [line]
+        + event_lines(a.get("site_events"), "logged by the sites")
+        + (event_lines(a.get("server_events"), "logged by the server") if "server_events" in a else [])
     )
 
 
@@ -1158,6 +1398,17 @@ def report(
         out.append("| " + " | ".join([label, target_text] + [c[0] for c in cells] + [verdict]) + " |")
     out.append("")
 
+    admin = {n: ph(n, "admin") for n in ns}
+    if any(a and "scrapes" in a for a in admin.values()):
+        out += [
+            "## Admin endpoint (issue 12)",
+            "",
+            "Scrapes from the benchmark's process after the echo phase, every site connected; the target was set "
+            "for N = 1,000.",
+            "",
+        ]
+        out += fleet_admin.report_rows(admin, ns)
+
     out += ["## Phases", ""]
     for n in ns:
         r = by_n[n]
@@ -1228,6 +1479,11 @@ def report(
                 + (f" (first: {c['first_error']})" if c["first_error"] else "")
                 + "."
             )
+        a = ph(n, "admin")
+        if a.get("skipped"):
+            out.append(f"- Admin endpoint: not scraped ({a['skipped']}).")
+        elif a:
+            out += admin_lines(a)
         out.append("")
     if failures:
         out += ["## Failures", ""]
@@ -1244,6 +1500,17 @@ def report(
         '- "Back" means: the site\'s `TunnelClientService` has a session whose HELLO arrived without a refusal, begun '
         "after the signal (driver-side, `time.monotonic()`); times are from the signal to the last site's.",
         "- Listen drops / overflows: `nstat` TcpExtListenDrops / TcpExtListenOverflows, difference over the phase.",
+        "- Admin endpoint: the server runs with `--admin tcp:PORT:interface=127.0.0.1` on a free port. After the "
+        f"echo phase, {fleet_admin.SCRAPES} sequential GETs each of `/metrics` and `/api/v1/sites` and one of "
+        "`/api/v1/sites?history=1` (urllib, a new connection each, no gzip; wall time from the request to the "
+        "body's last byte); server CPU per scrape is the server's `utime + stime` over the series divided by the "
+        f"scrapes, idle work included, read in clock ticks ({1000 // procstats.CLK_TCK} ms: coarse for one fast "
+        "scrape). The `/metrics` body is parsed with `prometheus_client.parser`: "
+        "`rtunnel_sites_connected` and the `rtunnel_site_up` series must count N, as must the connected sites of "
+        f"both JSON pages (the drivers saw all N up). Then {fleet_admin.ECHO_SCRAPES} more scrapes each of "
+        "`/metrics` and of `?history=1`, one at a time, with sequential echoes through the forwards for as long "
+        "as each runs: the admin pages share the reactor with the tunnels, and the longest echo is about the "
+        "longest stretch a page held it.",
     ]
     return "\n".join(out) + "\n"
 
