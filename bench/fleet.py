@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ NETNS_ENV = "RTUNNEL_FLEET_IN_NETNS"
 PROBE_ENV = "RTUNNEL_FLEET_PROBE"  # read by bench/fleet_probe.py
 KEEPALIVE_S = 10.0  # the default keepalive interval of both roles
 
-PLANS = {
+PLANS: dict[str, dict[str, Any]] = {
     # settle: after all sites are up, before measuring (a few keepalive intervals)
     # idle: the CPU window; echo: sequential connect+echo+close through the forwards
     "full": dict(sizes=[1000, 10000], settle_s=30.0, idle_s=30.0, echo=2000, zero_s=5.0),
@@ -164,7 +165,8 @@ def listen_backlog(port: int) -> int | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def echo_once(port: int, msg: bytes) -> float:
@@ -223,10 +225,10 @@ def sysctl(name: str) -> str:
 
 
 # ------------------------------------------------------------------ processes
-_started: list[subprocess.Popen] = []  # every process this run started, ended by PID in finally
+_started: list[subprocess.Popen[bytes]] = []  # every process this run started, ended by PID in finally
 
 
-def end_process(p: subprocess.Popen, timeout: float = 10.0) -> None:
+def end_process(p: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM one process we started, SIGKILL after ``timeout``; reaped either way."""
     if p.poll() is not None:
         return
@@ -266,7 +268,7 @@ class Server:
         )
         self.forwards = forwards
         self.backlog = backlog
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def argv(self) -> list[str]:
@@ -354,7 +356,7 @@ def tail(path: Path, n: int = 5) -> str:
 class Driver:
     """One bench/fleet_driver.py process and its JSON-lines pipe."""
 
-    def __init__(self, index: int, workdir: Path, sites: list[list[str | None]], nice: int = 0) -> None:
+    def __init__(self, index: int, workdir: Path, sites: Sequence[Sequence[str | None]], nice: int = 0) -> None:
         self.index = index
         self.n = len(sites)
         cfg = workdir / f"driver-{index}.json"
@@ -413,7 +415,8 @@ class Driver:
                 raise MeasureError(f"driver {self.index} exited (rc {self.proc.wait(5)}): {tail(self.stderr)}")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
+        msg: dict[str, Any] = json.loads(line)
+        return msg
 
     def poll_line(self) -> dict[str, Any] | None:
         """The next line if one has arrived, else None (never blocks)."""
@@ -428,7 +431,8 @@ class Driver:
                 raise MeasureError(f"driver {self.index} exited (rc {self.proc.wait(5)}): {tail(self.stderr)}")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
+        msg: dict[str, Any] = json.loads(line)
+        return msg
 
     def request(self, obj: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         self.send(obj)
@@ -522,7 +526,7 @@ class Fleet:
         self.drivers: list[Driver] = []
         self.res: dict[str, Any] = {"n": n, "drivers": args.drivers, "phases": {}, "probes": {}, "profiles": {}}
         self.server: Server | None = None
-        self._spies: list[tuple[str, Path, subprocess.Popen | None]] = []
+        self._spies: list[tuple[str, Path, subprocess.Popen[bytes] | None]] = []
 
     # -- measurement helpers
     def cpu(self) -> dict[str, float]:
@@ -568,7 +572,7 @@ class Fleet:
                     d.send({"cmd": "status", "since": since})
                     asked[d.index] = now
             waiting = [d for d in self.drivers if d.index in asked]
-            select.select([d.proc.stdout for d in waiting], [], [], 0.05)
+            select.select([d.proc.stdout for d in waiting if d.proc.stdout is not None], [], [], 0.05)
             for d in waiting:
                 msg = d.poll_line()
                 if msg is not None:
@@ -595,7 +599,8 @@ class Fleet:
                 raise MeasureError(f"{what}: {count} of {self.n} sites after {timeout:.0f} s")
             if self.server is not None and not self.server.alive():
                 raise MeasureError(
-                    f"{what}: server exited ({self.server.proc.returncode}): {tail(self.workdir / 'server.log')}"
+                    f"{what}: server exited ({self.server.proc and self.server.proc.returncode}): "
+                    f"{tail(self.workdir / 'server.log')}"
                 )
             if now - last_log > 10:
                 log(f"  {what}: {count:,}/{self.n:,} after {now - since:.0f} s")
@@ -1304,9 +1309,10 @@ def report(
     ns = sorted(by_n)
 
     def ph(n: int, name: str) -> dict[str, Any]:
-        return by_n[n]["phases"].get(name, {})
+        phase: dict[str, Any] = by_n[n]["phases"].get(name, {})
+        return phase
 
-    def cell(n: int, get: Any) -> tuple[str, float | None]:
+    def cell(n: int, get: Callable[[int], tuple[str, float | None]]) -> tuple[str, float | None]:
         try:
             return get(n)
         except (KeyError, TypeError):

@@ -53,9 +53,10 @@ epollreactor.install()
 
 from twisted.internet import reactor, stdio  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
-from twisted.logger import LogLevel, globalLogBeginner, textFileLogObserver  # noqa: E402
+from twisted.logger import ILogObserver, LogLevel, globalLogBeginner, textFileLogObserver  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 from twisted.protocols.wire import Echo  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from rtunnel.identity.keyfile import read_keyfile  # noqa: E402
 from rtunnel.identity.state import SiteState  # noqa: E402
@@ -113,6 +114,7 @@ class FleetSite(TunnelClientService):
         return super().prepare_connection(protocol).addCallback(up)
 
 
+@implementer(ILogObserver)
 class CountingObserver:
     """Counts warnings and worse by kind; writes only the first ``verbatim`` of them in full."""
 

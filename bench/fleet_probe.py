@@ -75,7 +75,7 @@ def _mallinfo() -> dict[str, int] | None:
         return None
     fn.restype = _MallInfo2
     mi = fn()
-    return {name: int(getattr(mi, name)) for name, _ in _MallInfo2._fields_}
+    return {field[0]: int(getattr(mi, field[0])) for field in _MallInfo2._fields_}
 
 
 def dump(directory: Path) -> None:

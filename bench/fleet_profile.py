@@ -35,7 +35,7 @@ def pyspy_binary() -> str | None:
     return str(venv) if venv.exists() else shutil.which("py-spy")
 
 
-def start(pid: int, out: Path, rate: int = 100, duration: int = 900) -> subprocess.Popen | None:
+def start(pid: int, out: Path, rate: int = 100, duration: int = 900) -> subprocess.Popen[bytes] | None:
     """Start ``py-spy record`` on ``pid`` (ended by ``stop``); None without py-spy."""
     binary = pyspy_binary()
     if binary is None:
@@ -64,7 +64,7 @@ def start(pid: int, out: Path, rate: int = 100, duration: int = 900) -> subproce
     )
 
 
-def stop(p: subprocess.Popen | None, timeout: float = 60.0) -> None:
+def stop(p: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
     """SIGINT makes py-spy write what it sampled and exit; SIGKILL if it does not (bounded)."""
     if p is None or p.poll() is not None:
         return
