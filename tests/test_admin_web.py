@@ -194,6 +194,20 @@ class PathsTests(unittest.SynchronousTestCase):
         self.assertEqual(endpoint.request("GET", "/healthz").body, b"ok\n")
         self.assertEqual(endpoint.request("GET", "/nope").status, 404)
 
+    def test_favicon(self) -> None:
+        """
+        /favicon.ico, which browsers ask for unprompted, is an empty 204 on
+        both roles (with and without the status page as the root), so the
+        browser's console shows no 404; nothing below it is a page.
+        """
+        for page in (True, False):
+            endpoint = Endpoint(page=page)
+            for method in ("GET", "HEAD"):
+                response = endpoint.request(method, "/favicon.ico")
+                self.assertEqual((response.status, response.body), (204, b""), (page, method))
+                self.assertEqual(response.header("Cache-Control"), "max-age=86400")
+            self.assertEqual(endpoint.request("GET", "/favicon.ico/x").status, 404, page)
+
 
 class ReadOnlyTests(unittest.SynchronousTestCase):
     def test_other_methods_refused(self) -> None:

@@ -129,12 +129,6 @@ class PageResourceTests(SynchronousTestCase):
         for path in ("/index.html", "/status", "/x/", "/favicon.ico/x"):
             self.assertEqual(request(root, "GET", path).status, 404, path)
 
-    def test_no_icon_is_no_error(self) -> None:
-        """Browsers ask for /favicon.ico unprompted: an empty answer, not a 404 in their console."""
-        response = request(status_page(), "GET", "/favicon.ico")
-        self.assertEqual(response.status, 204)
-        self.assertEqual(response.body, b"")
-
     def test_as_a_child_of_another_root(self) -> None:
         root = Resource()
         root.putChild(b"", status_page())

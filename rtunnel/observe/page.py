@@ -72,10 +72,10 @@ def content_security_policy(html: bytes) -> str:
 class _StatusPage(Resource):
     """
     The page at the path it is mounted on. It may be the admin endpoint's
-    root with the other resources as its children, so a request for the
-    root itself (an empty last segment) is the page, C{favicon.ico} (which
-    browsers ask for on their own) is an empty answer rather than an error
-    in the browser's console, and any other unknown child is a 404.
+    root with the other resources as its children (C{/favicon.ico} among
+    them: L{rtunnel.observe.web.admin_root}), so a request for the root
+    itself (an empty last segment) is the page and any other unknown
+    child is a 404.
     """
 
     def __init__(self, html: bytes) -> None:
@@ -84,11 +84,8 @@ class _StatusPage(Resource):
         self._policy = content_security_policy(html).encode("ascii")
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        if not request.postpath:
-            if path == b"":
-                return self
-            if path == b"favicon.ico":
-                return _NoIcon()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated in Twisted
+        if path == b"" and not request.postpath:
+            return self
         return notFound("No such page", "The admin endpoint has no page here.")
 
     def render(self, request: Request) -> bytes:
@@ -104,15 +101,6 @@ class _StatusPage(Resource):
         request.setHeader(b"Referrer-Policy", b"no-referrer")
         request.setHeader(b"X-Frame-Options", b"DENY")
         return self._html
-
-
-class _NoIcon(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(204)
-        request.setHeader(b"Cache-Control", b"max-age=86400")
-        return b""
 
 
 def status_page() -> Resource:

@@ -218,6 +218,19 @@ class Readiness(_Leaf):
         return _plain(request, 503, f"not ready: {_one_line(reason)}")
 
 
+class _NoIcon(_Leaf):
+    """
+    C{/favicon.ico}, which browsers ask for on their own: an empty answer
+    (cached for a day), not a 404 in the browser's console. A child of the
+    root, so it is there whatever the root is (the status page or not).
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(b"Cache-Control", b"max-age=86400")
+        return b""
+
+
 class _NotFound(Resource):
     isLeaf = True
 
@@ -253,13 +266,15 @@ def admin_root(
 ) -> Resource:
     """
     The resource tree of an admin endpoint: C{/healthz}, C{/readyz},
-    C{/metrics}, and (the tunnel server's) C{/api} and C{/}.
+    C{/metrics}, C{/favicon.ico} (empty), and (the tunnel server's)
+    C{/api} and C{/}.
 
     With a status page, the page is the root and the rest its children
-    (it answers C{/} and C{/favicon.ico} itself, and its own 404 for other
-    paths); without one, the root is a plain-text 404 naming the paths.
+    (it answers C{/} itself, and its own 404 for other paths); without
+    one, the root is a plain-text 404 naming the paths.
     """
     root: Resource = page if page is not None else _Root("/metrics, /healthz, /readyz")
+    root.putChild(b"favicon.ico", _NoIcon())
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Readiness(ready))
     root.putChild(b"metrics", metrics)
