@@ -25,13 +25,15 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 
 from rtunnel.cli import server_tap, site_tap
+from rtunnel.logs import current_level, set_level
 from rtunnel.observe import web
 from rtunnel.observe.live import ADMIN_URL_KEY
 from rtunnel.observe.page import status_page
@@ -39,6 +41,7 @@ from rtunnel.observe.web import (
     ABORT_TIMEOUT,
     IDLE_TIMEOUT,
     MAX_REQUEST_BODY,
+    AdminChannel,
     AdminEndpointError,
     AdminService,
     AdminSite,
@@ -129,10 +132,12 @@ class Endpoint:
         channel.makeConnection(transport)
         return channel, transport
 
-    def request(self, method: str, path: str, body: bytes = b"", headers: str = "") -> Response:
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: str = "", host: str = "127.0.0.1:5501"
+    ) -> Response:
         channel, transport = self.connect()
         length = f"Content-Length: {len(body)}\r\n" if body else ""
-        channel.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: admin\r\n{length}{headers}\r\n".encode() + body)
+        channel.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{length}{headers}\r\n".encode() + body)
         return Response(transport.value())
 
 
@@ -255,7 +260,7 @@ class ReadOnlyTests(unittest.SynchronousTestCase):
         """More than MAX_REQUEST_BODY bytes of body: the connection is aborted, nothing answered."""
         endpoint = Endpoint()
         channel, transport = endpoint.connect()
-        head = f"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: {10 * MAX_REQUEST_BODY}\r\n\r\n".encode()
+        head = f"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: {10 * MAX_REQUEST_BODY}\r\n\r\n".encode()
         channel.dataReceived(head + b"z" * (MAX_REQUEST_BODY // 2))
         self.assertFalse(transport.disconnecting)
         channel.dataReceived(b"z" * MAX_REQUEST_BODY)
@@ -302,11 +307,52 @@ class ConnectionTests(unittest.SynchronousTestCase):
         endpoint.clock.advance(ABORT_TIMEOUT)
         self.assertTrue(transport.disconnected)
 
+    def test_idle_timeout_is_quiet(self) -> None:
+        """
+        Closing an idle connection (after every scrape of a keep-alive
+        Prometheus server) and aborting a stuck one log at debug level
+        only: no "Timing out client" line from Twisted.
+        """
+        log = LogCapture(self)
+        for level in (LogLevel.info, LogLevel.debug):
+            self.addCleanup(set_level, current_level())
+            set_level(level)
+            endpoint = Endpoint()
+            channel, _ = endpoint.connect()
+            channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            endpoint.clock.advance(IDLE_TIMEOUT)
+            endpoint.clock.advance(ABORT_TIMEOUT)
+            if level == LogLevel.info:
+                self.assertEqual(log.events, [])
+        self.assertIsInstance(channel, AdminChannel)
+        self.assertIsNot(AdminChannel.timeoutConnection, HTTPChannel.timeoutConnection)
+        self.assertEqual([formatEvent(e) for e in log.events if e["log_level"] > LogLevel.debug], [])
+        self.assertEqual(log.lines("Timing out client"), [])
+        self.assertEqual(
+            log.lines("admin endpoint:"),
+            [
+                "admin endpoint: closing 127.0.0.1:40000, silent for 10s",
+                "admin endpoint: aborting 127.0.0.1:40000, which did not take the rest of its answer",
+            ],
+        )
+
+    def test_gone_before_the_abort(self) -> None:
+        """A timed-out connection that goes in time is not aborted, and leaves no timer behind."""
+        endpoint = Endpoint()
+        channel, transport = endpoint.connect()
+        endpoint.clock.advance(IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(endpoint.clock.getDelayedCalls()), 1)
+        channel.connectionLost(Exception("closed"))
+        self.assertEqual(endpoint.clock.getDelayedCalls(), [])
+        self.assertFalse(transport.disconnected)  # StringTransport: only abortConnection sets it
+        self.assertEqual(endpoint.site.connections, 0)
+
     def test_idle_after_a_response(self) -> None:
         """A kept-alive connection is timed out once its response is written and it goes silent."""
         endpoint = Endpoint()
         channel, transport = endpoint.connect()
-        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertIn(b"200 OK", transport.value())
         self.assertFalse(transport.disconnecting)
         endpoint.clock.advance(IDLE_TIMEOUT)
@@ -317,7 +363,7 @@ class ConnectionTests(unittest.SynchronousTestCase):
         log = LogCapture(self)
         endpoint = Endpoint()
         channel, _ = endpoint.connect()
-        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         channel.connectionLost(Exception("done"))
         self.assertEqual(endpoint.clock.getDelayedCalls(), [])
         self.assertEqual(log.lines("GET /healthz"), [])
@@ -330,6 +376,28 @@ class ConnectionTests(unittest.SynchronousTestCase):
         self.assertEqual(stopped, [])
         site.doStop()
         self.assertEqual(stopped, [True])
+
+
+class ServerHeaderTests(unittest.SynchronousTestCase):
+    def test_server_is_rtunnel(self) -> None:
+        """
+        Every answer says Server: rtunnel, not TwistedWeb and its version:
+        pages, 404s, refusals, HEAD, the empty favicon and the page.
+        """
+        endpoint = Endpoint(page=True)
+        cases = [
+            ("GET", "/healthz", "localhost"),
+            ("HEAD", "/readyz", "localhost"),
+            ("GET", "/", "localhost"),
+            ("GET", "/nope", "localhost"),
+            ("GET", "/healthz/x", "localhost"),
+            ("GET", "/favicon.ico", "localhost"),
+            ("POST", "/metrics", "localhost"),
+        ]
+        for method, path, host in cases:
+            response = endpoint.request(method, path, host=host)
+            self.assertEqual(response.header("Server"), "rtunnel", (method, path))
+            self.assertNotIn("twisted", json.dumps(response.headers).lower(), (method, path))
 
 
 class OptionTests(unittest.SynchronousTestCase):
@@ -529,13 +597,15 @@ class MetricsOverHTTPTests(unittest.TestCase):
         post = yield agent.request(b"POST", url)
         yield readBody(post)
         self.assertEqual(post.code, 405)
+        # Server: rtunnel on the thread pool's answer as well
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"rtunnel"])
 
 
-def memory_request(site: Any, path: str) -> Response:
+def memory_request(site: Any, path: str, host: str = "localhost:5501") -> Response:
     channel = site.buildProtocol(PEER)
     transport = StringTransport(peerAddress=PEER)
     channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     return Response(transport.value())
 
 

@@ -20,8 +20,12 @@ reactor up, whoever connects:
    Twisted's thread pool by prometheus_client's own Twisted resource; the
    other pages are snapshots of a few values per site.
 
-No access log: a Prometheus scrape and two Kubernetes probes every few
-seconds would bury the log lines that matter.
+No access log, and no line when an idle connection is closed: a
+Prometheus scrape and two Kubernetes probes every few seconds would bury
+the log lines that matter.
+
+Responses say C{Server: rtunnel}, not Twisted's name and version: the
+version is on C{/metrics} (C{rtunnel_build_info}) for whoever scrapes it.
 
 The builders in L{rtunnel.services} call L{add_server_admin} and
 L{add_site_admin}; C{--admin} (L{admin_option}) says where to listen.
@@ -43,7 +47,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
@@ -70,6 +74,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BODY",
+    "SERVER_HEADER",
     "AdminEndpointError",
     "AdminService",
     "AdminSite",
@@ -110,6 +115,9 @@ MAX_REQUEST_BODY = 64 * 1024
 #: a reactor that busy (or shutting down) gets a failed scrape, not a
 #: thread blocked for ever.
 COLLECT_TIMEOUT = 5.0
+
+#: The C{Server} header of every response.
+SERVER_HEADER = b"rtunnel"
 
 _READ_METHODS = (b"GET", b"HEAD")
 _TEXT = b"text/plain; charset=utf-8"
@@ -377,7 +385,7 @@ def metrics_resource(registry: CollectorRegistry | _Collecting, reactor: IReacto
 class AdminRequest(Request):
     """
     A request of the admin endpoint: refused unless GET or HEAD, never
-    cached, its body dropped (see the module doc).
+    cached, its body dropped, its C{Server} ours (see the module doc).
     """
 
     _body_seen = 0
@@ -396,9 +404,14 @@ class AdminRequest(Request):
             super().process()  # type: ignore[no-untyped-call]  # unannotated in Twisted
             return
         method = (self.method or b"").decode("ascii", "replace")
-        message = f"method {method} is not allowed: the admin endpoint is read-only (GET, HEAD)"
-        request.setResponseCode(405)
         request.setHeader(b"Allow", b"GET, HEAD")
+        self._refuse(405, f"method {method} is not allowed: the admin endpoint is read-only (GET, HEAD)")
+
+    def _refuse(self, code: int, message: str) -> None:
+        request: Request = self
+        request.setResponseCode(code)
+        # Twisted's process(), which sets it, is not reached.
+        request.setHeader(b"Date", http.datetimeToString())
         if (self.path or b"").startswith(b"/api"):
             # The JSON API answers every error in JSON (rtunnel.observe.api).
             request.setHeader(b"Content-Type", b"application/json")
@@ -408,17 +421,60 @@ class AdminRequest(Request):
             request.write(message.encode("utf-8") + b"\n")
         request.finish()
 
+    def write(self, data: bytes) -> None:
+        """
+        Twisted's C{Server: TwistedWeb/VERSION} replaced by L{SERVER_HEADER}
+        as the headers go out (the first write; C{finish} writes too when
+        nothing was): whatever a resource set or Twisted added on the way.
+        """
+        if not self.startedWriting:
+            self.responseHeaders.setRawHeaders(b"Server", [SERVER_HEADER])
+        super().write(data)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+
 
 def _json_string(text: str) -> bytes:
     return json.dumps(text).encode("utf-8")
 
 
 class AdminChannel(HTTPChannel):
-    """An admin connection: counted by its L{AdminSite} until it is gone."""
+    """
+    An admin connection: counted by its L{AdminSite} until it is gone,
+    closed quietly when idle.
+    """
 
     abortTimeout = ABORT_TIMEOUT
+    _aborting: IDelayedCall | None = None
+
+    def timeoutConnection(self) -> None:
+        """
+        What Twisted's HTTPChannel does when the connection has been idle
+        for C{timeOut} seconds (close it, abort it C{abortTimeout} seconds
+        later if it has not gone), without its C{Timing out client} line
+        at info level: a Prometheus server keeps its connection alive
+        between scrapes, so that line came once per scrape. This is
+        TimeoutMixin's documented hook, and the override uses only public
+        members of the channel, so a Twisted release cannot silently
+        bring the line back or break the close (a test checks both).
+        """
+        _log.debug("admin endpoint: closing {peer}, silent for {timeout:g}s", peer=self._peer(), timeout=self.timeOut)
+        if self.abortTimeout is not None:
+            self._aborting = self.callLater(self.abortTimeout, self._abort)  # type: ignore[no-untyped-call]
+        self.loseConnection()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+
+    def _abort(self) -> None:
+        self._aborting = None
+        _log.debug("admin endpoint: aborting {peer}, which did not take the rest of its answer", peer=self._peer())
+        transport = self.transport
+        if transport is not None:
+            getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def _peer(self) -> str:
+        return describe(self.transport.getPeer()) if self.transport is not None else "?"
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._aborting is not None:
+            self._aborting.cancel()
+            self._aborting = None
         super().connectionLost(reason)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         site = getattr(self, "site", None)
         if isinstance(site, AdminSite):
