@@ -30,6 +30,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from rtunnel.cli import server_tap, site_tap
@@ -41,6 +42,7 @@ from rtunnel.observe.web import (
     ABORT_TIMEOUT,
     IDLE_TIMEOUT,
     MAX_REQUEST_BODY,
+    MISDIRECTED,
     AdminChannel,
     AdminEndpointError,
     AdminService,
@@ -51,6 +53,8 @@ from rtunnel.observe.web import (
     admin_root,
     admin_url,
     exposed_interface,
+    host_checked,
+    local_host,
     metrics_resource,
     site_not_ready,
 )
@@ -268,6 +272,158 @@ class ReadOnlyTests(unittest.SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
 
 
+MISDIRECTED_TEXT = (
+    "misdirected request: Host {host} is not answered here; this admin endpoint listens on loopback and answers "
+    "only Host localhost or an IP address (a guard against DNS rebinding, docs/operations.md)"
+)
+
+
+class HostTests(unittest.SynchronousTestCase):
+    """The Host rule of a loopback endpoint, against DNS rebinding."""
+
+    def test_local_host(self) -> None:
+        """localhost or an IP literal (IPv6 in brackets), with or without a port; nothing else."""
+        accepted = [
+            b"localhost",
+            b"LocalHost",
+            b"localhost:5501",
+            b"localhost:",  # RFC 9110 allows an empty port
+            b"127.0.0.1",
+            b"127.0.0.1:5501",
+            b"192.0.2.10:80",
+            b"[::1]",
+            b"[::1]:5501",
+            b"[2001:db8::7]:1",
+            b" localhost ",
+        ]
+        refused = [
+            b"",
+            b"rebind.example",
+            b"rebind.example:5501",
+            b"localhost.rebind.example",
+            b"127.0.0.1.nip.io",
+            b"localhost.",
+            b"127.1",
+            b"2130706433",
+            b"0x7f.0.0.1",
+            b"::1",
+            b"[::1",
+            b"[127.0.0.1]",
+            b"[localhost]",
+            b"[::1]x",
+            b"[::1]:5501:1",
+            b"localhost:http",
+            b"localhost:123456",
+            b"127.0.0.1:5501:1",
+            b"localhost:5501/x",
+            b"l\xc3\xb6calhost",
+            b"localhost\x00",
+        ]
+        for value in accepted:
+            self.assertTrue(local_host(value), value)
+        for value in refused:
+            self.assertFalse(local_host(value), value)
+
+    def test_host_checked(self) -> None:
+        """The rule holds on a loopback TCP or TLS bind; beyond loopback and on a unix socket any Host is answered."""
+        for given in ("5501", "tcp:0", "tcp6:5501", "ssl:5501:privateKey=k.pem", "tcp:5501:interface=localhost"):
+            self.assertTrue(host_checked(admin_endpoint(given)), given)
+        for given in ("tcp:5501:interface=0.0.0.0", "tcp:5501:interface=192.0.2.1", "tcp6:5501:interface=\\:\\:"):
+            self.assertFalse(host_checked(admin_endpoint(given)), given)
+        self.assertFalse(host_checked(admin_endpoint("unix:/run/rtunnel/admin.sock")))
+
+    def test_misdirected(self) -> None:
+        """
+        Another Host is a 421 with one line saying why, on every path and
+        method, before anything else runs (the readiness check is never
+        asked, a POST is not told about methods); JSON under /api.
+        """
+        endpoint = Endpoint(page=True)
+        for method in ("GET", "HEAD", "POST"):
+            for path in ("/", "/readyz", "/metrics", "/favicon.ico", "/nope"):
+                response = endpoint.request(method, path, host="rebind.example:5501")
+                self.assertEqual(response.status, MISDIRECTED, (method, path))
+                self.assertEqual(response.header("Content-Type"), "text/plain; charset=utf-8")
+                self.assertEqual(response.header("Server"), "rtunnel")
+                self.assertIsNotNone(response.header("Date"))
+                expected = MISDIRECTED_TEXT.format(host="rebind.example:5501").encode() + b"\n"
+                self.assertEqual(response.body, b"" if method == "HEAD" else expected, (method, path))
+        api = endpoint.request("GET", "/api/v1/sites", host="rebind.example")
+        self.assertEqual(api.status, MISDIRECTED)
+        self.assertEqual(api.header("Content-Type"), "application/json")
+        self.assertEqual(json.loads(api.body), {"error": MISDIRECTED_TEXT.format(host="rebind.example")})
+        self.assertEqual(endpoint.ready_calls, 0)
+        self.assertEqual(endpoint.site.misdirected_requests, 16)
+
+    def test_local_names_served(self) -> None:
+        """localhost and the addresses a local client uses are served as before."""
+        endpoint = Endpoint()
+        for host in ("localhost", "localhost:5501", "127.0.0.1:5501", "[::1]:5501"):
+            self.assertEqual(endpoint.request("GET", "/healthz", host=host).status, 200, host)
+        self.assertEqual(endpoint.site.misdirected_requests, 0)
+
+    def test_no_host(self) -> None:
+        """A request without Host (HTTP/1.0) is served: browsers, the clients rebinding steers, always send one."""
+        endpoint = Endpoint()
+        channel, transport = endpoint.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.0\r\n\r\n")
+        response = Response(transport.value())
+        self.assertEqual((response.status, response.body), (200, b"ok\n"))
+
+    def test_two_hosts(self) -> None:
+        """Two Host headers are refused, even if one is local (which one would a proxy have used?)."""
+        endpoint = Endpoint()
+        response = endpoint.request("GET", "/healthz", host="localhost\r\nHost: rebind.example")
+        self.assertEqual(response.status, MISDIRECTED)
+        self.assertIn(b"Host localhost, rebind.example is not answered here", response.body)
+
+    def test_peer_text_made_printable(self) -> None:
+        """The Host is the client's text: escaped and cut short in the answer and the log line."""
+        log = LogCapture(self)
+        endpoint = Endpoint()
+        host = "a\x1b[31m" + "b" * 300
+        response = endpoint.request("GET", "/healthz", host=host)
+        self.assertEqual(response.status, MISDIRECTED)
+        self.assertNotIn(b"\x1b", response.body)
+        self.assertIn(b"a\\x1b[31mbbb", response.body)
+        self.assertIn("b…(306 chars) is not".encode(), response.body)
+        [line] = log.lines("refused a request from")
+        self.assertNotIn("\x1b", line)
+
+    def test_beyond_loopback_any_host(self) -> None:
+        """A site made for a bind beyond loopback answers whatever Host a proxy in front sends."""
+        endpoint = Endpoint(check_host=False)
+        response = endpoint.request("GET", "/healthz", host="status.example.org")
+        self.assertEqual((response.status, response.body), (200, b"ok\n"))
+        self.assertEqual(endpoint.site.misdirected_requests, 0)
+
+    def test_logged_rate_limited(self) -> None:
+        """
+        Each refusal is counted; the warning names the peer and the Host,
+        three at once, then about one a minute saying how many were left
+        out.
+        """
+        log = LogCapture(self)
+        endpoint = Endpoint()
+        for i in range(5):
+            endpoint.request("GET", "/api/v1/sites", host=f"rebind{i}.example")
+        lines = log.lines("admin endpoint: refused a request from")
+        self.assertEqual(len(lines), 3)
+        self.assertIn("refused a request from 127.0.0.1:40000 for Host rebind0.example (421)", lines[0])
+        self.assertIn("(DNS rebinding)", lines[0])
+        self.assertIn("a proxy in front of it must send one of those", lines[0])
+        warnings = [e for e in log.events if "refused a request" in formatEvent(e)]
+        self.assertEqual({e["log_level"] for e in warnings}, {LogLevel.warn})
+        self.assertEqual([e["suppressed"] for e in warnings], [0, 0, 0])
+        endpoint.clock.advance(60)
+        endpoint.request("GET", "/", host="rebind5.example")
+        lines = log.lines("admin endpoint: refused a request from")
+        self.assertEqual(len(lines), 4)
+        self.assertTrue(lines[3].endswith("for Host rebind5.example (421): " + lines[3].split("(421): ")[1]))
+        self.assertTrue(lines[3].endswith(" (2 similar not logged)"), lines[3])
+        self.assertEqual(endpoint.site.misdirected_requests, 6)
+
+
 class ConnectionTests(unittest.SynchronousTestCase):
     def test_cap_refuses_at_accept(self) -> None:
         """
@@ -393,6 +549,7 @@ class ServerHeaderTests(unittest.SynchronousTestCase):
             ("GET", "/healthz/x", "localhost"),
             ("GET", "/favicon.ico", "localhost"),
             ("POST", "/metrics", "localhost"),
+            ("GET", "/metrics", "rebind.example"),
         ]
         for method, path, host in cases:
             response = endpoint.request(method, path, host=host)
@@ -600,6 +757,34 @@ class MetricsOverHTTPTests(unittest.TestCase):
         # Server: rtunnel on the thread pool's answer as well
         self.assertEqual(response.headers.getRawHeaders(b"server"), [b"rtunnel"])
 
+    @defer.inlineCallbacks
+    def test_forged_host_on_loopback(self) -> Any:
+        """
+        A real request over loopback, as a browser sends it after a DNS
+        rebinding (its Host the attacker's name), is a 421 and reads
+        nothing; the same request with the address as Host is answered.
+        """
+        description = admin_endpoint("tcp:0")
+        root = admin_root(ready=lambda: None, metrics=FakeMetrics(), api=FakeMetrics(), page=status_page())
+        site = AdminSite(root, reactor, check_host=host_checked(description))
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        url = f"http://127.0.0.1:{number}/api/v1/sites".encode()
+        agent = Agent(reactor)
+        forged = Headers({b"Host": [f"rebind.example:{number}".encode()]})
+        response = yield agent.request(b"GET", url, forged)
+        body = yield readBody(response)
+        self.assertEqual(response.code, 421)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(json.loads(body), {"error": MISDIRECTED_TEXT.format(host=f"rebind.example:{number}")})
+        self.assertEqual(site.misdirected_requests, 1)
+        response = yield agent.request(b"GET", url)  # Agent sends Host 127.0.0.1:PORT
+        body = yield readBody(response)
+        self.assertEqual((response.code, body), (200, b"fake_metric 1\n"))
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"rtunnel"])
+        self.assertEqual(site.misdirected_requests, 1)
+
 
 def memory_request(site: Any, path: str, host: str = "localhost:5501") -> Response:
     channel = site.buildProtocol(PEER)
@@ -634,6 +819,8 @@ class ServerWiringTests(unittest.SynchronousTestCase):
         self.assertEqual(listener.description, "tcp:0:interface=127.0.0.1")
         site = listener.factory
         self.assertIsInstance(site, AdminSite)
+        self.assertTrue(site.check_host)
+        self.assertEqual(memory_request(site, "/healthz", host="rebind.example").status, MISDIRECTED)
         self.assertIn(b"the tunnel port is not listening yet", memory_request(site, "/readyz").body)
         service.startService()
         self.addCleanup(service.stopService)
@@ -644,6 +831,13 @@ class ServerWiringTests(unittest.SynchronousTestCase):
         self.assertEqual(memory_request(site, "/healthz").status, 200)
         self.assertIn(b"<title>rtunnel status</title>", memory_request(site, "/").body)
         self.assertEqual(self.fatal, [])
+
+    def test_beyond_loopback_any_host(self) -> None:
+        """Bound beyond loopback, the endpoint answers any Host (a proxy's name)."""
+        service = self.build("tcp:0:interface=0.0.0.0")
+        [listener] = [x for x in service.listeners if x.label == "admin endpoint"]
+        self.assertFalse(listener.factory.check_host)
+        self.assertEqual(memory_request(listener.factory, "/healthz", host="status.example.org").status, 200)
 
     def test_none(self) -> None:
         """--admin none: no admin listener, nothing recorded."""
@@ -694,9 +888,18 @@ class SiteWiringTests(unittest.SynchronousTestCase):
         self.assertIn(b"not ready: no tunnel session with the tunnel server", response.body)
         self.assertEqual(memory_request(site, "/").status, 404)
         self.assertEqual(memory_request(site, "/api/v1/sites").status, 404)
+        self.assertEqual(memory_request(site, "/readyz", host="rebind.example").status, MISDIRECTED)
         self.assertIsNotNone(child.port)
         service.stopService()
         self.assertIsNone(child.port)
+
+    def test_beyond_loopback_any_host(self) -> None:
+        fixture = ServerFixture(self)
+        state = fixture.enrolled_site_state(self, "alpha", ("127.0.0.1:5598",))
+        config = SiteConfig(state_dir=state.directory.path, admin="tcp:0:interface=0.0.0.0")
+        service = build_site_service(config, MemoryReactorClock(), on_fatal=self.fail)
+        [child] = [c for c in service if isinstance(c, AdminService)]
+        self.assertFalse(child.site.check_host)
 
     def test_off_by_default(self) -> None:
         fixture = ServerFixture(self)

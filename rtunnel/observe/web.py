@@ -24,6 +24,15 @@ No access log, and no line when an idle connection is closed: a
 Prometheus scrape and two Kubernetes probes every few seconds would bury
 the log lines that matter.
 
+It has no authentication, and on loopback (the default) a browser on the
+same host can reach it: a web page could make one of its own names
+resolve to 127.0.0.1 (DNS rebinding) and read the figures as its own
+origin. On a loopback bind a request is therefore answered only if its
+C{Host} names the endpoint as no such page can: C{localhost} or an IP
+address (L{local_host}); any other is a 421. A bind beyond loopback
+accepts any C{Host}, since operators put it behind a proxy of their own
+name (and the warning at start says what it exposes).
+
 Responses say C{Server: rtunnel}, not Twisted's name and version: the
 version is on C{/metrics} (C{rtunnel_build_info}) for whoever scrapes it.
 
@@ -38,7 +47,7 @@ import ipaddress
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any, Protocol, cast
 
 from prometheus_client.metrics_core import Metric
@@ -58,6 +67,7 @@ from twisted.web.server import Request, Site
 
 from ..adapter.address import describe
 from ..logs import Logger
+from ..logsafe import LogBudget, printable
 from ..roles.server import ExtraListener, TunnelServerService
 from ..roles.site import TunnelClientService
 from .api import api_resource
@@ -72,6 +82,7 @@ __all__ = [
     "COLLECT_TIMEOUT",
     "DEFAULT_SERVER_ADMIN",
     "IDLE_TIMEOUT",
+    "MISDIRECTED",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BODY",
     "SERVER_HEADER",
@@ -86,6 +97,8 @@ __all__ = [
     "admin_root",
     "admin_url",
     "exposed_interface",
+    "host_checked",
+    "local_host",
     "metrics_resource",
     "site_not_ready",
 ]
@@ -116,10 +129,16 @@ MAX_REQUEST_BODY = 64 * 1024
 #: thread blocked for ever.
 COLLECT_TIMEOUT = 5.0
 
+#: The status of a request whose C{Host} a loopback endpoint does not
+#: answer (RFC 9110: "Misdirected Request", the server is not configured
+#: to answer for that authority).
+MISDIRECTED = 421
+
 #: The C{Server} header of every response.
 SERVER_HEADER = b"rtunnel"
 
 _READ_METHODS = (b"GET", b"HEAD")
+_PORT_SUFFIX = re.compile(r":[0-9]{0,5}")
 _TEXT = b"text/plain; charset=utf-8"
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 _KINDS = ("tcp", "tcp6", "ssl", "unix")
@@ -384,8 +403,10 @@ def metrics_resource(registry: CollectorRegistry | _Collecting, reactor: IReacto
 
 class AdminRequest(Request):
     """
-    A request of the admin endpoint: refused unless GET or HEAD, never
-    cached, its body dropped, its C{Server} ours (see the module doc).
+    A request of the admin endpoint: refused if its C{Host} is not one a
+    loopback endpoint answers (when its site checks), or unless GET or
+    HEAD; never cached, its body dropped, its C{Server} ours (see the
+    module doc).
     """
 
     _body_seen = 0
@@ -400,12 +421,37 @@ class AdminRequest(Request):
         request: Request = self  # the typed view of Twisted's methods
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        # The Host first: a misdirected request learns nothing else, not
+        # even which methods there are.
+        misdirected = self._misdirected()
+        if misdirected is not None:
+            self._refuse(MISDIRECTED, misdirected)
+            return
         if self.method in _READ_METHODS:
             super().process()  # type: ignore[no-untyped-call]  # unannotated in Twisted
             return
         method = (self.method or b"").decode("ascii", "replace")
         request.setHeader(b"Allow", b"GET, HEAD")
         self._refuse(405, f"method {method} is not allowed: the admin endpoint is read-only (GET, HEAD)")
+
+    def _misdirected(self) -> str | None:
+        """
+        Why this request's C{Host} is not answered here, or C{None}. No
+        C{Host} at all is answered: HTTP/1.0 clients may send none, and a
+        browser (the one client DNS rebinding can steer) always sends one.
+        """
+        site = getattr(self.channel, "site", None)
+        if not isinstance(site, AdminSite) or not site.check_host:
+            return None
+        hosts: Sequence[bytes] = self.requestHeaders.getRawHeaders(b"Host") or []
+        if not hosts or (len(hosts) == 1 and local_host(hosts[0])):
+            return None
+        shown = ", ".join(printable(h.decode("latin-1"), 100) for h in hosts)
+        site.misdirected(shown, describe(self.getClientAddress()))  # type: ignore[no-untyped-call]  # unannotated
+        return (
+            f"misdirected request: Host {shown} is not answered here; this admin endpoint listens on loopback and "
+            "answers only Host localhost or an IP address (a guard against DNS rebinding, docs/operations.md)"
+        )
 
     def _refuse(self, code: int, message: str) -> None:
         request: Request = self
@@ -487,9 +533,13 @@ class AdminSite(Site):
     L{AdminChannel}s, at most C{max_connections} at once, an idle timeout,
     no access log.
 
+    @ivar check_host: whether requests are answered only for a C{Host}
+        L{local_host} accepts (a loopback bind: L{host_checked}). On by
+        default, so that a site made without saying is the safe one.
     @ivar connections: admin connections open now (the tunnel server counts
         them among the descriptors it holds).
     @ivar refused: connections closed at accept because all were taken.
+    @ivar misdirected_requests: requests refused for their C{Host}.
     """
 
     # An HTTP/1.1 channel of ours, not Twisted's HTTP/2-negotiating proxy.
@@ -507,15 +557,20 @@ class AdminSite(Site):
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
         on_stop: Callable[[], object] | None = None,
+        check_host: bool = True,
     ) -> None:
         super().__init__(  # type: ignore[no-untyped-call]  # unannotated in Twisted
             root, timeout=idle_timeout, reactor=reactor, parsePOSTFormSubmission=False
         )
         self.max_connections = max_connections
+        self.check_host = check_host
         self.connections = 0
         self.refused = 0
+        self.misdirected_requests = 0
         self._on_stop = on_stop
         self._last_warning: float | None = None
+        # A page in a browser can send these as fast as it likes.
+        self._budget = LogBudget(rate=1 / 60, burst=3)
 
     def buildProtocol(self, addr: IAddress | None) -> HTTPChannel | None:  # type: ignore[override]
         if self.connections >= self.max_connections:
@@ -536,6 +591,22 @@ class AdminSite(Site):
 
     def connection_closed(self) -> None:
         self.connections -= 1
+
+    def misdirected(self, host: str, peer: str) -> None:
+        """Count a request refused for its C{Host} (already printable), and say so, at most about once a minute."""
+        self.misdirected_requests += 1
+        allowed, suppressed = self._budget.allow("misdirected", self.reactor.seconds())
+        if not allowed:
+            return
+        self._log.warn(
+            "admin endpoint: refused a request from {peer} for Host {host} (421): on loopback it answers only Host "
+            "localhost or an IP address, so that a web page cannot read it through a name of its own resolved to "
+            "this host (DNS rebinding); a proxy in front of it must send one of those{not_logged}",
+            peer=peer,
+            host=host,
+            suppressed=suppressed,
+            not_logged=f" ({suppressed} similar not logged)" if suppressed else "",
+        )
 
     def getContentFile(self, length: int | None) -> IO[bytes]:
         """Where a body would go: nowhere (see L{AdminRequest.handleContentChunk})."""
@@ -595,6 +666,51 @@ def exposed_interface(description: str) -> str | None:
     return "every interface" if host in ("", "0.0.0.0", "::") else host
 
 
+def host_checked(description: str) -> bool:
+    """
+    Whether an admin endpoint listening on C{description} (as
+    L{admin_endpoint} makes it) answers only the C{Host} values
+    L{local_host} accepts: a TCP or TLS bind to loopback, which a browser
+    on the host can reach. Beyond loopback any C{Host} is answered (a
+    proxy in front has a name of its own); a unix socket is out of a
+    browser's reach.
+    """
+    kind = _UNESCAPED_COLON.split(description.strip())[0].lower()
+    return kind != "unix" and exposed_interface(description) is None
+
+
+def local_host(value: bytes) -> bool:
+    """
+    Whether a C{Host} header names a loopback endpoint as only a local
+    client would: C{localhost} or an IP literal (IPv4, or IPv6 in
+    brackets), with or without a port. A page served from a DNS name
+    that its owner makes resolve to 127.0.0.1 sends that name; it cannot
+    make a browser send one of these for its own origin.
+    """
+    try:
+        text = value.decode("ascii").strip(" \t")
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("["):
+        address, bracket, port = text[1:].partition("]")
+        if not bracket:
+            return False
+        name_ok = _is_ip(address, ipaddress.IPv6Address)
+    else:
+        address, colon, port = text.partition(":")
+        port = colon + port
+        name_ok = address.lower() == "localhost" or _is_ip(address, ipaddress.IPv4Address)
+    return name_ok and (not port or _PORT_SUFFIX.fullmatch(port) is not None)
+
+
+def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
 _log = Logger(namespace="rtunnel.observe.web")
 
 
@@ -647,7 +763,7 @@ def add_server_admin(service: TunnelServerService, admin: str | None, reactor: A
     def clear() -> None:
         service.database.write("clearing the admin URL", service.state.store.set_meta, ADMIN_URL_KEY, "")
 
-    site = AdminSite(root, reactor, on_stop=clear)
+    site = AdminSite(root, reactor, on_stop=clear, check_host=host_checked(description))
     listener = ExtraListener("admin endpoint", description, cast("Factory[Any]", site), on_listening=record)
     service.listeners.append(listener)
     return site
@@ -740,6 +856,7 @@ def add_site_admin(service: TunnelClientService, admin: str | None, reactor: Any
         ready=lambda: site_not_ready(service),
         metrics=metrics_resource(metrics_registry(SiteCollector(service)), reactor),
     )
-    child = AdminService(description, AdminSite(root, reactor), reactor, service.on_fatal)
+    site = AdminSite(root, reactor, check_host=host_checked(description))
+    child = AdminService(description, site, reactor, service.on_fatal)
     child.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
     return child
