@@ -2,9 +2,12 @@
 End to end, in a real browser: a tunnel server (real twistd, its admin
 endpoint on a loopback port) and two sites; the status page opened in
 Debian's headless chromium through chromedriver shows both sites up, then
-one of them down within 5 s of it stopping, and says it is stale when the
-server is gone. A screenshot is saved as a test artifact (directory
-C{$RTUNNEL_ARTIFACTS}, default C{test-artifacts/} in the repository).
+one of them down within 5 s of it stopping, asks for the throughput history
+only every sample interval (the plain list in between, the graphs kept),
+gets an empty answer for the favicon, logs no error at all, and says it is
+stale when the server is gone. A screenshot is saved as a test artifact
+(directory C{$RTUNNEL_ARTIFACTS}, default C{test-artifacts/} in the
+repository).
 
 Only Debian's browser and driver are used, by their paths: selenium is
 never left to look for (or download) a driver of its own.
@@ -90,11 +93,31 @@ def rows(driver: Any) -> dict[str, str]:
     return states
 
 
+#: The start times (ms) of the page's fetches of each API path so far, and
+#: how many plain sites fetches started after the last history fetch.
+FETCHES = """
+const starts = (suffix) => performance.getEntriesByType("resource")
+  .filter((e) => e.name.endsWith(suffix)).map((e) => e.startTime);
+const history = starts("/api/v1/sites?history=1");
+const plain = starts("/api/v1/sites");
+const last = history.length ? history[history.length - 1] : Infinity;
+return {history, plain, forwards: starts("/api/v1/forwards"),
+        plain_since_history: plain.filter((t) => t > last).length};
+"""
+
+#: Whether the row of the site named by the argument has its graph.
+GRAPH = "return document.querySelector(`#sites tr[data-site='${arguments[0]}'] svg.spark`) !== null;"
+
 #: The status of a GET of the argument, from the page.
 FETCH_STATUS = """
 const done = arguments[arguments.length - 1];
 fetch(arguments[0], {cache: "no-store"}).then((r) => done(r.status), (e) => done(String(e)));
 """
+
+
+def fetched(driver: Any) -> dict[str, Any]:
+    found: dict[str, Any] = driver.execute_script(FETCHES)
+    return found
 
 
 def fresh(driver: Any) -> str | None:
@@ -146,6 +169,19 @@ def test_status_page_shows_sites_turn_down_and_goes_stale(tmp_path: Path, browse
         assert summary.startswith("2 sites: 1 up, 1 down"), summary
         browser.save_screenshot(str(artifacts() / "status-page.png"))
         print(f"beta shown down {took:.2f} s after SIGTERM")
+
+        # The history is asked for only when the server can have a new
+        # sample (every 5 s), the plain list on the refreshes between; the
+        # graphs stay drawn from the last history read.
+        wait_until(lambda: len(fetched(browser)["history"]) >= 2, 15, "the page to ask for the history twice")
+        wait_until(lambda: fetched(browser)["plain_since_history"] >= 1, 5, "a plain refresh after the history")
+        times = fetched(browser)
+        gaps = [b - a for a, b in zip(times["history"], times["history"][1:], strict=False)]
+        assert min(gaps) >= 4900, times
+        assert len(times["plain"]) >= len(times["history"]), times
+        assert abs(len(times["plain"]) + len(times["history"]) - len(times["forwards"])) <= 1, times
+        assert browser.execute_script(GRAPH, "alpha"), "alpha's graph is gone after a refresh without history"
+        print(f"history fetched {len(times['history'])} times {gaps} ms apart, the plain list {len(times['plain'])}")
 
         # The favicon a browser asks for is an empty answer, not a 404.
         assert browser.execute_async_script(FETCH_STATUS, "/favicon.ico") == 204

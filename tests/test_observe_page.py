@@ -19,6 +19,13 @@ from rtunnel.observe.api import api_resource
 from rtunnel.observe.page import content_security_policy, page_html, status_page
 from tests.observe_web_helpers import T0, FakeView, request, snapshot
 
+#: Every JSON API path the page's script names.
+API_PATHS = ["api/v1/sites", "api/v1/sites?history=1", "api/v1/forwards", "api/v1/refusals"]
+
+
+def _api_paths(html: str) -> list[str]:
+    return re.findall(r'"(api/[^"]*)"', html)
+
 
 def _policy(header: str) -> dict[str, list[str]]:
     directives = {}
@@ -49,13 +56,27 @@ class PageContentTests(SynchronousTestCase):
             self.assertNotIn(sink, self.html)
 
     def test_nothing_changes_state(self) -> None:
-        """No form, and every request the script makes is a plain GET of the JSON API."""
+        """No form, and every request the script makes is a plain GET of the JSON API (through getJSON)."""
         self.assertNotIn("<form", self.html)
         self.assertNotIn("method:", self.html)
+        self.assertEqual(self.html.count("fetch("), 1)
+        self.assertEqual(_api_paths(self.html), API_PATHS)
         self.assertEqual(
-            re.findall(r'getJSON\("([^"]+)"', self.html),
-            ["api/v1/sites?history=1", "api/v1/forwards", "api/v1/refusals"],
+            re.findall(r"(?<!function )getJSON\(([^,]+),", self.html),
+            ["withHistory ? SITES_HISTORY : SITES", '"api/v1/forwards"', '"api/v1/refusals"'],
         )
+
+    def test_history_only_when_sampled(self) -> None:
+        """
+        The sites' history is asked for only once a sample interval has
+        passed since the last one read (the interval the API reports), the
+        plain list on the other refreshes (the timing itself is checked in
+        a browser: tests/test_e2e_status_page.py).
+        """
+        self.assertIn('const SITES = "api/v1/sites";', self.html)
+        self.assertIn('const SITES_HISTORY = "api/v1/sites?history=1";', self.html)
+        self.assertIn("historyAt === null || Date.now() - historyAt >= sampleMs", self.html)
+        self.assertIn("num(sampled.throughput.interval_seconds) * 1000", self.html)
 
     def test_policy_hashes_the_inline_blocks(self) -> None:
         """The policy allows exactly the page's own style and script, by digest, and nothing from elsewhere."""
@@ -122,7 +143,7 @@ class PageResourceTests(SynchronousTestCase):
         root = status_page()
         root.putChild(b"api", api_resource(self.view, self.clock))
         self.assertEqual(request(root, "GET", "/").body, page_html())
-        for path in re.findall(r'getJSON\("([^"]+)"', page_html().decode()):
+        for path in _api_paths(page_html().decode()):
             response = request(root, "GET", "/" + path, self.clock)
             self.assertEqual(response.status, 200, path)
             self.assertEqual(response.headers["content-type"], "application/json")
