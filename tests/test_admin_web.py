@@ -90,6 +90,7 @@ class Response:
         head, _, self.body = raw.partition(b"\r\n\r\n")
         status, *lines = head.decode("latin-1").split("\r\n")
         self.status = int(status.split()[1])
+        self.reason = status.split(" ", 2)[2]
         self.headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
         if self.headers.get("transfer-encoding") == "chunked":
             self.body = _unchunk(self.body)
@@ -342,7 +343,7 @@ class HostTests(unittest.SynchronousTestCase):
         for method in ("GET", "HEAD", "POST"):
             for path in ("/", "/readyz", "/metrics", "/favicon.ico", "/nope"):
                 response = endpoint.request(method, path, host="rebind.example:5501")
-                self.assertEqual(response.status, MISDIRECTED, (method, path))
+                self.assertEqual((response.status, response.reason), (421, "Misdirected Request"), (method, path))
                 self.assertEqual(response.header("Content-Type"), "text/plain; charset=utf-8")
                 self.assertEqual(response.header("Server"), "rtunnel")
                 self.assertIsNotNone(response.header("Date"))
@@ -775,7 +776,7 @@ class MetricsOverHTTPTests(unittest.TestCase):
         forged = Headers({b"Host": [f"rebind.example:{number}".encode()]})
         response = yield agent.request(b"GET", url, forged)
         body = yield readBody(response)
-        self.assertEqual(response.code, 421)
+        self.assertEqual((response.code, response.phrase), (421, b"Misdirected Request"))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         self.assertEqual(json.loads(body), {"error": MISDIRECTED_TEXT.format(host=f"rebind.example:{number}")})
         self.assertEqual(site.misdirected_requests, 1)

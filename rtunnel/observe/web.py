@@ -425,7 +425,8 @@ class AdminRequest(Request):
         # even which methods there are.
         misdirected = self._misdirected()
         if misdirected is not None:
-            self._refuse(MISDIRECTED, misdirected)
+            # Twisted has no reason phrase for 421 ("Unknown Status").
+            self._refuse(MISDIRECTED, misdirected, b"Misdirected Request")
             return
         if self.method in _READ_METHODS:
             super().process()  # type: ignore[no-untyped-call]  # unannotated in Twisted
@@ -453,9 +454,9 @@ class AdminRequest(Request):
             "answers only Host localhost or an IP address (a guard against DNS rebinding, docs/operations.md)"
         )
 
-    def _refuse(self, code: int, message: str) -> None:
+    def _refuse(self, code: int, message: str, phrase: bytes | None = None) -> None:
         request: Request = self
-        request.setResponseCode(code)
+        request.setResponseCode(code, phrase)
         # Twisted's process(), which sets it, is not reached.
         request.setHeader(b"Date", http.datetimeToString())
         if (self.path or b"").startswith(b"/api"):
