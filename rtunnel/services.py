@@ -46,6 +46,8 @@ class ServerConfig:
 
     state_dir: str
     listen: str = DEFAULT_LISTEN
+    #: C{--database}: C{sqlite:PATH} or C{postgresql://...}; None: the SQLite file in C{state_dir}
+    database: str | None = None
     public_addresses: tuple[str, ...] = ()
     forwards: tuple[ForwardSpec, ...] = ()
     open_timeout: float = 5.0
@@ -99,7 +101,7 @@ def build_server_service(
     @raise rtunnel.observe.web.AdminEndpointError: C{admin} is no endpoint.
     """
     check_front_doors(config)
-    state = ServerState.load_or_create(config.state_dir, list(config.public_addresses))
+    state = ServerState.load_or_create(config.state_dir, list(config.public_addresses), database=config.database)
     if on_fatal is None:
         on_fatal = functools.partial(stop_reactor, reactor)
     service = TunnelServerService(

@@ -683,10 +683,12 @@ class DamageTests(TestCase):
         """
         StateStore(self.path).close()
         raw = sqlite3.connect(self.path)
-        raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        raw.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
         raw.commit()
         raw.close()
-        self.assertRefused(r"schema version 2; this rtunnel understands version 1 only .*newer")
+        self.assertRefused(
+            rf"schema version {SCHEMA_VERSION + 1}; this rtunnel understands version {SCHEMA_VERSION} only .*newer"
+        )
 
     def test_missing_table(self) -> None:
         """

@@ -8,10 +8,15 @@ The C{rtunnel} admin command: keyfiles and sites of a tunnel server.
     rtunnel forwards add [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT --state DIR
     rtunnel forwards remove [BIND_ADDRESS:]PORT --state DIR [--cut]
     rtunnel forwards list --state DIR [--json]
+    rtunnel database upgrade --state DIR
 
-It works on the server's state directory directly, including while the
-server runs: the state database is SQLite in WAL mode, and the server polls it
-for revocations.  Every failure is one line on stderr (C{rtunnel: error: ...})
+Every command that takes C{--state DIR} also takes C{--database URL}, as the
+server does (C{sqlite:PATH} or C{postgresql://...}; default the SQLite file
+in DIR).
+
+It works on the server's state directly, including while the server runs:
+the state database is SQLite in WAL mode (or PostgreSQL), and the server
+polls it for revocations.  Every failure is one line on stderr (C{rtunnel: error: ...})
 and a non-zero exit status: 2 for a usage error, 1 for anything else.
 """
 
@@ -31,7 +36,7 @@ from typing import Any, NoReturn, TextIO
 from rtunnel.address import AddressError, parse_host, parse_port, split_fields
 from rtunnel.frontdoor.users import UserStore, make_line
 from rtunnel.identity.certs import certificate_covers, dump_certificate, validate_site_name
-from rtunnel.identity.errors import IdentityError, KeyfileExists
+from rtunnel.identity.errors import IdentityError, KeyfileExists, StateError
 from rtunnel.identity.keyfile import (
     DEFAULT_PORT,
     PUBLIC_PORT_KEY,
@@ -41,8 +46,9 @@ from rtunnel.identity.keyfile import (
     parse_address,
     write_keyfile,
 )
+from rtunnel.identity.migrations import SCHEMA_VERSION
 from rtunnel.identity.state import ServerState
-from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord
+from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord, StateStore, database_location, is_postgresql
 from rtunnel.observe.live import ADMIN_URL_KEY, LIVE_TIMEOUT, LiveUnavailable, fetch_sites, sites_url
 from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
 from rtunnel.roles.registry import format_services
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             "certificate: move it to the site over a trusted channel."
         ),
     )
-    create.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(create)
     create.add_argument(
         "--site",
         required=True,
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sites = commands.add_parser("sites", help="list and revoke sites")
     site_commands = sites.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = site_commands.add_parser("list", help="list sites and their connection status")
-    listing.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(listing)
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(run=_sites_list)
     revoke = site_commands.add_parser(
@@ -184,11 +190,58 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     revoke.add_argument("name", metavar="NAME", help="site name")
-    revoke.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(revoke)
     revoke.set_defaults(run=_sites_revoke)
     _add_forward_commands(commands)
     _add_proxy_user_commands(commands)
+    _add_database_commands(commands)
     return parser
+
+
+def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help=(
+            "where the tunnel server keeps tokens, sites and forwards, as given to the server: "
+            "sqlite:PATH or postgresql://USER@HOST/DBNAME (default: the SQLite file in the state directory)"
+        ),
+    )
+
+
+def _add_database_commands(commands: Any) -> None:
+    database = commands.add_parser("database", help="the state database's schema")
+    actions = database.add_subparsers(dest="action", metavar="ACTION", required=True)
+    upgrade = actions.add_parser(
+        "upgrade",
+        help="bring the state database's schema up to this rtunnel's version",
+        description=(
+            "Apply the schema migrations the state database is missing (the tunnel server and "
+            "every command also do on open), or create the schema in an empty PostgreSQL "
+            "database. A database written by a newer rtunnel is refused."
+        ),
+    )
+    _add_state_arguments(upgrade)
+    upgrade.set_defaults(run=_database_upgrade)
+
+
+def _database_upgrade(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    location = database_location(args.database, args.state)
+    if args.database is None and not os.path.isdir(args.state):
+        raise StateError(f"no tunnel server state at {args.state}: pass the right --state")
+    # An empty PostgreSQL database gets the schema; a missing SQLite file is a wrong path.
+    with contextlib.closing(StateStore(location, create=is_postgresql(location))) as store:
+        if store.upgraded_from is None:
+            print(f"state database {store.path}: schema version {SCHEMA_VERSION}, already current", file=out)
+        elif store.upgraded_from == 0:
+            print(f"state database {store.path}: created at schema version {SCHEMA_VERSION}", file=out)
+        else:
+            print(
+                f"state database {store.path}: upgraded from schema version {store.upgraded_from} to {SCHEMA_VERSION}",
+                file=out,
+            )
+    return 0
 
 
 def _when(value: datetime | None) -> str:
@@ -213,7 +266,7 @@ def _keyfile_create(args: argparse.Namespace, now: datetime, out: TextIO) -> int
     output: str = args.output
     if os.path.lexists(output):
         raise KeyfileExists(f"refusing to overwrite existing file {output}")
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         # The port the running server recorded (its --public-address port,
         # else the port it listens on); 5500 for a server never started.
@@ -336,7 +389,7 @@ def _live_cells(entry: Mapping[str, Any] | None) -> list[str]:
 
 
 def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         records = state.store.list_sites()
         services = state.store.site_services()
@@ -375,7 +428,7 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
 
 
 def _sites_revoke(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         record = state.store.revoke_site(args.name, now)
     assert record.revoked_at is not None
@@ -414,7 +467,7 @@ def _add_forward_commands(commands: Any) -> None:
         type=_argument_type(_parse_forward, "forward"),
         help="as --forward: bind address (default 127.0.0.1), port, site, target host and port",
     )
-    add.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(add)
     add.set_defaults(run=_forwards_add)
     remove = actions.add_parser(
         "remove",
@@ -430,11 +483,11 @@ def _add_forward_commands(commands: Any) -> None:
         type=_argument_type(parse_forward_address, "address"),
         help="the forward's bind address (default 127.0.0.1) and port",
     )
-    remove.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(remove)
     remove.add_argument("--cut", action="store_true", help="also close the connections open through it")
     remove.set_defaults(run=_forwards_remove)
     listing = actions.add_parser("list", help="list forwards, where they come from and their state")
-    listing.add_argument("--state", required=True, metavar="DIR", help="server state directory")
+    _add_state_arguments(listing)
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(run=_forwards_list)
 
@@ -469,7 +522,7 @@ def parse_forward_address(text: str) -> tuple[str, int]:
 def _forwards_add(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     spec: ForwardSpec = args.spec
     record = ForwardRecord(spec.bind, spec.port, spec.site, spec.target.host, spec.target.port)
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         site = state.store.site(spec.site)
         state.store.add_forward(record, now)
@@ -490,7 +543,7 @@ def _forwards_add(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
 
 def _forwards_remove(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     bind, port = args.address
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         running = state.store.server_running()
         record = state.store.remove_forward(bind, port, args.cut)
@@ -525,7 +578,7 @@ def _forward_json(forward: ForwardState) -> dict[str, Any]:
 
 
 def _forwards_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
-    state = ServerState.open_existing(args.state)
+    state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
         forwards = state.store.list_forwards()
         running = state.store.server_running()

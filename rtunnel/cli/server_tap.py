@@ -11,7 +11,8 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ..frontdoor.wiring import FrontDoorError
-from ..identity.errors import IdentityError
+from ..identity.errors import IdentityError, StateError
+from ..identity.store import database_location
 from ..observe.web import AdminEndpointError, admin_option
 from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
@@ -44,6 +45,13 @@ class Options(usage.Options):
     optParameters = [
         ["state", None, None, "State directory: CA, server certificate, database (created on first start)."],
         ["listen", None, DEFAULT_LISTEN, "Twisted server endpoint for sites; rtunnel adds TLS itself."],
+        [
+            "database",
+            None,
+            None,
+            "Where tokens, sites and forwards live: sqlite:PATH or postgresql://USER@HOST/DBNAME "
+            "(default: the SQLite file in --state; the CA and server identity stay in --state).",
+        ],
         [
             "open-timeout",
             None,
@@ -149,8 +157,14 @@ class Options(usage.Options):
         keepalive = keepalive_from(self, SERVER_KEEPALIVE, SERVER_KEEPALIVE.interval / SERVER_KEEPALIVE.timeout)
         settings, tuning = flow_from(self)
         self.log_level = log_level_from(self)
+        if self["database"] is not None:
+            try:
+                database_location(self["database"], self["state"])
+            except StateError as e:
+                raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
             state_dir=self["state"],
+            database=self["database"],
             listen=self["listen"],
             public_addresses=tuple(self["public-address"]),
             forwards=tuple(self["forward"]),

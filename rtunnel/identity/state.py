@@ -7,7 +7,9 @@ Tunnel server (L{ServerState}), one directory of mode 0700::
     ca.crt         CA certificate: the trust root every keyfile pins
     server.key     TLS server private key (0600)
     server.crt     TLS server certificate, EKU serverAuth, SAN = public names
-    state.sqlite3  tokens, sites, revocations, connection status (0600)
+    state.sqlite3  tokens, sites, revocations, connection status (0600);
+                   absent when C{--database} puts them elsewhere (another
+                   SQLite file, or PostgreSQL shared by several servers)
 
 Site (L{SiteState}), one directory of mode 0700::
 
@@ -73,7 +75,7 @@ from rtunnel.identity.errors import (
     StateError,
 )
 from rtunnel.identity.keyfile import Keyfile, normalize_address, parse_address
-from rtunnel.identity.store import StateStore
+from rtunnel.identity.store import StateStore, database_location
 from rtunnel.logs import Logger
 
 __all__ = [
@@ -98,7 +100,8 @@ CA_CERT = "ca.crt"
 SERVER_KEY = "server.key"
 SERVER_CERT = "server.crt"
 DATABASE = "state.sqlite3"
-_SERVER_FILES = (CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT, DATABASE)
+_IDENTITY_FILES = (CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT)
+_SERVER_FILES = (*_IDENTITY_FILES, DATABASE)
 
 SITE_KEY = "site.key"
 SITE_CERT = "site.crt"
@@ -110,6 +113,11 @@ _SITE_FILES = (SITE_KEY, SITE_CERT, SITE_CA_CERT, SITE_INFO)
 _SITE_INFO_FORMAT = "rtunnel-site-state"
 
 _MAX_FILE_SIZE = 1024 * 1024
+
+
+def _files(path: str, location: str) -> tuple[str, ...]:
+    """The files a server state directory holds: the database file only where it is the default."""
+    return _SERVER_FILES if location == os.path.join(path, DATABASE) else _IDENTITY_FILES
 
 
 def default_public_addresses() -> list[str]:
@@ -319,6 +327,7 @@ class ServerState:
         public_addresses: Sequence[str] = (),
         *,
         now: datetime | None = None,
+        database: str | None = None,
     ) -> ServerState:
         """
         Load the server state in C{state_dir}, creating it on first use.
@@ -330,29 +339,35 @@ class ServerState:
         @param public_addresses: host names or IP addresses sites dial (an
             optional C{:port} is ignored here); by default those recorded at
             the last start, or L{default_public_addresses} on the first.
+        @param database: C{--database}: where tokens, sites and the rest
+            live (see L{database_location}); the CA and the server identity
+            stay files in C{state_dir}. A database elsewhere than the default
+            file is created (or migrated) on open, whatever the files.
 
         @raise StateError: if the directory holds damaged, unreadable or only
             some of the state files.
         """
         path = _path_of(state_dir)
         when = _utcnow(now)
+        location = database_location(database, path)
+        files = _files(path, location)
         try:
             given = _hosts(public_addresses)
         except AddressError as e:
             raise StateError(f"invalid public address: {e}") from None
         _ensure_directory(path, "state directory")
-        present = [f for f in _SERVER_FILES if os.path.lexists(os.path.join(path, f))]
+        present = [f for f in files if os.path.lexists(os.path.join(path, f))]
         if not present:
             hosts = given or default_public_addresses()
-            state = cls._create(path, hosts, when)
-        elif len(present) == len(_SERVER_FILES):
-            state = cls._load(path, create_store=False)
+            state = cls._create(path, hosts, when, location)
+        elif len(present) == len(files):
+            state = cls._load(path, location, create_store=files is _IDENTITY_FILES)
             # Without --public-address, keep the addresses recorded before:
             # keyfiles created later must still name what sites can reach.
             hosts = given or state.store.public_addresses() or default_public_addresses()
             state._cover(hosts, when)
         else:
-            missing = [f for f in _SERVER_FILES if f not in present]
+            missing = [f for f in files if f not in present]
             raise StateError(
                 f"state directory {path} is incomplete: {', '.join(present)} "
                 f"present but {', '.join(missing)} missing; refusing to create new "
@@ -362,26 +377,30 @@ class ServerState:
         return state
 
     @classmethod
-    def open_existing(cls, state_dir: FilePath[str] | str | os.PathLike[str]) -> ServerState:
+    def open_existing(
+        cls, state_dir: FilePath[str] | str | os.PathLike[str], database: str | None = None
+    ) -> ServerState:
         """
         Open the state of a server that has run before (for the admin CLI).
 
+        @param database: as for L{load_or_create}.
         @raise StateError: if there is no complete state in C{state_dir}.
         """
         path = _path_of(state_dir)
+        location = database_location(database, path)
         if not os.path.isdir(path):
             raise StateError(
                 f"no tunnel server state at {path}: start the tunnel server with "
                 "this state directory first (it creates the state), or pass the "
                 "right --state"
             )
-        missing = [f for f in _SERVER_FILES if not os.path.lexists(os.path.join(path, f))]
+        missing = [f for f in _files(path, location) if not os.path.lexists(os.path.join(path, f))]
         if missing:
             raise StateError(f"{path} is not a complete tunnel server state directory ({', '.join(missing)} missing)")
-        return cls._load(path, create_store=False)
+        return cls._load(path, location, create_store=False)
 
     @classmethod
-    def _create(cls, path: str, hosts: list[str], now: datetime) -> ServerState:
+    def _create(cls, path: str, hosts: list[str], now: datetime, location: str) -> ServerState:
         ca_key, ca_cert = create_ca(f"rtunnel CA {hosts[0]}", now)
         server_key = generate_private_key()
         server_cert = issue_server_certificate(ca_key, ca_cert, server_key, hosts, now)
@@ -389,7 +408,7 @@ class ServerState:
         _write_new(os.path.join(path, CA_CERT), dump_certificate(ca_cert).encode(), 0o644)
         _write_new(os.path.join(path, SERVER_KEY), dump_private_key(server_key), 0o600)
         _write_new(os.path.join(path, SERVER_CERT), dump_certificate(server_cert).encode(), 0o644)
-        store = StateStore(os.path.join(path, DATABASE), create=True)
+        store = StateStore(location, create=True)
         _fsync_directory(path)
         cls._log.info(
             "created tunnel server state in {directory}: CA {ca_fingerprint}, server certificate for {names}",
@@ -400,7 +419,7 @@ class ServerState:
         return cls(FilePath(path), ca_key, ca_cert, server_key, server_cert, store)
 
     @classmethod
-    def _load(cls, path: str, create_store: bool) -> ServerState:
+    def _load(cls, path: str, location: str, create_store: bool) -> ServerState:
         ca_key = _load_key_file(os.path.join(path, CA_KEY), cls._log)
         ca_cert = _load_cert_file(os.path.join(path, CA_CERT))
         server_key = _load_key_file(os.path.join(path, SERVER_KEY), cls._log)
@@ -415,7 +434,7 @@ class ServerState:
             verify_issued_by(server_cert, ca_cert)
         except CertificateError:
             raise StateError(f"{os.path.join(path, SERVER_CERT)} was not issued by {CA_CERT}") from None
-        store = StateStore(os.path.join(path, DATABASE), create=create_store)
+        store = StateStore(location, create=create_store)
         return cls(FilePath(path), ca_key, ca_cert, server_key, server_cert, store)
 
     def _cover(self, hosts: Sequence[str], now: datetime) -> None:

@@ -18,6 +18,13 @@ else in one database thread (L{rtunnel.roles.server.StateThread}).
 
 Tokens are stored only as their SHA-256 digest, so a copy of the database
 does not let anyone enroll a site.
+
+The same store runs on PostgreSQL (C{--database postgresql://...}, psycopg
+3), which several tunnel servers can share: the same SQL (written for both),
+every write transaction serialized by one advisory lock as SQLite's write
+lock serializes them, and an admission counter in place of SQLite's
+C{data_version}. The schema is versioned and migrated on open
+(L{rtunnel.identity.migrations}).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
 
@@ -50,6 +59,8 @@ from rtunnel.identity.errors import (
     StateError,
 )
 from rtunnel.identity.keyfile import token_digest
+from rtunnel.identity.migrations import SCHEMA_VERSION, migrations_for
+from rtunnel.logs import Logger
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -61,42 +72,21 @@ __all__ = [
     "SiteRecord",
     "StateStore",
     "check_admission",
+    "database_location",
+    "is_postgresql",
     "pid_alive",
 ]
 
-SCHEMA_VERSION = 1
+#: The tables every state database has once migrated.
+_TABLES = {"meta", "sites", "tokens", "forwards", "forward_states", "site_services"}
+#: The key of PostgreSQL's advisory lock that every write transaction takes
+#: first (SQLite's BEGIN IMMEDIATE): writers queue instead of racing, as on
+#: SQLite; "rtun" in ASCII.
+_WRITE_LOCK = 0x7274756E
+_ADMISSION_VERSION = "admission_version"
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
-_SCHEMA = """
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE sites (
-    name TEXT PRIMARY KEY,
-    enrolled_at TEXT,
-    certificate_fingerprint TEXT,
-    certificate_pem TEXT,
-    revoked_at TEXT,
-    connected INTEGER NOT NULL DEFAULT 0,
-    session INTEGER NOT NULL DEFAULT 0,
-    peer TEXT,
-    connected_since TEXT,
-    last_seen TEXT
-);
-CREATE TABLE tokens (
-    digest TEXT PRIMARY KEY,
-    site TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    spent_at TEXT,
-    key_fingerprint TEXT,
-    certificate_fingerprint TEXT,
-    certificate_pem TEXT,
-    withdrawn_at TEXT
-);
-CREATE INDEX tokens_by_site ON tokens (site);
-"""
-_TABLES = {"meta", "sites", "tokens"}
+_log = Logger(namespace="rtunnel.identity.store")
 
 
 def pid_alive(pid: int) -> bool:
@@ -258,19 +248,34 @@ class AdmissionSnapshot:
 
 class StateStore:
     """
-    The SQLite state database of one tunnel server.
+    The state database of one tunnel server: an SQLite file (the default),
+    or a PostgreSQL database that several servers can share.
 
     One instance owns one connection; use it from one thread at a time.
     Open as many instances (in as many processes) as needed on the same
-    file.
+    database.
 
-    The connection is opened with C{check_same_thread=False}: the tunnel
-    server loads its state (and this store) at build time, in the thread
-    that builds the service, and from its start on uses the store only in
-    its one database thread; Python's check would refuse that hand-over.
-    One user at a time is all SQLite needs here (the module is built
-    serialized, C{sqlite3.threadsafety} 3, and a transaction is begun and
-    ended by the same call).
+    The SQLite connection is opened with C{check_same_thread=False}: the
+    tunnel server loads its state (and this store) at build time, in the
+    thread that builds the service, and from its start on uses the store
+    only in its one database thread; Python's check would refuse that
+    hand-over. One user at a time is all SQLite needs here (the module is
+    built serialized, C{sqlite3.threadsafety} 3, and a transaction is begun
+    and ended by the same call). A psycopg connection takes the same
+    hand-over.
+
+    On PostgreSQL every write transaction first takes one advisory lock, the
+    counterpart of SQLite's C{BEGIN IMMEDIATE}: writers from every process
+    sharing the database run one after another, so each read-then-write
+    (redeeming a token above all) sees the state the previous one left, as
+    on SQLite. Writes are a handful of row operations; serializing them
+    costs far less than a mistake in reasoning about isolation levels.
+
+    @ivar path: the SQLite file, or the PostgreSQL URL with any password
+        masked: what messages name.
+    @ivar dialect: C{"sqlite"} or C{"postgresql"}.
+    @ivar upgraded_from: the schema version this open migrated the database
+        from (0: it was empty), or C{None} if it was current.
     """
 
     def __init__(
@@ -282,19 +287,27 @@ class StateStore:
         process_alive: Callable[[int], bool] = pid_alive,
     ) -> None:
         """
-        Open (and with C{create}, create and initialize) a state database.
+        Open (and with C{create}, create and initialize) a state database,
+        and bring its schema up to date.
 
-        @param create: whether a missing or empty file may be initialized.
+        @param path: an SQLite file, or a C{postgresql://} URL.
+        @param create: whether a missing or empty file may be initialized
+            (an empty PostgreSQL database always may).
         @param busy_timeout: seconds to wait for another process's write
-            transaction before failing.
+            transaction before failing (SQLite).
         @param process_alive: tells whether a process id is running; used to
             ignore the connection flags of a tunnel server that died.
 
         @raise StateError: if the file is missing (without C{create}), not
-            SQLite, not an rtunnel database, or of another schema version.
+            SQLite, not an rtunnel database, or of a newer schema version;
+            if the PostgreSQL server cannot be reached.
         """
         self.path = os.fspath(path)
+        self.dialect = "sqlite"
+        self.upgraded_from: int | None = None
         self._process_alive = process_alive
+        #: what _guard turns into StateError besides sqlite3's errors
+        self._foreign_errors: tuple[type[Exception], ...] = ()
         #: admission changes committed through this connection (enrollments,
         #: revocations), which SQLite's data_version does not count, and the
         #: sites they concern (until L{take_own_changes})
@@ -302,6 +315,10 @@ class StateStore:
         self._own_changed_sites: set[str] = set()
         #: told of every admission change committed through this connection
         self._admission_listeners: list[Callable[[str, SiteAdmission | None], None]] = []
+        self._db: _Connection
+        if is_postgresql(self.path):
+            self._open_postgresql(self.path)
+            return
         p = Path(self.path)
         if p.is_dir():
             raise StateError(f"state database {self.path} is a directory")
@@ -321,24 +338,51 @@ class StateStore:
             )
         uri = p.absolute().as_uri() + "?mode=rw"
         try:
-            self._db = sqlite3.connect(
-                uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            db = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise StateError(f"cannot open state database {self.path}: {e}") from None
+        self._db = db
         try:
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             # Check before switching to WAL: that switch writes to the file,
             # and a file that is not ours must be left exactly as it was.
             self._check_schema(create)
-            self._db.execute("PRAGMA journal_mode = WAL").fetchone()
-            self._db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA journal_mode = WAL").fetchone()
+            db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
-            self._db.close()
+            db.close()
             raise StateError(f"{self.path} is not a usable rtunnel state database ({e})") from None
         except BaseException:
-            self._db.close()
+            db.close()
+            raise
+
+    def _open_postgresql(self, url: str) -> None:
+        """
+        Connect to a PostgreSQL database (psycopg 3, the C{postgresql}
+        extra) in autocommit mode, our transactions being explicit, and
+        bring its schema up to date.
+        """
+        self.dialect = "postgresql"
+        self.path = _mask_password(url)
+        try:
+            import psycopg
+        except ImportError:
+            raise StateError(
+                f"state database {self.path}: PostgreSQL needs psycopg 3, which is not installed "
+                "(pip install 'rtunnel[postgresql]')"
+            ) from None
+        self._foreign_errors = (psycopg.Error,)
+        try:
+            connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as e:
+            raise StateError(f"cannot connect to state database {self.path}: {_one_line(e)}") from None
+        self._db = _PostgreSQL(connection)
+        try:
+            with self._guard():
+                self._check_schema(create=True)
+        except BaseException:
+            connection.close()
             raise
 
     # -- plumbing ---------------------------------------------------------
@@ -348,51 +392,93 @@ class StateStore:
         if not tables:
             if not create:
                 raise StateError(f"state database {self.path} is empty")
-            self._db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if self.dialect == "sqlite":
+                self._db.execute("PRAGMA journal_mode = WAL").fetchone()
             with self._transaction() as db:
                 # Another process may have initialized it while we waited
                 # for the write lock.
                 if not self._tables():
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),),
-                    )
+                    self._migrate(db, 0)
             tables = self._tables()
         if "meta" not in tables:
-            raise StateError(
-                f"{self.path} is an SQLite database but not an rtunnel state database (it has no meta table)"
-            )
+            what = "an SQLite database" if self.dialect == "sqlite" else "a database"
+            raise StateError(f"{self.path} is {what} but not an rtunnel state database (it has no meta table)")
+        version = self._schema_version()
+        if version < SCHEMA_VERSION:
+            with self._transaction() as db:
+                # Another process may have upgraded it while we waited.
+                version = self._schema_version()
+                if version < SCHEMA_VERSION:
+                    self._migrate(db, version)
+        # Read again: another process may have migrated since the first look.
+        missing = _TABLES - self._tables()
+        if missing:
+            raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
+
+    def _schema_version(self) -> int:
+        """
+        The database's schema version, known to be at most ours.
+
+        @raise StateError: none recorded, not a number, or newer than ours.
+        """
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             raise StateError(f"{self.path} has no schema version: not an rtunnel state database")
         version = str(row[0])
-        if version != str(SCHEMA_VERSION):
+        if not version.isdigit() or int(version) > SCHEMA_VERSION:
             newer = version.isdigit() and int(version) > SCHEMA_VERSION
             raise StateError(
                 f"{self.path} has schema version {version}; this rtunnel understands "
                 f"version {SCHEMA_VERSION} only" + (" (it was written by a newer rtunnel)" if newer else "")
             )
-        missing = _TABLES - tables
-        if missing:
-            raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
-        self._ensure_forward_tables(tables)
-        self._ensure_service_table(tables)
+        return int(version)
+
+    def _migrate(self, db: _Connection, version: int) -> None:
+        """
+        Apply the migrations after C{version}, inside the caller's write
+        transaction (all of them or, on failure, none).
+        """
+        steps = migrations_for(self.dialect, version)
+        for step in steps:
+            for statement in step.statements:
+                db.execute(statement)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+        self.upgraded_from = version
+        if version:
+            _log.info(
+                "upgraded state database {database} from schema version {old} to {new}: {what}",
+                database=self.path,
+                old=version,
+                new=SCHEMA_VERSION,
+                what="; ".join(step.why for step in steps),
+            )
 
     def _tables(self) -> set[str]:
-        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        if self.dialect == "sqlite":
+            rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            ).fetchall()
         return {r[0] for r in rows}
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[_Connection]:
         """
         Run a write transaction, taking the write lock first.
         """
         with self._guard():
-            self._db.execute("BEGIN IMMEDIATE")
+            if self.dialect == "sqlite":
+                self._db.execute("BEGIN IMMEDIATE")
+            else:
+                self._db.execute("BEGIN")
             try:
+                if self.dialect != "sqlite":
+                    self._db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -403,7 +489,8 @@ class StateStore:
     @contextmanager
     def _guard(self) -> Iterator[None]:
         """
-        Turn SQLite failures (a locked or damaged file) into L{StateError}.
+        Turn database failures (a locked or damaged file, a PostgreSQL
+        server gone) into L{StateError}.
         """
         try:
             yield
@@ -413,6 +500,8 @@ class StateStore:
             raise StateError(f"state database {self.path}: {e}") from None
         except sqlite3.Error as e:
             raise StateError(f"state database {self.path}: {e}") from None
+        except self._foreign_errors as e:
+            raise StateError(f"state database {self.path}: {_one_line(e)}") from None
 
     def close(self) -> None:
         """
@@ -600,6 +689,7 @@ class StateStore:
                 "certificate_pem = excluded.certificate_pem, revoked_at = NULL",
                 (site, stamp, cert_fp, certificate_pem),
             )
+            _bump(db, _ADMISSION_VERSION)
             self._own_changes += 1
             self._own_changed_sites.add(site)
             return certificate_pem, SiteAdmission(enrolled=True, certificate_fingerprint=cert_fp, revoked_at=None)
@@ -640,7 +730,7 @@ class StateStore:
         return {row["name"]: self._admission(row) for row in rows}
 
     @staticmethod
-    def _admission(row: sqlite3.Row) -> SiteAdmission:
+    def _admission(row: Any) -> SiteAdmission:
         return SiteAdmission(
             enrolled=row["enrolled_at"] is not None,
             certificate_fingerprint=row["certificate_fingerprint"],
@@ -687,6 +777,7 @@ class StateStore:
                 db.execute("INSERT INTO sites (name, revoked_at) VALUES (?, ?)", (name, stamp))
             elif row["revoked_at"] is None:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
+            _bump(db, _ADMISSION_VERSION)
             self._own_changes += 1
             self._own_changed_sites.add(name)
         self._admission_changed(name, self.admission(name))
@@ -713,9 +804,18 @@ class StateStore:
         through the same connection, and the server enrolls sites through
         its own: a re-enrollment would then leave the superseded
         certificate's session alive.
+
+        PostgreSQL has no C{data_version}: there the first part is the
+        admission counter every enrollment and revocation bumps in its own
+        transaction (one indexed read). It counts this connection's changes
+        too, so a poller reloads its table after them as well: correct,
+        and rare next to connections.
         """
         with self._guard():
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
+            if self.dialect == "sqlite":
+                return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_ADMISSION_VERSION,)).fetchone()
+            return (int(row[0]) if row is not None else 0), self._own_changes
 
     def take_own_changes(self) -> frozenset[str]:
         """
@@ -785,10 +885,13 @@ class StateStore:
             connected again since (a newer session), nothing changes.
         """
         with self._transaction() as db:
-            db.execute(
-                "UPDATE sites SET connected = 0, last_seen = ? WHERE name = ? AND (? IS NULL OR session = ?)",
-                (_ts(now), site, session, session),
-            )
+            if session is None:
+                db.execute("UPDATE sites SET connected = 0, last_seen = ? WHERE name = ?", (_ts(now), site))
+            else:
+                db.execute(
+                    "UPDATE sites SET connected = 0, last_seen = ? WHERE name = ? AND session = ?",
+                    (_ts(now), site, session),
+                )
 
     # -- listing ----------------------------------------------------------
 
@@ -828,7 +931,7 @@ class StateStore:
         with self._guard():
             row = self._db.execute(
                 """
-                SELECT ? AS name, s.enrolled_at, s.revoked_at, s.connected,
+                SELECT CAST(? AS TEXT) AS name, s.enrolled_at, s.revoked_at, s.connected,
                        s.peer, s.connected_since, s.last_seen,
                        s.certificate_fingerprint,
                        (SELECT max(t.expires_at) FROM tokens t WHERE t.site = ?
@@ -836,7 +939,7 @@ class StateStore:
                          AS token_expires,
                        s.name IS NOT NULL
                          OR EXISTS (SELECT 1 FROM tokens t WHERE t.site = ?) AS known
-                FROM (SELECT 1) LEFT JOIN sites s ON s.name = ?
+                FROM (SELECT 1) AS one LEFT JOIN sites s ON s.name = ?
                 """,
                 (name, name, name, name),
             ).fetchone()
@@ -845,7 +948,7 @@ class StateStore:
         return self._record(row, alive)
 
     @staticmethod
-    def _record(row: sqlite3.Row, alive: bool) -> SiteRecord:
+    def _record(row: Any, alive: bool) -> SiteRecord:
         return SiteRecord(
             name=row["name"],
             enrolled_at=_dt(row["enrolled_at"]),
@@ -859,13 +962,6 @@ class StateStore:
         )
 
     # -- named services (issue 11) ----------------------------------------
-
-    def _ensure_service_table(self, tables: set[str]) -> None:
-        """Create C{site_services} in a database made before it existed."""
-        if "site_services" in tables:
-            return
-        with self._transaction() as db:
-            db.execute(_SERVICE_SCHEMA)
 
     def record_services(self, site: str, services: Mapping[str, HostPort], now: datetime) -> None:
         """
@@ -893,18 +989,6 @@ class StateStore:
         return found
 
     # -- live forwards (issue 11) -----------------------------------------
-
-    def _ensure_forward_tables(self, tables: set[str]) -> None:
-        """
-        Create the forward tables in a database made before they existed; a
-        no-op (no write) when they are there.
-        """
-        if {"forwards", "forward_states"} <= tables:
-            return
-        with self._transaction() as db:
-            for statement in _FORWARD_SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
 
     def add_forward(self, record: ForwardRecord, now: datetime) -> ForwardRecord:
         """
@@ -1077,49 +1161,8 @@ class StateStore:
         return self._server_alive()
 
 
-#: What each site last announced with C{--service} (issue 11): one JSON
-#: object C{{name: "host:port"}} per site. New table, added when missing, as
-#: the forward tables are: nothing older reads it.
-_SERVICE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS site_services (
-    site TEXT PRIMARY KEY,
-    services TEXT NOT NULL,
-    announced_at TEXT NOT NULL
-)
-"""
-
-
 # -- live forwards (issue 11) ---------------------------------------------
 
-
-#: The forwards added with C{rtunnel forwards add}, and the state of every
-#: forward of the running server as it reported it. Added to a database of
-#: schema version 1 when missing (L{StateStore._ensure_forward_tables}): the
-#: tables are new, nothing older reads them, so no version change is needed.
-_FORWARD_SCHEMA = """
-CREATE TABLE IF NOT EXISTS forwards (
-    bind TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    site TEXT NOT NULL,
-    host TEXT NOT NULL,
-    hostport INTEGER NOT NULL,
-    added_at TEXT NOT NULL,
-    removed INTEGER NOT NULL DEFAULT 0,
-    cut INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (bind, port)
-);
-CREATE TABLE IF NOT EXISTS forward_states (
-    bind TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    site TEXT NOT NULL,
-    host TEXT NOT NULL,
-    hostport INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (bind, port, source)
-);
-"""
 
 #: Where a forward comes from, as C{forwards list} shows it.
 SOURCE_COMMAND_LINE = "command line"
@@ -1197,7 +1240,7 @@ class ForwardState:
         return forward_spec_text(self.bind, self.port, self.site, self.host, self.hostport)
 
 
-def _forward_record(row: sqlite3.Row) -> ForwardRecord:
+def _forward_record(row: Any) -> ForwardRecord:
     return ForwardRecord(
         bind=row["bind"],
         port=int(row["port"]),
@@ -1209,15 +1252,146 @@ def _forward_record(row: sqlite3.Row) -> ForwardRecord:
     )
 
 
-def _bump_forwards(db: sqlite3.Connection) -> None:
+def _bump_forwards(db: _Connection) -> None:
+    _bump(db, _FORWARDS_VERSION)
+
+
+def _bump(db: _Connection, key: str) -> None:
+    """Add one to a counter of the meta table, in the caller's transaction."""
     db.execute(
         "INSERT INTO meta (key, value) VALUES (?, '1') "
-        "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-        (_FORWARDS_VERSION,),
+        "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)",
+        (key,),
     )
 
 
-def _put_states(db: sqlite3.Connection, states: Sequence[ForwardState], now: datetime) -> None:
+# -- the PostgreSQL connection ----------------------------------------------
+
+
+class _Cursor(Protocol):
+    """What the store uses of a cursor: sqlite3's, or L{_PostgreSQLCursor}."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Connection(Protocol):
+    """What the store uses of a connection: sqlite3's, or L{_PostgreSQL}."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Cursor: ...
+
+    def close(self) -> None: ...
+
+
+class _Row:
+    """
+    A PostgreSQL result row read as the store reads an C{sqlite3.Row}: by
+    column name, by index, or unpacked.
+    """
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: Mapping[str, int], values: Sequence[Any]) -> None:
+        self._names = names
+        self._values = values
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._values[self._names[key] if isinstance(key, str) else key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class _PostgreSQLCursor:
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def _row(self, values: Sequence[Any]) -> _Row:
+        names = {column.name: i for i, column in enumerate(self._cursor.description or ())}
+        return _Row(names, values)
+
+    def fetchone(self) -> Any:
+        values = self._cursor.fetchone()
+        return None if values is None else self._row(values)
+
+    def fetchall(self) -> list[Any]:
+        return [self._row(values) for values in self._cursor.fetchall()]
+
+
+class _PostgreSQL:
+    """
+    A psycopg connection that takes the store's SQL as written for SQLite:
+    C{?} placeholders become C{%s} (the store's SQL has no C{%} and no C{?}
+    inside literals), and rows read like C{sqlite3.Row}.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Cursor:
+        return _PostgreSQLCursor(self._connection.execute(sql.replace("?", "%s"), tuple(parameters)))
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _mask_password(url: str) -> str:
+    """A database URL fit for messages and logs: its password replaced by C{***}."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _one_line(error: BaseException) -> str:
+    """A driver error as one line (libpq's messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def is_postgresql(location: str) -> bool:
+    """Whether L{StateStore} opens this location (see L{database_location}) on PostgreSQL."""
+    return location.startswith(_POSTGRESQL_SCHEMES)
+
+
+def database_location(database: str | None, state_dir: str) -> str:
+    """
+    Where the state lives, from C{--database}: C{sqlite:PATH}, a
+    C{postgresql://} URL, or nothing (the SQLite file in C{state_dir}).
+
+    @return: what L{StateStore} opens: a file path or the URL.
+    @raise StateError: for any other form.
+    """
+    if database is None:
+        return os.path.join(state_dir, "state.sqlite3")
+    if database.startswith("sqlite:"):
+        path = database[len("sqlite:") :]
+        if path.startswith("//"):
+            raise StateError(f"--database {database}: write sqlite:PATH (sqlite:/var/lib/rtunnel/state.sqlite3)")
+        if not path:
+            raise StateError("--database sqlite: needs a file path (sqlite:PATH)")
+        return path
+    if database.startswith(_POSTGRESQL_SCHEMES):
+        return database
+    raise StateError(
+        f"--database {_mask_password(database)!r} is not a database this rtunnel knows: "
+        "use sqlite:PATH or postgresql://USER@HOST/DBNAME"
+    )
+
+
+def _put_states(db: _Connection, states: Sequence[ForwardState], now: datetime) -> None:
     for s in states:
         db.execute(
             "INSERT INTO forward_states (bind, port, source, site, host, hostport, state, updated_at) "
