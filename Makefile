@@ -22,7 +22,8 @@ venv: $(STAMP)
 # Real clients the tests drive, installed from Debian's packages when missing:
 # curl (the front door's end-to-end tests), chromium and chromedriver (the
 # status page, in a real browser), promtool of the prometheus package (checks
-# the /metrics output).
+# the /metrics output); and PostgreSQL's server, for the state store's tests
+# on a throwaway cluster (its initdb is not on PATH: checked by its path).
 TEST_PACKAGES := curl:curl chromium:chromium chromedriver:chromium-driver promtool:prometheus
 test: $(STAMP) test-packages
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
@@ -30,6 +31,7 @@ test: $(STAMP) test-packages
 test-packages:
 	@missing=""; for pair in $(TEST_PACKAGES); do \
 	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing the test tools from Debian's packages:$$missing"; \
 	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; fi

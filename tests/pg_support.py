@@ -10,7 +10,8 @@ C{postgres} user (C{runuser -u postgres --}), which owns the temporary
 directory. Without the binaries, or without psycopg, the tests that need a
 cluster skip and say what installs them.
 
-One cluster serves a whole test run (starting one takes about a second);
+One cluster serves a whole test run (starting one takes about a second),
+stopped when the test process exits;
 each test takes a fresh database of its own (L{PostgreSQLCluster.new_database}).
 """
 
@@ -24,12 +25,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+import unittest
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
-__all__ = ["PostgreSQLCluster", "cluster", "missing", "skip_unless_available"]
+__all__ = ["PostgreSQLCluster", "cluster", "missing", "skip_unless_available", "stop_cluster"]
 
 INSTALL = "make test installs it: apt-get install postgresql"
 
@@ -57,9 +57,14 @@ def missing() -> str | None:
 
 
 def skip_unless_available() -> None:
+    """
+    Skip the calling test if PostgreSQL cannot run here. C{unittest.SkipTest}:
+    what both trial's test cases and pytest's functions and fixtures take as
+    a skip.
+    """
     reason = missing()
     if reason is not None:
-        pytest.skip(reason)
+        raise unittest.SkipTest(reason)
 
 
 class PostgreSQLCluster:
@@ -154,7 +159,8 @@ _cluster: PostgreSQLCluster | None = None
 def cluster() -> PostgreSQLCluster:
     """
     The test run's cluster, started on first use (skipping the calling test
-    when PostgreSQL is not installed); L{stop_cluster} stops it.
+    when PostgreSQL is not installed); L{stop_cluster} stops it, at the
+    latest when the test process exits.
     """
     global _cluster
     skip_unless_available()
@@ -175,10 +181,3 @@ def stop_cluster() -> None:
     if _cluster is not None:
         _cluster.stop()
         _cluster = None
-
-
-@pytest.fixture(scope="session", autouse=False)
-def postgresql_cluster() -> Iterator[PostgreSQLCluster]:
-    """A pytest fixture for the cluster, stopped at the end of the session."""
-    yield cluster()
-    stop_cluster()

@@ -8,12 +8,13 @@ stays single-use when separate connections redeem it at the same moment.
 from __future__ import annotations
 
 import threading
+import unittest
 from datetime import timedelta
 
 from rtunnel.identity.errors import EnrollmentRefused, StateError
 from rtunnel.identity.keyfile import token_digest
 from rtunnel.identity.store import StateStore, database_location
-from tests import test_store
+from tests import pg_support, test_store
 from tests.helpers_identity import NOW, TestCase
 from tests.pg_support import cluster
 
@@ -183,3 +184,36 @@ class OpenTests(TestCase):
         ):
             error = self.assertRaises(StateError, database_location, bad, "/srv/state")
             self.assertIn(message, str(error))
+
+
+class SupportTests(TestCase):
+    def test_missing_binaries_say_what_installs_them(self) -> None:
+        """Without Debian's PostgreSQL, the tests that need it skip naming the command that fixes it."""
+        self.patch(pg_support, "_bin_directory", lambda: None)
+        reason = pg_support.missing()
+        assert reason is not None
+        self.assertIn("make test installs it: apt-get install postgresql", reason)
+        error = self.assertRaises(unittest.SkipTest, pg_support.skip_unless_available)
+        self.assertEqual(str(error), reason)
+
+
+class ReconnectTests(_OnPostgreSQL):
+    def test_broken_connection_is_replaced(self) -> None:
+        """
+        When PostgreSQL drops the store's connection, the call that finds it
+        broken fails with a StateError, and the next one connects again:
+        nothing was written half, and nothing is lost.
+        """
+        site = test_store._Site()
+        self.enroll(site)
+        cluster().execute(
+            [
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{self.database}' AND pid <> pg_backend_pid()"
+            ]
+        )
+        self.assertRaises(StateError, self.store.create_token, "beta", timedelta(hours=1), NOW)
+        token = self.store.create_token("beta", timedelta(hours=1), NOW)
+        self.assertEqual([r.name for r in self.store.list_sites()], ["alpha", "beta"])
+        self.store.redeem_token("beta", token, site.key_fingerprint, test_store._Site("beta").issue, NOW)
+        self.assertEqual(self.open().changes_token()[0], 2)

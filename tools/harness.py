@@ -143,8 +143,16 @@ class Deployment:
     A tunnel server and its sites, all on loopback, state under C{workdir}.
     """
 
-    def __init__(self, workdir: Path, python: str = sys.executable, admin: str = "tcp:0:interface=127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        python: str = sys.executable,
+        admin: str = "tcp:0:interface=127.0.0.1",
+        database: str | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
+        #: the server's and the admin commands' --database (None: the SQLite file in the state directory)
+        self.database = database
         #: the server's --admin: a port the kernel picks (its URL is recorded in the state database), so that
         #: deployments side by side never fight over the default 5501
         self.admin = admin
@@ -189,8 +197,7 @@ class Deployment:
     ) -> Process:
         args = [
             "rtunnel-server",
-            "--state",
-            str(self.server_state),
+            *self.state_args(),
             "--listen",
             f"tcp:{self.server_port}:interface=127.0.0.1",
             "--public-address",
@@ -214,7 +221,7 @@ class Deployment:
 
     def create_keyfile(self, site: str, expires: str | None = None, address: str | None = None) -> Path:
         path = self.workdir / f"{site}-{time.monotonic_ns()}.rtkey"
-        args = ["keyfile", "create", "--state", str(self.server_state), "--site", site, "--output", str(path)]
+        args = ["keyfile", "create", *self.state_args(), "--site", site, "--output", str(path)]
         args += ["--address", address or f"127.0.0.1:{self.server_port}"]
         if expires:
             args += ["--expires", expires]
@@ -237,11 +244,16 @@ class Deployment:
             args += ["--allow", target]
         return self.twistd(name or f"site-{site}", [*args, *extra])
 
+    def state_args(self) -> list[str]:
+        """C{--state DIR} and, if the deployment has one, C{--database URL}: for the server and C{rtunnel}."""
+        args = ["--state", str(self.server_state)]
+        return args + ["--database", self.database] if self.database is not None else args
+
     def site_state(self, site: str) -> Path:
         return self.workdir / f"site-{site}-state"
 
     def sites(self) -> list[dict[str, Any]]:
-        result = self.rtunnel("sites", "list", "--state", str(self.server_state), "--json")
+        result = self.rtunnel("sites", "list", *self.state_args(), "--json")
         sites: list[dict[str, Any]] = json.loads(result.stdout)
         return sites
 

@@ -377,7 +377,7 @@ class StateStore:
             connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as e:
             raise StateError(f"cannot connect to state database {self.path}: {_one_line(e)}") from None
-        self._db = _PostgreSQL(connection)
+        self._db = _PostgreSQL(connection, lambda: psycopg.connect(url, autocommit=True, connect_timeout=10))
         try:
             with self._guard():
                 self._check_schema(create=True)
@@ -1334,13 +1334,30 @@ class _PostgreSQL:
     A psycopg connection that takes the store's SQL as written for SQLite:
     C{?} placeholders become C{%s} (the store's SQL has no C{%} and no C{?}
     inside literals), and rows read like C{sqlite3.Row}.
+
+    A connection that broke (the PostgreSQL server restarted, a network cut)
+    fails the call that found it broken; the next call outside a
+    transaction connects again. Within a transaction it never reconnects:
+    the transaction's earlier statements are gone with the old connection.
     """
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, connect: Callable[[], Any]) -> None:
         self._connection = connection
+        self._connect = connect
+        self._in_transaction = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Cursor:
-        return _PostgreSQLCursor(self._connection.execute(sql.replace("?", "%s"), tuple(parameters)))
+        if sql == "ROLLBACK" and self._connection.closed:
+            self._in_transaction = False  # nothing to roll back: the server dropped it with the connection
+            return _PostgreSQLCursor(None)
+        if self._connection.closed and not self._in_transaction:
+            self._connection = self._connect()
+        if sql in ("COMMIT", "ROLLBACK"):
+            self._in_transaction = False
+        cursor = _PostgreSQLCursor(self._connection.execute(sql.replace("?", "%s"), tuple(parameters)))
+        if sql == "BEGIN":
+            self._in_transaction = True
+        return cursor
 
     def close(self) -> None:
         self._connection.close()
