@@ -100,7 +100,12 @@ class PostgreSQLCluster:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stdout}{result.stderr}")
 
     def start(self) -> None:
+        """Create the cluster and start its server."""
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start the server (again, after L{stop_server}), on the same port and socket."""
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.socket_directory} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
@@ -108,6 +113,11 @@ class PostgreSQLCluster:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self._root / "server.log"), "-o", options, "-w", "start")
         pid_file = self.data / "postmaster.pid"
         self._pid = int(pid_file.read_text().split()[0])
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown: connections are cut), keeping its data for L{start_server}."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._pid = None
 
     def stop(self) -> None:
         """Stop the server (fast shutdown, then SIGKILL by its PID) and remove its directory."""
