@@ -1,20 +1,28 @@
 """
-The state store's behaviour tests (tests/test_store.py) once more on
-PostgreSQL, each test on a fresh database of a throwaway cluster
-(L{tests.pg_support}), and what only a shared database needs: the token
-stays single-use when separate connections redeem it at the same moment.
+The state store's behaviour tests (tests/test_store.py, and the forward
+tables' of tests/test_live_forwards.py) once more on PostgreSQL, each test
+on a fresh database of a throwaway cluster (L{tests.pg_support}); what only
+a shared database needs: the token stays single-use when separate
+connections redeem it at the same moment, a dropped connection is replaced;
+and the rtunnel command with --database.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import threading
 import unittest
 from datetime import timedelta
 
+from rtunnel.address import HostPort
+from rtunnel.cli import admin
 from rtunnel.identity.errors import EnrollmentRefused, StateError
 from rtunnel.identity.keyfile import token_digest
+from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import StateStore, database_location
-from tests import pg_support, test_store
+from tests import pg_support, test_live_forwards, test_store
 from tests.helpers_identity import NOW, TestCase
 from tests.pg_support import cluster
 
@@ -217,3 +225,67 @@ class ReconnectTests(_OnPostgreSQL):
         self.assertEqual([r.name for r in self.store.list_sites()], ["alpha", "beta"])
         self.store.redeem_token("beta", token, site.key_fingerprint, test_store._Site("beta").issue, NOW)
         self.assertEqual(self.open().changes_token()[0], 2)
+
+
+class ForwardStoreTests(test_live_forwards.StoreTests):
+    """The live forwards' tables (issue 11) on PostgreSQL."""
+
+    def setUp(self) -> None:
+        pg = cluster()
+        name = pg.new_database()
+        self.addCleanup(pg.drop_database, name)
+        self.path = pg.url(name)
+        self.alive = True
+        self.store = StateStore(self.path, process_alive=lambda pid: self.alive)
+        self.addCleanup(self.store.close)
+        self.store.record_server_start(4242, NOW)
+
+    def test_services_are_recorded_and_replaced(self) -> None:
+        """What a site announced is stored as JSON, replaced by its next announcement, read by another connection."""
+        self.store.record_services("alpha", {"ssh": HostPort.parse("localhost:22")}, NOW)
+        self.store.record_services("beta", {}, NOW)
+        self.store.record_services("alpha", {"web": HostPort.parse("10.0.0.5:80")}, NOW)
+        found = {site: {n: str(t) for n, t in s.items()} for site, s in self.other().site_services().items()}
+        self.assertEqual(found, {"alpha": {"web": "10.0.0.5:80"}, "beta": {}})
+
+
+class AdminCommandTests(TestCase):
+    """The rtunnel command with --database, on a server state whose database is PostgreSQL."""
+
+    def setUp(self) -> None:
+        pg = cluster()
+        name = pg.new_database()
+        self.addCleanup(pg.drop_database, name)
+        self.url = pg.url(name)
+        self.state = os.path.join(self.mktemp(), "server")
+        ServerState.load_or_create(self.state, ["127.0.0.1"], database=self.url).close()
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = admin.main([*argv, "--state", self.state, "--database", self.url], stdout=out, stderr=err, now=NOW)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_commands_work_on_the_database(self) -> None:
+        """keyfile create, sites list and revoke, forwards add and list: all on PostgreSQL, none on a file."""
+        self.assertEqual(sorted(os.listdir(self.state)), ["ca.crt", "ca.key", "server.crt", "server.key"])
+        keyfile = os.path.join(self.mktemp(), "alpha.rtkey")
+        os.makedirs(os.path.dirname(keyfile))
+        status, _, err = self.run_cli("keyfile", "create", "--site", "alpha", "--output", keyfile)
+        self.assertEqual((status, err), (0, ""))
+        status, out, err = self.run_cli("forwards", "add", "8080:alpha:10.0.0.5:80")
+        self.assertEqual(status, 0, err)
+        status, out, _ = self.run_cli("forwards", "list", "--json")
+        self.assertEqual([f["spec"] for f in json.loads(out)], ["127.0.0.1:8080:alpha:10.0.0.5:80"])
+        status, out, _ = self.run_cli("sites", "list", "--json")
+        [site] = json.loads(out)
+        self.assertEqual((site["name"], site["enrolled_at"]), ("alpha", None))
+        self.assertEqual(self.run_cli("sites", "revoke", "alpha")[0], 0)
+        self.assertTrue(json.loads(self.run_cli("sites", "list", "--json")[1])[0]["revoked_at"])
+        self.assertEqual(sorted(os.listdir(self.state)), ["ca.crt", "ca.key", "server.crt", "server.key"])
+
+    def test_without_database_the_file_is_missing(self) -> None:
+        """Forgetting --database names what is missing instead of making an empty SQLite state."""
+        err = io.StringIO()
+        status = admin.main(["sites", "list", "--state", self.state], stdout=io.StringIO(), stderr=err)
+        self.assertEqual(status, 1)
+        self.assertIn("not a complete tunnel server state directory (state.sqlite3 missing)", err.getvalue())
