@@ -9,16 +9,23 @@ open it at once; and C{rtunnel database upgrade}.
 from __future__ import annotations
 
 import io
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
+from twisted.python import usage
+
+from rtunnel.cli import server_tap
 from rtunnel.cli.admin import main
 from rtunnel.identity import migrations
 from rtunnel.identity.errors import StateError
 from rtunnel.identity.migrations import SCHEMA_VERSION
+from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import StateStore
+from rtunnel.services import ServerConfig
 from tests.helpers_identity import NOW, TestCase
 from tests.pg_support import cluster
 
@@ -30,8 +37,10 @@ V1_FORWARDS = FIXTURES / "state-v1-forwards.sql"
 
 
 def _load(fixture: Path, path: Path) -> None:
+    """Make the database of a fixture, in WAL mode as every rtunnel since 0.1 leaves its files."""
     raw = sqlite3.connect(path)
     raw.executescript(fixture.read_text())
+    raw.execute("PRAGMA journal_mode = WAL").fetchone()
     raw.close()
 
 
@@ -283,3 +292,36 @@ class UpgradeCommandTests(TestCase):
         self.assertEqual((status, err), (0, ""))
         self.assertIn(f": created at schema version {SCHEMA_VERSION}", out)
         self.assertTrue(out.startswith("state database postgresql://postgres@/"))
+
+
+class DatabaseOptionTests(TestCase):
+    """C{twistd rtunnel-server --database}."""
+
+    def parse(self, *argv: str) -> ServerConfig:
+        options = server_tap.Options()
+        options.parseOptions(list(argv))
+        config: ServerConfig = options.config
+        return config
+
+    def test_default_and_given(self) -> None:
+        self.assertIsNone(self.parse("--state", "/srv/rtunnel").database)
+        url = "postgresql://rtunnel@db.example/rtunnel"
+        self.assertEqual(self.parse("--state", "/srv/rtunnel", "--database", url).database, url)
+        self.assertEqual(self.parse("--state", "/s", "--database", "sqlite:/d/s.db").database, "sqlite:/d/s.db")
+
+    def test_unknown_database_is_a_usage_error(self) -> None:
+        error = self.assertRaises(usage.UsageError, self.parse, "--state", "/s", "--database", "mysql://db/x")
+        self.assertIn("not a database this rtunnel knows: use sqlite:PATH or postgresql://", str(error))
+
+    def test_server_state_on_another_sqlite_file(self) -> None:
+        """--database sqlite:PATH: the server creates that file and keeps the identity in --state."""
+        root = Path(self.mktemp())
+        root.mkdir()
+        database = root / "elsewhere.sqlite3"
+        state = ServerState.load_or_create(root / "server", ["127.0.0.1"], database=f"sqlite:{database}")
+        state.store.create_token("alpha", timedelta(hours=1), NOW)
+        state.close()
+        self.assertEqual(sorted(os.listdir(root / "server")), ["ca.crt", "ca.key", "server.crt", "server.key"])
+        again = ServerState.open_existing(root / "server", f"sqlite:{database}")
+        self.addCleanup(again.close)
+        self.assertEqual([s.name for s in again.store.list_sites()], ["alpha"])
