@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import threading
 import unittest
 from datetime import timedelta
+from typing import Any
 
 from rtunnel.address import HostPort
 from rtunnel.cli import admin
@@ -289,3 +291,46 @@ class AdminCommandTests(TestCase):
         status = admin.main(["sites", "list", "--state", self.state], stdout=io.StringIO(), stderr=err)
         self.assertEqual(status, 1)
         self.assertIn("not a complete tunnel server state directory (state.sqlite3 missing)", err.getvalue())
+
+
+def _redeem_rounds(url: str, tokens: list[str], barrier: Any, results: Any, index: int) -> None:
+    """In a child process: its own connection redeems each token as soon as the other process is ready too."""
+    store = StateStore(url)
+    try:
+        for number, token in enumerate(tokens):
+            site = test_store._Site()
+            barrier.wait(timeout=30)
+            try:
+                store.redeem_token("alpha", token, site.key_fingerprint, site.issue, NOW)
+                results.put((number, index, "enrolled"))
+            except EnrollmentRefused as e:
+                results.put((number, index, e.code))
+    finally:
+        store.close()
+
+
+class ProcessTokenRaceTests(_OnPostgreSQL):
+    """The token race between two processes, as between two servers on one database."""
+
+    ROUNDS = 20
+
+    def test_exactly_one_process_enrolls(self) -> None:
+        tokens = [self.store.create_token("alpha", timedelta(hours=1), NOW) for _ in range(self.ROUNDS)]
+        context = multiprocessing.get_context("fork")
+        barrier = context.Barrier(2)
+        results = context.Queue()
+        processes = [
+            context.Process(target=_redeem_rounds, args=(self.path, tokens, barrier, results, index))
+            for index in range(2)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in range(2 * self.ROUNDS)]
+        for process in processes:
+            process.join(timeout=30)
+            self.assertEqual(process.exitcode, 0)
+        for number in range(self.ROUNDS):
+            this_round = sorted(outcome for n, _, outcome in outcomes if n == number)
+            self.assertEqual(this_round, ["enrolled", "token-spent"], f"round {number}")
+        spent = self.store._db.execute("SELECT count(*) FROM tokens WHERE spent_at IS NOT NULL").fetchone()[0]
+        self.assertEqual(spent, self.ROUNDS)
