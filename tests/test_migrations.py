@@ -187,6 +187,19 @@ class SQLiteMigrationTests(TestCase):
             self.assertEqual(sorted(results, key=repr), sorted([1, None, None], key=repr))
 
 
+class SQLiteFirstOpenTests(TestCase):
+    def test_concurrent_first_opens(self) -> None:
+        """
+        Processes opening one new file at the same moment: one creates the
+        schema, the others wait for it (the switch to WAL included), none fails.
+        """
+        for _ in range(20):
+            path = Path(self.mktemp())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            results = _open_at_once(lambda path=path: StateStore(path, busy_timeout=10))  # type: ignore[misc]
+            self.assertEqual(sorted(results, key=repr), sorted([0, None, None], key=repr))
+
+
 class PostgreSQLMigrationTests(TestCase):
     def setUp(self) -> None:
         self.pg = cluster()

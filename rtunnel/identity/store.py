@@ -33,6 +33,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -315,6 +316,7 @@ class StateStore:
         self._own_changed_sites: set[str] = set()
         #: told of every admission change committed through this connection
         self._admission_listeners: list[Callable[[str, SiteAdmission | None], None]] = []
+        self._busy_timeout = busy_timeout
         self._db: _Connection
         if is_postgresql(self.path):
             self._open_postgresql(self.path)
@@ -348,7 +350,7 @@ class StateStore:
             # Check before switching to WAL: that switch writes to the file,
             # and a file that is not ours must be left exactly as it was.
             self._check_schema(create)
-            db.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._switch_to_wal()
             db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             db.close()
@@ -393,7 +395,7 @@ class StateStore:
             if not create:
                 raise StateError(f"state database {self.path} is empty")
             if self.dialect == "sqlite":
-                self._db.execute("PRAGMA journal_mode = WAL").fetchone()
+                self._switch_to_wal()
             with self._transaction() as db:
                 # Another process may have initialized it while we waited
                 # for the write lock.
@@ -414,6 +416,25 @@ class StateStore:
         missing = _TABLES - self._tables()
         if missing:
             raise StateError(f"{self.path} is damaged: table(s) {', '.join(sorted(missing))} missing")
+
+    def _switch_to_wal(self) -> None:
+        """
+        Put the SQLite file in WAL mode (a no-op when it is).
+
+        The switch of a new file needs it to itself, and SQLite answers
+        "locked" at once, without waiting on the busy timeout, when other
+        processes are opening the same new file at that moment (servers and
+        commands started together): try again until the busy timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL").fetchone()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.005)
 
     def _schema_version(self) -> int:
         """
