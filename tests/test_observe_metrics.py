@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel import __version__
+from rtunnel.address import HostPort
 from rtunnel.identity.store import SiteAdmission
 from rtunnel.observe.metrics import ServerCollector, SiteCollector, metrics_registry
 from rtunnel.observe.server_view import ServerView
@@ -372,6 +373,46 @@ class ServerViewTests(SynchronousTestCase):
         figures.sample()
         self.assertEqual(self.view.throughput("alpha").to_site, (300 / SAMPLE_INTERVAL,))  # type: ignore[union-attr]
         self.assertEqual([r.reason for r in self.view.refusals()], ["not connected within 5s"])
+
+    def test_names_and_services_made_once(self) -> None:
+        """
+        The sorted names and each site's services text are made again only
+        when they changed (they are most of what a snapshot of a large
+        fleet cost): the same objects while nothing changed, new ones once
+        a site is added or announces, a removed site's text forgotten.
+        A site connected but not in the admission snapshot is listed too.
+        """
+        from tests.common import joined_muxes, mux_of, pump_all
+
+        service = self.service
+        service.admission.replace({"beta": admitted(), "alpha": admitted()})
+        view = ServerView(service)
+        names = view.names()
+        self.assertEqual(list(names), ["alpha", "beta"])
+        self.assertIs(view.names(), names)
+        clock = self.setup.reactor
+        _, server, pump = joined_muxes(clock, lambda: mux_of(True, clock), lambda: mux_of(False, clock, label="zed"))
+        service.registry.register("zed", server, "192.0.2.7:40123")
+        self.assertEqual(list(view.names()), ["alpha", "beta", "zed"])
+        service.registry.announce("zed", server, {"web": HostPort("127.0.0.1", 8080)})
+        first = view.site("zed")
+        second = view.site("zed")
+        assert first is not None and second is not None
+        self.assertEqual(first.services, {"web": "127.0.0.1:8080"})
+        self.assertIs(second.services, first.services)
+        with self.assertRaises(TypeError):
+            first.services["web"] = "x"  # type: ignore[index]
+        service.registry.announce("zed", server, {"web": HostPort("127.0.0.1", 8081)})
+        third = view.site("zed")
+        assert third is not None
+        self.assertEqual(third.services, {"web": "127.0.0.1:8081"})
+        self.assertEqual(first.services, {"web": "127.0.0.1:8080"})
+        view.site("alpha")
+        service.admission.replace({"beta": admitted()})
+        server.transport.loseConnection()  # zed goes
+        pump_all(pump)
+        self.assertEqual(list(view.names()), ["beta"])
+        self.assertEqual(set(view._services), set())  # neither alpha's nor zed's text kept
 
     def test_forwards_and_readiness(self) -> None:
         """

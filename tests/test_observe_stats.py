@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from array import array
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -24,7 +25,8 @@ from rtunnel.observe.stats import (
     ServerFigures,
     result_label,
 )
-from rtunnel.observe.view import Refusal
+from rtunnel.observe.api import throughput_json
+from rtunnel.observe.view import Rates, Refusal, Throughput
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
 from tests.common import Recorder, joined_muxes, mux_of, pump_all
 
@@ -223,6 +225,25 @@ class ThroughputTests(SynchronousTestCase):
         self.assertEqual(len(rates.to_site), SAMPLES)
         self.assertEqual(rates.to_site[-1], float(SAMPLES + 6))
         self.assertEqual(rates.to_site[0], 7.0)
+
+    def test_every_window_of_the_ring(self) -> None:
+        """
+        The window read from the ring is the last samples in order, oldest
+        first, wherever it starts and however far it wraps (the samples of
+        a ring of 4 checked after each of 11 samples).
+        """
+        fleet = ServerFigures(lambda: 0.0, interval=1.0, samples=4)
+        session = FakeSession()
+        fleet.session_opened("alpha", session)
+        sent = []
+        for i in range(1, 12):
+            session.bytes_sent += i
+            session.bytes_received += 100 * i
+            sent.append(i)
+            fleet.sample()
+            rates = fleet.throughput("alpha")
+            self.assertEqual(rates.to_site, tuple(float(n) for n in sent[-4:]), i)
+            self.assertEqual(rates.from_site, tuple(100.0 * n for n in sent[-4:]), i)
 
     def test_rates_continue_over_a_reconnect(self) -> None:
         """A session's end folds its bytes into the totals: no negative rate, no spike."""
@@ -472,3 +493,24 @@ class SiteRoleHookTests(SynchronousTestCase):
         self.assertFalse(self.figures.up)
         self.assertEqual(self.figures.sessions, 0)
         self.assertIsNone(self.figures.session)
+
+
+class RatesTests(SynchronousTestCase):
+    def test_a_read_only_sequence_of_floats(self) -> None:
+        """Every other value of the array from an offset: length, items, slices, iteration; equal to a tuple."""
+        window = array("f", [1.0, 10.0, 2.0, 20.0, 3.0, 30.0])
+        to, back = Rates(window, 0, 2), Rates(window, 1, 2)
+        self.assertEqual((len(to), len(back)), (3, 3))
+        self.assertEqual((to[0], to[-1], back[1]), (1.0, 3.0, 20.0))
+        self.assertIsInstance(to[0], float)
+        self.assertEqual(to[1:], (2.0, 3.0))
+        self.assertEqual(list(back), [10.0, 20.0, 30.0])
+        self.assertEqual(to, (1.0, 2.0, 3.0))
+        self.assertEqual((1.0, 2.0, 3.0), to)
+        self.assertEqual(to, [1.0, 2.0, 3.0])
+        self.assertNotEqual(to, back)
+        self.assertNotEqual(to, "abc")
+        self.assertEqual(hash(to), hash((1.0, 2.0, 3.0)))
+        self.assertEqual(repr(back), "Rates([10.0, 20.0, 30.0])")
+        self.assertEqual(len(Rates(array("f"), 1, 2)), 0)
+        self.assertEqual(throughput_json(Throughput(5.0, to, back))["from_site"], [10.0, 20.0, 30.0])

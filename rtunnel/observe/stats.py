@@ -33,7 +33,7 @@ from typing import NamedTuple, Protocol, TypeVar
 
 from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
-from .view import Refusal, Throughput
+from .view import Rates, Refusal, Throughput
 
 __all__ = [
     "REFUSALS_KEPT",
@@ -283,13 +283,13 @@ class SiteFigures(_Sessions):
         if ring is None:
             zeros = (0.0,) * count
             return Throughput(interval, zeros, zeros)
-        to_site = []
-        from_site = []
-        for t in range(tick - count + 1, tick + 1):
-            index = 2 * (t % samples)
-            to_site.append(float(ring[index]))
-            from_site.append(float(ring[index + 1]))
-        return Throughput(interval, tuple(to_site), tuple(from_site))
+        # One copy of the window, read in the thread that makes the JSON: a
+        # full history of ten thousand sites is taken on the reactor (about
+        # 1 µs a site here; 15 with a float per rate, see Rates).
+        start = 2 * ((tick - count + 1) % samples)
+        end = start + 2 * count
+        window = ring[start:end] if end <= len(ring) else ring[start:] + ring[: end - len(ring)]
+        return Throughput(interval, Rates(window, 0, 2), Rates(window, 1, 2))
 
 
 class DoorFigures:

@@ -5,17 +5,20 @@ API, the status page, C{rtunnel sites list}).
 
 A view is read on the reactor thread and returns frozen snapshots, so a
 page never holds a live object of the roles and never sees one change
-half-way through a response. Nothing here knows Twisted.
+half-way through a response; what it makes of them (JSON) is a pure
+function of the snapshots, and may run in another thread. Nothing here
+knows Twisted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol, overload
 
 from attrs import frozen
 
-__all__ = ["FleetView", "ForwardSnapshot", "Refusal", "SiteSnapshot", "Throughput"]
+__all__ = ["FleetView", "ForwardSnapshot", "Rates", "Refusal", "SiteSnapshot", "Throughput"]
 
 
 @frozen
@@ -36,6 +39,59 @@ class Refusal:
     site: str
     kind: str
     reason: str
+
+
+class Rates(Sequence[float]):
+    """
+    Rates in bytes per second, oldest first: a read-only sequence over
+    every C{stride}-th value of a float array from C{offset} on (a ring's
+    window of to/from pairs), which only its L{Throughput} holds.
+
+    Why not a tuple: a site's history is 120 rates, and a tuple of them is
+    120 Python floats, made on the reactor when a snapshot is taken and
+    freed in one go when the last reference goes. At ten thousand sites
+    that was 20 ms to make and 17 ms to free, every tunnel waiting; one
+    array a site costs neither. Compares equal to any sequence of the same
+    values.
+    """
+
+    __slots__ = ("_values", "_offset", "_stride")
+
+    def __init__(self, values: array[float], offset: int = 0, stride: int = 1) -> None:
+        self._values = values
+        self._offset = offset
+        self._stride = stride
+
+    def _items(self) -> array[float]:
+        return self._values[self._offset :: self._stride]
+
+    def __len__(self) -> int:
+        return max(0, (len(self._values) - self._offset + self._stride - 1) // self._stride)
+
+    @overload
+    def __getitem__(self, index: int) -> float: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[float, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> float | tuple[float, ...]:
+        if isinstance(index, slice):
+            return tuple(self._items()[index])
+        return float(self._items()[index])
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Rates({list(self)!r})"
 
 
 @frozen
@@ -102,6 +158,13 @@ class ForwardSnapshot:
 
 class FleetView(Protocol):
     """What the server's admin pages read; L{rtunnel.observe} implements it for the tunnel server."""
+
+    def names(self) -> Sequence[str]:
+        """
+        The name of every known site (enrolled, revoked, or connected),
+        sorted: what L{sites} would list, for a reader that takes the
+        snapshots a few at a time (L{site} each).
+        """
 
     def sites(self) -> Sequence[SiteSnapshot]:
         """Every known site (enrolled, revoked, or connected), sorted by name."""
