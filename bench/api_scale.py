@@ -8,9 +8,9 @@ registry with a stand-in session (bytes, an RTT, announced services), a
 full throughput ring (L{SAMPLES} samples taken) and, for one in ten, a
 last refusal. Then:
 
- - the view and the encoding, timed directly: C{ServerView.sites()},
-   C{throughput()} of every site, and the JSON of C{/api/v1/sites} with and
-   without C{?history=1} as the API module builds it;
+ - the view and the encoding, timed directly: C{ServerView.names()},
+   C{site()} and C{throughput()} of every site, and the JSON of
+   C{/api/v1/sites} with and without C{?history=1} (L{api.sites_body});
  - the admin endpoint served for real on the global reactor (loopback, a
    kernel-picked port) and fetched with C{curl} from a thread: per path the
    response size and the wall time, and the longest the reactor was held
@@ -23,7 +23,7 @@ Run: C{PYTHONPATH=. .venv/bin/python bench/api_scale.py [--sites 10000]}.
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import shutil
 import statistics
 import subprocess
@@ -124,30 +124,43 @@ def timed(what: Callable[[], object], repeat: int = 5) -> tuple[float, object]:
 
 def direct(view: ServerView) -> dict[str, Any]:
     """The view and the encoding, each timed on its own (this thread, nothing else running)."""
-    sites_s, sites = timed(view.sites)
-    assert isinstance(sites, Sequence)
-    history_s, _ = timed(lambda: [view.throughput(s.name) for s in sites])
-
-    def plain() -> bytes:
-        return json.dumps({"sites": [api.site_json(s) for s in sites]}, separators=(",", ":")).encode()
-
-    def history() -> bytes:
-        return json.dumps(
-            {"sites": [api.site_json(s, view.throughput(s.name), with_throughput=True) for s in sites]},
-            separators=(",", ":"),
-        ).encode()
-
-    plain_s, plain_body = timed(plain)
-    full_s, full_body = timed(history)
-    assert isinstance(plain_body, bytes) and isinstance(full_body, bytes)
+    names_s, names = timed(view.names)
+    assert isinstance(names, Sequence)
+    sites_s, sites = timed(lambda: [view.site(name) for name in names])
+    assert isinstance(sites, list)
+    history_s, history = timed(lambda: {name: view.throughput(name) for name in names})
+    assert isinstance(history, dict)
+    plain_s, plain = timed(lambda: api.sites_body("2026-12-05T23:14:05Z", sites, False, {}))
+    full_s, full = timed(lambda: api.sites_body("2026-12-05T23:14:05Z", sites, True, history))
+    assert isinstance(plain, list) and isinstance(full, list)
     return {
-        "sites()": sites_s,
+        "names()": names_s,
+        "site() x N": sites_s,
         "throughput() x N": history_s,
-        "plain: snapshots + JSON": plain_s,
-        "history: snapshots + throughput + JSON": full_s,
-        "plain bytes": len(plain_body),
-        "history bytes": len(full_body),
+        "JSON of the list": plain_s,
+        "JSON of the list with every history": full_s,
+        "list bytes": sum(map(len, plain)),
+        "list with history bytes": sum(map(len, full)),
     }
+
+
+class Collections:
+    """The garbage collector's pauses (C{gc.callbacks}): the longest, by generation, since the last reset."""
+
+    def __init__(self) -> None:
+        self.worst: dict[int, float] = {}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.worst = {}
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.worst[generation] = max(self.worst.get(generation, 0.0), time.perf_counter() - self._started)
 
 
 class Lateness:
@@ -190,29 +203,35 @@ def curl(url: str) -> tuple[int, float]:
 
 def served(view: ServerView, paths: Sequence[str], repeat: int) -> dict[str, dict[str, float]]:
     """Each path fetched C{repeat} times from a real admin endpoint on the reactor; see the module doc."""
-    root = admin_root(ready=lambda: None, metrics=Resource(), api=api.api_resource(view, reactor))
+    root = admin_root(
+        ready=lambda: None, metrics=Resource(), api=api.api_resource(view, reactor, api.in_thread_pool(reactor))
+    )
     site = AdminSite(root, reactor)
     results: dict[str, dict[str, float]] = {}
     probe = Lateness()
+    collections = Collections()
 
     def fetch_all(port: IListeningPort) -> None:
         base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
         try:
             for path in paths:
-                sizes, walls, worst = [], [], []
+                sizes, walls, worst, collected = [], [], [], []
                 for _ in range(repeat):
                     reactor.callFromThread(probe.reset)
                     time.sleep(0.05)
+                    collections.reset()
                     size, wall = curl(base + path)
                     time.sleep(0.05)
                     sizes.append(size)
                     walls.append(wall)
                     worst.append(probe.worst)
+                    collected.append(max(collections.worst.values(), default=0.0))
                 results[path] = {
                     "bytes": statistics.median(sizes),
                     "wall median s": statistics.median(walls),
                     "reactor held max s": max(worst),
                     "reactor held median s": statistics.median(worst),
+                    "gc pause max s": max(collected),
                 }
         finally:
             reactor.callFromThread(port.stopListening)
@@ -236,26 +255,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--sites", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5, help="fetches of each path")
-    parser.add_argument("--paths", nargs="*", default=["/api/v1/sites", "/api/v1/sites?history=1"])
+    parser.add_argument("--no-gc", action="store_true", help="with the garbage collector off, to see its share")
+    parser.add_argument("--paths", nargs="*", default=["/api/v1/sites", "/api/v1/sites?history=1", "names"])
     options = parser.parse_args(argv)
     if shutil.which("curl") is None:
         print("needs curl (apt-get install curl)", file=sys.stderr)
         return 2
+    if options.no_gc:
+        gc.disable()
     directory = tempfile.mkdtemp(prefix="api-scale-")
     try:
         started = time.perf_counter()
         service = fleet(options.sites, directory)
         print(f"{options.sites:,} sites simulated in {time.perf_counter() - started:.1f} s")
         view = ServerView(service)
-        print("direct (one thread, median of 5):")
+        print("direct (one thread, median of 5; the view's on the reactor, the JSON in a thread when served):")
         for key, value in direct(view).items():
             print(f"  {key:42} {value * 1000:9.1f} ms" if isinstance(value, float) else f"  {key:42} {value:9,}")
         print(f"served on the reactor, fetched by curl ({options.repeat} times each):")
-        for path, figures in served(view, options.paths, options.repeat).items():
+        shown = [f"site-{i:05d}" for i in range(0, options.sites, max(1, options.sites // 100))][:100]
+        paths = [f"/api/v1/sites?history=1&names={','.join(shown)}" if p == "names" else p for p in options.paths]
+        for path, figures in served(view, paths, options.repeat).items():
+            if "names=" in path:
+                path = path.split("names=")[0] + f"names=({len(shown)} sites)"
             print(
                 f"  {path:45} {figures['bytes']:11,.0f} B  wall {figures['wall median s'] * 1000:7.1f} ms  "
                 f"reactor held {figures['reactor held median s'] * 1000:6.1f} ms median, "
-                f"{figures['reactor held max s'] * 1000:6.1f} ms max"
+                f"{figures['reactor held max s'] * 1000:6.1f} ms max; longest GC pause "
+                f"{figures['gc pause max s'] * 1000:.1f} ms"
             )
         service.state.close()
     finally:

@@ -53,6 +53,11 @@ class FakeView:
     reason: str | None = None
     calls: list[str] = field(factory=list)
 
+    def names(self) -> Sequence[str]:
+        """The names in the order of C{site_list} (not sorted: the API must not rely on it)."""
+        self.calls.append("names")
+        return [s.name for s in self.site_list]
+
     def sites(self) -> Sequence[SiteSnapshot]:
         self.calls.append("sites")
         return list(self.site_list)
@@ -77,11 +82,29 @@ class FakeView:
         return self.reason
 
 
+def turn(clock: Clock) -> int:
+    """
+    One reactor turn on C{clock}: the calls due now that were made before
+    it, as a reactor's iteration runs them (C{Clock.advance(0)} also runs
+    those they make, however many turns a real reactor would take).
+    @return: how many ran.
+    """
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+    return len(due)
+
+
 @define
 class Response:
     status: int
     headers: dict[str, str]
     body: bytes
+    #: reactor turns (C{callLater(0)}) it took beyond the first
+    turns: int = 0
 
 
 def request(root: Resource, method: str, target: str, clock: Clock | None = None) -> Response:
@@ -89,11 +112,17 @@ def request(root: Resource, method: str, target: str, clock: Clock | None = None
     One HTTP/1.1 request through a real L{Site} over a L{StringTransport};
     the response parsed from the bytes the server wrote.
     """
-    site = Site(root, reactor=clock if clock is not None else Clock())
+    clock = clock if clock is not None else Clock()
+    site = Site(root, reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
     transport = StringTransport()
     channel.makeConnection(transport)
     channel.dataReceived(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    # The turns a large answer is taken and written in (rtunnel.observe.api):
+    # done once the response is (Connection: close).
+    turns = 0
+    while not transport.disconnecting and turn(clock) and turns < 10_000:
+        turns += 1
     raw = transport.value()
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -103,4 +132,4 @@ def request(root: Resource, method: str, target: str, clock: Clock | None = None
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     channel.connectionLost(None)
-    return Response(status, headers, body)
+    return Response(status, headers, body, turns)

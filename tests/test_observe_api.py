@@ -7,15 +7,26 @@ methods, headers, strict site names, HEAD).
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
+from rtunnel.observe import api
 from rtunnel.observe.api import api_resource, forward_json, iso_time, refusal_json, site_json, throughput_json
-from rtunnel.observe.view import ForwardSnapshot, Refusal, Throughput
-from tests.observe_web_helpers import T0, FakeView, Response, request, snapshot
+from rtunnel.observe.view import ForwardSnapshot, Refusal, SiteSnapshot, Throughput
+from tests.observe_web_helpers import T0, FakeView, Response, request, snapshot, turn
 
 SITE_KEYS = {
     "site",
@@ -97,6 +108,28 @@ class EncodingTests(SynchronousTestCase):
         self.assertEqual(site_json(snapshot("a"), rates, with_throughput=True)["throughput"], throughput_json(rates))
         self.assertIsNone(site_json(snapshot("a"), None, with_throughput=True)["throughput"])
 
+    def test_sites_body_in_pieces(self) -> None:
+        """
+        The pieces of C{/api/v1/sites}, joined, are exactly the one JSON
+        document the contract describes, however many pieces the sites
+        make (none, one, a full piece, one more, several).
+        """
+        for count in (0, 1, api.ENCODE_STEP, api.ENCODE_STEP + 1, 2 * api.ENCODE_STEP + 5):
+            sites = [snapshot(f"s{i:03d}") for i in range(count)]
+            rates = {s.name: Throughput(5.0, [float(i)], [0.5]) for i, s in enumerate(sites) if i % 2}
+            for history in (False, True):
+                pieces = api.sites_body("2026-12-05T23:14:05Z", sites, history, rates)
+                expected = {
+                    "generated": "2026-12-05T23:14:05Z",
+                    "sites": [
+                        site_json(s, rates.get(s.name), with_throughput=history and s.name in rates) for s in sites
+                    ],
+                }
+                self.assertEqual(
+                    b"".join(pieces), json.dumps(expected, separators=(",", ":")).encode() + b"\n", (count, history)
+                )
+                self.assertEqual(len(pieces), 2 + -(-count // api.ENCODE_STEP))
+
     def test_forward(self) -> None:
         forward = ForwardSnapshot("127.0.0.1:8022:alpha:127.0.0.1:22", "database", "failed: port in use", 0, 7)
         self.assertEqual(
@@ -171,7 +204,7 @@ class ResourceTests(SynchronousTestCase):
 
     def test_unknown_query_parameter(self) -> None:
         body = self.json("/api/v1/sites?histroy=1", status=400)
-        self.assertEqual(body, {"error": "/api/v1/sites takes no query parameter 'histroy' (it takes: history)"})
+        self.assertEqual(body, {"error": "/api/v1/sites takes no query parameter 'histroy' (it takes: history, names)"})
         body = self.json("/api/v1/forwards?history=1", status=400)
         self.assertEqual(body, {"error": "/api/v1/forwards takes no query parameter 'history' (it takes: none)"})
 
@@ -283,3 +316,282 @@ class ResourceTests(SynchronousTestCase):
         body = self.json("/api/v1/sites?history=1")
         self.assertEqual(len(body["sites"]), 1000)
         self.assertEqual(body["sites"][999]["throughput"]["from_site"], [2.5] * 30)
+
+
+class HistoryNamesTests(SynchronousTestCase):
+    """
+    C{?history=1&names=a,b,c}: the whole list, the throughput of the named
+    sites only (what the status page draws), names checked strictly.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        names = ["alpha", "beta", "gamma"]
+        self.view = FakeView(
+            site_list=[snapshot(name) for name in names],
+            rates={name: Throughput(5.0, [float(i)], [float(i + 1)]) for i, name in enumerate(names)},
+        )
+        self.root = Resource()
+        self.root.putChild(b"api", api_resource(self.view, self.clock))
+
+    def json(self, target: str, status: int = 200) -> Any:
+        response = request(self.root, "GET", target, self.clock)
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["content-type"], "application/json")
+        return json.loads(response.body)
+
+    def test_only_the_named_carry_throughput(self) -> None:
+        """Every site is listed; the named ones, and only they, carry "throughput"; the others are plain SITEs."""
+        self.view.calls.clear()
+        body = self.json("/api/v1/sites?history=1&names=gamma,alpha")
+        self.assertEqual([s["site"] for s in body["sites"]], ["alpha", "beta", "gamma"])
+        by_name = {s["site"]: s for s in body["sites"]}
+        self.assertEqual(
+            by_name["alpha"]["throughput"], {"interval_seconds": 5.0, "to_site": [0.0], "from_site": [1.0]}
+        )
+        self.assertEqual(by_name["gamma"]["throughput"]["to_site"], [2.0])
+        self.assertEqual(set(by_name["beta"]), SITE_KEYS)
+        # Only the named sites' history was taken from the view.
+        self.assertEqual(
+            sorted(c for c in self.view.calls if c.startswith("throughput")), ["throughput alpha", "throughput gamma"]
+        )
+
+    def test_a_hundred_names(self) -> None:
+        """The most it takes; duplicates count once in the answer."""
+        self.view.site_list = [snapshot(f"s{i:03d}") for i in range(150)]
+        self.view.rates = {s.name: Throughput(5.0, [1.0], [2.0]) for s in self.view.site_list}
+        names = [f"s{i:03d}" for i in range(0, 100)]
+        body = self.json("/api/v1/sites?history=1&names=" + ",".join(names))
+        self.assertEqual(len(body["sites"]), 150)
+        self.assertEqual([s["site"] for s in body["sites"] if "throughput" in s], names)
+        body = self.json("/api/v1/sites?history=1&names=s001,s001")
+        self.assertEqual([s["site"] for s in body["sites"] if "throughput" in s], ["s001"])
+
+    def test_unknown_names_are_ignored(self) -> None:
+        """
+        A name the server does not know (a site removed since the client
+        read the list) is no error: it is simply not in the answer.
+        """
+        body = self.json("/api/v1/sites?history=1&names=alpha,zeta")
+        self.assertEqual([s["site"] for s in body["sites"]], ["alpha", "beta", "gamma"])
+        self.assertEqual([s["site"] for s in body["sites"] if "throughput" in s], ["alpha"])
+        self.assertNotIn("throughput zeta", self.view.calls)
+
+    def test_refused(self) -> None:
+        """Too many, a bad name, an empty one, given twice, or without history=1: a 400 that says which."""
+        many = ",".join(f"s{i}" for i in range(101))
+        cases = {
+            f"history=1&names={many}": "query parameter 'names' lists 101 sites; it takes at most 100 (ask for the "
+            "history of the sites shown, or leave names out for every site's)",
+            "history=1&names=alpha,Beta": "query parameter 'names': site name 'Beta' has upper-case letters; use "
+            "'beta'",
+            "history=1&names=alpha,a%2Fb": "query parameter 'names': site name 'a/b' contains '/'; allowed are a-z, "
+            "0-9, '.', '_' and '-'",
+            "history=1&names=": "query parameter 'names': site name is empty",
+            "history=1&names=alpha,,beta": "query parameter 'names': site name is empty",
+            "history=1&names=%FF": "query parameter 'names' is not valid UTF-8",
+            "history=1&names=alpha&names=beta": "query parameter 'names' must be given once, the names separated by "
+            "commas",
+            "names=alpha": "query parameter 'names' goes with history=1: it says whose throughput to carry",
+            "history=0&names=alpha": "query parameter 'names' goes with history=1: it says whose throughput to carry",
+        }
+        for query, error in cases.items():
+            self.view.calls.clear()
+            self.assertEqual(self.json(f"/api/v1/sites?{query}", status=400), {"error": error}, query)
+            self.assertEqual(self.view.calls, [], query)
+
+
+class LargeFleetTests(SynchronousTestCase):
+    """
+    How C{/api/v1/sites} stays light on the reactor: its snapshots taken a
+    few sites a reactor turn, the JSON made by the offload, the answer
+    written as the connection takes it, and a client that goes away
+    costing nothing more.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.view = FakeView(
+            site_list=[snapshot(f"site-{i}") for i in (4, 1, 3, 0, 2)],
+            rates={f"site-{i}": Throughput(5.0, [1.0] * 60, [2.0] * 60) for i in range(5)},
+        )
+        self.offloaded: list[object] = []
+
+        def offload(work: Callable[[], list[bytes]]) -> Deferred[list[bytes]]:
+            self.offloaded.append(work)
+            return maybeDeferred(work)
+
+        self.root = Resource()
+        self.root.putChild(b"api", api_resource(self.view, self.clock, offload, step=2))
+
+    def test_snapshots_in_steps(self) -> None:
+        """
+        Five sites at two a turn: the names when the request comes, then
+        three turns of snapshots, each site asked once; the answer the same
+        as taken at once, sorted by name. A site's history counts as two
+        more (HISTORY_COST): one site with it a turn.
+        """
+        response = request(self.root, "GET", "/api/v1/sites", self.clock)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.turns, 3)
+        body = json.loads(response.body)
+        self.assertEqual([s["site"] for s in body["sites"]], [f"site-{i}" for i in range(5)])
+        self.assertNotIn("throughput", body["sites"][0])
+        self.assertEqual(request(self.root, "GET", "/api/v1/sites?history=1", self.clock).turns, 5)
+        self.view.calls.clear()
+        response = request(self.root, "GET", "/api/v1/sites?history=1&names=site-3", self.clock)
+        self.assertEqual(response.turns, 3)
+        body = json.loads(response.body)
+        self.assertEqual(body["sites"][3]["throughput"]["from_site"], [2.0] * 60)
+        self.assertEqual(self.view.calls.count("names"), 1)
+        self.assertEqual(
+            sorted(c for c in self.view.calls if c.startswith("site ")), [f"site site-{i}" for i in range(5)]
+        )
+        self.assertEqual(len(self.offloaded), 3)
+        self.assertEqual(int(response.headers["content-length"]), len(response.body))
+
+    def test_a_site_gone_between_turns_is_left_out(self) -> None:
+        """A site the view no longer knows when its turn comes is not listed (nor an error)."""
+        self.view.site_list = [snapshot(f"site-{i}") for i in range(5)]
+        site = Site(self.root, reactor=self.clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/sites HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        del self.view.site_list[4]
+        while turn(self.clock):
+            pass
+        body = json.loads(transport.value().partition(b"\r\n\r\n")[2])
+        self.assertEqual([s["site"] for s in body["sites"]], [f"site-{i}" for i in range(4)])
+
+    def test_client_gone_while_snapshots_are_taken(self) -> None:
+        """A client that goes away stops the snapshots: no more sites asked, nothing encoded or written."""
+        site = Site(self.root, reactor=self.clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/sites HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        turn(self.clock)  # the first two sites
+        asked = [c for c in self.view.calls if c.startswith("site ")]
+        self.assertEqual(len(asked), 2)
+        channel.connectionLost(Failure(ConnectionDone()))
+        while turn(self.clock):
+            pass
+        self.assertEqual([c for c in self.view.calls if c.startswith("site ")], asked)
+        self.assertEqual(self.offloaded, [])
+        self.assertEqual(transport.value(), b"")
+
+    def test_client_gone_while_encoding(self) -> None:
+        """An answer made after its client went away is dropped, not written to a closed connection."""
+        pending: list[Deferred[list[bytes]]] = []
+
+        def offload(work: Callable[[], list[bytes]]) -> Deferred[list[bytes]]:
+            pending.append(Deferred())
+            self.offloaded.append(work)
+            return pending[-1]
+
+        root = Resource()
+        root.putChild(b"api", api_resource(self.view, self.clock, offload, step=100))
+        site = Site(root, reactor=self.clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/sites HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertEqual(len(pending), 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        work = self.offloaded[0]
+        assert callable(work)
+        pending[0].callback(work())  # the thread finishes after all
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_client_gone_while_written(self) -> None:
+        """A large answer is written a piece a turn at most; the writing stops when the client goes."""
+        self.patch(api, "WRITE_STEP", 1)
+        self.patch(api, "ENCODE_STEP", 1)
+        site = Site(self.root, reactor=self.clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/sites HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for _ in range(3):  # the snapshots of five sites two a turn, and the first piece
+            turn(self.clock)
+        written = len(transport.value())
+        self.assertIn(b"Content-Length: ", transport.value())
+        turn(self.clock)  # one more piece
+        self.assertGreater(len(transport.value()), written)
+        channel.connectionLost(Failure(ConnectionDone()))
+        written = len(transport.value())
+        while turn(self.clock):
+            pass
+        self.assertEqual(len(transport.value()), written)
+        self.assertFalse(transport.value().endswith(b"]}\n"))
+
+    def test_encoding_failed(self) -> None:
+        """A bug in the encoding is a 500 in JSON and a logged failure, not a request left hanging."""
+
+        def broken(*args: object) -> list[bytes]:
+            raise ValueError("out of range float values are not JSON compliant")
+
+        self.patch(api, "sites_body", broken)
+        response = request(self.root, "GET", "/api/v1/sites", self.clock)
+        self.assertEqual(response.status, 500)
+        self.assertEqual(
+            json.loads(response.body), {"error": "the answer could not be made; the tunnel server's log says why"}
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class InThreadPoolTests(unittest.TestCase):
+    """The tunnel server's offload: the snapshots on the reactor thread, the JSON in the reactor's thread pool."""
+
+    def test_encoded_off_the_reactor_thread(self) -> Deferred[None]:
+        from twisted.internet import reactor
+
+        snapshots_in_io_thread: list[bool] = []
+
+        class Recording(FakeView):
+            def site(self, name: str) -> SiteSnapshot | None:
+                snapshots_in_io_thread.append(isInIOThread())
+                return super().site(name)
+
+        view = Recording(site_list=[snapshot(f"site-{i:04d}") for i in range(600)])
+        encoded_in: list[threading.Thread] = []
+        real_body = api.sites_body
+
+        def sites_body(*args: Any) -> list[bytes]:
+            encoded_in.append(threading.current_thread())
+            return real_body(*args)
+
+        self.patch(api, "sites_body", sites_body)
+        root = Resource()
+        root.putChild(b"api", api_resource(view, reactor, api.in_thread_pool(reactor)))
+        requests: list[Request] = []
+
+        class Recorded(Request):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                requests.append(self)
+
+        site = Site(root, reactor=reactor)
+        site.requestFactory = Recorded
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5501))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/sites HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertEqual(len(requests), 1)
+
+        def finished(_: object) -> None:
+            body = json.loads(transport.value().partition(b"\r\n\r\n")[2])
+            self.assertEqual(len(body["sites"]), 600)
+            self.assertEqual(len(snapshots_in_io_thread), 600)
+            self.assertTrue(all(snapshots_in_io_thread))
+            self.assertEqual(len(encoded_in), 1)
+            self.assertIsNot(encoded_in[0], threading.current_thread())
+            self.assertIn(encoded_in[0].name, {t.name for t in reactor.getThreadPool().threads})
+            channel.connectionLost(Failure(ConnectionDone()))
+
+        done: Deferred[None] = requests[0].notifyFinish()
+        return done.addCallback(finished)

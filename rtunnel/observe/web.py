@@ -18,7 +18,9 @@ reactor up, whoever connects:
  - B{little synchronous work}: the metrics are gathered on the reactor (so
    that no role object is read from another thread) and formatted in
    Twisted's thread pool by prometheus_client's own Twisted resource; the
-   other pages are snapshots of a few values per site.
+   JSON API likewise takes its snapshots on the reactor (a large fleet's a
+   few hundred sites a reactor turn) and makes the JSON in the pool
+   (L{rtunnel.observe.api}); the status page is a file read at start.
 
 No access log, and no line when an idle connection is closed: a
 Prometheus scrape and two Kubernetes probes every few seconds would bury
@@ -70,7 +72,7 @@ from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..roles.server import ExtraListener, TunnelServerService
 from ..roles.site import TunnelClientService
-from .api import api_resource
+from .api import api_resource, in_thread_pool
 from .live import ADMIN_URL_KEY, format_admin_url
 from .metrics import ServerCollector, SiteCollector, metrics_registry
 from .page import status_page
@@ -753,7 +755,7 @@ def add_server_admin(service: TunnelServerService, admin: str | None, reactor: A
     root = admin_root(
         ready=view.not_ready,
         metrics=metrics_resource(metrics_registry(ServerCollector(service)), reactor),
-        api=api_resource(view, reactor),
+        api=api_resource(view, reactor, in_thread_pool(reactor)),
         page=status_page(),
     )
 
