@@ -334,3 +334,11 @@ class ProcessTokenRaceTests(_OnPostgreSQL):
             self.assertEqual(this_round, ["enrolled", "token-spent"], f"round {number}")
         spent = self.store._db.execute("SELECT count(*) FROM tokens WHERE spent_at IS NOT NULL").fetchone()[0]
         self.assertEqual(spent, self.ROUNDS)
+
+
+class TranslationTests(_OnPostgreSQL):
+    def test_percent_and_placeholders(self) -> None:
+        """SQL written for SQLite runs as is: a literal % stays one, each ? takes its parameter."""
+        row = self.store._db.execute("SELECT 'a%b' AS text, CAST(? AS TEXT) AS p, ? + 1 AS n", ("x%s", 41)).fetchone()
+        self.assertEqual((row["text"], row["p"], row["n"]), ("a%b", "x%s", 42))
+        self.assertEqual(list(row), ["a%b", "x%s", 42])

@@ -1333,14 +1333,16 @@ class _Row:
 class _PostgreSQLCursor:
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
+        self._names: dict[str, int] | None = None
 
     @property
     def rowcount(self) -> int:
         return int(self._cursor.rowcount)
 
     def _row(self, values: Sequence[Any]) -> _Row:
-        names = {column.name: i for i, column in enumerate(self._cursor.description or ())}
-        return _Row(names, values)
+        if self._names is None:  # one mapping for all the rows of a result
+            self._names = {column.name: i for i, column in enumerate(self._cursor.description or ())}
+        return _Row(self._names, values)
 
     def fetchone(self) -> Any:
         values = self._cursor.fetchone()
@@ -1353,8 +1355,8 @@ class _PostgreSQLCursor:
 class _PostgreSQL:
     """
     A psycopg connection that takes the store's SQL as written for SQLite:
-    C{?} placeholders become C{%s} (the store's SQL has no C{%} and no C{?}
-    inside literals), and rows read like C{sqlite3.Row}.
+    C{?} placeholders become C{%s} (a literal C{%} is doubled; the store's
+    SQL has no C{?} inside literals), and rows read like C{sqlite3.Row}.
 
     A connection that broke (the PostgreSQL server restarted, a network cut)
     fails the call that found it broken; the next call outside a
@@ -1375,7 +1377,8 @@ class _PostgreSQL:
             self._connection = self._connect()
         if sql in ("COMMIT", "ROLLBACK"):
             self._in_transaction = False
-        cursor = _PostgreSQLCursor(self._connection.execute(sql.replace("?", "%s"), tuple(parameters)))
+        query = sql.replace("%", "%%").replace("?", "%s")
+        cursor = _PostgreSQLCursor(self._connection.execute(query, tuple(parameters)))
         if sql == "BEGIN":
             self._in_transaction = True
         return cursor
