@@ -142,7 +142,11 @@ def test_a_flood_of_silent_clients_cannot_starve_sites_or_forwards(world):
     assert "--max-preauth 4096 lowered" in output
     held = [c for c in (SilentClient.connect(d.server_port) for _ in range(110)) if c is not None]
     try:
-        assert 0 < len(held) <= (NOFILE - 32) // 4, len(held)
+        # Held at once: on a loaded machine the 110 handshakes can take longer
+        # than the handshake timeout, and the first clients are then aborted
+        # (as they should be) before the last connect; those freed their place.
+        at_once = [c for c in held if not c.dropped()]
+        assert 0 < len(at_once) <= (NOFILE - 32) // 4, (len(at_once), len(held))
         assert _echo_through(forward)
         assert d.site_connected("alpha")
         wait_until(lambda: "refusing connections on the tunnel port" in d.server.output(), 5, "the gate's warning")
