@@ -3,7 +3,8 @@ End to end, in a real browser: a tunnel server (real twistd, its admin
 endpoint on a loopback port) and two sites; the status page opened in
 Debian's headless chromium through chromedriver shows both sites up, then
 one of them down within 5 s of it stopping, asks for the throughput history
-only every sample interval (the plain list in between, the graphs kept),
+of the rows it draws only every sample interval (the plain list in between,
+the graphs kept),
 gets an empty answer for the favicon, logs no error at all, and says it is
 stale when the server is gone. A screenshot is saved as a test artifact
 (directory C{$RTUNNEL_ARTIFACTS}, default C{test-artifacts/} in the
@@ -93,15 +94,19 @@ def rows(driver: Any) -> dict[str, str]:
     return states
 
 
-#: The start times (ms) of the page's fetches of each API path so far, and
-#: how many plain sites fetches started after the last history fetch.
+#: The start times (ms) of the page's fetches of each API path so far, how
+#: many plain sites fetches started after the last history fetch, and the
+#: names each history fetch asked for.
 FETCHES = """
-const starts = (suffix) => performance.getEntriesByType("resource")
-  .filter((e) => e.name.endsWith(suffix)).map((e) => e.startTime);
-const history = starts("/api/v1/sites?history=1");
-const plain = starts("/api/v1/sites");
+const entries = performance.getEntriesByType("resource");
+const starts = (test) => entries.filter((e) => test(new URL(e.name))).map((e) => e.startTime);
+const sites = (u) => u.pathname === "/api/v1/sites";
+const history = starts((u) => sites(u) && u.searchParams.get("history") === "1");
+const plain = starts((u) => sites(u) && !u.search);
 const last = history.length ? history[history.length - 1] : Infinity;
-return {history, plain, forwards: starts("/api/v1/forwards"),
+const names = entries.map((e) => new URL(e.name)).filter((u) => sites(u) && u.searchParams.has("names"))
+  .map((u) => u.searchParams.get("names"));
+return {history, plain, names, forwards: starts((u) => u.pathname === "/api/v1/forwards"),
         plain_since_history: plain.filter((t) => t > last).length};
 """
 
@@ -171,8 +176,9 @@ def test_status_page_shows_sites_turn_down_and_goes_stale(tmp_path: Path, browse
         print(f"beta shown down {took:.2f} s after SIGTERM")
 
         # The history is asked for only when the server can have a new
-        # sample (every 5 s), the plain list on the refreshes between; the
-        # graphs stay drawn from the last history read.
+        # sample (every 5 s), and only for the rows drawn; the plain list on
+        # the refreshes between; the graphs stay drawn from the last history
+        # read.
         wait_until(lambda: len(fetched(browser)["history"]) >= 2, 15, "the page to ask for the history twice")
         wait_until(lambda: fetched(browser)["plain_since_history"] >= 1, 5, "a plain refresh after the history")
         times = fetched(browser)
@@ -180,6 +186,7 @@ def test_status_page_shows_sites_turn_down_and_goes_stale(tmp_path: Path, browse
         assert min(gaps) >= 4900, times
         assert len(times["plain"]) >= len(times["history"]), times
         assert abs(len(times["plain"]) + len(times["history"]) - len(times["forwards"])) <= 1, times
+        assert times["names"] and all(sorted(n.split(",")) == ["alpha", "beta"] for n in times["names"]), times
         assert browser.execute_script(GRAPH, "alpha"), "alpha's graph is gone after a refresh without history"
         print(f"history fetched {len(times['history'])} times {gaps} ms apart, the plain list {len(times['plain'])}")
 

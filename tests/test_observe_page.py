@@ -15,12 +15,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from rtunnel.observe.api import api_resource
+from rtunnel.observe.api import MAX_HISTORY_NAMES, api_resource
 from rtunnel.observe.page import content_security_policy, page_html, status_page
 from tests.observe_web_helpers import T0, FakeView, request, snapshot
 
 #: Every JSON API path the page's script names.
-API_PATHS = ["api/v1/sites", "api/v1/sites?history=1", "api/v1/forwards", "api/v1/refusals"]
+API_PATHS = ["api/v1/sites", "api/v1/sites?history=1&names=", "api/v1/forwards", "api/v1/refusals"]
 
 
 def _api_paths(html: str) -> list[str]:
@@ -63,19 +63,23 @@ class PageContentTests(SynchronousTestCase):
         self.assertEqual(_api_paths(self.html), API_PATHS)
         self.assertEqual(
             re.findall(r"(?<!function )getJSON\(([^,]+),", self.html),
-            ["withHistory ? SITES_HISTORY : SITES", '"api/v1/forwards"', '"api/v1/refusals"'],
+            ["path", '"api/v1/forwards"', '"api/v1/refusals"'],
         )
 
     def test_history_only_when_sampled(self) -> None:
         """
-        The sites' history is asked for only once a sample interval has
-        passed since the last one read (the interval the API reports), the
-        plain list on the other refreshes (the timing itself is checked in
-        a browser: tests/test_e2e_status_page.py).
+        The history is asked for only for the rows drawn (no more than the
+        API takes), and only once a sample interval has passed since the
+        last one read (the interval the API reports) or a row drawn has
+        none yet; the plain list on the other refreshes (the timing itself
+        is checked in a browser: tests/test_e2e_status_page.py).
         """
         self.assertIn('const SITES = "api/v1/sites";', self.html)
-        self.assertIn('const SITES_HISTORY = "api/v1/sites?history=1";', self.html)
-        self.assertIn("historyAt === null || Date.now() - historyAt >= sampleMs", self.html)
+        self.assertIn('const SITES_HISTORY = "api/v1/sites?history=1&names=";', self.html)
+        self.assertIn(f"const MAX_ROWS = {MAX_HISTORY_NAMES};", self.html)
+        self.assertIn("drawn = shown.map((s) => s.site);", self.html)
+        self.assertIn("historyAt === null || Date.now() - historyAt >= sampleMs || missingHistory()", self.html)
+        self.assertIn('SITES_HISTORY + names.map(encodeURIComponent).join(",")', self.html)
         self.assertIn("num(sampled.throughput.interval_seconds) * 1000", self.html)
 
     def test_policy_hashes_the_inline_blocks(self) -> None:
@@ -144,6 +148,7 @@ class PageResourceTests(SynchronousTestCase):
         root.putChild(b"api", api_resource(self.view, self.clock))
         self.assertEqual(request(root, "GET", "/").body, page_html())
         for path in _api_paths(page_html().decode()):
+            path += "alpha" if path.endswith("names=") else ""
             response = request(root, "GET", "/" + path, self.clock)
             self.assertEqual(response.status, 200, path)
             self.assertEqual(response.headers["content-type"], "application/json")
