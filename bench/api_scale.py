@@ -220,7 +220,11 @@ def served(view: ServerView, paths: Sequence[str], repeat: int) -> dict[str, dic
                     reactor.callFromThread(probe.reset)
                     time.sleep(0.05)
                     collections.reset()
-                    size, wall = curl(base + path)
+                    if path == "idle":
+                        size, wall = 0, 0.2  # no request: the probe's own noise, for comparison
+                        time.sleep(wall)
+                    else:
+                        size, wall = curl(base + path)
                     time.sleep(0.05)
                     sizes.append(size)
                     walls.append(wall)
@@ -256,7 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5, help="fetches of each path")
     parser.add_argument("--no-gc", action="store_true", help="with the garbage collector off, to see its share")
-    parser.add_argument("--paths", nargs="*", default=["/api/v1/sites", "/api/v1/sites?history=1", "names"])
+    parser.add_argument(
+        "--paths",
+        nargs="*",
+        default=["idle", "/api/v1/sites", "/api/v1/sites?history=1", "names"],
+        help="paths to fetch; 'names' is ?history=1&names= with 100 sites, 'idle' no request (the probe's noise)",
+    )
     options = parser.parse_args(argv)
     if shutil.which("curl") is None:
         print("needs curl (apt-get install curl)", file=sys.stderr)
