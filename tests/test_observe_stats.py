@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.adapter import MuxProtocol, MuxStream
 from rtunnel.mux import ErrorCode
+from rtunnel.observe.api import throughput_json
 from rtunnel.observe.stats import (
     REFUSALS_KEPT,
     SAMPLES,
@@ -25,7 +26,6 @@ from rtunnel.observe.stats import (
     ServerFigures,
     result_label,
 )
-from rtunnel.observe.api import throughput_json
 from rtunnel.observe.view import Rates, Refusal, Throughput
 from rtunnel.roles.registry import SiteRegistry, SiteUnavailable
 from tests.common import Recorder, joined_muxes, mux_of, pump_all
