@@ -32,11 +32,11 @@ from typing import Any
 
 from attrs import define
 from twisted.internet import defer, task
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.failure import Failure
 
+from ..adapter.net import listen
 from ..address import describe
 from ..identity.state import ServerState
 from ..identity.store import (
@@ -138,10 +138,7 @@ class LiveForwards:
         self._poll: task.LoopingCall | None = None
 
     def _listen_endpoint(self, spec: ForwardSpec, factory: ForwardFactory) -> defer.Deferred[IListeningPort]:
-        listening: defer.Deferred[IListeningPort] = serverFromString(self.reactor, spec.endpoint_description()).listen(
-            factory
-        )
-        return listening
+        return listen(self.reactor, spec.endpoint_description(), factory)
 
     def start(self, command_line: Iterable[ForwardSpec]) -> None:
         """

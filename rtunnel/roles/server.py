@@ -41,7 +41,6 @@ from attrs import frozen
 from OpenSSL import SSL
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -61,7 +60,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..adapter.address import describe
-from ..adapter.net import set_nodelay
+from ..adapter.net import listen, set_nodelay
 from ..adapter.protocol import Keepalive, MuxProtocol
 from ..adapter.stream import MuxStream
 from ..adapter.tls import BulkTLSFactory
@@ -1340,7 +1339,7 @@ class TunnelServerService(MultiService):
                     configured=self.config.policy.max_preauth,
                 )
             self.gate = AdmissionGate(tls_factory, self.factory, limit, self.config.policy.max_handshakes)
-            port = yield serverFromString(self.reactor, description).listen(self.gate)
+            port = yield listen(self.reactor, description, self.gate)
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
@@ -1352,7 +1351,7 @@ class TunnelServerService(MultiService):
                 factory = ForwardFactory(spec, self.registry, self.config.open_timeout)
                 self.forward_factories.append(factory)
                 self.command_line_forwards[spec] = factory
-                port = yield serverFromString(self.reactor, description).listen(factory)
+                port = yield listen(self.reactor, description, factory)
                 self.forward_ports[spec] = port
                 self.ports.append(port)
                 self._log.info("forward {forward} listening on {address}", forward=str(spec), address=_address(port))
@@ -1367,7 +1366,7 @@ class TunnelServerService(MultiService):
                     )
             for extra in self.listeners:
                 description = extra.description
-                port = yield serverFromString(self.reactor, description).listen(extra.factory)
+                port = yield listen(self.reactor, description, extra.factory)
                 self.ports.append(port)
                 self._log.info("{what} listening on {address}", what=extra.label, address=_address(port))
                 if extra.on_listening is not None:
