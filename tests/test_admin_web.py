@@ -716,6 +716,45 @@ class OnReactorTests(unittest.SynchronousTestCase):
         self.assertIsInstance(failures[0], TimeoutError)
         self.assertIn("did not gather the metrics within 0.05s", str(failures[0]))
 
+    def test_large_families_let_the_lock_go(self) -> None:
+        """
+        Formatted in the pool, a family of many samples lets the interpreter
+        lock go every SAMPLES_PER_RELEASE samples, and the text is exactly
+        what prometheus_client makes of the plain family.
+        """
+        from prometheus_client.exposition import generate_latest
+
+        sites = 3 * web.SAMPLES_PER_RELEASE + 7
+
+        class PerSite:
+            def collect(self) -> Iterable[Metric]:
+                family = GaugeMetricFamily("rtunnel_test_up", "One per site.", labels=["site"])
+                for i in range(sites):
+                    family.add_metric([f"site-{i:05d}"], i % 2)
+                yield family
+                yield GaugeMetricFamily("rtunnel_test_small", "A small one.", value=1)
+
+        class Plain:
+            def __init__(self, collector: PerSite) -> None:
+                self.collector = collector
+
+            def collect(self) -> Iterable[Metric]:
+                return self.collector.collect()
+
+        released: list[float] = []
+        self.patch(web, "time", SimpleNamespace(sleep=released.append))
+        fake = FakeThreadedReactor()
+        texts: list[bytes] = []
+        worker = threading.Thread(target=lambda: texts.append(generate_latest(OnReactor(PerSite(), fake, 5))))  # type: ignore[arg-type]
+        worker.start()
+        self.assertTrue(fake.arrived.wait(5))
+        fake.calls[0]()
+        worker.join(5)
+        self.assertEqual(texts, [generate_latest(Plain(PerSite()))])  # type: ignore[arg-type]
+        self.assertIn(b'rtunnel_test_up{site="site-00306"} 0.0', texts[0])
+        # 307 samples: let go after each full hundred and after the last 7; the small family never.
+        self.assertEqual(released, [0, 0, 0, 0])
+
     def test_restricted(self) -> None:
         """?name[]= restricts through the wrapped registry."""
         registry = CollectorRegistry()
