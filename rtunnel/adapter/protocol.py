@@ -36,6 +36,7 @@ from ..address import HostPort
 from ..logsafe import LogBudget, printable
 from ..mux import events as ev
 from ..mux.errors import ErrorCode, SessionClosing, code_name
+from ..mux.frames import Replicas
 from ..mux.session import MuxSession
 from ..mux.settings import FloodLimits, Settings, WindowTuning
 from .address import describe
@@ -188,6 +189,10 @@ class _Edges:
     #: per-session budget for log lines the peer can trigger at will, made
     #: when the first such line comes (most sessions never log one)
     log_budget: LogBudget | None = None
+    #: who hears of the peer's REPLICAS (L{MuxProtocol.add_replicas_observer})
+    replicas_observers: list[Callable[[Replicas], object]] | None = None
+    #: the REPLICAS of the current input batch, told at its end
+    replicas_pending: list[Replicas] | None = None
 
 
 @implementer(IPushProducer)
@@ -252,6 +257,12 @@ class MuxProtocol(Protocol):
     @param services: the named services this end announces when the peer
         offers the capability (L{MuxSession}); the peer's are
         L{when_services}.
+
+    Replicas (docs/protocol.md, "REPLICAS"): the tunnel server's end sends
+    its replica set with L{send_replicas} when both HELLOs offer the
+    capability (L{replicas_negotiated}); the site's end keeps the last one
+    received in L{peer_replicas} and tells the L{add_replicas_observer}
+    callbacks of each.
 
     @ivar bytes_sent: stream payload bytes sent so far (what the window let
         out, framing not counted); C{bytes_received}: those received and
@@ -555,6 +566,58 @@ class MuxProtocol(Protocol):
         """New streams may be opened now: OPEN, and no GOAWAY either way."""
         return self._state is _OPEN and self.session.accepting_streams
 
+    @property
+    def replicas_negotiated(self) -> bool:
+        """
+        Both HELLOs offered the REPLICAS capability: the tunnel server's
+        end may L{send_replicas}, and the site's end may receive them.
+        C{False} before the peer's HELLO, and always with a peer (or a
+        local L{Settings}) without it: such a site keeps one session.
+        """
+        return self.session.replicas_negotiated
+
+    @property
+    def peer_replicas(self) -> Replicas | None:
+        """The replica set the peer announced last (C{None}: none yet, or never)."""
+        return self.session.peer_replicas
+
+    def add_replicas_observer(self, callback: Callable[[Replicas], object]) -> None:
+        """
+        Call C{callback(replicas)} for every REPLICAS the peer sends from
+        now on, on the reactor, at the end of the input batch it came in
+        (as L{when_ready} and L{when_services} are settled: every frame of
+        the batch was processed and its output written, so a REPLICAS that
+        came with a HELLO is told after the HELLO's L{when_ready} waiters,
+        and an observer those waiters add still hears of it). A frame that
+        came after the session began closing in the same batch is not
+        processed, so not told. A REPLICAS that arrived before the call is
+        not told again: L{peer_replicas} has the last one.
+
+        An exception the callback raises is logged; the session and the
+        other observers go on.
+        """
+        edges = self._edges
+        if edges.replicas_observers is None:
+            edges.replicas_observers = []
+        edges.replicas_observers.append(callback)
+
+    def send_replicas(self, replicas: Replicas) -> None:
+        """
+        Send the peer (a site) this replica's id and the replica set,
+        replacing what it was told before. Once the session is closing or
+        gone this does nothing: the set is the connection's last concern,
+        and a server that tells all its sessions need not ask first.
+
+        @raise rtunnel.mux.MuxUsageError: the capability is not negotiated
+            (L{replicas_negotiated}; also before the peer's HELLO), or this
+            is the initiator's end.
+        """
+        state = self._state
+        if state is _CLOSING or state is _CLOSED or self.session.failed:
+            return
+        self.session.send_replicas(replicas)
+        self._flush()
+
     # -- Protocol ------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -614,6 +677,21 @@ class MuxProtocol(Protocol):
             self._settle_ready()
         if self._services_waiters is not None:
             self._settle_services()
+        if self._edges.replicas_pending is not None:
+            self._tell_replicas()
+
+    def _tell_replicas(self) -> None:
+        """Tell the replicas observers of each REPLICAS of the input batch that just ended, in order."""
+        edges = self._edges
+        pending, edges.replicas_pending = edges.replicas_pending, None
+        for replicas in pending or ():
+            for callback in list(edges.replicas_observers or ()):
+                try:
+                    callback(replicas)
+                except Exception:
+                    self._log.failure(
+                        "while telling an observer of the session with {peer} its replica set", peer=self.who
+                    )
 
     def connectionLost(self, reason: Failure = CLEAN_CLOSE) -> None:
         """
@@ -920,6 +998,12 @@ class MuxProtocol(Protocol):
                     # An emptied dictionary keeps its table: a server that
                     # pings ten thousand sessions would keep one each.
                     self._ping_sent = None
+        elif isinstance(event, ev.ReplicasAnnounced):
+            # Told at the end of this input batch (add_replicas_observer).
+            edges = self._edges
+            if edges.replicas_pending is None:
+                edges.replicas_pending = []
+            edges.replicas_pending.append(event.replicas)
         elif isinstance(event, ev.SessionReady):
             # The waiters of when_ready hear of it at the end of this input
             # batch, once a GOAWAY that came with the HELLO was handled too.

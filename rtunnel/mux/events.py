@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from attrs import frozen
 
 from ..address import HostPort
+from .frames import Replicas
 from .settings import Settings
 
 
@@ -36,6 +37,15 @@ class ServicesAnnounced:
     and ports by the address grammar, no name twice)."""
 
     services: Mapping[str, HostPort]
+
+
+@frozen
+class ReplicasAnnounced:
+    """A REPLICAS frame arrived (on the initiator, both ends offering the
+    capability): the tunnel server's replica set as the replica this
+    session reached sees it now, replacing any set announced before."""
+
+    replicas: Replicas
 
 
 @frozen
@@ -177,6 +187,7 @@ class FloodDetected:
 Event = (
     SessionReady
     | ServicesAnnounced
+    | ReplicasAnnounced
     | StreamRequested
     | StreamAccepted
     | StreamRefused

@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Iterable
+from typing import ClassVar
 
-from attrs import frozen
+from attrs import field, frozen
 
-from ..address import MAX_WIRE_HOST_BYTES, wire_chars_error
+from ..address import MAX_WIRE_HOST_BYTES, AddressError, HostPort, wire_chars_error
 from ..logsafe import printable
 from .errors import ErrorCode, ProtocolError
 
@@ -45,6 +47,20 @@ MAX_SERVICE_NAME_BYTES = 63
 #: rtunnel.frontdoor.names.validate_service_name, which the mux layer cannot
 #: import; tests/test_services_mux.py checks that the two agree).
 _SERVICE_NAME = re.compile(rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+#: Most replicas one REPLICAS frame lists (the own one included).
+MAX_REPLICAS = 64
+#: Most bytes of a REPLICAS payload: as for SERVICES, the smallest
+#: max_frame_size a peer may announce.
+MAX_REPLICAS_BYTES = 16 * 1024
+MAX_REPLICA_ID_LENGTH = 64
+#: The longest advertised address (its one-byte length on the wire).
+MAX_ADVERTISE_BYTES = 255
+#: The characters of a replica id: enough for C{host:port}, C{[::1]:7000},
+#: C{name@host} and C{host:port/w2} (the workers' ids), nothing that needs
+#: quoting in a log line, a metric label or a shell.
+_REPLICA_ID_CHARS = r"A-Za-z0-9._:@/+\[\]-"
+_REPLICA_ID = re.compile(f"[{_REPLICA_ID_CHARS}]{{1,{MAX_REPLICA_ID_LENGTH}}}")
+_NOT_REPLICA_ID_CHAR = re.compile(f"[^{_REPLICA_ID_CHARS}]")
 
 #: The largest frame accepted before the peer's HELLO told us anything.
 PRE_HELLO_MAX_LENGTH = 1024
@@ -64,6 +80,7 @@ class FrameType(enum.IntEnum):
     PING = 0x07
     GOAWAY = 0x08
     SERVICES = 0x09
+    REPLICAS = 0x0A
 
 
 _ALLOWED_FLAGS = {
@@ -71,7 +88,7 @@ _ALLOWED_FLAGS = {
     FrameType.PING: FLAG_ACK,
 }
 
-_SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.GOAWAY, FrameType.SERVICES})
+_SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.GOAWAY, FrameType.SERVICES, FrameType.REPLICAS})
 # Plain lookups: calling an Enum class to convert a value is slow on the data path.
 _FRAME_TYPES = {int(t): t for t in FrameType}
 _DATA = int(FrameType.DATA)
@@ -154,7 +171,138 @@ class GoAway:
     stream_id: int = 0
 
 
-Frame = Hello | Open | OpenOk | OpenFail | Data | WindowUpdate | Reset | Ping | GoAway | Services
+def replica_id_problem(text: str) -> str | None:
+    """
+    What keeps C{text} from being a replica id, or C{None} if it is one:
+    1 to L{MAX_REPLICA_ID_LENGTH} characters, each an ASCII letter or digit
+    or one of C{._:@/+[]-}. One rule for C{--replica-id}, the frames a
+    server sends and those a site receives, so that an id one end accepts
+    is never a protocol error at the other. The text is quoted escaped
+    (L{printable}): it may come from the peer.
+    """
+    if not isinstance(text, str):
+        return f"a replica id must be text, not {type(text).__name__}"
+    if _REPLICA_ID.fullmatch(text):
+        return None
+    if not text:
+        return "the replica id is empty"
+    bad = _NOT_REPLICA_ID_CHAR.search(text)
+    if bad is not None:
+        return (
+            f"replica id '{printable(text, limit=80)}' has {bad.group()!r} at position {bad.start() + 1}:"
+            " only ASCII letters, digits and ._:@/+[]- may be used"
+        )
+    return f"replica id '{printable(text, limit=80)}' has {len(text)} characters (at most {MAX_REPLICA_ID_LENGTH})"
+
+
+def advertise_problem(text: str) -> str | None:
+    """
+    What keeps C{text} from being a replica's advertised address, or
+    C{None} if it is one: empty (the replica is reached only through the
+    common address), or C{HOST:PORT} exactly as L{HostPort} writes it
+    (canonical host, IPv6 in brackets), so that two spellings of one
+    address never look like two addresses.
+    """
+    if not isinstance(text, str):
+        return f"an advertised address must be text, not {type(text).__name__}"
+    if not text:
+        return None
+    try:
+        canonical = str(HostPort.parse(text))
+    except AddressError as e:
+        return f"advertised address {printable(str(e), limit=300)}"
+    if canonical != text:
+        return f"advertised address '{printable(text, limit=300)}' is not in canonical form (write {canonical})"
+    if len(text) > MAX_ADVERTISE_BYTES:
+        return f"advertised address of {len(text)} bytes (at most {MAX_ADVERTISE_BYTES})"
+    return None
+
+
+def _check_replica_id(instance: object, attribute: object, value: str) -> None:
+    problem = replica_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _check_advertise(instance: object, attribute: object, value: str) -> None:
+    problem = advertise_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+@frozen
+class ReplicaEntry:
+    """
+    One tunnel server replica as a REPLICAS frame lists it.
+
+    @ivar replica_id: its id (L{replica_id_problem}).
+    @ivar advertise: where a site may dial this replica directly, canonical
+        C{HOST:PORT}; empty when it is reached only through the address the
+        site dials anyway (a load balancer: the usual case).
+    """
+
+    replica_id: str = field(validator=_check_replica_id)
+    advertise: str = field(default="", validator=_check_advertise)
+
+
+def _sorted_entries(entries: Iterable[ReplicaEntry]) -> tuple[ReplicaEntry, ...]:
+    # Anything but an entry sorts anywhere: the validator names it.
+    return tuple(sorted(entries, key=lambda entry: str(getattr(entry, "replica_id", ""))))
+
+
+def _replicas_size(own: str, entries: tuple[ReplicaEntry, ...]) -> int:
+    return 2 + len(own) + sum(2 + len(e.replica_id) + len(e.advertise) for e in entries)
+
+
+@frozen
+class Replicas:
+    """
+    The tunnel server's replica set as one replica announces it to a site
+    (a REPLICAS frame): which replica this session reached (C{own}) and
+    every live replica, sorted by id (whatever order they are given in).
+
+    Every value is one a REPLICAS frame can carry and the receiver accepts
+    (L{ValueError} otherwise): ids and addresses by their rules, C{own}
+    among the entries, no id twice, at most L{MAX_REPLICAS}, at most
+    L{MAX_REPLICAS_BYTES} encoded. So a server that builds one can always
+    send it, and what a site receives is always one of these.
+    """
+
+    own: str = field(validator=_check_replica_id)
+    replicas: tuple[ReplicaEntry, ...] = field(converter=_sorted_entries)
+    #: a session-level frame: always on stream 0 (not a field)
+    stream_id: ClassVar[int] = 0
+
+    @replicas.validator
+    def _check_replicas(self, attribute: object, value: tuple[ReplicaEntry, ...]) -> None:
+        if len(value) > MAX_REPLICAS:
+            raise ValueError(f"{len(value)} replicas; at most {MAX_REPLICAS} can be announced")
+        for entry in value:
+            if not isinstance(entry, ReplicaEntry):
+                raise ValueError(f"not a ReplicaEntry: {entry!r}")
+        for before, after in zip(value, value[1:], strict=False):
+            if before.replica_id == after.replica_id:
+                raise ValueError(f"replica id {before.replica_id} is listed twice")
+        if not any(entry.replica_id == self.own for entry in value):
+            raise ValueError(f"the own replica id {self.own} is not among the replicas")
+        size = _replicas_size(self.own, value)
+        if size > MAX_REPLICAS_BYTES:
+            raise ValueError(f"the replicas take {size} bytes; at most {MAX_REPLICAS_BYTES} can be announced")
+
+    def get(self, replica_id: str) -> ReplicaEntry | None:
+        """The entry of C{replica_id}, or C{None} if it is not listed."""
+        for entry in self.replicas:
+            if entry.replica_id == replica_id:
+                return entry
+        return None
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every listed replica id, sorted."""
+        return tuple(entry.replica_id for entry in self.replicas)
+
+
+Frame = Hello | Open | OpenOk | OpenFail | Data | WindowUpdate | Reset | Ping | GoAway | Services | Replicas
 
 _SERVICE_HEAD = struct.Struct(">B")
 _SERVICE_PORT = struct.Struct(">HB")
@@ -225,6 +373,83 @@ def _parse_services(payload: bytes) -> Services:
     return Services(tuple(entries))
 
 
+def replicas_payload(replicas: Replicas) -> bytes:
+    """
+    The payload of a REPLICAS frame: own-id length u8, own id, count u8,
+    then per replica id length u8, id, advertise length u8, advertise (0:
+    none). Every L{Replicas} value fits (its rules are the receiver's).
+    """
+    own = replicas.own.encode("ascii")
+    out = bytearray(_SERVICE_HEAD.pack(len(own)) + own + _SERVICE_HEAD.pack(len(replicas.replicas)))
+    for entry in replicas.replicas:
+        raw_id = entry.replica_id.encode("ascii")
+        advertise = entry.advertise.encode("ascii")
+        out += _SERVICE_HEAD.pack(len(raw_id)) + raw_id + _SERVICE_HEAD.pack(len(advertise)) + advertise
+    return bytes(out)
+
+
+def _peer_replica_id(raw: bytes, what: str) -> str:
+    """A replica id from the wire, or the L{ProtocolError} naming C{what} and why not."""
+    # A byte that is not ASCII decodes to U+FFFD, which the rule refuses
+    # (and which the message shows escaped, as it shows everything else).
+    text = raw.decode("ascii", "replace")
+    problem = replica_id_problem(text)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"REPLICAS {what}: {problem}")
+    return text
+
+
+def _parse_replicas(payload: bytes) -> Replicas:
+    if len(payload) > MAX_REPLICAS_BYTES:
+        raise ProtocolError(
+            ErrorCode.FRAME_SIZE_ERROR, f"REPLICAS payload of {len(payload)} bytes (at most {MAX_REPLICAS_BYTES})"
+        )
+    if not payload:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "REPLICAS payload too short")
+    own_len = payload[0]
+    at = 1 + own_len
+    if at >= len(payload):
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "REPLICAS payload ends before its replica count")
+    own = _peer_replica_id(payload[1:at], "own replica id")
+    count = payload[at]
+    at += 1
+    if count > MAX_REPLICAS:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"REPLICAS lists {count} replicas (at most {MAX_REPLICAS})")
+    entries: dict[str, ReplicaEntry] = {}
+    for index in range(1, count + 1):
+        if at >= len(payload):
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"REPLICAS payload ends before replica {index}")
+        id_len = payload[at]
+        raw_id = payload[at + 1 : at + 1 + id_len]
+        at += 1 + id_len
+        if len(raw_id) != id_len or at >= len(payload):
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"REPLICAS payload ends inside replica {index}")
+        advertise_len = payload[at]
+        raw_advertise = payload[at + 1 : at + 1 + advertise_len]
+        at += 1 + advertise_len
+        if len(raw_advertise) != advertise_len:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"REPLICAS payload ends inside replica {index}")
+        replica_id = _peer_replica_id(raw_id, f"replica {index}")
+        if replica_id in entries:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"REPLICAS lists replica {replica_id} twice")
+        if not raw_advertise.isascii():
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"REPLICAS replica {replica_id}: the advertised address is not ASCII"
+            )
+        advertise = raw_advertise.decode("ascii")
+        problem = advertise_problem(advertise)
+        if problem is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"REPLICAS replica {replica_id}: {problem}")
+        entries[replica_id] = ReplicaEntry(replica_id, advertise)
+    if at != len(payload):
+        raise ProtocolError(
+            ErrorCode.FRAME_SIZE_ERROR, f"REPLICAS payload has {len(payload) - at} bytes after its last replica"
+        )
+    if own not in entries:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"REPLICAS does not list its own replica {own}")
+    return Replicas(own, tuple(entries.values()))
+
+
 def _reason_bytes(reason: str) -> bytes:
     raw = reason.encode("utf-8")
     if len(raw) <= MAX_REASON_BYTES:
@@ -266,6 +491,8 @@ def encode(frame: Frame) -> bytes:
         payload = _GOAWAY_HEAD.pack(frame.last_stream_id, frame.code) + _reason_bytes(frame.reason)
     elif isinstance(frame, Services):
         ftype, flags, payload = FrameType.SERVICES, 0, services_payload(frame.entries)
+    elif isinstance(frame, Replicas):
+        ftype, flags, payload = FrameType.REPLICAS, 0, replicas_payload(frame)
     elif isinstance(frame, Hello):
         ftype, flags = FrameType.HELLO, 0
         payload = _HELLO.pack(
@@ -369,6 +596,8 @@ def parse_frame(ftype_raw: int, flags: int, stream_id: int, payload: bytes) -> F
         return GoAway(last, code, _reason(payload[_GOAWAY_HEAD.size :], "GOAWAY"))
     if ftype is FrameType.SERVICES:
         return _parse_services(payload)
+    if ftype is FrameType.REPLICAS:
+        return _parse_replicas(payload)
     # HELLO
     if len(payload) < _HELLO.size:
         raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HELLO payload too short")

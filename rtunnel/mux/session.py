@@ -50,13 +50,14 @@ from .frames import (
     OpenFail,
     OpenOk,
     Ping,
+    Replicas,
     Reset,
     Services,
     WindowUpdate,
     encode,
     services_payload,
 )
-from .settings import CAP_SERVICES, FloodLimits, Settings, WindowTuning
+from .settings import CAP_REPLICAS, CAP_SERVICES, FloodLimits, Settings, WindowTuning
 from .streams import TRANSITIONS, Input, StreamRecord, StreamState
 
 SUPPORTED_VERSIONS = frozenset({1})
@@ -126,6 +127,12 @@ class MuxSession:
         HELLO when both HELLOs offer L{CAP_SERVICES}; never sent to a peer
         that does not (it would take the frame for a protocol error).
         Checked here: L{ValueError} if the frame could not carry them.
+
+    Replicas (docs/protocol.md, "REPLICAS"): when both HELLOs offer
+    L{CAP_REPLICAS}, the acceptor (the tunnel server) tells the initiator
+    (the site) which replica it reached and the whole replica set with
+    L{send_replicas}, as often as the set changes; the initiator reports
+    each as L{ev.ReplicasAnnounced} and keeps the last in L{peer_replicas}.
     """
 
     # A server holds one session per site: slots save the instance dictionary.
@@ -160,6 +167,7 @@ class MuxSession:
         "_flood",
         "_announce",
         "peer_services",
+        "peer_replicas",
     )
 
     def __init__(
@@ -212,6 +220,8 @@ class MuxSession:
         self._announce = Services(entries)
         #: the services the peer announced, once its SERVICES frame arrived
         self.peer_services: Mapping[str, HostPort] | None = None
+        #: the replica set the peer (the tunnel server) announced last
+        self.peer_replicas: Replicas | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -230,6 +240,15 @@ class MuxSession:
     def services_pending(self) -> bool:
         """The peer's SERVICES frame is due (negotiated) and has not arrived."""
         return self.services_negotiated and self.peer_services is None and not self._failed
+
+    @property
+    def replicas_negotiated(self) -> bool:
+        """
+        Both HELLOs offered L{CAP_REPLICAS}: the acceptor may send REPLICAS
+        (L{send_replicas}). C{False} until the peer's HELLO arrived.
+        """
+        peer = self.peer_settings
+        return peer is not None and bool(peer.capabilities & self.local_settings.capabilities & CAP_REPLICAS)
 
     @property
     def failed(self) -> bool:
@@ -515,6 +534,30 @@ class MuxSession:
         self._queue(Ping(opaque))
         return opaque
 
+    def send_replicas(self, replicas: Replicas) -> None:
+        """
+        Queue a REPLICAS frame: the replica this session reached and the
+        whole replica set, replacing whatever was sent before (send one
+        whenever the set changes). Nothing is queued once the session
+        failed: the peer reads nothing after a fatal GOAWAY.
+
+        @raise MuxUsageError: this end is the initiator (only the tunnel
+            server announces replicas), or the capability is not
+            negotiated (L{replicas_negotiated}): a peer that did not offer
+            it would take the frame for a protocol error.
+        """
+        if self.initiator:
+            raise MuxUsageError("only the acceptor (the tunnel server) sends REPLICAS")
+        if not self.replicas_negotiated:
+            if self.peer_settings is None:
+                raise MuxUsageError("cannot send REPLICAS before the peer's HELLO arrived")
+            raise MuxUsageError("cannot send REPLICAS: not both HELLOs offer the capability")
+        if not isinstance(replicas, Replicas):
+            raise MuxUsageError(f"not a Replicas value: {replicas!r}")
+        if self._failed:
+            return
+        self._queue(replicas)
+
     def go_away(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """
         Queue GOAWAY. A graceful code (NO_ERROR, GOING_AWAY) starts a drain:
@@ -732,6 +775,8 @@ class MuxSession:
             self._on_goaway(frame, events)
         elif isinstance(frame, Services):
             self._on_services(frame, events)
+        elif isinstance(frame, Replicas):
+            self._on_replicas(frame, events)
         elif isinstance(frame, Hello):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HELLO")
 
@@ -751,6 +796,19 @@ class MuxSession:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"SERVICES service {name}: {e}") from None
         self.peer_services = MappingProxyType(services)
         events.append(ev.ServicesAnnounced(self.peer_services))
+
+    def _on_replicas(self, frame: Replicas, events: list[ev.Event]) -> None:
+        # The frame's contents were checked by the decoder (a Replicas value
+        # is valid by construction); what is left are the session's rules.
+        if not self.replicas_negotiated:
+            # What a peer that predates the frame does with it (an unknown type).
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "REPLICAS frame without the capability in both HELLOs")
+        if not self.initiator:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, "REPLICAS frame from the initiator (only the tunnel server sends them)"
+            )
+        self.peer_replicas = frame
+        events.append(ev.ReplicasAnnounced(frame))
 
     def _check_not_idle(self, frame: Frame) -> None:
         # A frame for a closed stream is normal (it crossed our RESET); one for

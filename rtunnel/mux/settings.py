@@ -20,8 +20,12 @@ MAX_STREAMS = 2**31 - 1
 #: HELLO capability bit: this end understands SERVICES frames (named
 #: services, docs/protocol.md). Sent in the HELLO field older ends ignore.
 CAP_SERVICES = 0x0001
+#: HELLO capability bit: this end understands REPLICAS frames (the tunnel
+#: server's replica set, docs/protocol.md). A server sends them only to a
+#: site that offers it; a site that does not keeps its one session.
+CAP_REPLICAS = 0x0002
 #: Every capability this implementation offers.
-ALL_CAPABILITIES = CAP_SERVICES
+ALL_CAPABILITIES = CAP_SERVICES | CAP_REPLICAS
 
 
 def _in_range(low: int, high: int):  # type: ignore[no-untyped-def]
