@@ -24,7 +24,7 @@ from rtunnel.identity import migrations
 from rtunnel.identity.errors import StateError
 from rtunnel.identity.migrations import SCHEMA_VERSION
 from rtunnel.identity.state import ServerState
-from rtunnel.identity.store import StateStore
+from rtunnel.identity.store import ForwardState, StateStore
 from rtunnel.services import ServerConfig
 from tests.helpers_identity import NOW, TestCase
 from tests.pg_support import cluster
@@ -34,6 +34,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 V020 = FIXTURES / "state-0.2.0.sql"
 #: a version-1 database with the forward and service tables added when missing (after 0.2.0)
 V1_FORWARDS = FIXTURES / "state-v1-forwards.sql"
+#: a version-2 database (before replicas): forward states without a replica id
+V2 = FIXTURES / "state-v2.sql"
 
 
 def _load(fixture: Path, path: Path) -> None:
@@ -98,7 +100,17 @@ class SQLiteMigrationTests(TestCase):
         self.assertIsNone(again.upgraded_from)
         self.assertEqual(
             {name for name, _ in _schema(self.path)},
-            {"meta", "sites", "tokens", "tokens_by_site", "forwards", "forward_states", "site_services"},
+            {
+                "meta",
+                "sites",
+                "tokens",
+                "tokens_by_site",
+                "forwards",
+                "forward_states",
+                "site_services",
+                "replicas",
+                "site_sessions",
+            },
         )
 
     def test_from_0_2_0(self) -> None:
@@ -141,6 +153,38 @@ class SQLiteMigrationTests(TestCase):
             {"alpha": {"ssh": "localhost:22"}},
         )
         self.assertEqual(store.forwards_version(), 1)
+
+    def test_from_version_2(self) -> None:
+        """
+        A version-2 database (a server before replicas ran on it and
+        stopped) is upgraded in place: its sites, tokens, forwards and
+        forward states kept (the states as the old server's, replica id
+        ''), the replica tables there, the same schema as from empty.
+        """
+        _load(V2, self.path)
+        store = self.open()
+        self.assertEqual(store.upgraded_from, 2)
+        self.assertEqual(store.get_meta("schema_version"), str(SCHEMA_VERSION))
+        sites = {record.name: record for record in store.list_sites()}
+        self.assertEqual(sorted(sites), ["alpha", "beta", "gamma"])
+        self.assertEqual(
+            (sites["alpha"].connected, sites["alpha"].peer, sites["alpha"].sessions), (False, "192.0.2.10:40000", ())
+        )
+        self.assertTrue(sites["beta"].revoked)
+        self.assertFalse(sites["gamma"].enrolled)
+        [forward] = store.stored_forwards()
+        self.assertEqual(forward.spec, "127.0.0.1:9000:alpha:localhost:22")
+        query = "SELECT port, source, replica_id, state FROM forward_states ORDER BY port"
+        states = store._db.execute(query).fetchall()
+        self.assertEqual(
+            [tuple(r) for r in states],
+            [(9000, "database", "", "listening"), (9100, "command line", "", "listening")],
+        )
+        self.assertEqual([(f.port, f.state) for f in store.list_forwards()], [(9000, "not running")])
+        self.assertEqual(store.live_replicas(NOW), [])
+        fresh = self.directory / "fresh.sqlite3"
+        StateStore(fresh).close()
+        self.assertEqual(_schema(self.path), _schema(fresh))
 
     def test_newer_version_refused(self) -> None:
         """A database of a newer rtunnel is refused with the store's message, and left as it was."""
@@ -234,6 +278,34 @@ class PostgreSQLMigrationTests(TestCase):
         store.check_site("alpha", "ab")
         self.assertEqual(store.stored_forwards(), [])
         self.assertEqual(store.changes_token(), (0, 0))
+
+    def test_from_version_2(self) -> None:
+        """
+        A database at version 2 with a forward state is upgraded in place:
+        the state kept as the old server's (replica id ''), each replica's
+        state of the same forward a row of its own.
+        """
+        self.pg.execute(
+            [
+                *migrations.POSTGRESQL[0].statements,
+                *migrations.POSTGRESQL[1].statements,
+                "INSERT INTO meta (key, value) VALUES ('schema_version', '2')",
+                "INSERT INTO forward_states (bind, port, source, site, host, hostport, state, updated_at) "
+                "VALUES ('127.0.0.1', 9000, 'database', 'alpha', 'h', 22, 'listening', "
+                "'2026-12-05T12:00:00.000000+00:00')",
+            ],
+            self.name,
+        )
+        store = StateStore(self.url)
+        self.addCleanup(store.close)
+        self.assertEqual(store.upgraded_from, 2)
+        store.replica_started("a", "", 1, "h", NOW)
+        store.record_forward_states(
+            [ForwardState("127.0.0.1", 9000, "alpha", "h", 22, "database", "failed: x")], NOW, replica_id="a"
+        )
+        rows = store._db.execute("SELECT replica_id, state FROM forward_states ORDER BY replica_id").fetchall()
+        self.assertEqual([tuple(r) for r in rows], [("", "listening"), ("a", "failed: x")])
+        self.assertEqual(store.live_replicas(NOW)[0].replica_id, "a")
 
     def test_newer_version_refused(self) -> None:
         StateStore(self.url).close()

@@ -109,9 +109,62 @@ _FORWARDS_AND_SERVICES = (
     "INSERT INTO meta (key, value) VALUES ('admission_version', '0') ON CONFLICT (key) DO NOTHING",
 )
 
+# Version 3: server replicas sharing one database (issue 13). Each replica
+# records itself with a heartbeat; a site's sessions are recorded per
+# replica, and so are the forwards' states (replica_id joins their key: every
+# replica listens on every forward). The states an older server recorded keep
+# replica id '' (that server's).
+_REPLICAS = (
+    """CREATE TABLE IF NOT EXISTS replicas (
+    replica_id TEXT PRIMARY KEY,
+    advertise TEXT NOT NULL DEFAULT '',
+    pid INTEGER,
+    host TEXT,
+    started_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS site_sessions (
+    site TEXT NOT NULL,
+    replica_id TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    since TEXT NOT NULL,
+    PRIMARY KEY (site, replica_id)
+)""",
+)
+
+# SQLite cannot change a table's primary key in place: the table is made
+# anew under another name, filled, and renamed.
+_SQLITE_FORWARD_STATES_PER_REPLICA = (
+    """CREATE TABLE forward_states_v3 (
+    bind TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    site TEXT NOT NULL,
+    host TEXT NOT NULL,
+    hostport INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    replica_id TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (bind, port, source, replica_id)
+)""",
+    "INSERT INTO forward_states_v3 (bind, port, source, site, host, hostport, state, updated_at) "
+    "SELECT bind, port, source, site, host, hostport, state, updated_at FROM forward_states",
+    "DROP TABLE forward_states",
+    "ALTER TABLE forward_states_v3 RENAME TO forward_states",
+)
+
+_POSTGRESQL_FORWARD_STATES_PER_REPLICA = (
+    "ALTER TABLE forward_states ADD COLUMN replica_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE forward_states DROP CONSTRAINT forward_states_pkey",
+    "ALTER TABLE forward_states ADD PRIMARY KEY (bind, port, source, replica_id)",
+)
+
+_REPLICAS_WHY = "server replicas, site sessions per replica, forward states per replica"
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "tokens, sites and metadata", _BASE),
     Migration(2, "live forwards, announced services, admission counter", _FORWARDS_AND_SERVICES),
+    Migration(3, _REPLICAS_WHY, (*_REPLICAS, *_SQLITE_FORWARD_STATES_PER_REPLICA)),
 )
 
 # The same DDL reads right on PostgreSQL today (TEXT timestamps as ISO 8601,
@@ -120,10 +173,11 @@ SQLITE: tuple[Migration, ...] = (
 POSTGRESQL: tuple[Migration, ...] = (
     Migration(1, "tokens, sites and metadata", tuple(_BASE)),
     Migration(2, "live forwards, announced services, admission counter", tuple(_FORWARDS_AND_SERVICES)),
+    Migration(3, _REPLICAS_WHY, (*_REPLICAS, *_POSTGRESQL_FORWARD_STATES_PER_REPLICA)),
 )
 
 #: The schema version this rtunnel writes: the last migration of every dialect.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 for _dialect in (SQLITE, POSTGRESQL):
     assert [m.version for m in _dialect] == list(range(1, SCHEMA_VERSION + 1)), "migrations must be numbered 1..N"

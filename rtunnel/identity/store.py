@@ -64,11 +64,15 @@ from rtunnel.identity.migrations import SCHEMA_VERSION, migrations_for
 from rtunnel.logs import Logger
 
 __all__ = [
+    "HEARTBEAT_INTERVAL",
+    "REPLICA_TIMEOUT",
     "SCHEMA_VERSION",
     "AdmissionSnapshot",
     "ForwardConflict",
     "ForwardRecord",
     "ForwardState",
+    "ReplicaRecord",
+    "SessionRecord",
     "SiteAdmission",
     "SiteRecord",
     "StateStore",
@@ -79,7 +83,7 @@ __all__ = [
 ]
 
 #: The tables every state database has once migrated.
-_TABLES = {"meta", "sites", "tokens", "forwards", "forward_states", "site_services"}
+_TABLES = {"meta", "sites", "tokens", "forwards", "forward_states", "site_services", "replicas", "site_sessions"}
 #: The key of PostgreSQL's advisory lock that every write transaction takes
 #: first (SQLite's BEGIN IMMEDIATE): writers queue instead of racing, as on
 #: SQLite; "rtun" in ASCII.
@@ -88,6 +92,15 @@ _ADMISSION_VERSION = "admission_version"
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 _log = Logger(namespace="rtunnel.identity.store")
+
+#: Seconds between a replica's heartbeats (L{StateStore.replica_heartbeat}).
+HEARTBEAT_INTERVAL = 1.0
+#: Seconds without a heartbeat after which a replica is taken for dead: its
+#: sessions no longer count and the next L{StateStore.expire_replicas} deletes
+#: it. Six missed heartbeats: a replica is not dropped for one slow write or a
+#: database that paused a few seconds, and a dead one is gone well within the
+#: time a site takes to redial.
+REPLICA_TIMEOUT = 6.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,6 +137,39 @@ def _human(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@frozen
+class ReplicaRecord:
+    """
+    One tunnel server replica as the database records it.
+
+    @ivar advertise: C{HOST:PORT} sites may dial to reach this replica
+        itself, or C{""}: it is reached only through the shared address.
+    @ivar pid: its process id (C{None} when another replica's heartbeat
+        re-created the row without it).
+    @ivar host: the host name it runs on (likewise).
+    """
+
+    replica_id: str
+    advertise: str
+    pid: int | None
+    host: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@frozen
+class SessionRecord:
+    """One session of a site, with one replica."""
+
+    replica_id: str
+    peer: str
+    since: datetime
+
+
 @frozen
 class SiteRecord:
     """
@@ -132,12 +178,14 @@ class SiteRecord:
     A site appears once a token was created for it; C{enrolled_at} stays
     C{None} until a token is redeemed.
 
-    @ivar connected: whether a tunnel from this site is up now, as recorded
-        by a tunnel server that is still running.
+    @ivar connected: whether a tunnel from this site is up now: it has a
+        session with a live replica (or, recorded by a server older than
+        replicas, that server is still running).
     @ivar peer: the site's address (C{host:port}) on its current or last
-        connection.
+        connection (while connected, its oldest live session's).
     @ivar token_expires: expiry of the newest outstanding (unspent, not
         withdrawn) token, or C{None}.
+    @ivar sessions: its sessions with live replicas, by replica id.
     """
 
     name: str
@@ -149,6 +197,7 @@ class SiteRecord:
     last_seen: datetime | None = None
     certificate_fingerprint: str | None = None
     token_expires: datetime | None = None
+    sessions: tuple[SessionRecord, ...] = ()
 
     @property
     def enrolled(self) -> bool:
@@ -286,6 +335,7 @@ class StateStore:
         create: bool = True,
         busy_timeout: float = 5.0,
         process_alive: Callable[[int], bool] = pid_alive,
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         """
         Open (and with C{create}, create and initialize) a state database,
@@ -297,7 +347,10 @@ class StateStore:
         @param busy_timeout: seconds to wait for another process's write
             transaction before failing (SQLite).
         @param process_alive: tells whether a process id is running; used to
-            ignore the connection flags of a tunnel server that died.
+            ignore the connection flags of a tunnel server that died (one
+            older than replicas: a replica's liveness is its heartbeat).
+        @param clock: the current time, for the listings that tell live
+            replicas from dead ones when not given a time.
 
         @raise StateError: if the file is missing (without C{create}), not
             SQLite, not an rtunnel database, or of a newer schema version;
@@ -307,6 +360,10 @@ class StateStore:
         self.dialect = "sqlite"
         self.upgraded_from: int | None = None
         self._process_alive = process_alive
+        self._clock = clock
+        #: what this connection recorded for each replica it runs, kept to
+        #: restore it whole (L{replica_heartbeat})
+        self._replicas: dict[str, _OwnReplica] = {}
         #: what _guard turns into StateError besides sqlite3's errors
         self._foreign_errors: tuple[type[Exception], ...] = ()
         #: admission changes committed through this connection (enrollments,
@@ -851,7 +908,11 @@ class StateStore:
         changed, self._own_changed_sites = frozenset(self._own_changed_sites), set()
         return changed
 
-    # -- connection status ------------------------------------------------
+    # -- connection status of a server older than replicas ----------------
+    #
+    # Kept for one release, until the tunnel server records its sessions per
+    # replica (L{session_opened}); a site counts as connected by these flags
+    # only while the process that recorded its start runs.
 
     def record_server_start(self, pid: int, now: datetime) -> None:
         """
@@ -914,19 +975,223 @@ class StateStore:
                     (_ts(now), site, session),
                 )
 
+    # -- replicas and their sessions (issue 13) ---------------------------
+
+    def replica_started(self, replica_id: str, advertise: str, pid: int, host: str, now: datetime) -> None:
+        """
+        Record that replica C{replica_id} (re)started: its row, heartbeat
+        C{now}; the sessions and forward states an earlier run of the same id
+        left are deleted (that run's sessions ended with its process).
+        """
+        _check_replica_id(replica_id)
+        own = self._replicas[replica_id] = _OwnReplica(pid, host, _ts(now))
+        with self._transaction() as db:
+            old = db.execute("SELECT heartbeat_at FROM replicas WHERE replica_id = ?", (replica_id,)).fetchone()
+            db.execute(
+                "INSERT INTO replicas (replica_id, advertise, pid, host, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET advertise = excluded.advertise, "
+                "pid = excluded.pid, host = excluded.host, started_at = excluded.started_at, "
+                "heartbeat_at = excluded.heartbeat_at",
+                (replica_id, advertise, pid, host, own.started_at, own.started_at),
+            )
+            _drop_replica_rows(db, replica_id, own.started_at if old is None else old["heartbeat_at"])
+
+    def replica_heartbeat(self, replica_id: str, advertise: str, now: datetime) -> None:
+        """
+        Record that replica C{replica_id} is alive at C{now}.
+
+        A replica whose heartbeats were late (a stalled process, a database
+        out of reach) may have been expired by another meanwhile, its
+        sessions and forward states deleted with its row: its row is then
+        made again, and what this connection recorded for it (its sessions,
+        its forwards' states) written back, as after any of its writes that
+        failed. The replica itself need not know.
+        """
+        _check_replica_id(replica_id)
+        own = self._replicas.get(replica_id)
+        stamp = _ts(now)
+        with self._transaction() as db:
+            found = db.execute(
+                "UPDATE replicas SET heartbeat_at = ?, advertise = ? WHERE replica_id = ?",
+                (stamp, advertise, replica_id),
+            ).rowcount
+            if not found:
+                db.execute(
+                    "INSERT INTO replicas (replica_id, advertise, pid, host, started_at, heartbeat_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        replica_id,
+                        advertise,
+                        None if own is None else own.pid,
+                        None if own is None else own.host,
+                        stamp if own is None else own.started_at,
+                        stamp,
+                    ),
+                )
+            restore = own is not None and (own.stale or not found)
+            if restore:
+                assert own is not None
+                _drop_replica_rows(db, replica_id, stamp)
+                for site, (peer, since) in sorted(own.sessions.items()):
+                    _put_session(db, site, replica_id, peer, since)
+                    db.execute("UPDATE sites SET connected = 1 WHERE name = ?", (site,))
+                for _, (state, updated_at) in sorted(own.forward_states.items()):
+                    _put_states(db, [state], updated_at, replica_id)
+        if own is not None:
+            if restore:
+                _log.info(
+                    "state database: recorded replica {replica}'s {count} sessions again",
+                    replica=replica_id,
+                    count=len(own.sessions),
+                )
+            own.stale = False
+
+    def replica_stopped(self, replica_id: str, now: datetime | None = None) -> None:
+        """
+        Record a clean stop of replica C{replica_id}: its row, sessions and
+        forward states are deleted (its sites are last seen C{now}).
+        """
+        stamp = _ts(self._clock() if now is None else now)
+        with self._transaction() as db:
+            db.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+            _drop_replica_rows(db, replica_id, stamp)
+        self._replicas.pop(replica_id, None)
+
+    def expire_replicas(self, now: datetime, timeout: float = REPLICA_TIMEOUT) -> list[str]:
+        """
+        Delete the replicas whose last heartbeat is more than C{timeout}
+        seconds before C{now}, with their sessions and forward states (their
+        sites last seen at that heartbeat).
+
+        @return: the ids of the replicas deleted, sorted.
+        """
+        cutoff = now - timedelta(seconds=timeout)
+        with self._transaction() as db:
+            rows = db.execute("SELECT replica_id, heartbeat_at FROM replicas ORDER BY replica_id").fetchall()
+            expired = [(r["replica_id"], r["heartbeat_at"]) for r in rows if _replica_time(r["heartbeat_at"]) < cutoff]
+            for replica_id, heartbeat_at in expired:
+                db.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+                _drop_replica_rows(db, replica_id, heartbeat_at)
+        return [replica_id for replica_id, _ in expired]
+
+    def live_replicas(self, now: datetime, timeout: float = REPLICA_TIMEOUT) -> list[ReplicaRecord]:
+        """The replicas that sent a heartbeat within C{timeout} seconds before C{now}, by id."""
+        cutoff = now - timedelta(seconds=timeout)
+        with self._guard():
+            rows = self._db.execute("SELECT * FROM replicas ORDER BY replica_id").fetchall()
+        records = [
+            ReplicaRecord(
+                replica_id=r["replica_id"],
+                advertise=r["advertise"],
+                pid=None if r["pid"] is None else int(r["pid"]),
+                host=r["host"],
+                started_at=_replica_time(r["started_at"]),
+                heartbeat_at=_replica_time(r["heartbeat_at"]),
+            )
+            for r in rows
+        ]
+        return [r for r in records if r.heartbeat_at >= cutoff]
+
+    def session_opened(self, site: str, replica_id: str, peer: str, now: datetime) -> None:
+        """
+        Record that C{site} opened a session with replica C{replica_id} from
+        C{peer}: its session with that replica (replacing an earlier one),
+        and the site's connection columns as they always were (connected,
+        peer, since, last seen).
+
+        @raise SiteNotFound: if the site is not known.
+        """
+        _check_replica_id(replica_id)
+        own = self._replicas.get(replica_id)
+        stamp = _ts(now)
+        if own is not None:
+            own.sessions[site] = (peer, stamp)
+        try:
+            with self._transaction() as db:
+                cursor = db.execute(
+                    "UPDATE sites SET connected = 1, session = session + 1, peer = ?, "
+                    "connected_since = ?, last_seen = ? WHERE name = ?",
+                    (peer, stamp, stamp, site),
+                )
+                if cursor.rowcount != 1:
+                    raise SiteNotFound(f"no site named {site!r} is known to this server")
+                _put_session(db, site, replica_id, peer, stamp)
+        except SiteNotFound:
+            if own is not None:
+                own.sessions.pop(site, None)
+            raise
+        except StateError:
+            if own is not None:
+                own.stale = True
+            raise
+
+    def session_closed(self, site: str, replica_id: str, now: datetime) -> None:
+        """
+        Record that C{site}'s session with replica C{replica_id} ended: the
+        site was last seen C{now}, and stays connected while it has a
+        session with another replica.
+        """
+        own = self._replicas.get(replica_id)
+        if own is not None:
+            own.sessions.pop(site, None)
+        try:
+            with self._transaction() as db:
+                db.execute("DELETE FROM site_sessions WHERE site = ? AND replica_id = ?", (site, replica_id))
+                db.execute(
+                    "UPDATE sites SET last_seen = ?, connected = CASE WHEN EXISTS "
+                    "(SELECT 1 FROM site_sessions s WHERE s.site = ?) THEN 1 ELSE 0 END WHERE name = ?",
+                    (_ts(now), site, site),
+                )
+        except StateError:
+            if own is not None:
+                own.stale = True
+            raise
+
+    def list_sessions(self, now: datetime) -> dict[str, tuple[SessionRecord, ...]]:
+        """Every site's sessions with the replicas live at C{now}, by site, each by replica id."""
+        return self._live_sessions(self._live_ids(now))
+
+    def _live_ids(self, now: datetime | None = None) -> frozenset[str]:
+        """
+        The ids of the replicas live at C{now} (default: the clock's), and
+        C{""} when a server older than replicas recorded its start and still
+        runs (its forward states carry that id).
+        """
+        moment = self._clock() if now is None else now
+        ids = {r.replica_id for r in self.live_replicas(moment)}
+        if self._legacy_server_alive():
+            ids.add("")
+        return frozenset(ids)
+
     # -- listing ----------------------------------------------------------
 
-    def _server_alive(self) -> bool:
+    def _legacy_server_alive(self) -> bool:
+        """Whether a server older than replicas recorded its start (L{record_server_start}) and runs."""
         pid = self.get_meta("server_pid")
         return pid is not None and pid.isdigit() and self._process_alive(int(pid))
 
-    def list_sites(self) -> list[SiteRecord]:
+    def _live_sessions(self, live: frozenset[str], site: str | None = None) -> dict[str, tuple[SessionRecord, ...]]:
+        with self._guard():
+            if site is None:
+                rows = self._db.execute("SELECT * FROM site_sessions ORDER BY site, replica_id").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM site_sessions WHERE site = ? ORDER BY replica_id", (site,)
+                ).fetchall()
+        found: dict[str, list[SessionRecord]] = {}
+        for r in rows:
+            if r["replica_id"] in live:
+                found.setdefault(r["site"], []).append(_session(r))
+        return {name: tuple(sessions) for name, sessions in found.items()}
+
+    def list_sites(self, now: datetime | None = None) -> list[SiteRecord]:
         """
         All known sites (enrolled, revoked, or with a token outstanding),
-        sorted by name.  C{connected} is C{False} for every site if the
-        recorded tunnel server process is not running.
+        sorted by name, with their sessions with the replicas live at
+        C{now} (default: the clock's). A site is connected while it has one.
         """
-        alive = self._server_alive()
+        live = self._live_ids(now)
+        sessions = self._live_sessions(live)
         with self._guard():
             rows = self._db.execute(
                 """
@@ -941,14 +1206,15 @@ class StateStore:
                 ORDER BY n.name
                 """
             ).fetchall()
-        return [self._record(r, alive) for r in rows]
+        return [self._record(r, "" in live, sessions.get(r["name"], ())) for r in rows]
 
-    def site(self, name: str) -> SiteRecord | None:
+    def site(self, name: str, now: datetime | None = None) -> SiteRecord | None:
         """
-        The record of one site, or C{None} if it is not known. One indexed
-        lookup, whatever the number of sites.
+        The record of one site, or C{None} if it is not known. Indexed
+        lookups, whatever the number of sites.
         """
-        alive = self._server_alive()
+        live = self._live_ids(now)
+        sessions = self._live_sessions(live, name)
         with self._guard():
             row = self._db.execute(
                 """
@@ -966,20 +1232,27 @@ class StateStore:
             ).fetchone()
         if row is None or not row["known"]:
             return None
-        return self._record(row, alive)
+        return self._record(row, "" in live, sessions.get(name, ()))
 
     @staticmethod
-    def _record(row: Any, alive: bool) -> SiteRecord:
+    def _record(row: Any, legacy_alive: bool, sessions: tuple[SessionRecord, ...]) -> SiteRecord:
+        """
+        A site's record from its row and its live sessions: while it has
+        any, its peer and time of connection are its oldest session's (the
+        row holds the newest, which may have ended since).
+        """
+        oldest = min(sessions, key=lambda s: s.since) if sessions else None
         return SiteRecord(
             name=row["name"],
             enrolled_at=_dt(row["enrolled_at"]),
             revoked_at=_dt(row["revoked_at"]),
-            connected=bool(alive and row["connected"]),
-            peer=row["peer"],
-            connected_since=_dt(row["connected_since"]),
+            connected=oldest is not None or bool(legacy_alive and row["connected"]),
+            peer=row["peer"] if oldest is None else oldest.peer,
+            connected_since=_dt(row["connected_since"]) if oldest is None else oldest.since,
             last_seen=_dt(row["last_seen"]),
             certificate_fingerprint=row["certificate_fingerprint"],
             token_expires=_dt(row["token_expires"]),
+            sessions=sessions,
         )
 
     # -- named services (issue 11) ----------------------------------------
@@ -1015,10 +1288,10 @@ class StateStore:
         """
         Store a forward for the tunnel server to listen on.
 
-        @raise ForwardConflict: if a stored forward, or the running server's
+        @raise ForwardConflict: if a stored forward, or a running replica's
             command-line forward, is on the same BIND:PORT already.
         """
-        alive = self._server_alive()
+        live = self._live_ids(now)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT * FROM forwards WHERE bind = ? AND port = ? AND removed = 0", record.key
@@ -1029,19 +1302,15 @@ class StateStore:
                     f"a forward on {_join(record.bind, record.port)} is stored already: {existing.spec} "
                     f"(remove it first with 'rtunnel forwards remove {_join(record.bind, record.port)}')"
                 )
-            if alive:
-                theirs = db.execute(
-                    "SELECT * FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
-                    (*record.key, SOURCE_COMMAND_LINE),
-                ).fetchone()
-                if theirs is not None:
-                    other = forward_spec_text(
-                        theirs["bind"], theirs["port"], theirs["site"], theirs["host"], theirs["hostport"]
-                    )
-                    raise ForwardConflict(
-                        f"forward {record.spec} conflicts with the running server's command-line forward "
-                        f"--forward {other}: both are on {_join(record.bind, record.port)}"
-                    )
+            theirs = _command_line_state(db, record.bind, record.port, live)
+            if theirs is not None:
+                other = forward_spec_text(
+                    theirs["bind"], theirs["port"], theirs["site"], theirs["host"], theirs["hostport"]
+                )
+                raise ForwardConflict(
+                    f"forward {record.spec} conflicts with the running server's command-line forward "
+                    f"--forward {other}: both are on {_join(record.bind, record.port)}"
+                )
             db.execute(
                 "INSERT INTO forwards (bind, port, site, host, hostport, added_at) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (bind, port) DO UPDATE SET site = excluded.site, host = excluded.host, "
@@ -1056,23 +1325,20 @@ class StateStore:
         Remove a stored forward: with a running server, mark it for the server
         to close (and with C{cut}, to close its connections), else delete it.
 
+        With replicas, "a running server" is any live replica; each closes
+        the forward, and the row goes once the last has (L{forget_removed_forwards}).
+
         @raise ForwardConflict: if no stored forward is on BIND:PORT (naming
-            the command-line forward there, if the running server has one).
+            the command-line forward there, if a running replica has one).
         """
-        alive = self._server_alive()
+        live = self._live_ids()
+        alive = bool(live)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT * FROM forwards WHERE bind = ? AND port = ? AND removed = 0", (bind, port)
             ).fetchone()
             if row is None:
-                theirs = (
-                    db.execute(
-                        "SELECT * FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
-                        (bind, port, SOURCE_COMMAND_LINE),
-                    ).fetchone()
-                    if alive
-                    else None
-                )
+                theirs = _command_line_state(db, bind, port, live)
                 if theirs is not None:
                     other = forward_spec_text(
                         theirs["bind"], theirs["port"], theirs["site"], theirs["host"], theirs["hostport"]
@@ -1106,13 +1372,29 @@ class StateStore:
             rows = self._db.execute("SELECT * FROM forwards ORDER BY bind, port").fetchall()
         return [_forward_record(r) for r in rows]
 
-    def forget_removed_forwards(self, keys: Sequence[tuple[str, int]]) -> None:
+    def forget_removed_forwards(self, keys: Sequence[tuple[str, int]], replica_id: str = "") -> None:
         """
-        Delete the removed forwards the server has closed, and their states (a
-        forward added again on the same port meanwhile is kept).
+        Replica C{replica_id} closed these removed forwards: its states of
+        them go, and each row with the last state a live replica recorded
+        of it (a forward added again on the same port meanwhile is kept).
+        Without a replica id (one server), the rows and their states go at
+        once.
         """
+        live = self._live_ids() if replica_id else frozenset()
+        own = self._replicas.get(replica_id) if replica_id else None
         with self._transaction() as db:
             for bind, port in keys:
+                if replica_id:
+                    db.execute(
+                        "DELETE FROM forward_states WHERE bind = ? AND port = ? AND source = ? AND replica_id = ?",
+                        (bind, port, SOURCE_DATABASE, replica_id),
+                    )
+                    others = db.execute(
+                        "SELECT replica_id FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
+                        (bind, port, SOURCE_DATABASE),
+                    ).fetchall()
+                    if any(r["replica_id"] in live for r in others):
+                        continue  # another replica has still to close it
                 db.execute("DELETE FROM forwards WHERE bind = ? AND port = ? AND removed = 1", (bind, port))
                 gone = db.execute("SELECT 1 FROM forwards WHERE bind = ? AND port = ?", (bind, port)).fetchone() is None
                 if gone:
@@ -1120,36 +1402,65 @@ class StateStore:
                         "DELETE FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
                         (bind, port, SOURCE_DATABASE),
                     )
+        if own is not None:
+            for bind, port in keys:
+                own.forward_states.pop((bind, port, SOURCE_DATABASE), None)
 
-    def reset_forward_states(self, states: Sequence[ForwardState], now: datetime) -> None:
-        """Forget every recorded forward state (a new server run), then record C{states}."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM forward_states")
-            _put_states(db, states, now)
+    def reset_forward_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str = "") -> None:
+        """
+        Forget every forward state replica C{replica_id} recorded (a new
+        run), then record C{states} as its.
+        """
+        own = self._replicas.get(replica_id) if replica_id else None
+        if own is not None:
+            own.forward_states = {}
+        self._record_states(states, now, replica_id, reset=True)
 
-    def record_forward_states(self, states: Sequence[ForwardState], now: datetime) -> None:
-        """Record the running server's view of these forwards."""
-        with self._transaction() as db:
-            _put_states(db, states, now)
+    def record_forward_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str = "") -> None:
+        """Record replica C{replica_id}'s view of these forwards."""
+        self._record_states(states, now, replica_id, reset=False)
 
-    def list_forwards(self) -> list[ForwardState]:
+    def _record_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str, reset: bool) -> None:
+        own = self._replicas.get(replica_id) if replica_id else None
+        stamp = _ts(now)
+        if own is not None:
+            own.forward_states.update({(s.bind, s.port, s.source): (s, stamp) for s in states})
+        try:
+            with self._transaction() as db:
+                if reset:
+                    db.execute("DELETE FROM forward_states WHERE replica_id = ?", (replica_id,))
+                _put_states(db, states, stamp, replica_id)
+        except StateError:
+            if own is not None:
+                own.stale = True
+            raise
+
+    def list_forwards(self, now: datetime | None = None) -> list[ForwardState]:
         """
         Every forward for C{rtunnel forwards list}: the stored ones (not
-        removed) with the state the running server reported (L{STATE_PENDING}
-        until it did), and the running server's command-line ones. With no
-        server running, only the stored ones, each L{STATE_NOT_RUNNING}: a
-        state recorded by a server that is gone would be stale.
+        removed) with the state the live replicas reported (L{STATE_PENDING}
+        until one did), and the live replicas' command-line ones. With no
+        replica live at C{now} (default: the clock's), only the stored ones,
+        each L{STATE_NOT_RUNNING}: a state recorded by a server that is gone
+        would be stale.
+
+        Each forward has one state: the one every live replica that reported
+        it agrees on, else C{mixed: ID STATE, ...} by replica id.
         """
-        alive = self._server_alive()
+        live = self._live_ids(now)
         with self._guard():
-            stored = self._db.execute(
-                "SELECT f.*, s.state AS state FROM forwards f LEFT JOIN forward_states s "
-                "ON s.bind = f.bind AND s.port = f.port AND s.source = ? WHERE f.removed = 0",
-                (SOURCE_DATABASE,),
-            ).fetchall()
-            command_line = self._db.execute(
-                "SELECT * FROM forward_states WHERE source = ?", (SOURCE_COMMAND_LINE,)
-            ).fetchall()
+            stored = self._db.execute("SELECT * FROM forwards WHERE removed = 0").fetchall()
+            reported = self._db.execute("SELECT * FROM forward_states").fetchall()
+        database: dict[tuple[str, int], dict[str, str]] = {}
+        command_line: dict[tuple[str, int, str, str, int], dict[str, str]] = {}
+        for r in reported:
+            if r["replica_id"] not in live:
+                continue
+            if r["source"] == SOURCE_DATABASE:
+                database.setdefault((r["bind"], int(r["port"])), {})[r["replica_id"]] = r["state"]
+            elif r["source"] == SOURCE_COMMAND_LINE:
+                spec = (r["bind"], int(r["port"]), r["site"], r["host"], int(r["hostport"]))
+                command_line.setdefault(spec, {})[r["replica_id"]] = r["state"]
         result = [
             ForwardState(
                 bind=r["bind"],
@@ -1158,28 +1469,19 @@ class StateStore:
                 host=r["host"],
                 hostport=int(r["hostport"]),
                 source=SOURCE_DATABASE,
-                state=(r["state"] or STATE_PENDING) if alive else STATE_NOT_RUNNING,
+                state=_agreed_state(database.get((r["bind"], int(r["port"])), {})) if live else STATE_NOT_RUNNING,
             )
             for r in stored
         ]
-        if alive:
-            result += [
-                ForwardState(
-                    bind=r["bind"],
-                    port=int(r["port"]),
-                    site=r["site"],
-                    host=r["host"],
-                    hostport=int(r["hostport"]),
-                    source=SOURCE_COMMAND_LINE,
-                    state=r["state"],
-                )
-                for r in command_line
-            ]
-        return sorted(result, key=lambda f: (f.port, f.bind, f.source))
+        result += [
+            ForwardState(*spec, source=SOURCE_COMMAND_LINE, state=_agreed_state(states))
+            for spec, states in command_line.items()
+        ]
+        return sorted(result, key=lambda f: (f.port, f.bind, f.source, f.spec))
 
-    def server_running(self) -> bool:
-        """Whether the tunnel server that last recorded its start is running now."""
-        return self._server_alive()
+    def server_running(self, now: datetime | None = None) -> bool:
+        """Whether a tunnel server runs: a replica is live at C{now} (default: the clock's)."""
+        return bool(self._live_ids(now))
 
 
 # -- live forwards (issue 11) ---------------------------------------------
@@ -1432,12 +1734,95 @@ def database_location(database: str | None, state_dir: str) -> str:
     )
 
 
-def _put_states(db: _Connection, states: Sequence[ForwardState], now: datetime) -> None:
+def _put_states(db: _Connection, states: Sequence[ForwardState], stamp: str, replica_id: str) -> None:
     for s in states:
         db.execute(
-            "INSERT INTO forward_states (bind, port, source, site, host, hostport, state, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bind, port, source) DO UPDATE SET "
+            "INSERT INTO forward_states (bind, port, source, replica_id, site, host, hostport, state, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bind, port, source, replica_id) DO UPDATE SET "
             "site = excluded.site, host = excluded.host, hostport = excluded.hostport, "
             "state = excluded.state, updated_at = excluded.updated_at",
-            (s.bind, s.port, s.source, s.site, s.host, s.hostport, s.state, _ts(now)),
+            (s.bind, s.port, s.source, replica_id, s.site, s.host, s.hostport, s.state, stamp),
         )
+
+
+def _command_line_state(db: _Connection, bind: str, port: int, live: frozenset[str]) -> Any:
+    """A live replica's command-line forward on BIND:PORT (its state row), or C{None}."""
+    rows = db.execute(
+        "SELECT * FROM forward_states WHERE bind = ? AND port = ? AND source = ? ORDER BY replica_id",
+        (bind, port, SOURCE_COMMAND_LINE),
+    ).fetchall()
+    return next((r for r in rows if r["replica_id"] in live), None)
+
+
+def _agreed_state(states: Mapping[str, str]) -> str:
+    """
+    One forward's state from the live replicas' reports (by replica id):
+    theirs when they agree, L{STATE_PENDING} when none reported yet.
+    """
+    if not states:
+        return STATE_PENDING
+    if len(set(states.values())) == 1:
+        return next(iter(states.values()))
+    return "mixed: " + ", ".join(f"{replica} {state}" for replica, state in sorted(states.items()))
+
+
+# -- replicas (issue 13) ------------------------------------------------------
+
+
+class _OwnReplica:
+    """
+    What one connection recorded for a replica it runs (its sessions and
+    forwards' states), to write it back when the database lost it: another
+    replica expired this one while its heartbeats were late, or a write
+    failed (L{StateStore.replica_heartbeat}).
+
+    @ivar sessions: site -> (peer, since as stored).
+    @ivar forward_states: (bind, port, source) -> (state, updated at as stored).
+    @ivar stale: a write failed since the last heartbeat: the database may
+        miss some of the above.
+    """
+
+    def __init__(self, pid: int, host: str, started_at: str) -> None:
+        self.pid = pid
+        self.host = host
+        self.started_at = started_at
+        self.sessions: dict[str, tuple[str, str]] = {}
+        self.forward_states: dict[tuple[str, int, str], tuple[ForwardState, str]] = {}
+        self.stale = False
+
+
+def _check_replica_id(replica_id: str) -> None:
+    if not replica_id:
+        raise ValueError("a replica id must not be empty")
+
+
+def _replica_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(replica_id=row["replica_id"], peer=row["peer"], since=_replica_time(row["since"]))
+
+
+def _put_session(db: _Connection, site: str, replica_id: str, peer: str, since: str) -> None:
+    db.execute(
+        "INSERT INTO site_sessions (site, replica_id, peer, since) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (site, replica_id) DO UPDATE SET peer = excluded.peer, since = excluded.since",
+        (site, replica_id, peer, since),
+    )
+
+
+def _drop_replica_rows(db: _Connection, replica_id: str, last_seen: str) -> None:
+    """
+    Delete a replica's sessions and forward states, in the caller's
+    transaction; its sites left with no session are disconnected, last seen
+    C{last_seen}.
+    """
+    db.execute(
+        "UPDATE sites SET connected = 0, last_seen = ? "
+        "WHERE name IN (SELECT site FROM site_sessions WHERE replica_id = ?) "
+        "AND NOT EXISTS (SELECT 1 FROM site_sessions s WHERE s.site = sites.name AND s.replica_id != ?)",
+        (last_seen, replica_id, replica_id),
+    )
+    db.execute("DELETE FROM site_sessions WHERE replica_id = ?", (replica_id,))
+    db.execute("DELETE FROM forward_states WHERE replica_id = ?", (replica_id,))
