@@ -294,7 +294,7 @@ class SitesTests(_CLITestCase):
         status, out, _ = self.run_cli("sites", "list", "--state", str(self.state))
         self.assertEqual(status, 0)
         header, alpha, beta = out.splitlines()
-        self.assertEqual(header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"])
+        self.assertEqual(header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "REPLICAS", "CONNECTED"])
         self.assertTrue(alpha.startswith("alpha "))
         self.assertIn("2030-01-02 03:04:05 UTC", alpha)
         self.assertIn("yes, from 198.51.100.4:50000 since 2030-01-02 03:05:05 UTC", alpha)

@@ -106,7 +106,8 @@ class LiveSitesTests(_CLITestCase):
         self.assertEqual(fake.paths, ["/api/v1/sites"])
         header, alpha, beta = out.splitlines()
         self.assertEqual(
-            header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "STREAMS", "BYTES", "RTT", "CONNECTED"]
+            header.split(),
+            ["SITE", "ENROLLED", "REVOKED", "SERVICES", "STREAMS", "BYTES", "RTT", "REPLICAS", "CONNECTED"],
         )
         self.assertEqual(alpha.split()[6:9], ["3", "1.5K/5.0M", "12.3ms"])
         self.assertIn("yes, from 198.51.100.4:50000 since 2030-01-02 03:04:05 UTC", alpha)
@@ -133,7 +134,9 @@ class LiveSitesTests(_CLITestCase):
         """The table and --json fall back to the database and say why in one line on stderr."""
         status, out, err = self.run_cli("sites", "list", "--state", str(self.state))
         self.assertEqual(status, 0)
-        self.assertEqual(out.splitlines()[0].split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"])
+        self.assertEqual(
+            out.splitlines()[0].split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "REPLICAS", "CONNECTED"]
+        )
         self.assertEqual(err.count("\n"), 1, err)
         self.assertTrue(err.startswith("rtunnel: no live figures: "), err)
         self.assertIn(fragment, err)

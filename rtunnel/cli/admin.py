@@ -8,6 +8,7 @@ The C{rtunnel} admin command: keyfiles and sites of a tunnel server.
     rtunnel forwards add [BIND_ADDRESS:]PORT:SITE:HOST:HOSTPORT --state DIR
     rtunnel forwards remove [BIND_ADDRESS:]PORT --state DIR [--cut]
     rtunnel forwards list --state DIR [--json]
+    rtunnel replicas list --state DIR [--json]
     rtunnel database upgrade --state DIR
 
 Every command that takes C{--state DIR} also takes C{--database URL}, as the
@@ -48,7 +49,15 @@ from rtunnel.identity.keyfile import (
 )
 from rtunnel.identity.migrations import SCHEMA_VERSION
 from rtunnel.identity.state import ServerState
-from rtunnel.identity.store import ForwardRecord, ForwardState, SiteRecord, StateStore, database_location, is_postgresql
+from rtunnel.identity.store import (
+    ForwardRecord,
+    ForwardState,
+    ReplicaRecord,
+    SiteRecord,
+    StateStore,
+    database_location,
+    is_postgresql,
+)
 from rtunnel.observe.live import ADMIN_URL_KEY, LIVE_TIMEOUT, LiveUnavailable, fetch_sites, sites_url
 from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
 from rtunnel.roles.registry import format_services
@@ -193,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_arguments(revoke)
     revoke.set_defaults(run=_sites_revoke)
     _add_forward_commands(commands)
+    _add_replica_commands(commands)
     _add_proxy_user_commands(commands)
     _add_database_commands(commands)
     return parser
@@ -326,7 +336,13 @@ def _site_json(record: SiteRecord) -> dict[str, Any]:
         "last_seen": _iso(record.last_seen),
         "certificate_fingerprint": record.certificate_fingerprint,
         "token_expires": _iso(record.token_expires),
+        "sessions": [{"replica": s.replica_id, "peer": s.peer, "since": _iso(s.since)} for s in record.sessions],
     }
+
+
+def _replica_cell(record: SiteRecord) -> str:
+    """The REPLICAS cell: the ids of the replicas the site has a session with."""
+    return ",".join(s.replica_id for s in record.sessions) or "-"
 
 
 def _site_row(record: SiteRecord, now: datetime) -> list[str]:
@@ -391,7 +407,7 @@ def _live_cells(entry: Mapping[str, Any] | None) -> list[str]:
 def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     state = ServerState.open_existing(args.state, args.database)
     with contextlib.closing(state):
-        records = state.store.list_sites()
+        records = state.store.list_sites(args.clock)
         services = state.store.site_services()
         live, why = _live_sites(state) if records else ({}, None)
     if why is not None:
@@ -412,12 +428,14 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
         print("no sites yet (create a keyfile with 'rtunnel keyfile create')", file=out)
         return 0
     header = ["SITE", "ENROLLED", "REVOKED", "SERVICES"] + (["STREAMS", "BYTES", "RTT"] if live is not None else [])
+    header.append("REPLICAS")
     rows = [[*header, "CONNECTED"]]
     for r in records:
         row = _site_row(r, now)
         row.insert(3, format_services(services.get(r.name, {})) or "-")
         if live is not None:
             row[4:4] = _live_cells(live.get(r.name))
+        row.insert(len(header) - 1, _replica_cell(r))
         rows.append(row)
     padded = len(header)
     widths = [max(len(row[i]) for row in rows) for i in range(padded)]
@@ -601,6 +619,73 @@ def _forwards_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     return 0
 
 
+# -- replicas (issue 13) ------------------------------------------------------
+
+
+def _add_replica_commands(commands: Any) -> None:
+    replicas = commands.add_parser("replicas", help="the tunnel server replicas sharing the state database")
+    actions = replicas.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "list",
+        help="list the live replicas and their last heartbeat",
+        description=(
+            "List the tunnel server replicas that recorded a heartbeat in the state database within the "
+            "replica timeout: id, the address it advertises to sites, process id, host, when it started, "
+            "and how long ago its last heartbeat was."
+        ),
+    )
+    _add_state_arguments(listing)
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=_replicas_list)
+
+
+def _heartbeat_age(record: ReplicaRecord, now: datetime) -> float:
+    """Seconds since the replica's last heartbeat (never below zero: clocks of two hosts differ a little)."""
+    return max(0.0, (now - record.heartbeat_at).total_seconds())
+
+
+def _replica_json(record: ReplicaRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "replica": record.replica_id,
+        "advertise": record.advertise or None,
+        "pid": record.pid,
+        "host": record.host,
+        "started_at": _iso(record.started_at),
+        "heartbeat_at": _iso(record.heartbeat_at),
+        "heartbeat_age_seconds": round(_heartbeat_age(record, now), 3),
+    }
+
+
+def _replicas_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
+    state = ServerState.open_existing(args.state, args.database)
+    with contextlib.closing(state):
+        replicas = state.store.live_replicas(args.clock)
+    if args.json:
+        json.dump([_replica_json(r, args.clock) for r in replicas], out, indent=2)
+        out.write("\n")
+        return 0
+    if not replicas:
+        print("no tunnel server replica is running (none sent a heartbeat lately)", file=out)
+        return 0
+    rows = [["REPLICA", "ADVERTISE", "PID", "HOST", "STARTED", "LAST HEARTBEAT"]]
+    for r in replicas:
+        rows.append(
+            [
+                r.replica_id,
+                r.advertise or "-",
+                "-" if r.pid is None else str(r.pid),
+                r.host or "-",
+                _when(r.started_at),
+                f"{_heartbeat_age(r, args.clock):.1f}s ago",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(len(widths))] + [row[-1]]
+        print("  ".join(cells).rstrip(), file=out)
+    return 0
+
+
 def _add_proxy_user_commands(commands: Any) -> None:
     users = commands.add_parser("proxy-users", help="users of the front doors (--proxy-users FILE)")
     actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -692,8 +777,10 @@ def main(
         return e.status
     # Whole seconds: the keyfile states its expiry to the second, and the
     # server must agree with it exactly.
-    when = (datetime.now(UTC) if now is None else now).replace(microsecond=0)
+    exact = datetime.now(UTC) if now is None else now
+    when = exact.replace(microsecond=0)
     args.stderr = err  # for notes that are not errors (sites list without live figures)
+    args.clock = exact  # to the microsecond: how old a replica's heartbeat is, whether it is live
     try:
         status: int = args.run(args, when, out)
         return status
