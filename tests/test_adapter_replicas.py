@@ -124,6 +124,22 @@ class ObserverTests(SynchronousTestCase):
         mux.dataReceived(one_read(hello(), A))
         self.assertEqual(order, ["ready", ("early", A), ("late", A)])
 
+    def test_observer_closes_a_duplicate(self) -> None:
+        """
+        An observer may end the session it is told about (a site closing a
+        second session to a replica it already holds): the server sees
+        GOAWAY NO_ERROR with the reason, and the connection closes.
+        """
+        pair = Pair()
+        pair.site.add_replicas_observer(
+            lambda r: pair.site.terminate(ErrorCode.NO_ERROR, f"already connected to replica {r.own}")
+        )
+        pair.server.send_replicas(A)
+        pair.flush()
+        self.assertEqual(pair.seen, [A])
+        self.assertEqual(pair.server.peer_goaway, (ErrorCode.NO_ERROR, "already connected to replica a:7000"))
+        self.assertEqual((pair.site.state, pair.server.state), (TunnelState.CLOSED, TunnelState.CLOSED))
+
     def test_not_told_again(self) -> None:
         """An observer added after a REPLICAS is told only of later ones (peer_replicas has the last)."""
         pair = Pair()
