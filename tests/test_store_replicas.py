@@ -102,6 +102,20 @@ class HeartbeatTests(_ReplicaTestCase):
         assert alpha is not None
         self.assertEqual((alpha.connected, alpha.last_seen), (False, later(2)))
 
+    def test_a_replica_start_ends_the_single_server_record(self) -> None:
+        """
+        The connection flags of a server older than replicas count while its
+        recorded process runs, until a replica starts on the database.
+        """
+        self.alive.add(4242)
+        self.store.record_server_start(4242, NOW)
+        self.store.mark_connected("alpha", "192.0.2.9:40000", NOW)
+        self.assertEqual([s.name for s in self.other.list_sites() if s.connected], ["alpha"])
+        self.assertTrue(self.other.server_running())
+        _started(self.other, "a")
+        self.assertEqual([s.name for s in self.other.list_sites() if s.connected], [])
+        self.assertIsNone(self.store.get_meta("server_pid"))
+
     def test_replica_ids_are_not_empty(self) -> None:
         self.assertRaises(ValueError, self.store.replica_started, "", "", 1, "h", NOW)
         self.assertRaises(ValueError, self.store.replica_heartbeat, "", "", NOW)

@@ -995,6 +995,10 @@ class StateStore:
                 (replica_id, advertise, pid, host, own.started_at, own.started_at),
             )
             _drop_replica_rows(db, replica_id, own.started_at if old is None else old["heartbeat_at"])
+            # A server older than replicas cannot run on this schema: the
+            # pid such a server recorded is stale, and a process that took
+            # that pid over must not make its connection flags count.
+            db.execute("DELETE FROM meta WHERE key = 'server_pid'")
 
     def replica_heartbeat(self, replica_id: str, advertise: str, now: datetime) -> None:
         """
