@@ -346,7 +346,7 @@ class SitesListTests(_CLITestCase):
         status, out, _ = self.run_cli("sites", "list", "--state", str(self.state))
         self.assertEqual(status, 0)
         header, alpha, beta = out.splitlines()
-        self.assertEqual(header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"])
+        self.assertEqual(header.split(), ["SITE", "ENROLLED", "REVOKED", "SERVICES", "REPLICAS", "CONNECTED"])
         self.assertIn(" directory=10.0.0.5:389,web=127.0.0.1:8080 ", alpha)
         self.assertNotIn("=", beta)
         status, out, _ = self.run_cli("sites", "list", "--state", str(self.state), "--json")
