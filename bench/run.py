@@ -776,10 +776,12 @@ def main(argv: list[str] | None = None) -> int:
         default="direct,ssh,rtunnel",
         help="comma list of: direct, ssh (all ssh columns), ssh-aes128-gcm, ssh-chacha20, "
         "ssh-nodelay (aes128-gcm + TCP_NODELAY via an LD_PRELOAD shim; RTT and new "
-        "connections only, LAN only), rtunnel (with rtunnel-socks and rtunnel-admin), rtunnel-socks (through "
-        "the SOCKS5 front door by name: RTT and new connections only, LAN only), rtunnel-admin (the cost of "
-        "metrics: rtunnel-admin-off with --admin none and rtunnel-admin-scraped with /metrics fetched every "
-        "second; bulk throughput, CPU per GB and idle RSS only, LAN only)",
+        "connections only, LAN only), rtunnel (with rtunnel-socks, rtunnel-admin and "
+        "rtunnel-workers), rtunnel-socks (through the SOCKS5 front door by name: RTT and new "
+        "connections only, LAN only), rtunnel-admin (the cost of metrics: rtunnel-admin-off "
+        "with --admin none and rtunnel-admin-scraped with /metrics fetched every second; bulk "
+        "throughput, CPU per GB and idle RSS only, LAN only), rtunnel-workers (the server with "
+        "--workers 2 beside the rtunnel column's one process; LAN only)",
     )
     ap.add_argument("--reps", type=int, help="repetitions (default: full 5, quick 2)")
     ap.add_argument("--no-wan", action="store_true", help="skip the 50 ms WAN phase")
@@ -802,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         "rtunnel",
         "rtunnel-socks",
         "rtunnel-admin",
+        "rtunnel-workers",
     }
     if set(selection) - known:
         ap.error(f"unknown --only names: {sorted(set(selection) - known)}")

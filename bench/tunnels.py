@@ -718,6 +718,8 @@ class RtunnelTunnel(Tunnel):
     key, label, family = "rtunnel", "rtunnel", "rtunnel"
     #: "default" (on, not scraped), "off" (--admin none) or "scraped"
     admin = "default"
+    #: ``--workers N`` on the server (RtunnelWorkersTunnel)
+    workers = 1
     #: also serve the SOCKS5 front door, and measure through it (RtunnelSocksTunnel)
     socks = False
     # Windows start at 256 KiB and grow by bandwidth-delay probing up to
@@ -789,6 +791,7 @@ class RtunnelTunnel(Tunnel):
                 f"127.0.0.1:{fwd_port}:{SITE_NAME}:127.0.0.1:{site_port}",
                 *(["--socks", f"tcp:{socks_port}"] if self.socks else []),
                 *self._admin_args(),
+                *(["--workers", str(self.workers)] if self.workers > 1 else []),
             ],
             d / "server.stderr",
             env=self.env,
@@ -839,6 +842,8 @@ class RtunnelTunnel(Tunnel):
         try:
             wait_port(fwd_port, 30, self.server)
             wait_echo(fwd_port, 30, [self.server, self.site])
+            if self.workers > 1:
+                self._wait_sessions(sdir, self.workers, 60)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{e}\n--- server.log\n{tail(d / 'server.log')}\n--- site.log\n{tail(d / 'site.log')}"
@@ -870,7 +875,32 @@ class RtunnelTunnel(Tunnel):
             self.scraper.start()
 
     def pids(self) -> list[int]:
-        return [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
+        pids = [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
+        if self.workers > 1 and self.server is not None:
+            pids += children(self.server.pid)  # the workers: they move the bytes
+        return pids
+
+    def _wait_sessions(self, sdir: Path, count: int, timeout: float) -> None:
+        """Until the site holds a session with ``count`` replicas (``rtunnel sites list --json``)."""
+        deadline = time.monotonic() + timeout
+        seen: object = None
+        while time.monotonic() < deadline:
+            r = subprocess.run(
+                [*self._admin(), "sites", "list", "--json", "--state", str(sdir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=self.env,
+                cwd=REPO,
+            )
+            if r.returncode == 0:
+                rows = json.loads(r.stdout)
+                rows = rows.get("sites", rows) if isinstance(rows, dict) else rows
+                seen = [len(row.get("sessions", ())) for row in rows if row.get("site", row.get("name")) == SITE_NAME]
+                if seen and seen[0] >= count:
+                    return
+            time.sleep(0.2)  # polling another process's state, bounded by the deadline
+        raise RuntimeError(f"the site did not hold {count} sessions within {timeout:g} s (sessions seen: {seen})")
 
     def stop(self) -> None:
         if self.scraper is not None:
@@ -919,11 +949,49 @@ class RtunnelAdminScrapedTunnel(RtunnelAdminOffTunnel):
     admin = "scraped"
 
 
+class RtunnelWorkersTunnel(RtunnelTunnel):
+    """The same server with ``--workers 2`` (issue 13): two worker processes share the tunnel
+    port and the forward's port (SO_REUSEPORT), and the site holds a session with each; the
+    kernel spreads the forward's clients over the workers.  Measured once the site holds both
+    sessions (``rtunnel sites list --json``).  PIDs measured: the supervisor, its workers and the
+    site.  The admin endpoint is off (each worker would need its own port)."""
+
+    key, label = "rtunnel-workers2", "rtunnel, --workers 2"
+    admin = "off"
+    workers = 2
+
+    def check_available(self) -> None:
+        super().check_available()
+        r = subprocess.run(
+            [self.twistd, "rtunnel-server", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+            cwd=REPO,
+        )
+        if "--workers" not in r.stdout:
+            raise TunnelUnavailable("`twistd rtunnel-server --help` has no --workers option yet (issue 13)")
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process (``/proc/PID/task/*/children``)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
     """Tunnel objects for ``--only`` names: direct, ssh (all three ssh columns), ssh-aes128-gcm,
     ssh-nodelay (aes128-gcm + TCP_NODELAY shim; LAN only), ssh-chacha20, rtunnel (with rtunnel-socks
     and the rtunnel-admin pair), rtunnel-socks (the SOCKS5 front door; RTT and new connections, LAN
-    only), rtunnel-admin (rtunnel-admin-off and rtunnel-admin-scraped: bulk and CPU only, LAN only)."""
+    only), rtunnel-admin (rtunnel-admin-off and rtunnel-admin-scraped: bulk and CPU only, LAN only),
+    rtunnel-workers (the server with --workers 2; LAN only)."""
     suffix = "-wan" if wan_delay_ms else ""
     out: list[Tunnel] = []
     for name in selection:
@@ -939,6 +1007,8 @@ def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) ->
             out.append(RtunnelTunnel(root / f"rtunnel{suffix}", wan_delay_ms))
         if name in ("rtunnel", "rtunnel-socks") and not wan_delay_ms:
             out.append(RtunnelSocksTunnel(root / "rtunnel-socks"))
+        if name in ("rtunnel", "rtunnel-workers") and not wan_delay_ms:
+            out.append(RtunnelWorkersTunnel(root / "rtunnel-workers2"))
         if name in ("rtunnel", "rtunnel-admin") and not wan_delay_ms:
             out.append(RtunnelAdminOffTunnel(root / "rtunnel-admin-off"))
             out.append(RtunnelAdminScrapedTunnel(root / "rtunnel-admin-scraped"))
