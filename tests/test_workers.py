@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.roles.workers import (
     MAX_WORKERS,
+    TWISTD,
     SupervisorWatch,
     WorkerMonitor,
     WorkersError,
@@ -150,8 +151,8 @@ class ArgumentsTests(SynchronousTestCase):
             self.arguments(argv),
             [
                 "/py",
-                "-m",
-                "twisted",
+                "-c",
+                TWISTD,
                 "--nodaemon",
                 "--pidfile=",
                 "rtunnel-server",
@@ -253,7 +254,7 @@ class MonitorTests(SynchronousTestCase):
 
         self.reactor.advance(5)  # a worker that lived past the threshold is restarted at once
         first.end(killed(signal.SIGKILL))
-        self.assertIn("worker w1 (pid 100) was killed by signal 9; restarting it", self.lines)
+        self.assertIn("worker w1 (pid 100) ended by signal 9 (SIGKILL); restarting it", self.lines)
         self.reactor.advance(0)
         self.assertEqual(len(self.reactor.spawned), 3)
         replacement = self.reactor.spawned[2]
@@ -288,11 +289,12 @@ class MonitorTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
 
     def test_worker_lines_relayed_under_its_name(self) -> None:
+        """Each line as the worker wrote it, its timestamp dropped, under its name; a last partial line too."""
         service = self.supervisor(workers=1)
         service.startService()
         (process,) = self.reactor.spawned
-        process.proto.outReceived(b"tunnel server listening\npartial")
-        self.assertIn("[w1] tunnel server listening", self.lines)
+        process.proto.outReceived(b"2026-12-06T02:15:54+0000 [rtunnel.x#info] tunnel server listening\npartial")
+        self.assertIn("[w1] [rtunnel.x#info] tunnel server listening", self.lines)
         process.end(Failure(ProcessDone(0)))
         self.assertIn("[w1] partial", self.lines)
 

@@ -8,7 +8,7 @@ so that N processes do not race to make the CA, then runs N workers with
 L{twisted.runner.procmon.ProcessMonitor} and restarts any that dies. The
 supervisor serves nothing itself.
 
-Worker K is C{python -m twisted -n rtunnel-server} with the supervisor's own
+Worker K is C{twistd -n rtunnel-server} (L{TWISTD}) with the supervisor's own
 plugin options, C{--workers 1}, C{--replica-id BASE/wK} and C{--worker-of
 PID}. C{--worker-of} makes the process listen through
 L{rtunnel.adapter.net.listen_shared}: every TCP port (tunnel, forwards,
@@ -28,6 +28,7 @@ import getopt
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger as TwistedLogger
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
@@ -44,6 +46,7 @@ from ..logs import Logger
 
 __all__ = [
     "MAX_WORKERS",
+    "TWISTD",
     "SupervisorWatch",
     "WorkerMonitor",
     "WorkersError",
@@ -69,6 +72,11 @@ _KILL_MARGIN = 5
 #: Longest wait between two restarts of a worker that keeps dying at once
 #: (ProcessMonitor doubles it from 1 s).
 _MAX_RESTART_DELAY = 30
+
+#: twistd run by the supervisor's interpreter: C{python -m twisted} is
+#: C{twist}, which has no C{--nodaemon} nor C{--pidfile}, and twistd's
+#: module has no C{__main__}; no C{twistd} script need be on C{PATH}.
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
@@ -192,8 +200,8 @@ def worker_arguments(
             kept.extend([option, value] if value else [option])
     return [
         python,
-        "-m",
-        "twisted",
+        "-c",
+        TWISTD,
         "--nodaemon",
         "--pidfile=",
         "rtunnel-server",
@@ -206,6 +214,24 @@ def worker_arguments(
     ]
 
 
+#: The time at the start of a line of twistd's text log.
+_LOG_TIME = re.compile(r"^\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d{4} ")
+
+
+class _WorkerLines(TwistedLogger):
+    """
+    The logger procmon relays each line of a worker's output through, as
+    C{[wK] line}: the worker's own timestamp is dropped, the supervisor's
+    log adds its own.
+    """
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        line = kwargs.get("line")
+        if isinstance(line, str):
+            kwargs["line"] = _LOG_TIME.sub("", line, count=1)
+        super().emit(level, format, **kwargs)
+
+
 class WorkerMonitor(ProcessMonitor):
     """
     L{ProcessMonitor} for the workers: each start and each death is logged
@@ -216,7 +242,7 @@ class WorkerMonitor(ProcessMonitor):
 
     #: The workers' lines, relayed as they come: each worker already dropped
     #: what its C{--log-level} does not want, so no threshold here.
-    log = TwistedLogger(namespace="rtunnel.roles.workers.worker")
+    log = _WorkerLines()
     _events = Logger()
 
     def __init__(self, reactor: Any) -> None:
@@ -263,9 +289,13 @@ def _status(reason: Failure | None) -> str:
         return "exited with status 0"
     if reason is not None and reason.check(ProcessTerminated):
         value = reason.value
-        signal = getattr(value, "signal", None)
-        if signal is not None:
-            return f"was killed by signal {signal}"
+        number = getattr(value, "signal", None)
+        if number is not None:
+            try:
+                name = f" ({signal.Signals(number).name})"
+            except ValueError:
+                name = ""
+            return f"ended by signal {number}{name}"
         return f"exited with status {getattr(value, 'exitCode', None)}"
     return f"ended: {reason.getErrorMessage() if reason is not None else 'unknown reason'}"
 
