@@ -65,6 +65,13 @@ class ServerConfig:
     proxy_users: str | None = None
     #: the read-only admin endpoint (metrics, health, JSON API, status page); off when None
     admin: str | None = DEFAULT_SERVER_ADMIN
+    #: C{--replica-id}: this server's name among the replicas sharing its
+    #: database; None: C{HOSTNAME:PORT} of the tunnel port
+    #: (L{rtunnel.roles.replicas.default_replica_id})
+    replica_id: str | None = None
+    #: C{--advertise}: the canonical C{HOST:PORT} at which sites reach this
+    #: replica directly; None: only through the shared (load-balanced) address
+    advertise: str | None = None
 
 
 @frozen

@@ -444,5 +444,5 @@ class ServiceAdmissionTests(SynchronousTestCase):
         assert record is not None
         self.assertIsNotNone(record.connected_since)
         self.assertFalse(record.connected)
-        self.assertIsNone(server.other.get_meta("server_pid"))
+        self.assertEqual(server.other.live_replicas(datetime.now(UTC)), [])
         self.assertEqual(pool_threads("rtunnel-state"), [])

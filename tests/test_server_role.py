@@ -918,19 +918,20 @@ class ServiceTests(SynchronousTestCase):
         """
         While stopping, sessions end without a "disconnected" line and a
         database write each: one line gives the count, and the server's
-        stop record marks every site disconnected. Before the stop, a
-        session's end is logged and recorded as always.
+        replica's stop record removes its sessions, so every site is marked
+        disconnected. Before the stop, a session's end is logged and
+        recorded as always.
         """
         log = LogCapture(self)
         writes: list[str] = []
         store = self.service.state.store
-        mark = store.mark_disconnected
+        mark = store.session_closed
 
         def recording(site: str, *args: object) -> None:
             writes.append(site)
             mark(site, *args)  # type: ignore[arg-type]
 
-        store.mark_disconnected = recording  # type: ignore[method-assign]
+        store.session_closed = recording  # type: ignore[method-assign]
         self.start()
         site, pump = self.dial_site()
         site.abort()

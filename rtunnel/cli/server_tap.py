@@ -10,9 +10,11 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
+from ..address import AddressError, HostPort
 from ..frontdoor.wiring import FrontDoorError
 from ..identity.errors import IdentityError, StateError
 from ..identity.store import database_location
+from ..mux.frames import advertise_problem, replica_id_problem
 from ..observe.web import AdminEndpointError, admin_option
 from ..roles.descriptors import describe_capacity, raise_soft_limit
 from ..roles.forward import ForwardSpec
@@ -130,6 +132,20 @@ class Options(usage.Options):
             "/api/v1/... and the status page /. A port or a Twisted endpoint, bound to 127.0.0.1 unless it names "
             "an interface; 'none' turns it off.",
         ],
+        [
+            "replica-id",
+            None,
+            None,
+            "This server's id among the replicas sharing its database (1-64 letters, digits and ._:@/+[]-); "
+            "default HOSTNAME:PORT of --listen.",
+        ],
+        [
+            "advertise",
+            None,
+            None,
+            "HOST:PORT at which sites can reach this replica directly (told to sites); default: none, sites reach "
+            "it through the address in their keyfile (a load balancer).",
+        ],
         *drain_parameters(default(ServerConfig, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
@@ -177,6 +193,8 @@ class Options(usage.Options):
             domain=self["domain"],
             proxy_users=self["proxy-users"],
             admin=_admin(self),
+            replica_id=_replica_id(self["replica-id"]),
+            advertise=_advertise(self["advertise"]),
             policy=ServerPolicy(
                 settings=settings,
                 tuning=tuning,
@@ -194,6 +212,30 @@ def _admin(options: usage.Options) -> str | None:
         return admin_option(options["admin"])
     except AdminEndpointError as e:
         raise usage.UsageError(f"--admin: {e}") from None
+
+
+def _replica_id(text: str | None) -> str | None:
+    """C{--replica-id}, checked against the id grammar of the REPLICAS frame (docs/protocol.md)."""
+    if text is None:
+        return None
+    problem = replica_id_problem(text)
+    if problem is not None:
+        raise usage.UsageError(f"--replica-id {text!r}: {problem}")
+    return text
+
+
+def _advertise(text: str | None) -> str | None:
+    """C{--advertise HOST:PORT}, in canonical form (what sites compare and dial)."""
+    if text is None:
+        return None
+    try:
+        canonical = str(HostPort.parse(text))
+    except AddressError as e:
+        raise usage.UsageError(f"--advertise: {e}") from None
+    problem = advertise_problem(canonical)
+    if problem is not None:
+        raise usage.UsageError(f"--advertise: {problem}")
+    return canonical
 
 
 def makeService(options: Options) -> IService:

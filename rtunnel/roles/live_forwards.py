@@ -119,6 +119,7 @@ class LiveForwards:
         *,
         poll_interval: float = 1.0,
         listen: Listen | None = None,
+        replica_id: str = "",
     ) -> None:
         self.state = state
         self.registry = registry
@@ -127,6 +128,8 @@ class LiveForwards:
         self.open_timeout = open_timeout
         self.factories = factories
         self.poll_interval = poll_interval
+        #: the states are recorded as this replica's (each replica listens on its own)
+        self.replica_id = replica_id
         self._listen = listen or self._listen_endpoint
         #: the command-line forwards, by BIND:PORT
         self.command_line: dict[tuple[str, int], ForwardSpec] = {}
@@ -148,7 +151,11 @@ class LiveForwards:
         self.command_line = {(spec.bind, spec.port): spec for spec in command_line}
         states = [_state(spec, SOURCE_COMMAND_LINE, LISTENING) for spec in self.command_line.values()]
         self.database.write(
-            "recording the command-line forwards", self.state.store.reset_forward_states, states, _now()
+            "recording the command-line forwards",
+            self.state.store.reset_forward_states,
+            states,
+            _now(),
+            replica_id=self.replica_id,
         )
         self._poll = task.LoopingCall(self.check)
         self._poll.clock = self.reactor
@@ -204,11 +211,18 @@ class LiveForwards:
                 states.append(_record_state(record, entry.state))
         if states:
             self.database.write(
-                "recording the forwards' states", self.state.store.record_forward_states, states, _now()
+                "recording the forwards' states",
+                self.state.store.record_forward_states,
+                states,
+                _now(),
+                replica_id=self.replica_id,
             )
         if removed:
             self.database.write(
-                "forgetting removed forwards", self.state.store.forget_removed_forwards, sorted(removed)
+                "forgetting removed forwards",
+                self.state.store.forget_removed_forwards,
+                sorted(removed),
+                replica_id=self.replica_id,
             )
         self._last = version
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
@@ -80,6 +79,7 @@ from .enrollment import EnrollmentResponder
 from .forward import ForwardFactory, ForwardSpec
 from .live_forwards import LiveForwards
 from .registry import SiteRegistry
+from .replicas import ReplicaMembership, default_replica_id, listen_port
 
 #: The server's keepalive: ping a site only after 25 s of silence, give up
 #: after 30. Sites ping after 10 s of silence (L{Keepalive}'s defaults), so
@@ -282,6 +282,8 @@ class TunnelConnection(Protocol):
         self.factory.figures.handshake("ok")
         self._log.info("site {site} connected from {peer}", site=site, peer=self.peer)
         self.factory.registry.register(site, mux, self.peer, self.fingerprint)
+        if self.factory.on_session is not None:
+            self.factory.on_session(mux)
         registry = self.factory.registry
         mux.when_services().addCallback(lambda services: registry.announce(site, mux, services))
         # The session's end is counted and logged without us from now on,
@@ -488,6 +490,8 @@ class TunnelServerFactory(Factory):
         self.keepalive_wheel = KeepaliveWheel(clock)
         #: one budget for the lines any client can cause (refused handshakes, timeouts)
         self.log_budget = LogBudget(rate=0.2, burst=5)
+        #: called with each session once it is registered (the service tells it the replicas)
+        self.on_session: Callable[[MuxProtocol], object] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> TunnelConnection:
         return TunnelConnection(self, addr)
@@ -807,6 +811,11 @@ class AdmissionGate:
         return "rtunnel"
 
 
+#: The meta key of the admission counter the state store bumps with every
+#: enrollment and revocation, in the same transaction (L{RevocationWatch}).
+ADMISSION_COUNTER = "admission_version"
+
+
 @frozen
 class _Poll:
     """What one revocation poll read in the database thread."""
@@ -833,6 +842,14 @@ class RevocationWatch:
     only changes since the last poll are the server's own (enrollments it
     redeemed, which the store names and has already put in the snapshot),
     only those sites are re-checked.
+
+    Replicas sharing the database commit every second (their heartbeats),
+    and on SQLite every such commit moves the change token: the table is
+    then reloaded only when the admission counter moved too (every
+    enrollment and revocation, through any connection, bumps it), so that
+    a replica does not read every site and re-check every session each
+    second for nothing. A revocation through another replica or the CLI
+    is still seen at the next poll.
     """
 
     _log = Logger()
@@ -854,6 +871,8 @@ class RevocationWatch:
         self.admission = admission
         self.database = database if database is not None else StateThread(None)
         self._last = state.store.changes_token()
+        #: the admission counter when the table was last loaded (only the database thread reads it after this)
+        self._counter = state.store.get_meta(ADMISSION_COUNTER)
         state.store.take_own_changes()  # what happened before is no change to us
         #: sites changed through our own connection, not yet re-checked
         self._pending: set[str] = set()
@@ -875,7 +894,12 @@ class RevocationWatch:
         token = store.changes_token()
         if token == last:
             return None
-        table = store.admission_table() if token[0] != last[0] else None
+        table = None
+        if token[0] != last[0]:
+            counter = store.get_meta(ADMISSION_COUNTER)
+            if counter != self._counter:
+                table = store.admission_table()
+                self._counter = counter
         return _Poll(token, store.take_own_changes(), table)
 
     def _apply(self, poll: _Poll | None) -> None:
@@ -1156,6 +1180,10 @@ class ServerSettings(TypingProtocol):
     def policy(self) -> ServerPolicy: ...
     @property
     def name(self) -> str: ...
+    @property
+    def replica_id(self) -> str | None: ...
+    @property
+    def advertise(self) -> str | None: ...
 
 
 @frozen
@@ -1220,10 +1248,12 @@ class TunnelServerService(MultiService):
         self.state = state
         self.reactor = reactor
         self.database = StateThread(reactor)
-        # The store numbers each connection so that the end of a replaced
-        # session can never mark its successor disconnected; used only in
-        # the database thread, which writes both.
-        self._store_sessions: dict[str, int] = {}
+        port = listen_port(config.listen)
+        #: this server's id among the replicas sharing its database; a
+        #: default for a tunnel port chosen at listen time (port 0) is
+        #: completed with the port bound, before anything is recorded
+        self.replica_id = config.replica_id or default_replica_id(port or 0)
+        self._id_pending = config.replica_id is None and port is None
         self.registry = SiteRegistry(
             reactor,
             on_connected=self._site_connected,
@@ -1249,6 +1279,11 @@ class TunnelServerService(MultiService):
         self.factory = TunnelServerFactory(
             state, self.registry, reactor, config.policy, admission=self.admission, database=self.database
         )
+        #: the replica set: heartbeats, and what sites are told of it
+        self.membership = ReplicaMembership(
+            state.store, self.database, reactor, self.replica_id, config.advertise or "", self.registry.sessions
+        )
+        self.factory.on_session = self._tell_replicas
         self.gate: AdmissionGate | None = None
         self.forward_factories: list[ForwardFactory] = []
         # Listing /proc/self/fd every 2 s is costly with many sites: it is
@@ -1275,6 +1310,7 @@ class TunnelServerService(MultiService):
             config.open_timeout,
             self.forward_factories,
             poll_interval=config.revocation_poll,
+            replica_id=self.replica_id,
         )
 
     def _connections(self) -> int:
@@ -1285,7 +1321,14 @@ class TunnelServerService(MultiService):
     # -- the connection status, written in the database thread -------------
 
     def _site_connected(self, site: str, peer: str) -> None:
-        self.database.write(f"recording that site {site} connected", self._mark_connected, site, peer, utcnow())
+        self.database.write(
+            f"recording that site {site} connected",
+            self.state.store.session_opened,
+            site,
+            self.replica_id,
+            peer,
+            utcnow(),
+        )
 
     def _site_services(self, site: str, services: Mapping[str, HostPort]) -> None:
         self.database.write(
@@ -1295,23 +1338,22 @@ class TunnelServerService(MultiService):
     def _site_disconnected(self, site: str) -> None:
         if self.factory.stopping:
             # One write per site made a drain of ten thousand sessions
-            # seconds longer (and the sites with it); record_server_stop
-            # marks every site disconnected at the end.
+            # seconds longer (and the sites with it); the replica's stop
+            # record removes all its sessions at the end.
             return
-        self.database.write(f"recording that site {site} disconnected", self._mark_disconnected, site, utcnow())
+        self.database.write(
+            f"recording that site {site} disconnected",
+            self.state.store.session_closed,
+            site,
+            self.replica_id,
+            utcnow(),
+        )
 
-    def _mark_connected(self, site: str, peer: str, now: datetime) -> None:
-        self._store_sessions.pop(site, None)  # a failed write must not leave the previous number
-        self._store_sessions[site] = self.state.store.mark_connected(site, peer, now)
-
-    def _mark_disconnected(self, site: str, now: datetime) -> None:
-        self.state.store.mark_disconnected(site, now, self._store_sessions.pop(site, None))
+    def _tell_replicas(self, session: MuxProtocol) -> None:
+        self.membership.tell(session)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
-        # Still in this thread, before any write is queued: the flags an
-        # earlier run left are cleared before this run sets any.
-        self.state.store.record_server_start(os.getpid(), utcnow())
         self.database.start()
         if self._publish is not None:
             self._publish(self.config.name, self.registry)
@@ -1343,6 +1385,7 @@ class TunnelServerService(MultiService):
             self.tunnel_port = port
             self.ports.append(port)
             self._log.info("tunnel server listening for sites on {address}", address=_address(port))
+            self._start_membership(port)
             self.database.write(
                 "recording the public port", self.state.store.set_meta, PUBLIC_PORT_KEY, str(self._public_port(port))
             )
@@ -1375,6 +1418,27 @@ class TunnelServerService(MultiService):
         except Exception:
             failure = Failure()
             self.on_fatal(f"cannot listen on {description}: {failure.getErrorMessage()}")
+
+    def _start_membership(self, port: IListeningPort) -> None:
+        """
+        Complete a default replica id with the port bound (C{--listen
+        tcp:0}), then record this replica and start its heartbeat: the
+        start record is the first database job of the run, so it clears
+        what an earlier run under this id left before this one records a
+        session.
+        """
+        if self._id_pending:
+            self._id_pending = False
+            bound = getattr(port.getHost(), "port", None)
+            self.replica_id = default_replica_id(bound if bound is not None else _address(port))
+            self.membership.rename(self.replica_id)
+            self.live_forwards.replica_id = self.replica_id
+        self._log.info(
+            "replica {replica}{advertised}",
+            replica=self.replica_id,
+            advertised=f", advertised to sites at {self.membership.advertise}" if self.membership.advertise else "",
+        )
+        self.membership.start()
 
     def _tick(self) -> None:
         """
@@ -1441,7 +1505,7 @@ class TunnelServerService(MultiService):
                 count=len(sessions),
                 seconds=self.reactor.seconds() - started,
             )
-        self.database.write("recording the server's stop", self.state.store.record_server_stop, utcnow())
+        self.membership.stop()
         yield self.database.stop(STATE_FLUSH_TIMEOUT)
         self._log.info("tunnel server stopped")
         yield super().stopService()  # type: ignore[no-untyped-call]  # MultiService.stopService is unannotated in Twisted
