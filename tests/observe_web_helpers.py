@@ -37,6 +37,7 @@ def snapshot(name: str, **changes: object) -> SiteSnapshot:
         "bytes_from_site": 250000,
         "rtt": 0.0125,
         "last_refusal": None,
+        "replica": "cloud-1:5500",
     }
     values.update(changes)
     return SiteSnapshot(**values)  # type: ignore[arg-type]
@@ -52,6 +53,7 @@ class FakeView:
     refusal_list: list[Refusal] = field(factory=list)
     reason: str | None = None
     calls: list[str] = field(factory=list)
+    replica_id: str = "cloud-1:5500"
 
     def names(self) -> Sequence[str]:
         """The names in the order of C{site_list} (not sorted: the API must not rely on it)."""

@@ -29,6 +29,7 @@ from rtunnel.observe.view import ForwardSnapshot, Refusal, SiteSnapshot, Through
 from tests.observe_web_helpers import T0, FakeView, Response, request, snapshot, turn
 
 SITE_KEYS = {
+    "replica",
     "site",
     "connected",
     "enrolled",
@@ -71,6 +72,7 @@ class EncodingTests(SynchronousTestCase):
                 "bytes_from_site": 250000,
                 "rtt_seconds": 0.0125,
                 "last_refusal": {"time": "2026-12-05T23:14:00Z", "kind": "stream", "reason": "target not allowed"},
+                "replica": "cloud-1:5500",
             },
         )
         self.assertEqual(list(value["services"]), ["db", "web"])
@@ -181,6 +183,8 @@ class ResourceTests(SynchronousTestCase):
         """The list is sorted by name whatever order the view gave; no throughput unless asked."""
         body = self.json("/api/v1/sites")
         self.assertEqual(body["generated"], "2026-12-05T23:14:05Z")
+        self.assertEqual(body["replica"], "cloud-1:5500")  # the view's, for the page's header
+        self.assertEqual(list(body), ["generated", "replica", "sites"])
         self.assertEqual([s["site"] for s in body["sites"]], ["alpha", "beta"])
         self.assertEqual([s["connected"] for s in body["sites"]], [True, False])
         for entry in body["sites"]:

@@ -136,6 +136,8 @@ class ServerCollectorTests(SynchronousTestCase):
         samples = parse(scrape(ServerCollector(self.service)))
 
         self.assertEqual(value(samples, "rtunnel_build_info", version=__version__, role="server"), 1)
+        self.assertEqual(value(samples, "rtunnel_replica_info", replica=self.service.replica_id), 1)
+        self.assertEqual(value(samples, "rtunnel_replicas"), 1)
         self.assertEqual(value(samples, "rtunnel_sites_known"), 4)
         self.assertEqual(value(samples, "rtunnel_sites_enrolled"), 3)
         self.assertEqual(value(samples, "rtunnel_sites_revoked"), 1)
@@ -192,7 +194,19 @@ class ServerCollectorTests(SynchronousTestCase):
         figures.refuse("", "handshake", "x")
         figures.door("http-connect").refused("bad-credentials", "", "x")
         text = scrape(ServerCollector(self.service))
-        allowed = {"site", "result", "reason", "direction", "kind", "door", "forward", "source", "version", "role"}
+        allowed = {
+            "site",
+            "result",
+            "reason",
+            "direction",
+            "kind",
+            "door",
+            "forward",
+            "source",
+            "version",
+            "role",
+            "replica",
+        }
         ours = [f for f in text_string_to_metric_families(text) if f.name.startswith("rtunnel_")]
         self.assertGreater(len(ours), 20)
         for family in ours:

@@ -166,6 +166,7 @@ def site_json(
         "last_refusal": None
         if last is None
         else {"time": iso_time(last.time), "kind": last.kind, "reason": last.reason},
+        "replica": site.replica,
     }
     if with_throughput:
         value["throughput"] = None if throughput is None else throughput_json(throughput)
@@ -259,12 +260,15 @@ def sites_body(
     sites: Sequence[SiteSnapshot],
     history: bool,
     rates: Mapping[str, Throughput | None],
+    replica: str | None = None,
 ) -> list[bytes]:
     """
     The body of C{/api/v1/sites}, in pieces to be sent in order: a pure
     function of frozen snapshots, so it may run in any thread. With
     C{history}, the sites in C{rates} carry their throughput (C{null} where
-    the view had none), the others none.
+    the view had none), the others none. C{replica}, the id of the server
+    replica answering, is carried beside the list when given (the status
+    page's header shows it even when there is no site).
 
     Made and kept in pieces of L{ENCODE_STEP} sites, never joined, and the
     interpreter lock let go after each: the reactor thread needs that lock
@@ -277,7 +281,11 @@ def sites_body(
     one C call that holds the lock throughout (5 to 9 ms apiece for ten
     megabytes here, mostly the page faults of a fresh buffer).
     """
-    head = _dumps({"generated": generated, "sites": []})[:-2]  # up to and with the list's "["
+    top: dict[str, JSONValue] = {"generated": generated}
+    if replica is not None:
+        top["replica"] = replica
+    top["sites"] = []
+    head = _dumps(top)[:-2]  # up to and with the list's "["
     pieces = [head.encode("utf-8")]
     for start in range(0, len(sites), ENCODE_STEP):
         values = [
@@ -516,7 +524,7 @@ class _Sites(_Answer):
         # (a million objects with the history) took 17 ms to free here.
         sites, rates = self.sites, self.rates
         self.sites, self.rates = [], {}
-        self.encode(partial(sites_body, self.generated, sites, self.history, rates))
+        self.encode(partial(sites_body, self.generated, sites, self.history, rates, self.api._view.replica_id))
 
 
 @implementer(IPushProducer)

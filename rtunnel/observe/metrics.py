@@ -6,7 +6,8 @@ and the registry C{/metrics} serves.
 Nothing is counted here and nothing touches the data path: a scrape reads
 integers the roles already keep. Names follow Prometheus conventions
 (C{rtunnel_} prefix, C{_total} counters, seconds and bytes). Labels are
-bounded: C{site} (one value per known site) and small fixed sets
+bounded: C{site} (one value per known site), C{replica} (this server's
+id, one value) and small fixed sets
 (C{result}, C{reason}, C{direction}, C{kind}, C{door}, C{forward},
 C{source}); never a stream, a client address or a peer-chosen value.
 docs/operations.md ("Metrics") lists every metric.
@@ -94,6 +95,16 @@ class ServerCollector(Collector):
         service = self.service
         figures = service.figures
         yield _build_info("server")
+        yield InfoMetricFamily(
+            "rtunnel_replica",
+            "This server's id among the replicas sharing its database.",
+            {"replica": service.replica_id},
+        )
+        yield _gauge(
+            "rtunnel_replicas",
+            "Replicas alive in the shared state database (this one included), as its last heartbeat read them.",
+            service.membership.live,
+        )
         yield from self._sites()
         yield _counter("rtunnel_sessions", "Site sessions opened (authenticated and registered).", figures.sessions)
         yield _by_label(

@@ -44,6 +44,10 @@ class ServerView(FleetView):
         self._known: set[str] = set()
         self._sorted: tuple[str, ...] = ()
 
+    @property
+    def replica_id(self) -> str:
+        return self.service.replica_id
+
     # -- sites -----------------------------------------------------------------
 
     def names(self) -> Sequence[str]:
@@ -106,6 +110,7 @@ class ServerView(FleetView):
             bytes_from_site=received,
             rtt=rtt,
             last_refusal=last_refusal,
+            replica=self.service.replica_id,
         )
 
     def _services_text(self, name: str, announced: Mapping[str, HostPort]) -> Mapping[str, str]:

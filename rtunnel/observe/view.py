@@ -124,6 +124,8 @@ class SiteSnapshot:
         server started (all sessions).
     @ivar rtt: the last keepalive round trip in seconds, C{None} if none yet.
     @ivar last_refusal: the newest refusal that concerned it, if any.
+    @ivar replica: the id of the server replica that sees the site so
+        (its session, bytes and streams are this replica's only).
     """
 
     name: str
@@ -138,6 +140,7 @@ class SiteSnapshot:
     bytes_from_site: int
     rtt: float | None
     last_refusal: Refusal | None
+    replica: str = ""
 
 
 @frozen
@@ -183,3 +186,7 @@ class FleetView(Protocol):
 
     def not_ready(self) -> str | None:
         """C{None} when the server can do its job, else a one-line reason (for C{/readyz})."""
+
+    @property
+    def replica_id(self) -> str:
+        """The id of the server replica seen (C{--replica-id}), for the API and the status page."""
