@@ -17,13 +17,18 @@ bytes). A server that fails verification may be an impostor on the path or a
 misconfiguration; it is logged as an error naming the cause and retried with
 a longer cap (L{SitePolicy.verify_retry_cap}), so a passing attack never
 turns into a visit on site.
+
+A tunnel server that is several replicas (docs/protocol.md, REPLICAS) gets
+one session per replica: the service dials through slots, each a
+L{ReconnectingService} of its own, as L{rtunnel.roles.replica_set} decides.
+A server without the capability gets one session, as before.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, cast
 
 from attrs import frozen
@@ -55,10 +60,12 @@ from ..identity.state import SiteState
 from ..identity.tlsconfig import site_tls_options
 from ..logsafe import printable
 from ..mux.errors import ErrorCode, code_name
+from ..mux.frames import Replicas
 from ..mux.settings import ROLE_SETTINGS, FloodLimits, Settings, WindowTuning
 from ..observe.stats import ClientFigures
 from .enrollment import enroll
 from .reconnect import ReconnectingService
+from .replica_set import KEYFILE, NO_REPLICAS, Claim, ReplicaSet, SlotView, duplicate_delay
 from .target import TargetConnector, tcp_endpoints
 
 
@@ -107,6 +114,9 @@ class Verdict(enum.Enum):
     TLS = "tls"
     #: the network: retry
     NETWORK = "network"
+    #: this site closed the session: a replica it has a session with already
+    #: (L{rtunnel.roles.replica_set}); retry soon, for the replicas it lacks
+    DUPLICATE = "duplicate"
 
 
 @frozen
@@ -193,12 +203,18 @@ class RotatingEndpoint:
         endpoints: Sequence[IStreamClientEndpoint],
         names: Sequence[str] | None = None,
         figures: ClientFigures | None = None,
+        first: int = 0,
     ) -> None:
+        """
+        @param first: the index of the address tried first (modulo their
+            number): the site's slots start at different ones, so that a
+            keyfile listing each replica's address reaches them all at once.
+        """
         if not endpoints:
             raise ValueError("no server address")
         self._endpoints = list(endpoints)
         self._names = list(names) if names is not None else [repr(e) for e in endpoints]
-        self._next = 0
+        self._next = first % len(self._endpoints)
         #: told that an attempt ended in a failed connect (the next reconnect's reason)
         self.figures = figures
 
@@ -230,6 +246,9 @@ class SiteTunnelProtocol(MuxProtocol):
     """
 
     tls_established = False
+    #: the replica this site has a session with already, when it closes this
+    #: one as a duplicate (its end is then no failure, and quiet)
+    duplicate_of: str | None = None
 
     def handshakeCompleted(self) -> None:
         self.tls_established = True
@@ -267,6 +286,9 @@ class SiteMuxFactory(Factory):
         self.stopping = False
         #: how the last attempt ended (the retry policy picks its cap by it)
         self.last_outcome: Outcome | None = None
+        #: told of each connection's protocol as it is built (the service
+        #: watches its replica announcements and its end)
+        self.on_built: Callable[[SiteTunnelProtocol], object] | None = None
 
     def _handshake_deadline(self, mux: MuxProtocol) -> None:
         if not mux.ready and mux.transport is not None and mux.close_reason is None:
@@ -302,6 +324,8 @@ class SiteMuxFactory(Factory):
         # Observed before the reconnecting service observes the same end (it
         # does once connected): the retry policy reads last_outcome.
         mux.on_closed(self._closed, mux, deadline)
+        if self.on_built is not None:
+            self.on_built(mux)
         return mux
 
     def _settled(self, result: object, mux: MuxProtocol, deadline: IDelayedCall) -> None:
@@ -327,6 +351,13 @@ class SiteMuxFactory(Factory):
             # A multiplexer frame: it came through mutual TLS, from our server.
             figures.ended = "refused"
             self.on_fatal(f"tunnel server refused site {self.site}: {printable(goaway[1])}")
+            return
+        duplicate = getattr(mux, "duplicate_of", None)
+        if duplicate is not None:
+            # Closed by the service, which said why (at info level): the
+            # balancer sent us to a replica we have. No failure to log.
+            self.last_outcome = Outcome(Verdict.DUPLICATE, f"already connected to replica {duplicate}")
+            figures.ended = "duplicate"
             return
         outcome = judge(reason, getattr(mux, "tls_established", False))
         self.last_outcome = outcome
@@ -369,10 +400,55 @@ class SiteMuxFactory(Factory):
             )
 
 
+class _Slot:
+    """
+    One dialling slot of the site (L{rtunnel.roles.replica_set}): a
+    reconnecting service with a factory of its own, dialling C{target}.
+
+    @ivar mux: the protocol of its current connection, until it is gone.
+    @ivar duplicates: its sessions closed as duplicates in a row (the
+        backoff of L{duplicate_delay}); a replica reached resets it.
+    """
+
+    __slots__ = ("key", "target", "factory", "client", "mux", "duplicates")
+
+    def __init__(self, key: int, target: str, factory: SiteMuxFactory, client: ReconnectingService) -> None:
+        self.key = key
+        self.target = target
+        self.factory = factory
+        self.client = client
+        self.mux: SiteTunnelProtocol | None = None
+        self.duplicates = 0
+
+    def view(self, holds: bool) -> SlotView:
+        mux = self.mux
+        # Open, but its replica not known yet: still on its way to one.
+        pending = not holds and mux is not None and mux.accepting_streams
+        return SlotView(self.target, pending)
+
+
+@frozen
+class ReplicaFigures:
+    """
+    The site's sessions per replica, for the metrics (replaced whole, so a
+    scrape in another thread reads one consistent value; see
+    L{rtunnel.observe.stats} on threads).
+
+    @ivar sessions: open sessions this site holds (a duplicate being closed
+        is not one).
+    @ivar replicas: (replica id, a session is held) for every replica
+        announced or held, by id; a server without the capability has none.
+    """
+
+    sessions: int = 0
+    replicas: tuple[tuple[str, bool], ...] = ()
+
+
 class TunnelClientService(MultiService):
     """
-    The site's tunnel: enrollment (if a keyfile asks for it), then a
-    L{ReconnectingService} that keeps the connection up.
+    The site's tunnel: enrollment (if a keyfile asks for it), then one
+    L{ReconnectingService} per dialling slot (one, unless the server is
+    several replicas) keeping the connections up.
 
     @param on_fatal: called with a message on an authentication failure;
         the twistd builder stops the process with a non-zero status.
@@ -398,11 +474,18 @@ class TunnelClientService(MultiService):
         self.policy = policy
         self.on_fatal = self._fatal_once(on_fatal)
         self.jitter = jitter
-        self.client: ReconnectingService | None = None
-        self.factory: SiteMuxFactory | None = None
         #: what the tunnel counts, for the admin endpoint (L{rtunnel.observe}):
         #: sessions, reconnects by reason, streams and their opens, bytes each way
         self.figures = ClientFigures()
+        #: the sessions per replica, for the metrics (L{ReplicaFigures})
+        self.replica_figures = ReplicaFigures()
+        #: the announced replicas and which slot holds which
+        self.replicas = ReplicaSet()
+        self._slots: dict[int, _Slot] = {}
+        self._next_slot = 0
+        self._keyfile_endpoints: list[IStreamClientEndpoint] = []
+        self._creator: Any = None
+        self._planning: IDelayedCall | None = None
         self._enrolling: defer.Deferred[None] | None = None
         self._failed = False
 
@@ -412,13 +495,54 @@ class TunnelClientService(MultiService):
         # interfaces have no intersection type to say so in the signature.
         return cast(IReactorTime, self.reactor)
 
+    @property
+    def client(self) -> ReconnectingService | None:
+        """The first slot's reconnecting service (the only one with a server without replicas)."""
+        slot = self._first_slot()
+        return slot.client if slot is not None else None
+
+    @property
+    def factory(self) -> SiteMuxFactory | None:
+        """The first slot's factory (the only one with a server without replicas)."""
+        slot = self._first_slot()
+        return slot.factory if slot is not None else None
+
+    @property
+    def factories(self) -> list[SiteMuxFactory]:
+        """Every slot's factory, oldest slot first."""
+        return [self._slots[key].factory for key in sorted(self._slots)]
+
+    def _first_slot(self) -> _Slot | None:
+        return self._slots[min(self._slots)] if self._slots else None
+
+    @property
+    def sessions(self) -> dict[str, MuxProtocol]:
+        """
+        Replica id -> this site's live session with it (key C{""}: a server
+        without the REPLICAS capability). A session whose replica is not
+        known yet, or that is being closed as a duplicate, is not here.
+        """
+        live: dict[str, MuxProtocol] = {}
+        for replica, key in sorted(self.replicas.holders.items()):
+            slot = self._slots.get(key)
+            mux = slot.mux if slot is not None else None
+            if mux is not None and mux.ready:
+                live[replica] = mux
+        return live
+
+    @property
+    def session(self) -> MuxProtocol | None:
+        """The first live session (by replica id), if any."""
+        return next(iter(self.sessions.values()), None)
+
     def _fatal_once(self, on_fatal: Callable[[str], None]) -> Callable[[str], None]:
         def fatal(message: str) -> None:
             if self._failed:
                 return
             self._failed = True
-            if self.client is not None and self.client.running:
-                self.client.stopService()
+            for slot in list(self._slots.values()):
+                if slot.client.running:
+                    slot.client.stopService()
             on_fatal(message)
 
         return fatal
@@ -446,32 +570,41 @@ class TunnelClientService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Stop: enrollment is cancelled, an open tunnel drained (see
-        L{_close_tunnel}). Fires once the tunnel connection is gone.
+        Stop: enrollment is cancelled, every slot stopped and its open
+        session drained (see L{_close_tunnel}). Fires once every tunnel
+        connection is gone.
         """
         if self._enrolling is not None and not self._enrolling.called:
             self._enrolling.cancel()
-        if self.factory is not None:
-            self.factory.stopping = True
+        if self._planning is not None and self._planning.active():
+            self._planning.cancel()
+        self._planning = None
+        for slot in self._slots.values():
+            slot.factory.stopping = True
         stopped: defer.Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         return stopped.addCallback(lambda _: None)
 
     def _close_tunnel(self, mux: MuxProtocol) -> None:
         """
-        End the open session on shutdown: GOAWAY, then open streams may
-        finish for C{drain_grace} seconds. A session ending already (the
-        server refused us, and the stop is the fatal error's) is only
-        dropped.
+        End an open session when its slot stops: GOAWAY, then open streams
+        may finish for C{drain_grace} seconds. A session ending already
+        (the server refused us, and the stop is the fatal error's) is only
+        dropped. A slot stops on shutdown, or while the site runs when it
+        is not wanted any more (its session says nothing yet of its replica,
+        and every replica is held meanwhile).
         """
         if not mux.ready:
             mux.abort()
             return
-        self._log.info(
-            "site {site}: draining the tunnel (grace {grace}s)",
-            site=self.state.site_name,
-            grace=self.policy.drain_grace,
-        )
-        mux.drain(self.policy.drain_grace, "site shutting down")
+        if not self.running:
+            self._log.info(
+                "site {site}: draining the tunnel (grace {grace}s)",
+                site=self.state.site_name,
+                grace=self.policy.drain_grace,
+            )
+            mux.drain(self.policy.drain_grace, "site shutting down")
+        else:
+            mux.drain(self.policy.drain_grace, "not needed: connected to every replica")
 
     # -- enrollment ---------------------------------------------------------
 
@@ -586,36 +719,174 @@ class TunnelClientService(MultiService):
         state = self.state
         assert state.site_name is not None and state.server_name is not None
         assert state.ca_certificate_pem is not None
-        creator = site_tls_options(
+        # One identity for every replica: they share the server's key and
+        # certificate (docs/scaling.md), so one pinned TLS context serves all.
+        self._creator = site_tls_options(
             state.ca_certificate_pem, state.server_name, client_key=state.private_key, client_cert=state.certificate
         )
-        endpoints = [
-            BulkTLSClientEndpoint(creator, self._server_endpoint(host, port), self.reactor)
-            for host, port in (parse_address(a) for a in state.addresses)
-        ]
-        self.factory = SiteMuxFactory(
-            state.site_name, self._clock, self.connector, self.policy, self.on_fatal, figures=self.figures
-        )
-        site = state.site_name
+        self._keyfile_endpoints = [self._tunnel_endpoint(address) for address in state.addresses]
+        self._plan()
 
-        factory = self.factory
+    def _tunnel_endpoint(self, address: str) -> IStreamClientEndpoint:
+        """TLS with the pinned server identity to C{address} (HOST:PORT: the keyfile's, or a replica's own)."""
+        host, port = parse_address(address)
+        return BulkTLSClientEndpoint(self._creator, self._server_endpoint(host, port), self.reactor)
+
+    # -- slots ----------------------------------------------------------------
+
+    def _add_slot(self, target: str) -> None:
+        state = self.state
+        site = state.site_name
+        assert site is not None
+        key = self._next_slot
+        self._next_slot += 1
+        if target == KEYFILE:
+            endpoint = RotatingEndpoint(self._keyfile_endpoints, list(state.addresses), self.figures, first=key)
+        else:
+            # The frame's parser took only a canonical HOST:PORT.
+            endpoint = RotatingEndpoint([self._tunnel_endpoint(target)], [target], self.figures)
+        factory = SiteMuxFactory(site, self._clock, self.connector, self.policy, self.on_fatal, figures=self.figures)
         figures = self.figures
 
         def retry_policy(failures: int) -> float:
             figures.reconnect()
             last = factory.last_outcome
+            if last is not None and last.verdict is Verdict.DUPLICATE:
+                delay = duplicate_delay(max(slot.duplicates, 1), self.jitter())
+                self._log.info(
+                    "site {site}: dialling again for a replica not connected yet in {delay:.2f}s",
+                    site=site,
+                    delay=delay,
+                )
+                return delay
             delay = self._retry_delay(failures - 1, slow=last is not None and last.verdict is Verdict.VERIFICATION)
             self._log.info(
                 "site {site}: reconnect attempt {attempt} in {delay:.1f}s", site=site, delay=delay, attempt=failures
             )
             return delay
 
-        self.client = ReconnectingService(
-            RotatingEndpoint(endpoints, list(state.addresses), figures=self.figures),
-            self.factory,
+        client = ReconnectingService(
+            endpoint,
+            factory,
             clock=self._clock,
             retry_policy=retry_policy,
             prepare=self.prepare_connection,
             close=self._close_tunnel,
         )
-        self.client.setServiceParent(self)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
+        slot = _Slot(key, target, factory, client)
+        factory.on_built = lambda mux: self._built(slot, mux)
+        self._slots[key] = slot
+        client.setServiceParent(self)  # type: ignore[no-untyped-call]  # Service.setServiceParent is unannotated in Twisted
+
+    def _plan_soon(self) -> None:
+        """Match the slots to the replicas once this reactor turn is over (one plan for many changes)."""
+        if self._planning is None and self.running and not self._failed:
+            self._planning = self._clock.callLater(0, self._plan)
+
+    def _plan(self) -> None:
+        self._planning = None
+        self._publish()
+        if not self.running or self._failed:
+            return
+        replicas = self.replicas
+        plan = replicas.plan({key: slot.view(replicas.held_by(key) is not None) for key, slot in self._slots.items()})
+        if not plan:
+            return
+        for key in plan.stop:
+            slot = self._slots.pop(key)
+            replicas.released(key)
+            slot.client.disownServiceParent()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        if plan.start and replicas.announced is not None:
+            missing = replicas.missing()
+            self._log.info(
+                "site {site}: no session yet with {count} of {total} replicas ({missing}); dialling {targets}",
+                site=self.state.site_name,
+                count=len(missing),
+                total=len(replicas.announced),
+                missing=", ".join(missing) or "-",
+                targets=", ".join(target or "the keyfile's addresses" for target in plan.start),
+            )
+        for target in plan.start:
+            self._add_slot(target)
+
+    def _built(self, slot: _Slot, mux: SiteTunnelProtocol) -> None:
+        slot.mux = mux
+        mux.when_ready().addCallbacks(self._session_open, lambda _: None, callbackArgs=(slot,))
+        mux.add_replicas_observer(lambda replicas: self._announced(slot, mux, replicas))
+        mux.on_closed(self._session_closed, slot, mux)
+
+    def _holder_live(self, key: int) -> bool:
+        slot = self._slots.get(key)
+        return slot is not None and slot.mux is not None and slot.mux.accepting_streams
+
+    def _session_open(self, mux: MuxProtocol, slot: _Slot) -> None:
+        if slot.mux is not mux or self._slots.get(slot.key) is not slot or mux.replicas_negotiated:
+            # With the capability, the session is placed once it says which
+            # replica it is (its REPLICAS, told after this).
+            self._plan_soon()
+            return
+        if self.replicas.unannounced(slot.key, self._holder_live) is Claim.DUPLICATE:
+            self._close_duplicate(slot, slot.mux, "the tunnel server (without replicas)")
+        self._plan_soon()
+
+    def _announced(self, slot: _Slot, mux: SiteTunnelProtocol, announcement: Replicas) -> None:
+        if slot.mux is not mux or self._slots.get(slot.key) is not slot or not mux.ready:
+            return
+        replicas = self.replicas
+        before = replicas.announced
+        held = replicas.held_by(slot.key)
+        members = {entry.replica_id: entry.advertise for entry in announcement.replicas}
+        own = announcement.own
+        if replicas.announce(slot.key, own, members, self._holder_live) is Claim.DUPLICATE:
+            self._close_duplicate(slot, mux, f"replica {own}")
+        elif held != own:
+            slot.duplicates = 0
+            self._log.info(
+                "site {site}: session with replica {replica} ({server})",
+                site=self.state.site_name,
+                replica=own,
+                server=mux.peer_label,
+            )
+        if before != members:
+            self._log.info(
+                "site {site}: the tunnel server has {count} replica(s): {replicas}",
+                site=self.state.site_name,
+                count=len(members),
+                replicas=", ".join(f"{r} ({a})" if a else r for r, a in sorted(members.items())),
+            )
+        self._plan_soon()
+
+    def _close_duplicate(self, slot: _Slot, mux: SiteTunnelProtocol, what: str) -> None:
+        """
+        The balancer sent this slot to a replica another slot has a session
+        with: close this one quietly (GOAWAY NO_ERROR); the slot dials again
+        after a short delay of its own (L{duplicate_delay}).
+        """
+        slot.duplicates += 1
+        mux.duplicate_of = what.removeprefix("replica ")
+        self._log.info(
+            "site {site}: already connected to {what}; closing the extra session with {server}",
+            site=self.state.site_name,
+            what=what,
+            server=mux.peer_label,
+        )
+        mux.terminate(ErrorCode.NO_ERROR, f"already connected to {what}")
+
+    def _session_closed(self, _: BaseException, slot: _Slot, mux: SiteTunnelProtocol) -> None:
+        if slot.mux is not mux:
+            return
+        slot.mux = None
+        replica = self.replicas.released(slot.key)
+        if replica is not None and replica != NO_REPLICAS:
+            self._log.info(
+                "site {site}: no session with replica {replica} now", site=self.state.site_name, replica=replica
+            )
+        self.figures.up = bool(self.sessions)
+        self._plan_soon()
+
+    def _publish(self) -> None:
+        """The metrics' view of the replicas (L{ReplicaFigures}), replaced whole."""
+        sessions = self.sessions
+        announced: Mapping[str, str] = self.replicas.announced or {}
+        ids = (announced.keys() | sessions.keys()) - {NO_REPLICAS}
+        self.replica_figures = ReplicaFigures(len(sessions), tuple((r, r in sessions) for r in sorted(ids)))
