@@ -252,7 +252,7 @@ class MonitorTests(SynchronousTestCase):
         self.assertIn("worker w1 started (pid 100)", self.lines)
         self.assertIn("worker w2 started (pid 101)", self.lines)
 
-        self.reactor.advance(5)  # a worker that lived past the threshold is restarted at once
+        self.reactor.advance(10)  # a worker that lived 10 s is restarted at once
         first.end(killed(signal.SIGKILL))
         self.assertIn("worker w1 (pid 100) ended by signal 9 (SIGKILL); restarting it", self.lines)
         self.reactor.advance(0)
@@ -275,10 +275,14 @@ class MonitorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 3, "no restart once stopping")
 
     def test_quick_deaths_back_off(self) -> None:
-        """A worker dying at once (a port it cannot listen on) is restarted after 1, 2, 4 s."""
+        """
+        A worker dying within 10 s of its start (after its start-up, on a
+        port it cannot listen on) is restarted after 1, 2, 4 s.
+        """
         service = self.supervisor(workers=1)
         service.startService()
         for delay in (1, 2, 4):
+            self.reactor.advance(9.9)
             self.reactor.spawned[-1].end(Failure(ProcessTerminated(exitCode=1)))
             count = len(self.reactor.spawned)
             self.reactor.advance(delay - 0.01)

@@ -73,6 +73,12 @@ _KILL_MARGIN = 5
 #: (ProcessMonitor doubles it from 1 s).
 _MAX_RESTART_DELAY = 30
 
+#: Seconds a worker must have run for its death not to count as "at once":
+#: a worker takes a second or two to start, and one that cannot listen
+#: (another program holds the port) dies just after; with procmon's 1 s it
+#: would be restarted without delay for ever.
+_QUICK_DEATH = 10
+
 #: twistd run by the supervisor's interpreter: C{python -m twisted} is
 #: C{twist}, which has no C{--nodaemon} nor C{--pidfile}, and twistd's
 #: module has no C{__main__}; no C{twistd} script need be on C{PATH}.
@@ -321,6 +327,7 @@ def build_supervisor(
     # ProcessMonitor declares whole seconds.
     monitor.killTime = math.ceil(config.drain_grace + _KILL_MARGIN)
     monitor.maxRestartDelay = _MAX_RESTART_DELAY
+    monitor.threshold = _QUICK_DEATH
     environment = dict(os.environ)
     # Each log line leaves the worker when written, not when a buffer fills.
     environment["PYTHONUNBUFFERED"] = "1"
