@@ -65,6 +65,8 @@ class ServerConfig:
     proxy_users: str | None = None
     #: the read-only admin endpoint (metrics, health, JSON API, status page); off when None
     admin: str | None = DEFAULT_SERVER_ADMIN
+    #: C{--workers}: worker processes sharing the listening ports (L{rtunnel.roles.workers}); 1: this process serves
+    workers: int = 1
     #: C{--replica-id}: this server's name among the replicas sharing its
     #: database; None: C{HOSTNAME:PORT} of the tunnel port
     #: (L{rtunnel.roles.replicas.default_replica_id})

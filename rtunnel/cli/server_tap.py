@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -35,6 +36,7 @@ from .options import (
     positive_float,
     positive_int,
 )
+from .server_workers import WORKER_PARAMETERS, make_supervisor, with_workers, worker_service
 
 
 class Options(usage.Options):
@@ -146,6 +148,7 @@ class Options(usage.Options):
             "HOST:PORT at which sites can reach this replica directly (told to sites); default: none, sites reach "
             "it through the address in their keyfile (a load balancer).",
         ],
+        *WORKER_PARAMETERS,
         *drain_parameters(default(ServerConfig, "drain_grace")),
         *FLOW_PARAMETERS,
         *LOG_PARAMETERS,
@@ -155,6 +158,11 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options.__init__ is unannotated in Twisted
         self["public-address"] = []
         self["forward"] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept as given: the workers of --workers N run with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def opt_public_address(self, host: str) -> None:
         """Name or IP under which sites reach this server (repeatable); in its certificate."""
@@ -204,6 +212,7 @@ class Options(usage.Options):
                 max_handshakes=positive_int("max-handshakes", self["max-handshakes"]),
             ),
         )
+        self.config = with_workers(self, self.config)
 
 
 def _admin(options: usage.Options) -> str | None:
@@ -247,8 +256,11 @@ def makeService(options: Options) -> IService:
     # limit (1,024 under systemd) when the hard limit allows more.
     describe_capacity(*raise_soft_limit())
     try:
-        return build_server_service(
+        if options.config.workers > 1:
+            return make_supervisor(options, options.argv, reactor)
+        service = build_server_service(
             options.config, reactor, on_fatal=functools.partial(stop_with_status, reactor, 1, program="rtunnel-server")
         )
+        return worker_service(options, service, reactor)
     except (IdentityError, FrontDoorError, AdminEndpointError) as e:
         sys.exit(f"rtunnel-server: error: {e}")
