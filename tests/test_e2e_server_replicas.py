@@ -1,7 +1,9 @@
 """
 Two real C{twistd rtunnel-server} processes as replicas of each other on one
-SQLite state (the same C{--state}, their own C{--listen} port, C{--replica-id}
-and C{--advertise}), and a site enrolled through one of them.
+state (the same C{--state}, and C{--database} on PostgreSQL; their own
+C{--listen} port, C{--replica-id} and C{--advertise}), and a site enrolled
+through one of them; on SQLite, and on a throwaway PostgreSQL cluster
+(skipped without PostgreSQL: tests/pg_support.py).
 
 Both record themselves and see each other (C{rtunnel replicas list}, the
 C{rtunnel_replicas} metric); the site is told both (it can reach the second
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from rtunnel.identity.store import REPLICA_TIMEOUT
+from tests.pg_support import cluster
 from tools.harness import Deployment, Process, free_port, port_open, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -66,9 +69,14 @@ def wait_for_line(process: Process, text: str, timeout: float) -> None:
     wait_until(lambda: text in process.output(), timeout, f"{process.name} to log {text!r}")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):  # type: ignore[no-untyped-def]
-    d = Deployment(tmp_path_factory.mktemp("server-replicas"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    database = None
+    if request.param == "postgresql":
+        pg = cluster()
+        name = pg.new_database()
+        database = pg.url(name, tcp=True)
+    d = Deployment(tmp_path_factory.mktemp(f"server-replicas-{request.param}"), database=database)
     port_a, port_b = d.server_port, free_port()
     admin_a, admin_b = free_port(), free_port()
     d.admin = f"tcp:{admin_a}:interface=127.0.0.1"
@@ -96,6 +104,8 @@ def world(tmp_path_factory):  # type: ignore[no-untyped-def]
     site = d.start_site(SITE, allow=[], keyfile=keyfile, extra=["--retry-cap", "2"])
     yield d, a, b, site, (admin_a, admin_b)
     d.stop_all()
+    if database is not None:
+        pg.drop_database(name)
 
 
 def test_both_replicas_recorded(world):  # type: ignore[no-untyped-def]
