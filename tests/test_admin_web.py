@@ -643,10 +643,12 @@ class UrlTests(unittest.SynchronousTestCase):
 
 class SiteReadinessTests(unittest.SynchronousTestCase):
     def service(self, **kwargs: Any) -> Any:
-        return SimpleNamespace(**{"running": True, "factory": None, **kwargs})
+        factory = kwargs.get("factory")
+        factories = [factory] if factory is not None else []
+        return SimpleNamespace(**{"running": True, "factory": None, "sessions": {}, "factories": factories, **kwargs})
 
     def test_reasons(self) -> None:
-        """Ready only while the tunnel session is open; otherwise the reason, the last attempt's if known."""
+        """Ready while a tunnel session is open (any replica's); otherwise the reason, the last attempt's if known."""
         self.assertEqual(site_not_ready(self.service(running=False)), "the site is not running")
         self.assertIn("no tunnel session yet", site_not_ready(self.service()) or "")
         factory = SimpleNamespace(stopping=False, current=None, last_outcome=None)
@@ -656,10 +658,14 @@ class SiteReadinessTests(unittest.SynchronousTestCase):
             site_not_ready(self.service(factory=factory)),
             "no tunnel session with the tunnel server (the last connection ended: connection refused)",
         )
-        factory.current = SimpleNamespace(ready=False)
-        self.assertIn("no tunnel session", site_not_ready(self.service(factory=factory)) or "")
-        factory.current = SimpleNamespace(ready=True)
-        self.assertIsNone(site_not_ready(self.service(factory=factory)))
+        # Another slot's reason when the first slot has none.
+        other = SimpleNamespace(stopping=False, current=None, last_outcome=SimpleNamespace(reason="reset"))
+        factory.last_outcome = None
+        self.assertEqual(
+            site_not_ready(self.service(factory=factory, factories=[factory, other])),
+            "no tunnel session with the tunnel server (the last connection ended: reset)",
+        )
+        self.assertIsNone(site_not_ready(self.service(factory=factory, sessions={"b": object()})))
         factory.stopping = True
         self.assertEqual(site_not_ready(self.service(factory=factory)), "the site is shutting down")
 

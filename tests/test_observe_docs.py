@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.observe.metrics import ServerCollector, SiteCollector, metrics_registry
+from rtunnel.roles.site import ReplicaFigures
 from tests import test_observe_metrics
 from tests.test_observe_metrics import PROMTOOL_MISSING, ServerSetup, admitted
 from tests.test_observe_stats import FakeSession
@@ -141,6 +142,7 @@ class MetricListTests(SynchronousTestCase):
         service.figures.opened()
         service.figures.reconnect()
         service.figures.remote_open(0, "")
+        service.replica_figures = ReplicaFigures(1, (("cloud-1:5500", True),))
         made = set()
         for collector in (ServerCollector(setup.service), SiteCollector(service)):  # type: ignore[arg-type]
             text = generate_latest(metrics_registry(collector)).decode()

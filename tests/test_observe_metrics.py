@@ -30,6 +30,7 @@ from rtunnel.observe.stats import SAMPLE_INTERVAL, ClientFigures
 from rtunnel.observe.view import FleetView, ForwardSnapshot, Refusal
 from rtunnel.roles.forward import ForwardSpec
 from rtunnel.roles.server import ServerPolicy, TunnelServerService
+from rtunnel.roles.site import ReplicaFigures
 from rtunnel.services import ServerConfig
 from tests.roles_helpers import ServerFixture
 from tests.test_observe_stats import FakeSession
@@ -287,6 +288,7 @@ class SiteCollectorTests(SynchronousTestCase):
         def __init__(self, name: str | None) -> None:
             self.figures = ClientFigures()
             self.state = type("State", (), {"site_name": name})()
+            self.replica_figures = ReplicaFigures()
 
     def test_values(self) -> None:
         """Session up, sessions, reconnects by reason, streams, opens by result, bytes each way, RTT."""
@@ -325,6 +327,19 @@ class SiteCollectorTests(SynchronousTestCase):
         self.assertEqual(value(samples, "rtunnel_tunnel_bytes", direction="to_server"), 11)
         self.assertEqual(value(samples, "rtunnel_tunnel_bytes", direction="from_server"), 22)
         self.assertEqual(value(samples, "rtunnel_tunnel_rtt_seconds"), 0.25)
+
+    def test_sessions_per_replica(self) -> None:
+        """Open sessions, and each announced replica up or not; no replica series with a server without replicas."""
+        service = self.Service("alpha")
+        samples = parse(scrape(SiteCollector(service)))  # type: ignore[arg-type]
+        self.assertEqual(value(samples, "rtunnel_site_sessions"), 0)
+        self.assertEqual(samples.get("rtunnel_site_replica_up", []), [])
+        service.replica_figures = ReplicaFigures(2, (("a", True), ("b", False), ("c", True)))
+        samples = parse(scrape(SiteCollector(service)))  # type: ignore[arg-type]
+        self.assertEqual(value(samples, "rtunnel_site_sessions"), 2)
+        self.assertEqual(
+            {s.labels["replica"]: s.value for s in samples["rtunnel_site_replica_up"]}, {"a": 1, "b": 0, "c": 1}
+        )
 
     def test_before_enrollment_and_promtool(self) -> None:
         """A site not enrolled yet has no site name to show; promtool accepts the scrape."""

@@ -7,7 +7,8 @@ Nothing is counted here and nothing touches the data path: a scrape reads
 integers the roles already keep. Names follow Prometheus conventions
 (C{rtunnel_} prefix, C{_total} counters, seconds and bytes). Labels are
 bounded: C{site} (one value per known site), C{replica} (this server's
-id, one value) and small fixed sets
+id, one value; at a site, the replicas its authenticated server
+announces, at most 64) and small fixed sets
 (C{result}, C{reason}, C{direction}, C{kind}, C{door}, C{forward},
 C{source}); never a stream, a client address or a peer-chosen value.
 docs/operations.md ("Metrics") lists every metric.
@@ -339,6 +340,22 @@ class SiteCollector(Collector):
         if current is not None and figures.up and current.last_rtt is not None:
             rtt.add_metric([], current.last_rtt)
         yield rtt
+        replicas = self.service.replica_figures  # one immutable value (see the module on threads)
+        yield _gauge(
+            "rtunnel_site_sessions",
+            "Tunnel sessions open now: one per server replica this site is connected to (one with a server "
+            "without replicas).",
+            replicas.sessions,
+        )
+        up = GaugeMetricFamily(
+            "rtunnel_site_replica_up",
+            "1 while this site has a session with the server replica, 0 for a replica its server announced that "
+            "it has none with yet (no series with a server without replicas).",
+            labels=["replica"],
+        )
+        for replica, held in replicas.replicas:
+            up.add_metric([replica], int(held))
+        yield up
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

@@ -811,7 +811,10 @@ def add_server_admin(service: TunnelServerService, admin: str | None, reactor: A
 
 
 def site_not_ready(service: TunnelClientService) -> str | None:
-    """The site's C{/readyz}: ready while its tunnel session with the server is open."""
+    """
+    The site's C{/readyz}: ready while it has at least one tunnel session
+    (with a server that is several replicas, one with any of them).
+    """
     if not service.running:
         return "the site is not running"
     factory = service.factory
@@ -819,10 +822,9 @@ def site_not_ready(service: TunnelClientService) -> str | None:
         return "no tunnel session yet (enrolling, or not started)"
     if factory.stopping:
         return "the site is shutting down"
-    mux = factory.current
-    if mux is not None and mux.ready:
+    if service.sessions:
         return None
-    last = factory.last_outcome
+    last = next((f.last_outcome for f in service.factories if f.last_outcome is not None), None)
     if last is not None:
         # The end of the last connection that became a session: connects
         # refused since then build none, so it is not "the last attempt".
