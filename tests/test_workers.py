@@ -39,6 +39,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(worker_admin("tcp:interface=127.0.0.1:port=5501", 2), "tcp:interface=127.0.0.1:port=5502")
         self.assertEqual(worker_admin(r"tcp6:9000:interface=\:\:1", 4), r"tcp6:9003:interface=\:\:1")
         self.assertEqual(worker_admin("ssl:8443:privateKey=k.pem", 2), "ssl:8444:privateKey=k.pem")
+        self.assertEqual(worker_admin(" 5501 ", 2), "tcp:5502")
 
     def test_off_and_port_zero_stay(self) -> None:
         """No admin endpoint stays none; port 0 lets the kernel pick one per worker."""

@@ -15,6 +15,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from ..adapter.net import share_ports
+from ..frontdoor.protocol import DoorKind
 from ..frontdoor.wiring import check_front_doors
 from ..identity.state import ServerState
 from ..mux.frames import replica_id_problem
@@ -44,6 +45,10 @@ WORKER_PARAMETERS = [
     ],
     ["worker-of", None, None, "Internal: set by --workers on each worker (the supervisor's pid)."],
 ]
+
+
+#: The option that gives each front door, for the usage errors.
+_DOOR_OPTIONS = {DoorKind.SOCKS5: "--socks", DoorKind.HTTP_CONNECT: "--connect-proxy"}
 
 
 def base_replica_id(config: ServerConfig) -> str:
@@ -80,7 +85,7 @@ def with_workers(options: usage.Options, config: ServerConfig) -> ServerConfig:
                     "--advertise names one replica's own address; the workers share every port, so sites cannot "
                     "reach one of them directly: leave --advertise out with --workers"
                 )
-            listeners += [(f"--{kind.value}", description) for kind, description in check_front_doors(config)]
+            listeners += [(_DOOR_OPTIONS[kind], description) for kind, description in check_front_doors(config)]
         check_workers(config, listeners)
     except (WorkersError, ValueError) as e:
         raise usage.UsageError(str(e)) from None

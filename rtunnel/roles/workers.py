@@ -113,14 +113,16 @@ def worker_admin(admin: str | None, index: int) -> str | None:
     with its port moved up by C{index - 1} (port 0 stays 0: the kernel
     picks one per worker); C{None} stays off.
 
-    @param admin: an endpoint as L{rtunnel.observe.web.admin_endpoint}
-        gives it (a bare port already made C{tcp:PORT}).
+    @param admin: C{--admin} as given: a bare port is C{tcp:PORT}, and
+        what names no interface is bound to loopback by the worker itself
+        (L{rtunnel.observe.web.admin_endpoint}).
     @raise WorkersError: a UNIX socket (one path cannot serve several
         processes), no port, or a port beyond 65535.
     """
     if admin is None:
         return None
-    parts = _UNESCAPED_COLON.split(admin.strip())
+    text = admin.strip()
+    parts = _UNESCAPED_COLON.split(f"tcp:{text}" if text.isdigit() else text)
     kind = parts[0].lower()
     if kind not in {"tcp", "tcp6", "ssl"}:
         raise WorkersError(
@@ -136,7 +138,7 @@ def worker_admin(admin: str | None, index: int) -> str | None:
         raise WorkersError(f"--admin {admin}: names no port to give each worker its own from")
     port = int(value)
     if port == 0:
-        return admin.strip()
+        return ":".join(parts)
     moved = port + index - 1
     if moved > 65535:
         raise WorkersError(f"--admin {admin}: worker {index} would serve its admin endpoint on port {moved}")
