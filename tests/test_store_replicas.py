@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from twisted.logger import formatEvent, globalLogPublisher
+
 from rtunnel.identity.errors import SiteNotFound, StateError
 from rtunnel.identity.store import (
     HEARTBEAT_INTERVAL,
@@ -239,7 +241,20 @@ class RestoreTests(_ReplicaTestCase):
     so is what its failed writes missed.
     """
 
+    def logged(self) -> list[str]:
+        """The store's log lines from now on."""
+        lines: list[str] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if event.get("log_namespace") == "rtunnel.identity.store":
+                lines.append(formatEvent(event) or "")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
     def test_expired_by_another_then_back(self) -> None:
+        logged = self.logged()
         _started(self.store, "a")
         self.store.session_opened("alpha", "a", "192.0.2.9:40000", later(1))
         self.store.session_opened("beta", "a", "192.0.2.10:40000", later(1))
@@ -261,6 +276,10 @@ class RestoreTests(_ReplicaTestCase):
         rows = self.other._db.execute("SELECT port, source, state FROM forward_states ORDER BY port").fetchall()
         self.assertEqual(
             [tuple(r) for r in rows], [(8080, SOURCE_DATABASE, "listening"), (9000, SOURCE_COMMAND_LINE, "listening")]
+        )
+        self.assertEqual(
+            logged,
+            ["state database: replica a written back with its 1 site session(s) (another process had dropped it)"],
         )
 
     def test_heartbeat_of_a_replica_this_connection_did_not_start(self) -> None:
@@ -288,6 +307,7 @@ class RestoreTests(_ReplicaTestCase):
 
     def test_failed_writes_are_made_good(self) -> None:
         """Sessions opened and closed while writes failed are right in the database after the next heartbeat."""
+        logged = self.logged()
         _started(self.store, "a")
         self.store.session_opened("beta", "a", "192.0.2.10:40000", later(1))
         with self.database_down():
@@ -300,6 +320,9 @@ class RestoreTests(_ReplicaTestCase):
         self.assertEqual(self.states(3), [])  # no stored forward: the state alone is not listed
         count = self.other._db.execute("SELECT count(*) FROM forward_states WHERE replica_id = 'a'").fetchone()[0]
         self.assertEqual(count, 1)
+        self.assertEqual(
+            logged, ["state database: replica a written back with its 1 site session(s) (writes had failed)"]
+        )
         # once made good, a heartbeat writes only the heartbeat
         self.other._db.execute("DELETE FROM site_sessions")
         self.store.replica_heartbeat("a", "", later(4))

@@ -1044,9 +1044,10 @@ class StateStore:
         if own is not None:
             if restore:
                 _log.info(
-                    "state database: recorded replica {replica}'s {count} sessions again",
+                    "state database: replica {replica} written back with its {count} site session(s) ({why})",
                     replica=replica_id,
                     count=len(own.sessions),
+                    why="writes had failed" if found else "another process had dropped it",
                 )
             own.stale = False
 
