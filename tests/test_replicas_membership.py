@@ -21,17 +21,19 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.adapter import MuxProtocol
+from rtunnel.identity import certs
 from rtunnel.identity.errors import StateError
+from rtunnel.identity.state import ServerState
 from rtunnel.identity.store import HEARTBEAT_INTERVAL, REPLICA_TIMEOUT, ReplicaRecord, SiteAdmission, StateStore
 from rtunnel.mux import ErrorCode
 from rtunnel.mux.frames import MAX_REPLICAS, ReplicaEntry, Replicas
 from rtunnel.mux.settings import CAP_SERVICES, ROLE_SETTINGS, Settings
 from rtunnel.roles.replicas import ReplicaMembership, default_replica_id, listen_port
-from rtunnel.roles.server import RevocationWatch, StateThread
+from rtunnel.roles.server import RevocationWatch, StateThread, TunnelServerFactory
 from rtunnel.services import build_server_service
 from tests import test_server_role
-from tests.roles_helpers import SITE_PEER, Built, pump_all
-from tests.test_server_role import Server
+from tests.roles_helpers import SITE_PEER, Built, Watching, pump_all
+from tests.test_server_role import POLICY, Server
 from tests.test_taps import parse_server
 
 T0 = datetime(2026, 12, 6, 2, 0, 0, tzinfo=UTC)
@@ -534,3 +536,64 @@ class TapOptionTests(SynchronousTestCase):
             with self.assertRaises(usage.UsageError, msg=repr(argv)) as raised:
                 parse_server("--state=/s", *argv)
             self.assertIn(message, str(raised.exception), repr(argv))
+
+
+class AdmissionAcrossReplicasTests(SynchronousTestCase):
+    """
+    A site enrolled through another replica (another connection to the
+    database) dials this one before its revocation poll has seen the
+    enrollment: the refusal the snapshot would give is checked against the
+    database first.
+    """
+
+    def setUp(self) -> None:
+        self.server = Server(self)
+        # This replica's own connection and snapshot, loaded before the enrollment below.
+        self.state = ServerState.open_existing(self.server.fixture.directory)
+        self.addCleanup(self.state.close)
+        self.server.factory = TunnelServerFactory(self.state, self.server.registry, self.server.clock, POLICY)
+        self.server.accepting = Watching(self.server.factory)
+
+    def test_enrolled_elsewhere_is_admitted(self) -> None:
+        """Enrolled through another connection a moment ago: admitted, and the snapshot learns of it."""
+        key, cert = self.server.fixture.enroll("alpha")
+        self.assertIsNone(self.server.factory.admission.get("alpha"))
+        site, _, _ = self.server.dial(key, cert)
+        self.assertTrue(site.ready)
+        self.assertIsNotNone(self.server.registry.session_for("alpha"))
+        admission = self.server.factory.admission.get("alpha")
+        assert admission is not None
+        self.assertEqual(admission.certificate_fingerprint, certs.fingerprint(cert))
+
+    def test_reenrolled_elsewhere_is_admitted(self) -> None:
+        """Enrolled again elsewhere (a new certificate the snapshot does not know yet): admitted."""
+        self.server.fixture.enroll("alpha")
+        self.server.factory.admission.replace(self.state.store.admission_table())
+        key, cert = self.server.fixture.enroll("alpha")
+        site, _, _ = self.server.dial(key, cert)
+        self.assertTrue(site.ready)
+
+    def test_unknown_to_the_database_too(self) -> None:
+        """A certificate of our CA for a site the database does not know either: refused, site-unknown."""
+        key, cert = self.server.fixture.certify_without_enrolling("ghost")
+        site, _, _ = self.server.dial(key, cert)
+        self.assertEqual(site.peer_goaway[0], ErrorCode.NOT_AUTHORIZED)  # type: ignore[index]
+        self.assertIn("site-unknown", site.peer_goaway[1])  # type: ignore[index]
+
+    def test_revoked_is_refused_from_memory(self) -> None:
+        """A revoked site presenting the certificate the snapshot knows is refused without asking the database."""
+        key, cert = self.server.fixture.enroll("alpha")
+        self.server.fixture.state.store.revoke_site("alpha", datetime.now(UTC))
+        self.server.factory.admission.replace(self.state.store.admission_table())
+        asked: list[str] = []
+        self.state.store.admission = asked.append  # type: ignore[assignment, method-assign]
+        site, _, _ = self.server.dial(key, cert)
+        self.assertIn("site-revoked", site.peer_goaway[1])  # type: ignore[index]
+        self.assertEqual(asked, [])
+
+    def test_database_down_refuses(self) -> None:
+        """The database does not answer: the snapshot decides (a refusal), the connection is not left hanging."""
+        key, cert = self.server.fixture.enroll("alpha")
+        self.state.store.close()
+        site, _, _ = self.server.dial(key, cert)
+        self.assertIn("site-unknown", site.peer_goaway[1])  # type: ignore[index]

@@ -136,6 +136,17 @@ def _refuse_site_streams(stream: MuxStream) -> None:
     stream.refuse(ErrorCode.TARGET_NOT_ALLOWED, "the tunnel server accepts no streams from sites")
 
 
+def _maybe_stale(admission: SiteAdmission | None, fingerprint: str) -> bool:
+    """
+    Whether a refusal of this certificate by the snapshot could come from
+    the snapshot being behind the database: the site unknown, or known
+    with another certificate. A revoked certificate stays refused (a site
+    is re-admitted by enrolling again, with a new certificate), so a
+    revoked site presenting this one is refused from memory.
+    """
+    return admission is None or not admission.enrolled or admission.certificate_fingerprint != fingerprint
+
+
 @implementer(IHandshakeListener)
 class TunnelConnection(Protocol):
     """
@@ -213,6 +224,32 @@ class TunnelConnection(Protocol):
             return
         site, fingerprint = identity
         self.site, self.fingerprint = site, fingerprint
+        if _maybe_stale(self.factory.admission.get(site), fingerprint):
+            # Another replica sharing the database may have enrolled this
+            # site (or enrolled it again) after our snapshot was loaded: a
+            # site dials at once after enrolling, and through a balancer it
+            # lands on any replica, whose revocation poll would learn of the
+            # enrollment only within a second. Ask the database before
+            # refusing; what the site sends meanwhile is held, and the
+            # handshake deadline still runs. Only a certificate our CA
+            # signed gets here.
+            self.factory.database.run(self.factory.state.store.admission, site).addCallbacks(
+                self._looked_up, self._lookup_failed, callbackArgs=(site, fingerprint), errbackArgs=(site, fingerprint)
+            )
+            return
+        self._admit(site, fingerprint)
+
+    def _looked_up(self, admission: SiteAdmission | None, site: str, fingerprint: str) -> None:
+        self.factory.admission.update(site, admission)
+        if not self._lost:
+            self._admit(site, fingerprint)
+
+    def _lookup_failed(self, failure: Failure, site: str, fingerprint: str) -> None:
+        # The database is down: decide from the snapshot (a refusal).
+        if not self._lost:
+            self._admit(site, fingerprint)
+
+    def _admit(self, site: str, fingerprint: str) -> None:
         mux = self._new_mux(site)
         refusal = self._refusal(site, fingerprint)
         if refusal is not None:
