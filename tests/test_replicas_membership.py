@@ -28,10 +28,11 @@ from rtunnel.identity.store import HEARTBEAT_INTERVAL, REPLICA_TIMEOUT, ReplicaR
 from rtunnel.mux import ErrorCode
 from rtunnel.mux.frames import MAX_REPLICAS, ReplicaEntry, Replicas
 from rtunnel.mux.settings import CAP_SERVICES, ROLE_SETTINGS, Settings
-from rtunnel.roles.replicas import ReplicaMembership, default_replica_id, listen_port
+from rtunnel.roles.replicas import PUSH_STEP, ReplicaMembership, default_replica_id, listen_port
 from rtunnel.roles.server import RevocationWatch, StateThread, TunnelServerFactory
 from rtunnel.services import build_server_service
 from tests import test_server_role
+from tests.observe_web_helpers import turn
 from tests.roles_helpers import SITE_PEER, Built, Watching, pump_all
 from tests.test_server_role import POLICY, Server
 from tests.test_taps import parse_server
@@ -350,6 +351,33 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(ids(announced)[:2], ["r000:5500", "r001:5500"])
         self.assertEqual(s.membership.live, MAX_REPLICAS + 6)
         self.assertEqual(len(lines("ignoring replica row 'bad id'")), 1)
+
+    def test_push_in_turns(self) -> None:
+        """
+        A change is told PUSH_STEP sessions a reactor turn; a change during
+        a push starts over with the newer set, so every session ends with
+        the newest; a stop ends a push in progress.
+        """
+        s = Setup(self)
+        s.sessions += [FakeSession() for _ in range(2 * PUSH_STEP + 10)]
+        s.membership.start()
+        s.store.add("b:5500", s.now())
+        s.membership.beat()  # the first turn of the push
+        told = [len(x.sent) for x in s.sessions]
+        self.assertEqual(told.count(1), PUSH_STEP)
+        self.assertEqual(turn(s.clock), 1)
+        self.assertEqual([len(x.sent) for x in s.sessions].count(1), 2 * PUSH_STEP)
+        s.store.add("c:5500", s.now())
+        s.membership.beat()  # a change before the last turn
+        while turn(s.clock):
+            pass
+        self.assertTrue(all(ids(x.sent[-1]) == ["a:5500", "b:5500", "c:5500"] for x in s.sessions))
+        self.assertEqual(sum(len(x.sent) for x in s.sessions), 2 * PUSH_STEP + len(s.sessions))
+        s.store.add("d:5500", s.now())
+        s.membership.beat()
+        self.successResultOf(s.membership.stop())
+        turn(s.clock)
+        self.assertEqual(sum(1 for x in s.sessions if ids(x.sent[-1])[-1] == "d:5500"), PUSH_STEP)
 
     def test_stop(self) -> None:
         """
