@@ -76,11 +76,12 @@ def worker_pids(supervisor: Process, worker: str) -> list[int]:
 
 
 def running(pid: int) -> bool:
+    """Whether C{pid} runs: a zombie (an orphan's end that no init reaped yet) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
 
 
 def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_path: Path) -> None:
@@ -179,6 +180,42 @@ def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_pa
     finally:
         d.stop_all()
         echo.close()
+
+
+def test_workers_of_a_killed_supervisor_stop_and_free_the_port(tmp_path: Path) -> None:
+    """
+    kill -9 of the supervisor: its workers see it gone and stop by
+    themselves, so a supervisor started again gets the port and the replica
+    ids to itself.
+    """
+    admin = two_free_ports()
+    d = Deployment(tmp_path, admin=f"tcp:{admin}:interface=127.0.0.1")
+    workers: list[int] = []
+    try:
+        supervisor = d.start_server(extra=["--workers", "2"])
+        wait_until(
+            lambda: api(admin, "/api/v1/forwards") is not None and api(admin + 1, "/api/v1/forwards") is not None,
+            60,
+            "both workers' admin endpoints",
+        )
+        workers += worker_pids(supervisor, "w1") + worker_pids(supervisor, "w2")
+        assert len(workers) == 2 and all(running(pid) for pid in workers)
+        assert supervisor.kill() == -9
+        wait_until(lambda: not any(running(pid) for pid in workers), 30, "the orphaned workers to stop")
+        # (Their last lines are lost: the pipe to the supervisor's log went with it.)
+
+        again = d.start_server(extra=["--workers", "2"])
+        wait_until(
+            lambda: api(admin, "/api/v1/forwards") is not None and api(admin + 1, "/api/v1/forwards") is not None,
+            60,
+            "both new workers' admin endpoints",
+        )
+        assert again.stop(timeout=40) == 0
+    finally:
+        d.stop_all()
+        for pid in workers:  # had they outlived their supervisor (the test failing)
+            if running(pid):
+                os.kill(pid, 9)
 
 
 def usage_error(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
