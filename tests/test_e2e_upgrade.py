@@ -4,7 +4,7 @@ rtunnel 0.2.0 wrote (the fixture tests/fixtures/state-0.2.0.sql) upgrades it
 in place at start, says so in one log line, and serves from it: the sites,
 tokens and revocations of 0.2.0 are all there for the rtunnel command. The
 same from schema version 2 (tests/fixtures/state-v2.sql, before replicas):
-its forwards too.
+its forwards too, and the server is then listed as a replica.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from rtunnel.identity.migrations import SCHEMA_VERSION
 from rtunnel.identity.state import DATABASE, ServerState
 from tests.test_migrations import V020, V2
-from tools.harness import Deployment
+from tools.harness import Deployment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -72,4 +72,11 @@ def test_server_upgrades_a_version_2_database(tmp_path):
     assert sites["alpha"]["connected"] is False and sites["alpha"]["sessions"] == []
     listed = json.loads(d.rtunnel("forwards", "list", "--state", str(d.server_state), "--json").stdout)
     assert [(f["spec"], f["source"]) for f in listed] == [("127.0.0.1:9000:alpha:localhost:22", "database")]
+
+    # the server records itself as a replica in the upgraded database
+    def replicas():
+        return json.loads(d.rtunnel("replicas", "list", "--state", str(d.server_state), "--json").stdout)
+
+    wait_until(lambda: replicas() != [], 15, "the server to record itself as a replica")
+    assert [r["pid"] for r in replicas()] == [server.pid]
     assert d.stop_all() == {"server": 0}
