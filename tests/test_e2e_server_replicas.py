@@ -135,6 +135,36 @@ def test_site_told_both_holds_both(world):  # type: ignore[no-untyped-def]
     wait_until(both, 30, "the site to hold a session with both replicas")
 
 
+def test_second_server_on_a_taken_port_records_nothing(world):  # type: ignore[no-untyped-def]
+    """
+    A server started by mistake with the same state, port and id as a
+    running replica cannot listen and exits with status 1, recording
+    nothing: the running replica's row and the site's sessions stay as
+    they were (no stop record under the shared id, nothing to write back).
+    """
+    d, a, _, _, _ = world
+    wait_until(lambda: sessions(d, SITE) == ["cloud-a", "cloud-b"], 30, "the site's two sessions")
+    started = {r["replica"]: r["started_at"] for r in replicas(d)}
+    duplicate = d.twistd(
+        "server-duplicate",
+        [
+            "rtunnel-server",
+            *d.state_args(),
+            "--listen",
+            f"tcp:{d.server_port}:interface=127.0.0.1",
+            "--admin",
+            "none",
+            "--replica-id",
+            "cloud-a",
+        ],
+    )
+    assert duplicate.wait(30) == 1, duplicate.output()
+    assert "Address already in use" in duplicate.output()
+    assert {r["replica"]: r["started_at"] for r in replicas(d)} == started
+    assert sessions(d, SITE) == ["cloud-a", "cloud-b"]
+    assert "written back" not in a.output()
+
+
 def test_revocation_seen_by_both_within_two_seconds(world):  # type: ignore[no-untyped-def]
     """
     rtunnel sites revoke (another process) is seen by the revocation poll

@@ -397,6 +397,18 @@ class MembershipTests(SynchronousTestCase):
         s.membership._apply(([], s.store.live_replicas(s.now())))
         self.assertEqual(session.sent, [])
 
+    def test_stop_without_start_records_nothing(self) -> None:
+        """
+        A server that never listened (so never started its membership)
+        writes no stop record: with the default id it shares with a server
+        already running on the same state and port, it would drop that one.
+        """
+        s = Setup(self)
+        s.store.add("a:5500", s.now())  # the running server's row
+        self.successResultOf(s.membership.stop())
+        self.assertEqual(s.store.calls, [])
+        self.assertIn("a:5500", s.store.rows)
+
     def test_rename_before_start_only(self) -> None:
         """A default id completed once the tunnel port is bound; never once started."""
         s = Setup(self, replica_id="a:0")

@@ -297,13 +297,20 @@ class ReplicaMembership:
         """
         Stop beating and remove this replica, its sessions and forward
         states from the database (queued behind the server's other writes).
+
+        Only if it was started: a server that never listened (its port
+        taken, say by a server already running on the same state and port,
+        which has the same default id) records nothing, so it cannot drop
+        the running one's row and sessions.
         """
         self._stopped = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
         if self._pushing is not None and self._pushing.active():
             self._pushing.cancel()
         self._pushing = None
+        if self._loop is None:
+            return defer.succeed(None)
+        if self._loop.running:
+            self._loop.stop()
         return self.database.write("recording the replica's stop", self.store.replica_stopped, self.replica_id)
 
 
