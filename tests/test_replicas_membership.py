@@ -350,6 +350,8 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(ids(announced)[-1], "z:5500")
         self.assertEqual(ids(announced)[:2], ["r000:5500", "r001:5500"])
         self.assertEqual(s.membership.live, MAX_REPLICAS + 6)
+        s.beat()
+        s.beat()
         self.assertEqual(len(lines("ignoring replica row 'bad id'")), 1)
 
     def test_push_in_turns(self) -> None:

@@ -181,6 +181,8 @@ class ReplicaMembership:
         self._recorded = False
         self._loop: task.LoopingCall | None = None
         self._stopped = False
+        #: replica rows ignored (ids no replica could have), warned about once
+        self._ignored: set[str] = set()
         #: the next turn of a push in progress (L{_push})
         self._pushing: IDelayedCall | None = None
 
@@ -205,15 +207,18 @@ class ReplicaMembership:
         for good on a failure), and a LoopingCall waits for it, so beats do
         not pile up behind a slow database.
         """
-        d = self.database.run(self._read, self._now())
+        d = self.database.run(self._read)
         return d.addCallbacks(self._apply, self._failed)
 
-    def _read(self, now: datetime) -> tuple[list[str], list[ReplicaRecord]]:
+    def _read(self) -> tuple[list[str], list[ReplicaRecord]]:
         """
         In the database thread: the heartbeat (the start record until it
         is written), the expiry, and the set: the replicas this one dropped
-        and those alive.
+        and those alive. The time is taken here, when the job runs: queued
+        behind a burst of session writes (sites reconnecting), a time taken
+        at submission would make the heartbeat look that much older.
         """
+        now = self._now()
         store = self.store
         if not self._recorded:
             # Also clears what an earlier run under this id left.
@@ -247,7 +252,11 @@ class ReplicaMembership:
             try:
                 others.append(ReplicaEntry(record.replica_id, record.advertise))
             except ValueError as e:  # written by something else than a replica
-                self._log.warn("ignoring replica row {replica!r}: {problem}", replica=record.replica_id, problem=str(e))
+                if record.replica_id not in self._ignored:  # once, not every second
+                    self._ignored.add(record.replica_id)
+                    self._log.warn(
+                        "ignoring replica row {replica!r}: {problem}", replica=record.replica_id, problem=str(e)
+                    )
         # Read just after our own heartbeat, so we are normally there; but
         # never tell a site a set without the replica it is talking to.
         self.live = len(others) + 1
