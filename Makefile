@@ -22,8 +22,12 @@ venv: $(STAMP)
 # Real clients the tests drive, installed from Debian's packages when missing:
 # curl (the front door's end-to-end tests), chromium and chromedriver (the
 # status page, in a real browser), promtool of the prometheus package (checks
-# the /metrics output); and PostgreSQL's server, for the state store's tests
-# on a throwaway cluster (its initdb is not on PATH: checked by its path).
+# the /metrics output); haproxy, the load balancer in front of the replicas in
+# tests/test_e2e_replicas.py (in /usr/sbin, not on every user's PATH: checked
+# there too; the tests run their own in a temporary directory, so the
+# package's service is stopped and disabled where systemd started it); and
+# PostgreSQL's server, for the state store's tests on a throwaway cluster (its
+# initdb is not on PATH: checked by its path).
 TEST_PACKAGES := curl:curl chromium:chromium chromedriver:chromium-driver promtool:prometheus
 test: $(STAMP) test-packages
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
@@ -31,10 +35,12 @@ test: $(STAMP) test-packages
 test-packages:
 	@missing=""; for pair in $(TEST_PACKAGES); do \
 	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing the test tools from Debian's packages:$$missing"; \
-	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; fi
+	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing && \
+	    case "$$missing" in *haproxy*) [ ! -d /run/systemd/system ] || systemctl disable --now haproxy;; esac; fi
 
 # The end-to-end tests once more on stock Twisted I/O (no eager TCP writes,
 # Twisted's own TLS protocol): the fallback rtunnel takes when a Twisted
