@@ -121,13 +121,15 @@ def test_server_admin_endpoint_and_live_sites_list(tmp_path: Path) -> None:
         assert alpha["connected"] is True
         table = d.rtunnel("sites", "list", "--state", str(d.server_state))
         header, row = table.stdout.splitlines()
-        assert header.split() == ["SITE", "ENROLLED", "REVOKED", "SERVICES", "STREAMS", "BYTES", "RTT", "CONNECTED"]
+        live_columns = ["STREAMS", "BYTES", "RTT"]
+        assert header.split() == ["SITE", "ENROLLED", "REVOKED", "SERVICES", *live_columns, "REPLICAS", "CONNECTED"]
         assert "K/" in row and table.stderr == ""
 
         assert d.stop_all() == {"server": 0, "site-alpha": 0}
         assert recorded_url(d) == ""  # cleared at stop
         table = d.rtunnel("sites", "list", "--state", str(d.server_state))
-        assert table.stdout.splitlines()[0].split() == ["SITE", "ENROLLED", "REVOKED", "SERVICES", "CONNECTED"]
+        header = table.stdout.splitlines()[0]
+        assert header.split() == ["SITE", "ENROLLED", "REVOKED", "SERVICES", "REPLICAS", "CONNECTED"]
         assert table.stderr == (
             "rtunnel: no live figures: the tunnel server is not running; listing the state database alone\n"
         )
