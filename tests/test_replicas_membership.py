@@ -8,6 +8,7 @@ stop record; and the default replica id.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ from rtunnel.services import build_server_service
 from tests import test_server_role
 from tests.observe_web_helpers import turn
 from tests.roles_helpers import SITE_PEER, Built, Watching, pump_all
+from tests.test_admission import ThreadedReactor
 from tests.test_server_role import POLICY, Server
 from tests.test_taps import parse_server
 
@@ -639,3 +641,45 @@ class AdmissionAcrossReplicasTests(SynchronousTestCase):
         self.state.store.close()
         site, _, _ = self.server.dial(key, cert)
         self.assertIn("site-unknown", site.peer_goaway[1])  # type: ignore[index]
+
+
+class RunFirstTests(SynchronousTestCase):
+    """StateThread.run_first, which the heartbeat uses, in a real thread."""
+
+    def setUp(self) -> None:
+        self.reactor = ThreadedReactor()
+        self.database = StateThread(self.reactor, name="first")
+        self.database.start()
+        self.addCleanup(lambda: self.reactor.wait_for(self.database.stop()))
+
+    def test_ahead_of_queued_jobs(self) -> None:
+        """
+        Behind a job that holds the thread, the jobs queued wait; a
+        run_first job submitted after them runs before them, and its result
+        comes back on the reactor.
+        """
+        gate = threading.Event()
+        order: list[str] = []
+        self.database.run(gate.wait, 30.0)
+        for name in ("a", "b"):
+            self.database.run(order.append, name)
+        first = self.database.run_first(lambda: order.append("first") or "beat")
+        gate.set()
+        self.reactor.settle(self.database)
+        self.assertEqual(order, ["first", "a", "b"])
+        self.assertEqual(self.successResultOf(first), "beat")
+        self.assertEqual(self.database.pending, 0)
+
+    def test_alone_and_failing(self) -> None:
+        """With nothing queued it runs all the same; its failure is delivered on the reactor."""
+        ran = self.database.run_first(threading.get_ident)
+        self.reactor.wait_for(ran)
+        self.assertNotEqual(self.successResultOf(ran), threading.get_ident())
+        failed = self.database.run_first(self.fail_in_thread)
+        self.reactor.wait_for(failed)
+        self.failureResultOf(failed, StateError)
+        self.assertEqual(self.database.pending, 0)
+
+    @staticmethod
+    def fail_in_thread() -> None:
+        raise StateError("state database is locked")

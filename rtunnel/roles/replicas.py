@@ -108,6 +108,8 @@ class Database(Protocol):
 
     def run(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]: ...
 
+    def run_first(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]: ...
+
     def write(
         self, what: str, f: Callable[_P, object], *args: _P.args, **kwargs: _P.kwargs
     ) -> defer.Deferred[None]: ...
@@ -207,7 +209,8 @@ class ReplicaMembership:
         for good on a failure), and a LoopingCall waits for it, so beats do
         not pile up behind a slow database.
         """
-        d = self.database.run(self._read)
+        # Ahead of the session writes queued: see StateThread.run_first.
+        d = self.database.run_first(self._read)
         return d.addCallbacks(self._apply, self._failed)
 
     def _read(self) -> tuple[list[str], list[ReplicaRecord]]:

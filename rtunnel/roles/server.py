@@ -986,6 +986,10 @@ class _StatePool(ThreadPool):
     threadFactory = _DaemonThread
 
 
+def _nothing() -> None:
+    """The job that makes the thread take the L{StateThread.run_first} jobs when nothing else is queued."""
+
+
 class StateThread:
     """
     The one thread that uses the server's state database while it runs.
@@ -1028,6 +1032,9 @@ class StateThread:
         #: the last background job failed; how many failed since it worked
         self.failing = False
         self.failures = 0
+        #: L{run_first} jobs not taken yet, with their Deferreds (a deque: the
+        #: reactor appends while the thread takes, each atomically)
+        self._first: deque[tuple[Callable[[], Any], defer.Deferred[Any]]] = deque()
 
     def start(self) -> None:
         """Start the thread (with a threaded reactor); from now on only it uses the store."""
@@ -1051,10 +1058,52 @@ class StateThread:
         d.addBoth(self._finished)
         return d
 
+    def run_first(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]:
+        """
+        Run C{f(*args, **kwargs)} ahead of the jobs already queued: at the
+        start of the next job the thread takes; its result (or failure) is
+        delivered on the reactor. For the replica heartbeat: when ten
+        thousand sites reconnect, their session writes queue up for
+        seconds (about 0.15 ms each on SQLite, 0.35 ms on a local
+        PostgreSQL, more over a network), and a heartbeat behind them
+        would look stopped to the other replicas, which drop a replica
+        whose heartbeat is older than REPLICA_TIMEOUT. Only for jobs whose
+        order with the others does not matter.
+        """
+        if self._abandoned:
+            return defer.fail(StateError("the state database thread was given up at stop"))
+        if self._pool is None:
+            return self.run(f, *args, **kwargs)
+        self.pending += 1
+        d: defer.Deferred[_T] = defer.Deferred()
+        self._first.append((functools.partial(f, *args, **kwargs), d))
+        # A job of its own, so that it runs when nothing else is queued;
+        # whichever job the thread takes first runs it.
+        reactor = cast(IReactorFromThreads, self._reactor)
+        deferToThreadPool(reactor, self._pool, self._job, _nothing).addErrback(lambda _: None)
+        d.addBoth(self._finished)
+        return d
+
     def _job(self, call: Callable[[], _T]) -> _T:
         if self._abandoned:
             raise StateError("skipped: the state database thread was given up at stop")
+        self._run_first()
         return call()
+
+    def _run_first(self) -> None:
+        """In the thread: the L{run_first} jobs waiting, in the order they came."""
+        reactor = cast(IReactorFromThreads, self._reactor)
+        while True:
+            try:
+                call, d = self._first.popleft()
+            except IndexError:
+                return
+            try:
+                result = call()
+            except BaseException:
+                reactor.callFromThread(d.errback, Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
 
     def _finished(self, result: _T) -> _T:
         self.pending -= 1
