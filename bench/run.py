@@ -601,7 +601,15 @@ def report(b: Bench, info: dict[str, str], mode: str, cols: list[str], elapsed: 
     for c in cols:
         admin = b.tinfo.get(c, {}).get("admin")
         if admin and c not in b.bulk_only:
-            out.append(f"- {b.labels[c]}: server with `{admin}` (the admin endpoint on, as by default; not scraped).")
+            what = "the admin endpoint off" if admin == "--admin none" else "the admin endpoint on, as by default"
+            out.append(f"- {b.labels[c]}: server with `{admin}` ({what}; not scraped).")
+    if "rtunnel-workers2" in cols and "rtunnel-workers2" not in b.skipped:
+        out.append(
+            "- rtunnel, --workers 2: the supervisor runs two worker processes on the same tunnel and forward "
+            "ports (SO_REUSEPORT); the site holds a session with each and the kernel spreads the forward's "
+            "clients over them. The site is still one process (one core), and the load generator shares the "
+            "machine's cores: RSS and CPU count the supervisor, both workers and the site."
+        )
     for c in cols:
         win, src = b.windows.get(c, (None, ""))
         if win and c not in b.latency_only and c not in b.bulk_only:
