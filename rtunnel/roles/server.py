@@ -921,8 +921,15 @@ class RevocationWatch:
         (one line when it starts failing, one when it works again) and the
         next poll tries again. A LoopingCall waits for it, so polls never
         pile up behind a slow database.
+
+        It reads ahead of the writes queued (L{StateThread.run_first}):
+        a revocation must cut the site within two seconds also while
+        thousands of sites reconnect and their session writes queue up.
+        What it reads does not depend on them (an enrollment through our
+        own connection is in the snapshot as soon as it commits, and named
+        by the next poll).
         """
-        d = self.database.run(self._read, self._last)
+        d = self.database.run_first(self._read, self._last)
         return d.addCallbacks(self._apply, self._failed)
 
     def _read(self, last: tuple[int, int]) -> _Poll | None:
