@@ -282,6 +282,21 @@ class RestoreTests(_ReplicaTestCase):
             ["state database: replica a written back with its 1 site session(s) (another process had dropped it)"],
         )
 
+    def test_start_retried_keeps_what_was_recorded_meanwhile(self) -> None:
+        """
+        A replica whose start failed to be written retries it; the sessions
+        it recorded in between stay (those of an earlier process go).
+        """
+        _started(self.other, "a")
+        self.other.session_opened("beta", "a", "192.0.2.10:40000", later(1))  # an earlier process of a
+        with self.database_down():
+            self.assertRaises(StateError, _started, self.store, "a", 2)
+        self.store.session_opened("alpha", "a", "192.0.2.9:40000", later(3))
+        _started(self.store, "a", at=4)
+        self.assertEqual(list(self.other.list_sessions(later(4))), ["alpha"])
+        [a] = self.other.live_replicas(later(4))
+        self.assertEqual((a.started_at, a.heartbeat_at), (later(2), later(4)))
+
     def test_heartbeat_of_a_replica_this_connection_did_not_start(self) -> None:
         """Another connection's heartbeat makes the row again, without what it cannot know."""
         _started(self.store, "a")

@@ -982,9 +982,18 @@ class StateStore:
         Record that replica C{replica_id} (re)started: its row, heartbeat
         C{now}; the sessions and forward states an earlier run of the same id
         left are deleted (that run's sessions ended with its process).
+
+        Called again through the same connection (the replica retrying a
+        start whose write failed), what it recorded meanwhile is kept and
+        written back, not deleted with the earlier run's.
         """
         _check_replica_id(replica_id)
-        own = self._replicas[replica_id] = _OwnReplica(pid, host, _ts(now))
+        stamp = _ts(now)
+        own = self._replicas.get(replica_id)
+        if own is None:
+            own = self._replicas[replica_id] = _OwnReplica(pid, host, stamp)
+        else:
+            own.pid, own.host = pid, host
         with self._transaction() as db:
             old = db.execute("SELECT heartbeat_at FROM replicas WHERE replica_id = ?", (replica_id,)).fetchone()
             db.execute(
@@ -992,13 +1001,14 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET advertise = excluded.advertise, "
                 "pid = excluded.pid, host = excluded.host, started_at = excluded.started_at, "
                 "heartbeat_at = excluded.heartbeat_at",
-                (replica_id, advertise, pid, host, own.started_at, own.started_at),
+                (replica_id, advertise, pid, host, own.started_at, stamp),
             )
-            _drop_replica_rows(db, replica_id, own.started_at if old is None else old["heartbeat_at"])
+            _write_back(db, replica_id, own, stamp if old is None else old["heartbeat_at"])
             # A server older than replicas cannot run on this schema: the
             # pid such a server recorded is stale, and a process that took
             # that pid over must not make its connection flags count.
             db.execute("DELETE FROM meta WHERE key = 'server_pid'")
+        own.stale = False
 
     def replica_heartbeat(self, replica_id: str, advertise: str, now: datetime) -> None:
         """
@@ -1035,12 +1045,7 @@ class StateStore:
             restore = own is not None and (own.stale or not found)
             if restore:
                 assert own is not None
-                _drop_replica_rows(db, replica_id, stamp)
-                for site, (peer, since) in sorted(own.sessions.items()):
-                    _put_session(db, site, replica_id, peer, since)
-                    db.execute("UPDATE sites SET connected = 1 WHERE name = ?", (site,))
-                for _, (state, updated_at) in sorted(own.forward_states.items()):
-                    _put_states(db, [state], updated_at, replica_id)
+                _write_back(db, replica_id, own, stamp)
         if own is not None:
             if restore:
                 _log.info(
@@ -1815,6 +1820,21 @@ def _put_session(db: _Connection, site: str, replica_id: str, peer: str, since: 
         "ON CONFLICT (site, replica_id) DO UPDATE SET peer = excluded.peer, since = excluded.since",
         (site, replica_id, peer, since),
     )
+
+
+def _write_back(db: _Connection, replica_id: str, own: _OwnReplica, last_seen: str) -> None:
+    """
+    Make the database hold exactly what this connection recorded for a
+    replica it runs (its sessions, its forwards' states), in the caller's
+    transaction; the sites of the sessions dropped are last seen
+    C{last_seen}.
+    """
+    _drop_replica_rows(db, replica_id, last_seen)
+    for site, (peer, since) in sorted(own.sessions.items()):
+        _put_session(db, site, replica_id, peer, since)
+        db.execute("UPDATE sites SET connected = 1 WHERE name = ?", (site,))
+    for _, (state, updated_at) in sorted(own.forward_states.items()):
+        _put_states(db, [state], updated_at, replica_id)
 
 
 def _drop_replica_rows(db: _Connection, replica_id: str, last_seen: str) -> None:
