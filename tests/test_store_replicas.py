@@ -297,6 +297,22 @@ class RestoreTests(_ReplicaTestCase):
         [a] = self.other.live_replicas(later(4))
         self.assertEqual((a.started_at, a.heartbeat_at), (later(2), later(4)))
 
+    def test_written_before_the_start(self) -> None:
+        """
+        A site that connects, and forwards recorded, before the replica's
+        start is written (its first heartbeat, queued behind them) stay:
+        the start drops only what an earlier process left.
+        """
+        _started(self.other, "a")
+        self.other.session_opened("beta", "a", "192.0.2.10:40000", later(1))  # an earlier process of a
+        self.store.reset_forward_states([_state(9000, "listening", SOURCE_COMMAND_LINE)], later(2), replica_id="a")
+        self.store.session_opened("alpha", "a", "192.0.2.9:40000", later(2))
+        _started(self.store, "a", at=3)
+        self.assertEqual(list(self.other.list_sessions(later(3))), ["alpha"])
+        self.assertEqual(self.states(3), [(9000, SOURCE_COMMAND_LINE, "listening")])
+        [a] = self.other.live_replicas(later(3))
+        self.assertEqual((a.pid, a.started_at), (1001, later(3)))
+
     def test_heartbeat_of_a_replica_this_connection_did_not_start(self) -> None:
         """Another connection's heartbeat makes the row again, without what it cannot know."""
         _started(self.store, "a")

@@ -983,17 +983,17 @@ class StateStore:
         C{now}; the sessions and forward states an earlier run of the same id
         left are deleted (that run's sessions ended with its process).
 
-        Called again through the same connection (the replica retrying a
-        start whose write failed), what it recorded meanwhile is kept and
+        What this connection recorded for the replica before (sessions
+        opened before its start was written, which the server's first
+        heartbeat does; a start retried after its write failed) is kept and
         written back, not deleted with the earlier run's.
         """
         _check_replica_id(replica_id)
         stamp = _ts(now)
-        own = self._replicas.get(replica_id)
-        if own is None:
-            own = self._replicas[replica_id] = _OwnReplica(pid, host, stamp)
-        else:
-            own.pid, own.host = pid, host
+        own = self._own(replica_id)
+        own.pid, own.host = pid, host
+        if own.started_at is None:
+            own.started_at = stamp
         with self._transaction() as db:
             old = db.execute("SELECT heartbeat_at FROM replicas WHERE replica_id = ?", (replica_id,)).fetchone()
             db.execute(
@@ -1038,7 +1038,7 @@ class StateStore:
                         advertise,
                         None if own is None else own.pid,
                         None if own is None else own.host,
-                        stamp if own is None else own.started_at,
+                        stamp if own is None or own.started_at is None else own.started_at,
                         stamp,
                     ),
                 )
@@ -1112,10 +1112,9 @@ class StateStore:
         @raise SiteNotFound: if the site is not known.
         """
         _check_replica_id(replica_id)
-        own = self._replicas.get(replica_id)
+        own = self._own(replica_id)
         stamp = _ts(now)
-        if own is not None:
-            own.sessions[site] = (peer, stamp)
+        own.sessions[site] = (peer, stamp)
         try:
             with self._transaction() as db:
                 cursor = db.execute(
@@ -1127,12 +1126,10 @@ class StateStore:
                     raise SiteNotFound(f"no site named {site!r} is known to this server")
                 _put_session(db, site, replica_id, peer, stamp)
         except SiteNotFound:
-            if own is not None:
-                own.sessions.pop(site, None)
+            own.sessions.pop(site, None)
             raise
         except StateError:
-            if own is not None:
-                own.stale = True
+            own.stale = True
             raise
 
     def session_closed(self, site: str, replica_id: str, now: datetime) -> None:
@@ -1156,6 +1153,13 @@ class StateStore:
             if own is not None:
                 own.stale = True
             raise
+
+    def _own(self, replica_id: str) -> _OwnReplica:
+        """What this connection records for a replica it runs, from its first write for it on."""
+        own = self._replicas.get(replica_id)
+        if own is None:
+            own = self._replicas[replica_id] = _OwnReplica()
+        return own
 
     def list_sessions(self, now: datetime) -> dict[str, tuple[SessionRecord, ...]]:
         """Every site's sessions with the replicas live at C{now}, by site, each by replica id."""
@@ -1392,6 +1396,9 @@ class StateStore:
         """
         live = self._live_ids() if replica_id else frozenset()
         own = self._replicas.get(replica_id) if replica_id else None
+        if own is not None:  # even if the write fails: a write-back must not bring them back
+            for bind, port in keys:
+                own.forward_states.pop((bind, port, SOURCE_DATABASE), None)
         with self._transaction() as db:
             for bind, port in keys:
                 if replica_id:
@@ -1412,18 +1419,14 @@ class StateStore:
                         "DELETE FROM forward_states WHERE bind = ? AND port = ? AND source = ?",
                         (bind, port, SOURCE_DATABASE),
                     )
-        if own is not None:
-            for bind, port in keys:
-                own.forward_states.pop((bind, port, SOURCE_DATABASE), None)
 
     def reset_forward_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str = "") -> None:
         """
         Forget every forward state replica C{replica_id} recorded (a new
         run), then record C{states} as its.
         """
-        own = self._replicas.get(replica_id) if replica_id else None
-        if own is not None:
-            own.forward_states = {}
+        if replica_id:
+            self._own(replica_id).forward_states = {}
         self._record_states(states, now, replica_id, reset=True)
 
     def record_forward_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str = "") -> None:
@@ -1431,7 +1434,7 @@ class StateStore:
         self._record_states(states, now, replica_id, reset=False)
 
     def _record_states(self, states: Sequence[ForwardState], now: datetime, replica_id: str, reset: bool) -> None:
-        own = self._replicas.get(replica_id) if replica_id else None
+        own = self._own(replica_id) if replica_id else None
         stamp = _ts(now)
         if own is not None:
             own.forward_states.update({(s.bind, s.port, s.source): (s, stamp) for s in states})
@@ -1792,10 +1795,11 @@ class _OwnReplica:
         miss some of the above.
     """
 
-    def __init__(self, pid: int, host: str, started_at: str) -> None:
-        self.pid = pid
-        self.host = host
-        self.started_at = started_at
+    def __init__(self) -> None:
+        #: what its start recorded (C{None} before it)
+        self.pid: int | None = None
+        self.host: str | None = None
+        self.started_at: str | None = None
         self.sessions: dict[str, tuple[str, str]] = {}
         self.forward_states: dict[tuple[str, int, str], tuple[ForwardState, str]] = {}
         self.stale = False
