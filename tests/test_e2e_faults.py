@@ -162,7 +162,11 @@ def test_reconnecting_site_takes_over_a_half_dead_session_at_once(tmp_path, echo
         d.wait_connected("s1", watch=first)
         assert first.kill() == -9
         second = d.start_site("s1", allow=[echo.target], extra=slow_keepalive, name="site-s1-second")
-        wait_until(lambda: "replaces the one from" in d.server.output(), 15, "the takeover")
+        # The new session is the live one (it announces its services) within
+        # seconds: by a takeover, at once when the site does not keep one
+        # session per replica, else once the old one ends (the server's RTT
+        # probe finds its leg dead) or after REPLICA_TAKEOVER_GRACE.
+        wait_until(lambda: d.server.output().count("site s1 announced") == 2, 15, "the takeover")
         assert echo_roundtrip(fwd)
         assert second.running()
     finally:

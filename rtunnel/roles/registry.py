@@ -4,9 +4,11 @@ Which site has which live tunnel session, on the server.
 There is never more than one live session per site: a site that reconnects
 while its old connection still looks alive (a half-dead path the keepalive has
 not caught yet) takes over at once, and the old session is ended with
-SESSION_REPLACED. Callers that want a stream to a site that is briefly away
-wait up to an open timeout for it to come back, so a reconnect is invisible to
-them; the number of such waiters per site is bounded.
+SESSION_REPLACED (a site that keeps one session per server replica: only
+if it keeps the new one, see L{SiteRegistry.register}). Callers that want a
+stream to a site that is briefly away wait up to an open timeout for it to
+come back, so a reconnect is invisible to them; the number of such waiters
+per site is bounded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from ..observe.stats import ServerFigures
 
 #: A session replaced younger than this (seconds) suggests duplicate sites.
 DUPLICATE_WINDOW = 60.0
+
+#: How long a second session of a site that keeps one session per server
+#: replica waits before it replaces the live one (seconds; see
+#: L{SiteRegistry.register}).
+REPLICA_TAKEOVER_GRACE = 3.0
 
 
 def format_services(services: Mapping[str, HostPort]) -> str:
@@ -129,6 +136,9 @@ class SiteRegistry:
         self.max_pending_opens = max_pending_opens
         self._sites: dict[str, _SiteEntry] = {}
         self.on_services = on_services
+        #: second sessions of replica-aware sites waiting to take over (see
+        #: register): site -> {session: (its timer, peer, fingerprint)}
+        self._contenders: dict[str, dict[MuxProtocol, tuple[IDelayedCall, str, str]]] = {}
         #: what each site last announced (read-only mappings, replaced whole)
         self._announced: dict[str, Mapping[str, HostPort]] = {}
         #: the sessions whose announcement arrived (a session that never
@@ -141,7 +151,69 @@ class SiteRegistry:
         """
         Make C{session} the live session of C{site}, replacing (and ending)
         any older one, and hand it to whoever waits for the site.
+
+        Except when both sessions negotiated REPLICAS and the old one is
+        live: such a site keeps one session per replica and dials a
+        balancer until it has them all, so a second session here is most
+        often one the site is about to close itself as a duplicate (told
+        which replica this is, GOAWAY NO_ERROR), and replacing the first
+        would cut its streams for nothing. The new session then replaces
+        the old one only if it is still open L{REPLICA_TAKEOVER_GRACE}
+        seconds later (the site kept it: its old session was dead at its
+        end, and half-dead here), or at once if the old one ends first.
         """
+        entry = self._sites.get(site)
+        old = entry.session if entry is not None else None
+        if (
+            old is not None
+            and old is not session
+            and old.accepting_streams
+            and old.replicas_negotiated
+            and session.replicas_negotiated
+        ):
+            self._contend(site, session, peer, fingerprint, old)
+            return
+        self._register(site, session, peer, fingerprint)
+
+    def _contend(self, site: str, session: MuxProtocol, peer: str, fingerprint: str, old: MuxProtocol) -> None:
+        self._log.info(
+            "site {site}: second session from {peer} while the one from {oldPeer} is live; it replaces that one "
+            "only if the site keeps it for {grace:g}s (a site closes an extra session with a replica itself)",
+            site=site,
+            peer=peer,
+            oldPeer=old.peer_label,
+            grace=REPLICA_TAKEOVER_GRACE,
+        )
+        call = self.clock.callLater(REPLICA_TAKEOVER_GRACE, self._promote, site, session)
+        self._contenders.setdefault(site, {})[session] = (call, peer, fingerprint)
+        session.on_closed(self._contender_closed, site, session)
+
+    def _withdraw(self, site: str, session: MuxProtocol) -> tuple[str, str] | None:
+        """Take C{session} out of the contenders of C{site}: its (peer, fingerprint) if it was one."""
+        contenders = self._contenders.get(site)
+        waiting = contenders.pop(session, None) if contenders is not None else None
+        if contenders is not None and not contenders:
+            del self._contenders[site]
+        if waiting is None:
+            return None
+        call, peer, fingerprint = waiting
+        if call.active():
+            call.cancel()
+        return peer, fingerprint
+
+    def _contender_closed(self, reason: BaseException, site: str, session: MuxProtocol) -> None:
+        self._withdraw(site, session)
+
+    def _promote(self, site: str, session: MuxProtocol) -> None:
+        """The contender C{session} becomes the live session of C{site}: its grace is over, or the old one ended."""
+        identity = self._withdraw(site, session)
+        if identity is None or not session.accepting_streams:
+            return
+        self._register(site, session, *identity)
+        # Its announcement came while it was not the live session, and was ignored.
+        session.when_services().addCallback(lambda services: self.announce(site, session, services))
+
+    def _register(self, site: str, session: MuxProtocol, peer: str, fingerprint: str) -> None:
         entry = self._sites.setdefault(site, _SiteEntry())
         old = entry.session
         entry.session = session
@@ -200,6 +272,8 @@ class SiteRegistry:
 
     def cut(self, site: str, code: int, reason: str) -> bool:
         """End the live session of C{site} (revocation). @return: whether one was live."""
+        for contender in list(self._contenders.get(site, {})):
+            contender.terminate(code, reason)
         entry = self._sites.get(site)
         if entry is None or entry.session is None:
             return False
@@ -243,6 +317,16 @@ class SiteRegistry:
                 self.on_disconnected(site)
             except Exception:
                 self._log.failure("on_disconnected failed for site {site}", site=site)
+        contenders = self._contenders.get(site)
+        if contenders:
+            # The old session ended first: the newest waiting one takes its place now.
+            newest = list(contenders)[-1]
+            self._log.info(
+                "site {site}: the session from {peer} is the live one now (the one before it ended)",
+                site=site,
+                peer=contenders[newest][1],
+            )
+            self._promote(site, newest)
 
     # -- named services ---------------------------------------------------
 
