@@ -70,9 +70,9 @@ class Options(usage.Options):
             "admin",
             None,
             None,
-            "Serve a read-only admin endpoint here: /metrics (Prometheus), /healthz, and /readyz (ready while the "
-            "tunnel session is open). A port or a Twisted endpoint, bound to 127.0.0.1 unless it names an "
-            "interface; off unless given.",
+            "Serve a read-only admin endpoint here: /metrics (Prometheus), /healthz, and /readyz (ready while a "
+            "tunnel session is open, with any of the server's replicas). A port or a Twisted endpoint, bound to "
+            "127.0.0.1 unless it names an interface; off unless given.",
         ],
         *keepalive_parameters(Keepalive(), "3 x --keepalive"),
         *drain_parameters(default(SitePolicy, "drain_grace")),
