@@ -61,7 +61,7 @@ def forwarded(port: int) -> int:
 def round_trip(port: int, payload: bytes) -> bytes:
     """One client of the forward: send C{payload}, half-close, read the echo to its end."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(15)
+        s.settimeout(120)  # beyond the server's --open-timeout
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         chunks = []
@@ -90,7 +90,16 @@ def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_pa
     d = Deployment(tmp_path, admin=f"tcp:{admin}:interface=127.0.0.1")
     forward = free_port()
     try:
-        supervisor = d.start_server(forwards=[f"127.0.0.1:{forward}:alpha:{echo.target}"], extra=["--workers", "2"])
+        # A client the kernel hands to the new worker 1 before the site has a
+        # session with it waits --open-timeout for one. The site finds that
+        # worker by dialling the shared port again, each dial landing on either
+        # worker and its delay growing (0.25 s doubling to 15 s) while they
+        # land on worker 2: seconds, at times tens of seconds (seen: six dials
+        # in a row on worker 2, 13 s). Generous here, so that such a client
+        # is served late rather than refused.
+        supervisor = d.start_server(
+            forwards=[f"127.0.0.1:{forward}:alpha:{echo.target}"], extra=["--workers", "2", "--open-timeout", "90"]
+        )
         admins = {"w1": admin, "w2": admin + 1}
 
         def workers_up() -> bool:
@@ -101,6 +110,14 @@ def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_pa
         wait_until(workers_up, 60, "both workers' admin endpoints")
         first = {name: worker_pids(supervisor, name) for name in admins}
         assert all(len(pids) == 1 for pids in first.values()), first
+
+        def replicas() -> dict[str, int]:
+            listed = json.loads(d.rtunnel("replicas", "list", *d.state_args(), "--json").stdout)
+            return {row["replica"].rsplit("/", 1)[-1]: row["pid"] for row in listed}
+
+        # Each worker is a replica of its own, recorded with the pid the supervisor logged.
+        wait_until(lambda: len(replicas()) == 2, 30, "both workers in rtunnel replicas list")
+        assert replicas() == {name: pids[0] for name, pids in first.items()}
         # The supervisor listens on nothing of its own: the workers hold the ports.
         assert "listening" not in "".join(
             line for line in supervisor.output().splitlines() if "[w1]" not in line and "[w2]" not in line
@@ -157,7 +174,10 @@ def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_pa
             row = worker_site("w1")
             return bool(row and row.get("connected") and forwarded(admins["w1"]) > 0)
 
-        wait_until(back_on_w1, 60, "the site back on the new worker 1, carrying streams", interval=0.05)
+        wait_until(back_on_w1, 240, "the site back on the new worker 1, carrying streams", interval=0.05)
+        wait_until(
+            lambda: replicas() == {"w1": replacement, "w2": first["w2"][0]}, 30, "the new worker 1 in replicas list"
+        )
 
         assert site.stop() == 0
         assert supervisor.stop(timeout=40) == 0
