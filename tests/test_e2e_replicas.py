@@ -44,7 +44,7 @@ import pytest
 
 from rtunnel.identity.certs import create_csr, dump_csr, generate_private_key
 from rtunnel.identity.enrollment import EnrollAccepted, EnrollRequest, ReplyReader, encode_request
-from rtunnel.identity.store import StateStore
+from rtunnel.identity.store import REPLICA_TIMEOUT, StateStore
 from tests import haproxy_support, pg_support
 from tests.e2e_support import EchoServer, read_until_closed
 from tests.haproxy_support import HAProxy
@@ -557,11 +557,16 @@ def _ready_is(replica: Replica, status: int) -> bool:
 
 def test_postgresql_stopped_and_started(world: World) -> None:
     """
-    PostgreSQL stopped under the replicas: each says so on /readyz and goes
-    on serving; a site already connected keeps working, an enrolled site
-    that restarts meanwhile is admitted (each replica admits from memory),
-    a revoked one is refused. Started again: every replica is ready, the
-    sites are still there and connected, the revoked one stays out.
+    PostgreSQL stopped under the replicas for longer than a replica may go
+    without a heartbeat: each says so on /readyz and goes on serving; a site
+    already connected keeps working, an enrolled site that restarts
+    meanwhile is admitted (each replica admits from memory), a revoked one
+    is refused, and an enrollment cannot be decided (the site is told
+    internal-error and gives up). Started again: every replica is ready,
+    both sites are listed with a session on every replica (the ones opened
+    during the outage written back), the revoked one stays out, and the
+    keyfile that could not enroll during the outage enrolls (its token was
+    not spent).
     """
     gamma = world.connected_site("gamma")
     delta = world.connected_site("delta")
@@ -573,8 +578,10 @@ def test_postgresql_stopped_and_started(world: World) -> None:
     else:
         gamma_replicas = world.holders("gamma")
     epsilon = world.connected_site("epsilon")
+    zeta_keyfile = world.control.create_keyfile("zeta", address=world.address)
 
     world.pg.stop_server()
+    stopped = time.monotonic()
     try:
         for r in world.replicas:
             wait_until(
@@ -594,7 +601,18 @@ def test_postgresql_stopped_and_started(world: World) -> None:
         refused = world.restart_site("delta", "site-delta-outage")
         assert _wait_exit(refused) == 1
         assert "refused site delta" in refused.output()
-        assert gamma.running()
+        early = world.start_site("zeta", keyfile=zeta_keyfile, name="site-zeta-outage")
+        assert _wait_exit(early) == 1
+        assert "internal-error" in early.output()
+        # Longer than a heartbeat may be missed: when the database is back,
+        # the first replica to beat finds the others' heartbeats too old.
+        turn = 0
+        while time.monotonic() < stopped + REPLICA_TIMEOUT + 1.0:
+            r = gamma_replicas[turn % len(gamma_replicas)]
+            assert _echo(r.forwards["gamma"], b"%d" % turn) == b"%d" % turn, f"replica {r.id}"
+            turn += 1
+            time.sleep(0.5)
+        assert gamma.running() and epsilon.running()
     finally:
         world.pg.start_server()
     for r in world.replicas:
@@ -606,6 +624,8 @@ def test_postgresql_stopped_and_started(world: World) -> None:
         world.wait_all_sessions("epsilon", timeout=10)
     for r in gamma_replicas:
         assert _echo(r.forwards["gamma"], b"after") == b"after", f"replica {r.id}"
+    zeta = world.start_site("zeta", keyfile=zeta_keyfile, name="site-zeta-after")
+    world.control.wait_connected("zeta", watch=zeta)
     refused = world.restart_site("delta", "site-delta-after")
     assert _wait_exit(refused) == 1
     row = world.row("delta")
