@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from rtunnel.frontdoor.names import DEFAULT_DOMAIN
 from tests.e2e_support import EchoServer
 from tools.harness import ROOT, TWISTD, Deployment, Process, _env, free_port, wait_until
 
@@ -186,6 +188,81 @@ def test_two_workers_share_ports_carry_streams_and_one_killed_is_replaced(tmp_pa
         assert f"worker w1 (pid {replacement}) ended by signal 15 (SIGTERM)\n" in output
         assert f"worker w2 (pid {first['w2'][0]}) ended by signal 15 (SIGTERM)\n" in output
         assert not running(replacement) and not running(first["w2"][0])
+    finally:
+        d.stop_all()
+        echo.close()
+
+
+def socks5_round_trip(port: int, name: str, dport: int, payload: bytes) -> bytes:
+    """A SOCKS5 CONNECT to C{name}:C{dport} (no authentication), then as L{round_trip}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(30)
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        raw = name.encode()
+        s.sendall(b"\x05\x01\x00\x03" + bytes([len(raw)]) + raw + struct.pack("!H", dport))
+        reply = b""
+        while len(reply) < 10:
+            chunk = s.recv(10 - len(reply))
+            assert chunk, f"closed after {reply!r}"
+            reply += chunk
+        assert reply[1] == 0, reply
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_front_door_and_live_forward_shared_by_the_workers(tmp_path: Path) -> None:
+    """
+    The SOCKS5 front door and a forward added while the workers run
+    (rtunnel forwards add) listen in both workers on one port each: the
+    forward is listening for every replica (no "mixed" state, no port in
+    use), and clients of both reach the site.
+    """
+    echo = EchoServer()
+    admin = two_free_ports()
+    d = Deployment(tmp_path, admin=f"tcp:{admin}:interface=127.0.0.1")
+    doors, live = free_port(), free_port()
+    try:
+        supervisor = d.start_server(extra=["--workers", "2", "--socks", f"tcp:{doors}"])
+        site = d.start_site("alpha", allow=[echo.target], keyfile=d.create_keyfile("alpha"))
+        d.wait_connected("alpha", watch=site)
+
+        def sessions_with_both() -> bool:
+            if not site.running():
+                raise RuntimeError(f"site exited:\n{site.output()}")
+            rows = [api(port, "/api/v1/sites/alpha") for port in (admin, admin + 1)]
+            return all(row is not None and row.get("connected") for row in rows)
+
+        wait_until(sessions_with_both, 60, "the site's sessions with both workers")
+        for worker in ("w1", "w2"):
+            assert f"[{worker}] [rtunnel.roles.server.TunnelServerService#info] front door socks5 listening on" in (
+                supervisor.output()
+            )
+
+        d.rtunnel("forwards", "add", f"127.0.0.1:{live}:alpha:{echo.target}", *d.state_args())
+
+        def live_forward() -> dict[str, Any]:
+            listed = json.loads(d.rtunnel("forwards", "list", *d.state_args(), "--json").stdout)
+            return next(f for f in listed if f["port"] == live)
+
+        wait_until(lambda: live_forward()["state"] == "listening", 30, "the added forward listening in both workers")
+        for worker in ("w1", "w2"):
+            line = (
+                f"[{worker}] [rtunnel.roles.live_forwards.LiveForwards#info] forward 127.0.0.1:{live} -> "
+                f"alpha:{echo.target} listening on 127.0.0.1:{live} (added from the database)"
+            )
+            wait_until(lambda line=line: line in supervisor.output(), 30, f"{worker} to listen on the added forward")
+        for _ in range(12):
+            payload = os.urandom(1024)
+            assert round_trip(live, payload) == payload
+            payload = os.urandom(1024)
+            assert socks5_round_trip(doors, f"127.0.0.1.alpha.{DEFAULT_DOMAIN}", echo.port, payload) == payload
+        assert "port in use" not in supervisor.output()
+        assert live_forward()["state"] == "listening"
     finally:
         d.stop_all()
         echo.close()
