@@ -32,6 +32,7 @@ from ..roles.workers import (
     worker_replica_id,
 )
 from ..services import ServerConfig
+from .options import default
 
 __all__ = ["WORKER_PARAMETERS", "base_replica_id", "make_supervisor", "with_workers", "worker_service"]
 
@@ -39,7 +40,7 @@ WORKER_PARAMETERS = [
     [
         "workers",
         None,
-        "1",
+        default(ServerConfig, "workers"),
         f"Worker processes (1 to {MAX_WORKERS}) sharing the listening ports (SO_REUSEPORT), each a replica "
         "BASE/wK of --replica-id over the same database; worker K serves --admin on its port + K - 1.",
     ],
