@@ -13,7 +13,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -221,7 +221,12 @@ class MonitorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeProcessReactor()
         self.lines: list[str] = []
-        observer = lambda event: self.lines.append(formatEvent(event))  # noqa: E731
+        self.levels: list[LogLevel] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            self.lines.append(formatEvent(event))
+            self.levels.append(event["log_level"])
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.prepared: list[int] = []
@@ -294,14 +299,23 @@ class MonitorTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
 
     def test_worker_lines_relayed_under_its_name(self) -> None:
-        """Each line as the worker wrote it, its timestamp dropped, under its name; a last partial line too."""
+        """
+        Each line as the worker wrote it, its timestamp dropped, under its
+        name and at its level (info when it names none); a last partial line
+        too.
+        """
         service = self.supervisor(workers=1)
         service.startService()
         (process,) = self.reactor.spawned
         process.proto.outReceived(b"2026-12-06T02:15:54+0000 [rtunnel.x#info] tunnel server listening\npartial")
         self.assertIn("[w1] [rtunnel.x#info] tunnel server listening", self.lines)
+        process.proto.errReceived(b"2026-12-06T02:15:55+0000 [rtunnel.y#warn] a warning\nTraceback (most recent\n")
         process.end(Failure(ProcessDone(0)))
         self.assertIn("[w1] partial", self.lines)
+        levels = {line: level for line, level in zip(self.lines, self.levels, strict=True)}
+        self.assertEqual(levels["[w1] [rtunnel.x#info] tunnel server listening"], LogLevel.info)
+        self.assertEqual(levels["[w1] [rtunnel.y#warn] a warning"], LogLevel.warn)
+        self.assertEqual(levels["[w1] Traceback (most recent"], LogLevel.info)
 
 
 class FakeReactor(Clock):

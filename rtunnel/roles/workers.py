@@ -225,18 +225,27 @@ def worker_arguments(
 #: The time at the start of a line of twistd's text log.
 _LOG_TIME = re.compile(r"^\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d{4} ")
 
+#: The level twistd's text log writes after the namespace: C{[namespace#warn]}.
+_LOG_LEVEL = re.compile(r"^\[[^\]\s]*#(debug|info|warn|error|critical)\] ")
+
 
 class _WorkerLines(TwistedLogger):
     """
     The logger procmon relays each line of a worker's output through, as
-    C{[wK] line}: the worker's own timestamp is dropped, the supervisor's
-    log adds its own.
+    C{[wK] line}: the worker's own timestamp is dropped (the supervisor's
+    log adds its own), and the line keeps the level the worker gave it, so
+    that a worker's warnings and errors are warnings and errors in the
+    supervisor's log as well (its JSON log, an alert on the level).
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
         line = kwargs.get("line")
         if isinstance(line, str):
-            kwargs["line"] = _LOG_TIME.sub("", line, count=1)
+            line = _LOG_TIME.sub("", line, count=1)
+            kwargs["line"] = line
+            found = _LOG_LEVEL.match(line)
+            if found is not None:
+                level = LogLevel.levelWithName(found.group(1))
         super().emit(level, format, **kwargs)
 
 
