@@ -44,6 +44,8 @@ class Replica:
         self.up = True
         #: in the set the replicas announce
         self.listed = True
+        #: tells a session nothing when it registers
+        self.silent = False
         self.sessions: list[MuxProtocol] = []
 
     def accept(self) -> MuxProtocol:
@@ -56,7 +58,7 @@ class Replica:
         return mux
 
     def _registered(self, mux: MuxProtocol) -> None:
-        if mux.replicas_negotiated:
+        if mux.replicas_negotiated and not self.silent:
             mux.send_replicas(self.world.announcement(self.replica_id))
 
     def live(self) -> list[MuxProtocol]:
@@ -387,6 +389,30 @@ class SiteReplicasTests(SynchronousTestCase):
         self.world.pump()
         self.assertEqual(list(site.sessions), ["a"])
         self.assertEqual(len(site._slots), 1)
+        count = len(self.world.connects)
+        self.world.advance(60)
+        self.assertEqual(len(self.world.connects), count)
+
+    def test_a_session_not_needed_any_more_is_drained_quietly(self) -> None:
+        """
+        A slot's session that has not said which replica it is yet, when
+        every replica is held meanwhile: its slot stops, the session is
+        drained (GOAWAY GOING_AWAY, "not needed"), nothing warned.
+        """
+        a, b = self.world.add("a"), self.world.add("b")
+        b.silent = True
+        site = self.start()
+        self.assertEqual(list(site.sessions), ["a"])
+        [pending] = b.live()
+        self.assertEqual(len(site._slots), 2)
+        b.listed = False
+        a.announce()
+        self.world.pump()
+        self.assertEqual(len(site._slots), 1)
+        self.assertEqual(pending.peer_goaway, (ErrorCode.GOING_AWAY, "not needed: connected to every replica"))
+        self.assertFalse(pending.ready)
+        self.assertEqual(self.log.at(LogLevel.warn) + self.log.at(LogLevel.error), [])
+        self.assertEqual(site.replica_figures, ReplicaFigures(1, (("a", True),)))
         count = len(self.world.connects)
         self.world.advance(60)
         self.assertEqual(len(self.world.connects), count)

@@ -780,6 +780,7 @@ class TunnelClientService(MultiService):
 
     def _plan_soon(self) -> None:
         """Match the slots to the replicas once this reactor turn is over (one plan for many changes)."""
+        self._publish()
         if self._planning is None and self.running and not self._failed:
             self._planning = self._clock.callLater(0, self._plan)
 
@@ -795,6 +796,8 @@ class TunnelClientService(MultiService):
         for key in plan.stop:
             slot = self._slots.pop(key)
             replicas.released(key)
+            # Its session (if any) ending now is expected: not "lost".
+            slot.factory.stopping = True
             slot.client.disownServiceParent()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         if plan.start and replicas.announced is not None:
             missing = replicas.missing()
