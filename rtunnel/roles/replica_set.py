@@ -66,7 +66,7 @@ def duplicate_delay(duplicates: int, jitter: float) -> float:
     The delay before a slot dials again after its C{duplicates}-th
     duplicate session in a row (1 for the first): from
     L{DUPLICATE_RETRY_INITIAL}, doubling, spread over the doubling itself
-    as the site's other retries are (C{jitter} in [0, 1)): 0.25-0.5 s,
+    as the site's other retries are (C{jitter} in [0, 1]): 0.25-0.5 s,
     0.5-1 s, ..., at most L{DUPLICATE_RETRY_CAP}.
 
     Short at first: behind a balancer that picks at random, the replica
@@ -77,8 +77,8 @@ def duplicate_delay(duplicates: int, jitter: float) -> float:
     """
     if duplicates < 1:
         raise ValueError(f"duplicates counts from 1, not {duplicates!r}")
-    if not 0.0 <= jitter < 1.0:
-        raise ValueError(f"jitter must be in [0, 1), not {jitter!r}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], not {jitter!r}")
     base = min(DUPLICATE_RETRY_INITIAL * 2.0 ** min(duplicates - 1, 64), DUPLICATE_RETRY_CAP / 2)
     return base * (1.0 + jitter)
 
