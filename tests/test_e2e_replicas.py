@@ -12,20 +12,18 @@ Three tunnel server replicas on one PostgreSQL behind HAProxy, end to end
  - HAProxy in TCP mode (tests/haproxy_support.py) in front of the three
    tunnel ports (the address in every keyfile) and of the three replicas'
    forwards of site alpha (what a client of that forward dials);
- - sites that dial the balancer only.
+ - sites that dial the balancer only (the token race also dials replicas
+   directly).
 
-The replica parts (C{--replica-id}, heartbeats, REPLICAS announcements, one
-session per replica on the site) are asserted where the tree has them; the
-tests that need them skip naming what is missing until then.
+The whole module takes about a minute: one set of replicas serves every
+test, each test with sites of its own; the kill test starts the replica it
+killed again, the PostgreSQL test starts the database again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -61,42 +59,6 @@ OPEN_TIMEOUT = 1.0
 ALL_SESSIONS_TIMEOUT = 30.0
 
 
-def _server_has_replica_options() -> bool:
-    from rtunnel.cli import server_tap
-
-    return any(parameter[0] == "replica-id" for parameter in server_tap.Options.optParameters)
-
-
-def _admin_has_replicas_command() -> bool:
-    from rtunnel.cli.admin import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["replicas", "list", "--state", "x"])
-    except SystemExit:
-        return False
-    return True
-
-
-def _site_keeps_one_session_per_replica() -> bool:
-    return importlib.util.find_spec("rtunnel.roles.replica_set") is not None
-
-
-_MISSING = [
-    what
-    for what, built in (
-        ("twistd rtunnel-server --replica-id", _server_has_replica_options()),
-        ("rtunnel replicas list", _admin_has_replicas_command()),
-        ("the site's session per replica (rtunnel/roles/replica_set.py)", _site_keeps_one_session_per_replica()),
-    )
-    if not built
-]
-REPLICAS_BUILT = not _MISSING
-needs_replicas = pytest.mark.skipif(
-    not REPLICAS_BUILT, reason=f"the replica set is not built yet: {', '.join(_MISSING)} missing"
-)
-
-
 class Replica:
     """One C{twistd rtunnel-server} of the set: its ports and its state directory."""
 
@@ -119,9 +81,7 @@ class Replica:
         return self.deployment.server
 
     def start(self, wait: bool = True) -> Process:
-        extra = ["--open-timeout", str(OPEN_TIMEOUT)]
-        if REPLICAS_BUILT:
-            extra += ["--replica-id", self.id]
+        extra = ["--open-timeout", str(OPEN_TIMEOUT), "--replica-id", self.id]
         forwards = [f"127.0.0.1:{port}:{site}:{self._echo.target}" for site, port in self.forwards.items()]
         return self.deployment.start_server(forwards=forwards, extra=extra, wait=wait)
 
@@ -212,10 +172,6 @@ class World:
             f"site {site} to hold a session with every replica",
         )
 
-    def holders(self, site: str) -> list[Replica]:
-        """The replicas whose log says C{site} connected (without the replica set: the one the balancer chose)."""
-        return [r for r in self.replicas if f"site {site} connected from" in r.server.output()]
-
 
 def _copy_state(source: Path, target: Path) -> None:
     """What an operator does with C{cp -a}: the same files, modes kept (the keys 0600, the directory 0700)."""
@@ -299,18 +255,12 @@ def test_replicas_share_one_database_behind_haproxy(world: World) -> None:
     site = world.connected_site("alpha")
     assert site.running()
     payload = os.urandom(256 * 1024)
-    if REPLICAS_BUILT:
-        world.wait_all_sessions("alpha")
-        for r in world.replicas:
-            assert _echo(r.forwards["alpha"], payload) == payload, f"replica {r.id}'s forward"
-    else:
-        # One session, on whichever replica the balancer chose.
-        [holder] = world.holders("alpha")
-        assert _echo(holder.forwards["alpha"], payload) == payload
+    world.wait_all_sessions("alpha")
+    for r in world.replicas:
+        assert _echo(r.forwards["alpha"], payload) == payload, f"replica {r.id}'s forward"
     assert world.row("alpha")["enrolled_at"]
 
 
-@needs_replicas
 def test_replicas_list(world: World) -> None:
     """C{rtunnel replicas list} shows the three replicas, each with its process and a fresh heartbeat."""
     result = world.control.rtunnel("replicas", "list", *world.control.state_args(), "--json")
@@ -374,7 +324,6 @@ class HashedStream:
         assert self._received_hash.digest() == self._sent_hash.digest()
 
 
-@needs_replicas
 def test_kill_9_one_replica_during_traffic(world: World) -> None:
     """
     Replica a killed with -9 while streams run through b and c: those go on
@@ -413,7 +362,6 @@ def _kill_during_traffic(world: World, streams: list[HashedStream]) -> None:
     )
 
 
-@needs_replicas
 def test_revocation_through_one_replica_cuts_every_session(world: World) -> None:
     """
     C{rtunnel sites revoke} run with replica a's state directory (its own
@@ -568,17 +516,13 @@ def test_postgresql_stopped_and_started(world: World) -> None:
     keyfile that could not enroll during the outage enrolls (its token was
     not spent).
     """
-    gamma = world.connected_site("gamma")
-    delta = world.connected_site("delta")
+    gamma, delta, epsilon = (world.start_site(site) for site in ("gamma", "delta", "epsilon"))
+    zeta_keyfile = world.control.create_keyfile("zeta", address=world.address)
+    for site, process in (("gamma", gamma), ("delta", delta), ("epsilon", epsilon)):
+        world.control.wait_connected(site, watch=process)
     world.control.rtunnel("sites", "revoke", "delta", *world.control.state_args())
     assert _wait_exit(delta) == 1
-    if REPLICAS_BUILT:
-        world.wait_all_sessions("gamma")
-        gamma_replicas = world.replicas
-    else:
-        gamma_replicas = world.holders("gamma")
-    epsilon = world.connected_site("epsilon")
-    zeta_keyfile = world.control.create_keyfile("zeta", address=world.address)
+    world.wait_all_sessions("gamma")
 
     world.pg.stop_server()
     stopped = time.monotonic()
@@ -588,7 +532,7 @@ def test_postgresql_stopped_and_started(world: World) -> None:
                 functools.partial(_ready_is, r, 503), 10, f"replica {r.id}'s /readyz to report the database down"
             )
             assert "the state database is failing" in r.readyz()[1]
-        for r in gamma_replicas:
+        for r in world.replicas:
             assert _echo(r.forwards["gamma"], b"still here") == b"still here", f"replica {r.id}"
         assert epsilon.stop() == 0
         epsilon = world.restart_site("epsilon", "site-epsilon-outage")
@@ -608,7 +552,7 @@ def test_postgresql_stopped_and_started(world: World) -> None:
         # the first replica to beat finds the others' heartbeats too old.
         turn = 0
         while time.monotonic() < stopped + REPLICA_TIMEOUT + 1.0:
-            r = gamma_replicas[turn % len(gamma_replicas)]
+            r = world.replicas[turn % len(world.replicas)]
             assert _echo(r.forwards["gamma"], b"%d" % turn) == b"%d" % turn, f"replica {r.id}"
             turn += 1
             time.sleep(0.5)
@@ -619,10 +563,9 @@ def test_postgresql_stopped_and_started(world: World) -> None:
         wait_until(functools.partial(_ready_is, r, 200), 15, f"replica {r.id} to be ready again")
     for site in ("gamma", "epsilon"):
         assert world.row(site)["connected"], site
-    if REPLICAS_BUILT:
-        world.wait_all_sessions("gamma", timeout=10)
-        world.wait_all_sessions("epsilon", timeout=10)
-    for r in gamma_replicas:
+    world.wait_all_sessions("gamma", timeout=10)
+    world.wait_all_sessions("epsilon", timeout=10)
+    for r in world.replicas:
         assert _echo(r.forwards["gamma"], b"after") == b"after", f"replica {r.id}"
     zeta = world.start_site("zeta", keyfile=zeta_keyfile, name="site-zeta-after")
     world.control.wait_connected("zeta", watch=zeta)
