@@ -18,6 +18,7 @@ C{haproxy} command the tests that need it skip and say what installs it.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import os
@@ -156,6 +157,9 @@ class HAProxy:
                 cwd=self._root,
             )
         process = self._process
+        # A test process that ends without its fixture's teardown (or a
+        # script that fails before its stop) must not leave HAProxy running.
+        atexit.register(self.stop)
 
         def listening() -> bool:
             if process.poll() is not None:
@@ -214,6 +218,7 @@ class HAProxy:
     def stop(self) -> None:
         """Stop HAProxy (SIGTERM, then SIGKILL by its PID) and remove its directory."""
         process, self._process = self._process, None
+        atexit.unregister(self.stop)
         if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
             try:
