@@ -362,6 +362,44 @@ class SiteReplicasTests(SynchronousTestCase):
         self.assertEqual(self.held(site), {"a": "a", "b": "b"})
         self.assertIs(site.sessions["a"], kept)
 
+    def test_a_replica_back_under_the_same_id_is_dialled_at_once_when_the_set_is_told_again(self) -> None:
+        """
+        While b is down every dial for it lands on a (duplicates, the backoff
+        growing); once b is back, the set told again by a (as a replica that
+        starts again makes the others do) has the slot dial within 1-2 s, not
+        after the backoff's up to 15 s.
+        """
+        a = self.world.add("a")
+        b = self.world.add("b")
+        site = self.start()
+        b.kill()
+        self.world.pump()
+        for _ in range(5):
+            self.world.advance(15.0)  # every dial lands on a: duplicates
+        [slot] = [s for s in site._slots.values() if site.replicas.held_by(s.key) is None]
+        self.assertGreaterEqual(slot.duplicates, 5)
+        waiting = slot.client._retry
+        assert waiting is not None
+        self.assertGreater(waiting.getTime() - self.clock.seconds(), 3.0)
+        b.up = True
+        self.world.picks = ["b"]
+        a.announce()
+        self.world.pump()
+        self.assertEqual(slot.duplicates, 0)
+        self.assertEqual(
+            self.log.at(LogLevel.info, "dialling for a replica not connected yet now")[-1:],
+            ["site alpha: the replica set was told again; dialling for a replica not connected yet now"],
+        )
+        self.world.advance(1.49)  # 1 s + the jitter's 0.5 of 1 s
+        self.assertEqual(sorted(site.sessions), ["a"])
+        self.world.advance(0.02)
+        self.assertEqual(self.held(site), {"a": "a", "b": "b"})
+        # Told again with nothing waiting: nothing to hurry.
+        count = len(self.world.connects)
+        a.announce()
+        self.world.advance(20.0)
+        self.assertEqual(len(self.world.connects), count)
+
     def test_a_replica_dropped_from_the_set_is_not_redialled(self) -> None:
         a, b = self.world.add("a"), self.world.add("b")
         site = self.start()

@@ -543,6 +543,27 @@ class ReconnectingServiceTests(SynchronousTestCase):
             self.assertEqual(self.policy_calls[-1], failures)
             self.next_attempt_after(2.0 ** (failures - 1))
 
+    def test_retry_soon(self) -> None:
+        """
+        retry_soon shortens only a longer wait: the next attempt comes at
+        the new time, once; in any phase but waiting it does nothing.
+        """
+        self.service.startService()
+        self.assertFalse(self.service.retry_soon(0.5))  # connecting
+        for _ in range(4):
+            self.endpoint.fail(error.ConnectionRefusedError())
+            if len(self.policy_calls) < 4:
+                self.clock.advance(2.0 ** (len(self.policy_calls) - 1))
+        self.assertIs(self.service.phase, Phase.WAITING)  # 8 s to wait
+        self.clock.advance(1.0)
+        self.assertFalse(self.service.retry_soon(7.5))  # no sooner than planned
+        self.assertTrue(self.service.retry_soon(0.5))
+        self.next_attempt_after(0.5)
+        self.clock.advance(10.0)
+        self.assertEqual(len(self.endpoint.attempts), 5)  # the old time brought no extra attempt
+        self.open()
+        self.assertFalse(self.service.retry_soon(0.5))  # connected
+
     def test_lost_before_hello(self) -> None:
         """A connection lost while the session is opening is a failed attempt, each one counted."""
         self.service.startService()

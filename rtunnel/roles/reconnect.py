@@ -170,6 +170,22 @@ class ReconnectingService(Service):
             self.close(attempt.session)
         return done
 
+    def retry_soon(self, delay: float) -> bool:
+        """
+        While waiting to dial again, dial within C{delay} seconds instead
+        of when the backoff said (something changed that makes a dial now
+        likely to succeed). Nothing otherwise.
+
+        @return: whether the wait was shortened.
+        """
+        retry = self._retry
+        if self.phase is not Phase.WAITING or retry is None or not retry.active():
+            return False
+        if retry.getTime() - self.clock.seconds() <= delay:
+            return False
+        retry.reset(delay)
+        return True
+
     # -- inputs -----------------------------------------------------------------
 
     def _connect(self) -> None:

@@ -65,7 +65,14 @@ from ..mux.settings import ROLE_SETTINGS, FloodLimits, Settings, WindowTuning
 from ..observe.stats import ClientFigures
 from .enrollment import enroll
 from .reconnect import ReconnectingService
-from .replica_set import KEYFILE, NO_REPLICAS, Claim, ReplicaSet, SlotView, duplicate_delay
+from .replica_set import (
+    KEYFILE,
+    NO_REPLICAS,
+    Claim,
+    ReplicaSet,
+    SlotView,
+    duplicate_delay,
+)
 from .target import TargetConnector, tcp_endpoints
 
 
@@ -126,6 +133,11 @@ class Outcome:
 
 
 # Alerts a server sends when it rejects the client's certificate.
+#: After the replica set is told again, a slot in duplicate backoff dials
+#: within this many seconds plus up to as many again of jitter (the spread
+#: of a reconnect storm's first retries).
+HURRY_DELAY = 1.0
+
 _CERTIFICATE_ALERTS = ("certificate", "unknown ca", "access denied")
 # TLS "errors" that are the connection ending under the handshake: the network.
 _EOF_ERRORS = ("unexpected eof", "connection reset", "eof while reading")
@@ -840,6 +852,8 @@ class TunnelClientService(MultiService):
         held = replicas.held_by(slot.key)
         members = {entry.replica_id: entry.advertise for entry in announcement.replicas}
         own = announcement.own
+        if held == own:
+            self._hurry_duplicates()
         if replicas.announce(slot.key, own, members, self._holder_live) is Claim.DUPLICATE:
             self._close_duplicate(slot, mux, f"replica {own}")
         elif held != own:
@@ -858,6 +872,25 @@ class TunnelClientService(MultiService):
                 replicas=", ".join(f"{r} ({a})" if a else r for r, a in sorted(members.items())),
             )
         self._plan_soon()
+
+    def _hurry_duplicates(self) -> None:
+        """
+        A replica we hold told the set again: the set changed, or a replica
+        of it started again under the same id (a worker restarted, a
+        replica back after a crash). The slots waiting out a duplicate
+        backoff dial within one to two seconds (spread as a reconnect storm's
+        first retries are) instead of after up to 15 s: while
+        the replica was down every dial landed on the others, and clients
+        the balancer gives the returning replica wait for the site there.
+        """
+        for slot in self._slots.values():
+            if slot.duplicates and self.replicas.held_by(slot.key) is None:
+                slot.duplicates = 0
+                if slot.client.retry_soon(HURRY_DELAY + self.jitter() * HURRY_DELAY):
+                    self._log.info(
+                        "site {site}: the replica set was told again; dialling for a replica not connected yet now",
+                        site=self.state.site_name,
+                    )
 
     def _close_duplicate(self, slot: _Slot, mux: SiteTunnelProtocol, what: str) -> None:
         """
