@@ -54,9 +54,11 @@ class FakeStore:
         if self.down:
             raise StateError("state database is locked")
 
-    def add(self, replica_id: str, heartbeat: datetime, advertise: str = "") -> None:
-        """Another replica's row, as its own heartbeat leaves it."""
-        self.rows[replica_id] = ReplicaRecord(replica_id, advertise, 1, "elsewhere", heartbeat, heartbeat)
+    def add(self, replica_id: str, heartbeat: datetime, advertise: str = "", restarted: bool = False) -> None:
+        """Another replica's row, as its own heartbeat leaves it (or its start, when C{restarted})."""
+        old = self.rows.get(replica_id)
+        started = heartbeat if old is None or restarted else old.started_at
+        self.rows[replica_id] = ReplicaRecord(replica_id, advertise, 1, "elsewhere", started, heartbeat)
 
     def replica_started(self, replica_id: str, advertise: str, pid: int, host: str, now: datetime) -> None:
         self._check()
@@ -262,6 +264,31 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(len(session.sent), 2)
         self.assertEqual(lines("dropped replicas"), [f"dropped replicas b:5500: no heartbeat for {REPLICA_TIMEOUT:g}s"])
         self.assertEqual(lines("replica set changed")[-1], "replica set changed: b:5500 left; now 1: a:5500")
+
+    def test_restart_under_the_same_id_is_told_again(self) -> None:
+        """
+        A replica that starts again under the same id (a worker restarted,
+        a replica back before its row expired) leaves the set as it was,
+        but the sessions are told it again: a site then dials at once for
+        the replica it lost instead of waiting out its duplicate backoff.
+        """
+        lines = Lines(self)
+        s = Setup(self)
+        session = FakeSession()
+        s.sessions.append(session)
+        s.store.add("b:5500", s.now())
+        s.membership.start()
+        self.assertEqual(len(session.sent), 1)
+        s.store.add("b:5500", s.now())
+        s.beat()
+        self.assertEqual(len(session.sent), 1)  # a heartbeat only
+        s.store.add("b:5500", s.now(), restarted=True)
+        s.beat()
+        self.assertEqual(len(session.sent), 2)
+        self.assertEqual(session.sent[-1], session.sent[0])
+        self.assertEqual(lines("started again"), ["replica b:5500 started again; telling the sites the set again"])
+        s.beat()
+        self.assertEqual(len(session.sent), 2)
 
     def test_advertise_change(self) -> None:
         """A replica that now advertises another address is a change too."""

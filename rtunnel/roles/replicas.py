@@ -187,6 +187,8 @@ class ReplicaMembership:
         self._ignored: set[str] = set()
         #: the next turn of a push in progress (L{_push})
         self._pushing: IDelayedCall | None = None
+        #: the other replicas' start times in the last set read (None: none read yet)
+        self._starts: dict[str, datetime] | None = None
 
     def rename(self, replica_id: str) -> None:
         """Take another id; only before L{start} (a default id completed once the tunnel port is bound)."""
@@ -264,7 +266,22 @@ class ReplicaMembership:
         # never tell a site a set without the replica it is talking to.
         self.live = len(others) + 1
         replicas = _announced(own, others)
+        members = {entry.replica_id for entry in replicas.replicas}
+        starts = {r.replica_id: r.started_at for r in records if r.replica_id in members}
+        before_starts, self._starts = self._starts, starts
         if replicas == self.current:
+            # The same set; but a replica that started again under its id
+            # (a worker restarted, one back before its row expired) has
+            # lost its sessions, and the sites waiting out a duplicate
+            # backoff for it dial at once when the set is told again.
+            restarted = sorted(
+                r for r, t in starts.items() if before_starts is not None and before_starts.get(r, t) != t
+            )
+            if restarted:
+                self._log.info(
+                    "replica {replicas} started again; telling the sites the set again", replicas=", ".join(restarted)
+                )
+                self._push(list(self.sessions()), 0)
             return
         before, after = _described(self.current), _described(replicas)
         changes = [f"{name} joined" for name in sorted(after.keys() - before.keys())]
