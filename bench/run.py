@@ -749,9 +749,11 @@ def metrics_cost_section(b: Bench) -> list[str]:
     ]
     if cost["scrape_cpu_ms"] is not None:
         share = cost["scrape_cpu_ms"] / 10  # ms of CPU per 1,000 ms, in percent of one core
+        samples = cost["scrape_cpu_samples"]
+        samples_text = f"{samples} sample{'s' if samples != 1 else ''}"
         out.append(
             f"- Measured on the server's own CPU clock (not drowned by throughput noise): one scrape costs the "
-            f"server {cost['scrape_cpu_ms']:.2f} ms of CPU (median of {cost['scrape_cpu_samples']} samples of "
+            f"server {cost['scrape_cpu_ms']:.2f} ms of CPU (median of {samples_text} of "
             f"200 back-to-back scrapes on the idle tunnel), so a scrape every second takes {share:.2f} % of one "
             f"core: the most it can take from a transfer that keeps the server's core busy, against the "
             f"{METRICS_COST_TARGET_PCT:g} % target ({'met' if share < METRICS_COST_TARGET_PCT else 'missed'})."
