@@ -36,7 +36,7 @@ from twisted.web.resource import Resource
 from rtunnel.cli import server_tap, site_tap
 from rtunnel.logs import current_level, set_level
 from rtunnel.observe import web
-from rtunnel.observe.live import ADMIN_URL_KEY
+from rtunnel.observe.live import ADMIN_URL_KEY, replica_url_key
 from rtunnel.observe.page import status_page
 from rtunnel.observe.web import (
     ABORT_TIMEOUT,
@@ -872,11 +872,18 @@ class ServerWiringTests(unittest.SynchronousTestCase):
         self.addCleanup(service.stopService)
         port, factory, _, interface = self.reactor.tcpServers[-1]
         self.assertEqual((port, interface, factory), (0, "127.0.0.1", site))
-        self.assertEqual(service.state.store.get_meta(ADMIN_URL_KEY), "http://127.0.0.1:0")
+        store = service.state.store
+        self.assertEqual(store.get_meta(ADMIN_URL_KEY), "http://127.0.0.1:0")
+        self.assertEqual(store.get_meta(replica_url_key(service.replica_id)), "http://127.0.0.1:0")
         self.assertEqual(memory_request(site, "/readyz").body, b"ready\n")
         self.assertEqual(memory_request(site, "/healthz").status, 200)
         self.assertIn(b"<title>rtunnel status</title>", memory_request(site, "/").body)
         self.assertEqual(self.fatal, [])
+        # Another replica wrote the shared URL since: at stop this one clears its own only.
+        store.set_meta(ADMIN_URL_KEY, "http://127.0.0.1:5601")
+        site.stopFactory()  # as the port does when it stops listening (the memory reactor's does not)
+        self.assertEqual(store.get_meta(replica_url_key(service.replica_id)), "")
+        self.assertEqual(store.get_meta(ADMIN_URL_KEY), "http://127.0.0.1:5601")
 
     def test_beyond_loopback_any_host(self) -> None:
         """Bound beyond loopback, the endpoint answers any Host (a proxy's name)."""

@@ -19,7 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from rtunnel.cli import admin
-from rtunnel.observe.live import ADMIN_URL_KEY, LiveUnavailable, fetch_sites, format_admin_url
+from rtunnel.observe.live import (
+    ADMIN_URL_KEY,
+    LiveUnavailable,
+    fetch_sites,
+    format_admin_url,
+    merge_sites,
+    replica_url_key,
+)
 from tests.test_admin_cli import NOW, _CLITestCase
 
 LIVE = ("streams", "bytes_to_site", "bytes_from_site", "rtt_seconds")
@@ -187,6 +194,70 @@ class LiveSitesTests(_CLITestCase):
         self.server.store.record_server_stop(NOW)
         self.assertFallback("the tunnel server is not running")
         self.assertEqual(fake.paths, [])
+
+    def test_replicas_each_asked_and_summed(self) -> None:
+        """
+        With several live replicas, each one's own admin URL is asked and a
+        site's streams and bytes are the sum of its sessions, its RTT the
+        best; a replica that does not answer is named on stderr while the
+        others' figures are shown; a replica's URL cleared (it stopped) is
+        not asked, and the shared URL another replica wrote last stays.
+        """
+        other = json.loads(json.dumps(SITES))
+        other["sites"][0].update(streams=2, bytes_to_site=100, bytes_from_site=200, rtt_seconds=0.005)
+        first = self.serve(lambda path: (200, json.dumps(SITES).encode()))
+        second = FakeAdmin(lambda path: (200, json.dumps(other).encode()))
+        self.addCleanup(second.close)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        store = self.server.store
+        for replica, url in (("r1", first.url), ("r2", second.url), ("r3", dead)):
+            store.replica_started(replica, "", os.getpid(), "cloud", NOW)
+            store.set_meta(replica_url_key(replica), url)
+        status, out, err = self.run_cli("sites", "list", "--state", str(self.state))
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            err,
+            f"rtunnel: live figures incomplete: only 2 of 3 replicas answered "
+            f"({dead}/api/v1/sites: connection refused)\n",
+        )
+        alpha = out.splitlines()[1]
+        self.assertEqual(alpha.split()[6:9], ["5", "1.6K/5.0M", "5.0ms"])
+        self.assertEqual((first.paths, second.paths), (["/api/v1/sites"], ["/api/v1/sites"]))
+        # r3 stops: it clears its own URL and only that; the shared one is first's.
+        store.set_meta(ADMIN_URL_KEY, first.url)
+        store.set_meta(replica_url_key("r3"), "")
+        self.assertFalse(store.clear_meta_if(ADMIN_URL_KEY, dead))
+        self.assertEqual(store.get_meta(ADMIN_URL_KEY), first.url)
+        status, out, err = self.run_cli("sites", "list", "--state", str(self.state), "--json")
+        self.assertEqual((status, err), (0, ""))
+        [entry] = [e for e in json.loads(out) if e["name"] == "alpha"]
+        self.assertEqual(
+            {k: entry[k] for k in LIVE},
+            {"streams": 5, "bytes_to_site": 1636, "bytes_from_site": 5 * 1024 * 1024 + 200, "rtt_seconds": 0.005},
+        )
+        self.assertTrue(store.clear_meta_if(ADMIN_URL_KEY, first.url))
+        self.assertEqual(store.get_meta(ADMIN_URL_KEY), "")
+
+
+class MergeTests(_CLITestCase):
+    def test_merge_sites(self) -> None:
+        """Sums of what the replicas report, the best RTT, None where none reported."""
+        merged = merge_sites(
+            [
+                {"a": {"streams": 1, "bytes_to_site": 10, "bytes_from_site": 20, "rtt_seconds": None}},
+                {"a": {"streams": 2, "bytes_to_site": 1, "bytes_from_site": 2, "rtt_seconds": 0.2}, "b": {}},
+                {"a": {"streams": None, "rtt_seconds": 0.1}},
+            ]
+        )
+        self.assertEqual(
+            merged,
+            {
+                "a": {"streams": 3, "bytes_to_site": 11, "bytes_from_site": 22, "rtt_seconds": 0.1},
+                "b": {"streams": None, "bytes_to_site": None, "bytes_from_site": None, "rtt_seconds": None},
+            },
+        )
 
 
 class FetchTests(_CLITestCase):

@@ -58,7 +58,15 @@ from rtunnel.identity.store import (
     database_location,
     is_postgresql,
 )
-from rtunnel.observe.live import ADMIN_URL_KEY, LIVE_TIMEOUT, LiveUnavailable, fetch_sites, sites_url
+from rtunnel.observe.live import (
+    ADMIN_URL_KEY,
+    LIVE_TIMEOUT,
+    LiveUnavailable,
+    fetch_sites,
+    merge_sites,
+    replica_url_key,
+    sites_url,
+)
 from rtunnel.roles.forward import DEFAULT_BIND, ForwardSpec
 from rtunnel.roles.registry import format_services
 
@@ -362,20 +370,38 @@ def _site_row(record: SiteRecord, now: datetime) -> list[str]:
     return [record.name, enrolled, _when(record.revoked_at), connected]
 
 
-def _live_sites(state: ServerState) -> tuple[dict[str, Mapping[str, Any]] | None, str | None]:
+def _live_sites(state: ServerState, now: datetime) -> tuple[dict[str, Mapping[str, Any]] | None, str | None]:
     """
-    The running server's live figures, by site, from its admin endpoint;
+    The running server's live figures, by site, from its admin endpoints;
     or C{None} and why there are none (for the one line that says so).
+
+    With several replicas, each live one that records an admin URL is
+    asked, and a site's streams and bytes are the sum of its sessions
+    (L{merge_sites}); a replica that does not answer is named in the line,
+    and the others' figures are shown.
     """
-    if not state.store.server_running():
+    store = state.store
+    if not store.server_running(now):
         return None, "the tunnel server is not running"
-    base = state.store.get_meta(ADMIN_URL_KEY)
-    if not base:
+    bases = [url for r in store.live_replicas(now) if (url := store.get_meta(replica_url_key(r.replica_id)))]
+    if not bases:
+        shared = store.get_meta(ADMIN_URL_KEY)
+        bases = [shared] if shared else []
+    if not bases:
         return None, "the running tunnel server has no admin endpoint (--admin none)"
-    try:
-        return fetch_sites(base, LIVE_TIMEOUT), None
-    except LiveUnavailable as e:
-        return None, f"{sites_url(base)}: {e}"
+    answers, failures = [], []
+    for base in bases:
+        try:
+            answers.append(fetch_sites(base, LIVE_TIMEOUT))
+        except LiveUnavailable as e:
+            failures.append(f"{sites_url(base)}: {e}")
+    if not answers:
+        return None, "; ".join(failures)
+    if len(bases) == 1:
+        return answers[0], None
+    return merge_sites(answers), (
+        f"only {len(answers)} of {len(bases)} replicas answered ({'; '.join(failures)})" if failures else None
+    )
 
 
 #: What --json adds to each site from the admin endpoint (null without it).
@@ -409,9 +435,11 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
     with contextlib.closing(state):
         records = state.store.list_sites(args.clock)
         services = state.store.site_services()
-        live, why = _live_sites(state) if records else ({}, None)
-    if why is not None:
+        live, why = _live_sites(state, args.clock) if records else ({}, None)
+    if why is not None and live is None:
         print(f"rtunnel: no live figures: {why}; listing the state database alone", file=args.stderr)
+    elif why is not None:
+        print(f"rtunnel: live figures incomplete: {why}", file=args.stderr)
     if args.json:
         listed = []
         for r in records:

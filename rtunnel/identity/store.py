@@ -615,6 +615,17 @@ class StateStore:
                 (key, value),
             )
 
+    def clear_meta_if(self, key: str, value: str) -> bool:
+        """
+        Empty a value of the C{meta} table if it still is C{value}: what one
+        replica wrote there, and no other replica has overwritten since.
+
+        @return: whether it was cleared.
+        """
+        with self._transaction() as db:
+            cursor = db.execute("UPDATE meta SET value = '' WHERE key = ? AND value = ?", (key, value))
+            return bool(cursor.rowcount)
+
     def public_addresses(self) -> list[str]:
         """
         The host names the tunnel server was last started with (see

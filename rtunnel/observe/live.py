@@ -18,7 +18,7 @@ import json
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -28,12 +28,50 @@ __all__ = [
     "fetch_sites",
     "format_admin_url",
     "sites_url",
+    "replica_url_key",
+    "merge_sites",
+    "LIVE_FIELDS",
 ]
 
 #: The state database's C{meta} key holding the admin endpoint's base URL
 #: (C{http://127.0.0.1:5501}, C{https://...} for an C{ssl:} endpoint,
 #: C{unix:/path} for a unix socket); empty or absent when there is none.
 ADMIN_URL_KEY = "admin_url"
+
+
+def replica_url_key(replica_id: str) -> str:
+    """
+    The C{meta} key of one replica's admin URL: with several replicas each
+    records its own (and clears only its own), so that C{rtunnel sites
+    list} asks every live replica for the sessions it holds; the shared
+    L{ADMIN_URL_KEY} keeps the last one written, for one server.
+    """
+    return f"{ADMIN_URL_KEY}:{replica_id}"
+
+
+def merge_sites(answers: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Mapping[str, Any]]:
+    """
+    The live figures of several replicas' C{/api/v1/sites}, site by site:
+    each replica reports the streams and bytes of its own session with a
+    site, so these add up; the round trip is the best any replica measured
+    (each is its own path to the site). Fields no replica gave stay None.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        for name, entry in answer.items():
+            into = merged.setdefault(name, dict.fromkeys(LIVE_FIELDS))
+            for key in ("streams", "bytes_to_site", "bytes_from_site"):
+                value = entry.get(key)
+                if isinstance(value, int):
+                    into[key] = value if into[key] is None else into[key] + value
+            rtt = entry.get("rtt_seconds")
+            if isinstance(rtt, (int, float)) and (into["rtt_seconds"] is None or rtt < into["rtt_seconds"]):
+                into["rtt_seconds"] = rtt
+    return dict(merged)
+
+
+#: The figures C{rtunnel sites list} takes from the admin endpoints.
+LIVE_FIELDS = ("streams", "bytes_to_site", "bytes_from_site", "rtt_seconds")
 
 #: Seconds C{rtunnel sites list} waits for the admin endpoint: a listing
 #: must come back promptly even when the server is wedged.

@@ -76,7 +76,7 @@ from ..logsafe import LogBudget, printable
 from ..roles.server import ExtraListener, TunnelServerService
 from ..roles.site import TunnelClientService
 from .api import api_resource, in_thread_pool
-from .live import ADMIN_URL_KEY, format_admin_url
+from .live import ADMIN_URL_KEY, format_admin_url, replica_url_key
 from .metrics import ServerCollector, SiteCollector, metrics_registry
 from .page import status_page
 from .server_view import ServerView
@@ -794,12 +794,21 @@ def add_server_admin(service: TunnelServerService, admin: str | None, reactor: A
         page=status_page(),
     )
 
+    recorded: list[str] = []
+
     def record(port: IListeningPort) -> None:
         url = admin_url(port, description)
-        service.database.write("recording the admin URL", service.state.store.set_meta, ADMIN_URL_KEY, url)
+        recorded[:] = [url]
+        store = service.state.store
+        service.database.write("recording the admin URL", store.set_meta, replica_url_key(service.replica_id), url)
+        service.database.write("recording the admin URL", store.set_meta, ADMIN_URL_KEY, url)
 
     def clear() -> None:
-        service.database.write("clearing the admin URL", service.state.store.set_meta, ADMIN_URL_KEY, "")
+        # Only what this replica wrote: another replica's URL stays usable.
+        store = service.state.store
+        service.database.write("clearing the admin URL", store.set_meta, replica_url_key(service.replica_id), "")
+        if recorded:
+            service.database.write("clearing the admin URL", store.clear_meta_if, ADMIN_URL_KEY, recorded[0])
 
     site = AdminSite(root, reactor, on_stop=clear, check_host=host_checked(description))
     listener = ExtraListener("admin endpoint", description, cast("Factory[Any]", site), on_listening=record)
