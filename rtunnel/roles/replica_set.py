@@ -209,7 +209,8 @@ class ReplicaSet:
         (those with a pending session first, then the oldest, by key); the
         rest stop; wanted targets left over get new slots.
         """
-        remaining = Counter(self.wanted())
+        wanted = self.wanted()
+        remaining = Counter(wanted)
         idle = sorted((key for key in slots if key not in self._held_by), key=lambda key: (not slots[key].pending, key))
         stop = []
         for key in idle:
@@ -219,7 +220,7 @@ class ReplicaSet:
             else:
                 stop.append(key)
         start = []
-        for target in self.wanted():
+        for target in wanted:
             if remaining[target] > 0:
                 remaining[target] -= 1
                 start.append(target)
