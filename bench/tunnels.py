@@ -877,7 +877,7 @@ class RtunnelTunnel(Tunnel):
     def pids(self) -> list[int]:
         pids = [p.pid for p in (self.server, self.site) if p is not None and p.poll() is None]
         if self.workers > 1 and self.server is not None:
-            pids += children(self.server.pid)  # the workers: they move the bytes
+            pids += procstats.descendants(self.server.pid)  # the workers: they move the bytes
         return pids
 
     def _wait_sessions(self, sdir: Path, count: int, timeout: float) -> None:
@@ -972,18 +972,6 @@ class RtunnelWorkersTunnel(RtunnelTunnel):
         )
         if "--workers" not in r.stdout:
             raise TunnelUnavailable("`twistd rtunnel-server --help` has no --workers option yet (issue 13)")
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of a process (``/proc/PID/task/*/children``)."""
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
 
 
 def make_tunnels(selection: list[str], root: Path, wan_delay_ms: float = 0.0) -> list[Tunnel]:
