@@ -60,6 +60,7 @@ from rtunnel.identity.store import (
 )
 from rtunnel.observe.live import (
     ADMIN_URL_KEY,
+    LIVE_FIELDS,
     LIVE_TIMEOUT,
     LiveUnavailable,
     fetch_sites,
@@ -404,10 +405,6 @@ def _live_sites(state: ServerState, now: datetime) -> tuple[dict[str, Mapping[st
     )
 
 
-#: What --json adds to each site from the admin endpoint (null without it).
-_LIVE_FIELDS = ("streams", "bytes_to_site", "bytes_from_site", "rtt_seconds")
-
-
 def _human_bytes(count: int) -> str:
     """C{1536} as C{1.5K}: short enough for a table cell."""
     value = float(count)
@@ -447,7 +444,7 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
             # as last announced (issue 11); {} for a site that announced none or never connected
             entry["services"] = {name: str(target) for name, target in sorted(services.get(r.name, {}).items())}
             figures = (live or {}).get(r.name, {})
-            entry.update({key: figures.get(key) for key in _LIVE_FIELDS})
+            entry.update({key: figures.get(key) for key in LIVE_FIELDS})
             listed.append(entry)
         json.dump(listed, out, indent=2)
         out.write("\n")
