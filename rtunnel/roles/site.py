@@ -132,12 +132,12 @@ class Outcome:
     reason: str
 
 
-# Alerts a server sends when it rejects the client's certificate.
 #: After the replica set is told again, a slot in duplicate backoff dials
 #: within this many seconds plus up to as many again of jitter (the spread
 #: of a reconnect storm's first retries).
 HURRY_DELAY = 1.0
 
+# Alerts a server sends when it rejects the client's certificate.
 _CERTIFICATE_ALERTS = ("certificate", "unknown ca", "access denied")
 # TLS "errors" that are the connection ending under the handshake: the network.
 _EOF_ERRORS = ("unexpected eof", "connection reset", "eof while reading")
