@@ -1376,7 +1376,7 @@ class TunnelServerService(MultiService):
         self.membership = ReplicaMembership(
             state.store, self.database, reactor, self.replica_id, config.advertise or "", self.registry.sessions
         )
-        self.factory.on_session = self._tell_replicas
+        self.factory.on_session = self.membership.tell
         self.gate: AdmissionGate | None = None
         self.forward_factories: list[ForwardFactory] = []
         # Listing /proc/self/fd every 2 s is costly with many sites: it is
@@ -1441,9 +1441,6 @@ class TunnelServerService(MultiService):
             self.replica_id,
             utcnow(),
         )
-
-    def _tell_replicas(self, session: MuxProtocol) -> None:
-        self.membership.tell(session)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service.startService is unannotated in Twisted
