@@ -382,9 +382,10 @@ def _live_sites(state: ServerState, now: datetime) -> tuple[dict[str, Mapping[st
     and the others' figures are shown.
     """
     store = state.store
-    if not store.server_running(now):
+    replicas = store.live_replicas(now)
+    if not replicas and not store.server_running(now):
         return None, "the tunnel server is not running"
-    bases = [url for r in store.live_replicas(now) if (url := store.get_meta(replica_url_key(r.replica_id)))]
+    bases = [url for r in replicas if (url := store.get_meta(replica_url_key(r.replica_id)))]
     if not bases:
         shared = store.get_meta(ADMIN_URL_KEY)
         bases = [shared] if shared else []
