@@ -894,9 +894,7 @@ class RtunnelTunnel(Tunnel):
                 cwd=REPO,
             )
             if r.returncode == 0:
-                rows = json.loads(r.stdout)
-                rows = rows.get("sites", rows) if isinstance(rows, dict) else rows
-                seen = [len(row.get("sessions", ())) for row in rows if row.get("site", row.get("name")) == SITE_NAME]
+                seen = [len(row["sessions"]) for row in json.loads(r.stdout) if row["name"] == SITE_NAME]
                 if seen and seen[0] >= count:
                     return
             time.sleep(0.2)  # polling another process's state, bounded by the deadline
