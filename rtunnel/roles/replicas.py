@@ -106,8 +106,6 @@ class Database(Protocol):
     imports this one).
     """
 
-    def run(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]: ...
-
     def run_first(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]: ...
 
     def write(
