@@ -114,8 +114,9 @@ def make_supervisor(options: Any, argv: Sequence[str], reactor: Any) -> IService
     base = base_replica_id(config)
     supervisor_pid = os.getpid()
 
+    # The front doors were judged with the options (with_workers), as every
+    # listener was: only the state is left to open here.
     def prepare() -> None:
-        check_front_doors(config)
         ServerState.load_or_create(config.state_dir, list(config.public_addresses), database=config.database).close()
 
     def arguments(index: int) -> list[str]:
