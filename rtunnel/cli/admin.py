@@ -406,6 +406,17 @@ def _live_sites(state: ServerState, now: datetime) -> tuple[dict[str, Mapping[st
     )
 
 
+def _print_table(rows: list[list[str]], out: TextIO) -> None:
+    """
+    Print C{rows} (the header first) in columns two spaces apart; the last
+    column is not padded, so that no line ends in blanks.
+    """
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)] + [row[-1]]
+        print("  ".join(cells).rstrip(), file=out)
+
+
 def _human_bytes(count: int) -> str:
     """C{1536} as C{1.5K}: short enough for a table cell."""
     value = float(count)
@@ -463,11 +474,7 @@ def _sites_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
             row[4:4] = _live_cells(live.get(r.name))
         row.insert(len(header) - 1, _replica_cell(r))
         rows.append(row)
-    padded = len(header)
-    widths = [max(len(row[i]) for row in rows) for i in range(padded)]
-    for row in rows:
-        cells = [row[i].ljust(widths[i]) for i in range(padded)] + [row[padded]]
-        print("  ".join(cells).rstrip(), file=out)
+    _print_table(rows, out)
     return 0
 
 
@@ -637,9 +644,7 @@ def _forwards_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
             print("no forwards stored (the tunnel server is not running)", file=out)
         return 0
     rows = [["FORWARD", "SOURCE", "STATE"]] + [[f.spec, f.source, f.state] for f in forwards]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    for row in rows:
-        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}".rstrip(), file=out)
+    _print_table(rows, out)
     if not running:
         print("(the tunnel server is not running: its command-line forwards are not known)", file=out)
     return 0
@@ -705,10 +710,7 @@ def _replicas_list(args: argparse.Namespace, now: datetime, out: TextIO) -> int:
                 f"{_heartbeat_age(r, args.clock):.1f}s ago",
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [row[i].ljust(widths[i]) for i in range(len(widths))] + [row[-1]]
-        print("  ".join(cells).rstrip(), file=out)
+    _print_table(rows, out)
     return 0
 
 
