@@ -127,10 +127,13 @@ def _ts(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _dt(text: str | None) -> datetime | None:
-    if text is None:
-        return None
+def _stored_time(text: str) -> datetime:
+    """A timestamp as L{_ts} stored it (for a column that is never NULL)."""
     return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _dt(text: str | None) -> datetime | None:
+    return None if text is None else _stored_time(text)
 
 
 def _human(when: datetime) -> str:
@@ -1089,7 +1092,7 @@ class StateStore:
         cutoff = now - timedelta(seconds=timeout)
         with self._transaction() as db:
             rows = db.execute("SELECT replica_id, heartbeat_at FROM replicas ORDER BY replica_id").fetchall()
-            expired = [(r["replica_id"], r["heartbeat_at"]) for r in rows if _replica_time(r["heartbeat_at"]) < cutoff]
+            expired = [(r["replica_id"], r["heartbeat_at"]) for r in rows if _stored_time(r["heartbeat_at"]) < cutoff]
             for replica_id, heartbeat_at in expired:
                 db.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
                 _drop_replica_rows(db, replica_id, heartbeat_at)
@@ -1106,8 +1109,8 @@ class StateStore:
                 advertise=r["advertise"],
                 pid=None if r["pid"] is None else int(r["pid"]),
                 host=r["host"],
-                started_at=_replica_time(r["started_at"]),
-                heartbeat_at=_replica_time(r["heartbeat_at"]),
+                started_at=_stored_time(r["started_at"]),
+                heartbeat_at=_stored_time(r["heartbeat_at"]),
             )
             for r in rows
         ]
@@ -1821,12 +1824,8 @@ def _check_replica_id(replica_id: str) -> None:
         raise ValueError("a replica id must not be empty")
 
 
-def _replica_time(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
 def _session(row: Any) -> SessionRecord:
-    return SessionRecord(replica_id=row["replica_id"], peer=row["peer"], since=_replica_time(row["since"]))
+    return SessionRecord(replica_id=row["replica_id"], peer=row["peer"], since=_stored_time(row["since"]))
 
 
 def _put_session(db: _Connection, site: str, replica_id: str, peer: str, since: str) -> None:
