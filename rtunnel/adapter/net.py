@@ -12,6 +12,7 @@ the kernel spreads the connections between them.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -62,6 +63,21 @@ class SharedEndpoint:
     interface: str
     backlog: int
     family: socket.AddressFamily
+
+
+#: Where a server endpoint description's parts end: at a colon that no
+#: backslash escapes (Twisted's parser's rule; the backslash stays in the part).
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def split_description(text: str) -> list[str]:
+    """
+    C{text}, an endpoint description, cut into its parts (type, then
+    positional values and C{key=value} keywords, escapes left as written):
+    what the checks of the admin endpoint, the front doors, the workers and
+    the replica id read their type and port from.
+    """
+    return _UNESCAPED_COLON.split(text)
 
 
 def _tokens(description: str) -> list[tuple[str | None, str]]:

@@ -21,13 +21,13 @@ layer; they only listen on what they are given). Its inputs:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.python.threadpool import ThreadPool
 
+from ..adapter.net import split_description
 from ..address import HostPort
 from ..identity.store import AdmissionSnapshot
 from ..roles.registry import SiteRegistry
@@ -57,7 +57,6 @@ PASSWORD_THREADS = 2
 #: The services a site last announced (C{{}} for a site that announced none).
 ServicesOf = Callable[[str], Mapping[str, HostPort]]
 
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
 _WITH_INTERFACE = {"tcp": "127.0.0.1", "tcp6": "::1", "ssl": "127.0.0.1"}
 
 
@@ -94,7 +93,7 @@ def loopback_endpoint(description: str) -> tuple[str, str | None]:
     text = description.strip()
     if text.isdigit():
         text = f"tcp:{text}"
-    parts = _UNESCAPED_COLON.split(text)
+    parts = split_description(text)
     kind = parts[0].lower()
     if kind == "unix":
         return with_backlog(text, FRONT_DOOR_BACKLOG), None

@@ -71,6 +71,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ..adapter.address import describe
+from ..adapter.net import split_description
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
 from ..roles.server import ExtraListener, TunnelServerService
@@ -145,7 +146,6 @@ SERVER_HEADER = b"rtunnel"
 _READ_METHODS = (b"GET", b"HEAD")
 _PORT_SUFFIX = re.compile(r":[0-9]{0,5}")
 _TEXT = b"text/plain; charset=utf-8"
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
 _KINDS = ("tcp", "tcp6", "ssl", "unix")
 _LOOPBACK_INTERFACE = {"tcp": "127.0.0.1", "tcp6": "::1", "ssl": "127.0.0.1"}
 
@@ -166,7 +166,7 @@ def admin_endpoint(description: str) -> str:
     text = description.strip()
     if text.isdigit():
         text = f"tcp:{text}"
-    parts = _UNESCAPED_COLON.split(text)
+    parts = split_description(text)
     kind = parts[0].lower()
     if kind not in _KINDS or len(parts) < 2 or not parts[1]:
         raise AdminEndpointError(
@@ -688,7 +688,7 @@ def exposed_interface(description: str) -> str | None:
     makes it) binds when that is not loopback, C{"every interface"} for
     C{0.0.0.0} or C{::}; C{None} for loopback and unix sockets.
     """
-    parts = _UNESCAPED_COLON.split(description.strip())
+    parts = split_description(description.strip())
     if parts[0].lower() == "unix":
         return None
     named = [p.split("=", 1)[1] for p in parts[1:] if p.startswith("interface=")]
@@ -713,7 +713,7 @@ def host_checked(description: str) -> bool:
     proxy in front has a name of its own); a unix socket is out of a
     browser's reach.
     """
-    kind = _UNESCAPED_COLON.split(description.strip())[0].lower()
+    kind = split_description(description.strip())[0].lower()
     return kind != "unix" and exposed_interface(description) is None
 
 

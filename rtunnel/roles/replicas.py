@@ -33,6 +33,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from ..adapter.net import split_description
 from ..identity.store import HEARTBEAT_INTERVAL, REPLICA_TIMEOUT, ReplicaRecord
 from ..logs import Logger
 from ..mux.frames import MAX_REPLICAS, ReplicaEntry, Replicas
@@ -48,7 +49,6 @@ PUSH_STEP = 500
 #: The most characters of a replica id (docs/protocol.md, REPLICAS).
 _MAX_ID = 64
 _NOT_IN_ID = re.compile(r"[^A-Za-z0-9._:@/+\[\]-]")
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
 def listen_port(description: str) -> int | None:
@@ -60,7 +60,7 @@ def listen_port(description: str) -> int | None:
     text = description.strip()
     if text.isdigit():
         return int(text) or None
-    parts = _UNESCAPED_COLON.split(text)
+    parts = split_description(text)
     if parts[0].lower() not in {"tcp", "tcp6", "ssl"}:
         return None
     named = [p.split("=", 1)[1] for p in parts[1:] if p.startswith("port=")]

@@ -41,7 +41,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
-from ..adapter.net import SharedPortError, shared_endpoint
+from ..adapter.net import SharedPortError, shared_endpoint, split_description
 from ..logs import Logger
 
 __all__ = [
@@ -84,8 +84,6 @@ _QUICK_DEATH = 10
 #: module has no C{__main__}; no C{twistd} script need be on C{PATH}.
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
-
 
 class WorkersError(ValueError):
     """A configuration C{--workers} cannot run (the message says why)."""
@@ -122,7 +120,7 @@ def worker_admin(admin: str | None, index: int) -> str | None:
     if admin is None:
         return None
     text = admin.strip()
-    parts = _UNESCAPED_COLON.split(f"tcp:{text}" if text.isdigit() else text)
+    parts = split_description(f"tcp:{text}" if text.isdigit() else text)
     kind = parts[0].lower()
     if kind not in {"tcp", "tcp6", "ssl"}:
         raise WorkersError(
