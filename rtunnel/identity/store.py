@@ -64,6 +64,7 @@ from rtunnel.identity.migrations import SCHEMA_VERSION, migrations_for
 from rtunnel.logs import Logger
 
 __all__ = [
+    "ADMISSION_COUNTER",
     "HEARTBEAT_INTERVAL",
     "REPLICA_TIMEOUT",
     "SCHEMA_VERSION",
@@ -88,7 +89,10 @@ _TABLES = {"meta", "sites", "tokens", "forwards", "forward_states", "site_servic
 #: first (SQLite's BEGIN IMMEDIATE): writers queue instead of racing, as on
 #: SQLite; "rtun" in ASCII.
 _WRITE_LOCK = 0x7274756E
-_ADMISSION_VERSION = "admission_version"
+#: The meta key of the admission counter, bumped with every enrollment and
+#: revocation in the same transaction: what the tunnel servers' revocation
+#: poll watches to know that admission changed.
+ADMISSION_COUNTER = "admission_version"
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 _log = Logger(namespace="rtunnel.identity.store")
@@ -781,7 +785,7 @@ class StateStore:
                 "certificate_pem = excluded.certificate_pem, revoked_at = NULL",
                 (site, stamp, cert_fp, certificate_pem),
             )
-            _bump(db, _ADMISSION_VERSION)
+            _bump(db, ADMISSION_COUNTER)
             self._own_changes += 1
             self._own_changed_sites.add(site)
             return certificate_pem, SiteAdmission(enrolled=True, certificate_fingerprint=cert_fp, revoked_at=None)
@@ -869,7 +873,7 @@ class StateStore:
                 db.execute("INSERT INTO sites (name, revoked_at) VALUES (?, ?)", (name, stamp))
             elif row["revoked_at"] is None:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (stamp, name))
-            _bump(db, _ADMISSION_VERSION)
+            _bump(db, ADMISSION_COUNTER)
             self._own_changes += 1
             self._own_changed_sites.add(name)
         self._admission_changed(name, self.admission(name))
@@ -906,7 +910,7 @@ class StateStore:
         with self._guard():
             if self.dialect == "sqlite":
                 return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._own_changes
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_ADMISSION_VERSION,)).fetchone()
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (ADMISSION_COUNTER,)).fetchone()
             return (int(row[0]) if row is not None else 0), self._own_changes
 
     def take_own_changes(self) -> frozenset[str]:

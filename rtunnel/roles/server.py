@@ -68,7 +68,7 @@ from ..address import HostPort
 from ..identity.errors import PeerVerificationFailed, SiteRejected, StateError
 from ..identity.keyfile import DEFAULT_PORT, PUBLIC_PORT_KEY, parse_address
 from ..identity.state import ServerState
-from ..identity.store import AdmissionSnapshot, SiteAdmission
+from ..identity.store import ADMISSION_COUNTER, AdmissionSnapshot, SiteAdmission
 from ..identity.tlsconfig import client_refusal, peer_identity, server_tls_options
 from ..logs import Logger
 from ..logsafe import LogBudget, printable
@@ -846,11 +846,6 @@ class AdmissionGate:
 
     def logPrefix(self) -> str:
         return "rtunnel"
-
-
-#: The meta key of the admission counter the state store bumps with every
-#: enrollment and revocation, in the same transaction (L{RevocationWatch}).
-ADMISSION_COUNTER = "admission_version"
 
 
 @frozen
