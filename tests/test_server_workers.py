@@ -46,6 +46,7 @@ class OptionTests(SynchronousTestCase):
             (["--workers", "0"], "--workers 0: give a number from 1 to 64"),
             (["--workers", "65"], "--workers 65: give a number from 1 to 64"),
             (["--workers", "-2"], "--workers -2: give a number from 1 to 64"),
+            (["--workers", "\u00b2"], "--workers \u00b2: give a number from 1 to 64"),  # a digit int() refuses
             (["--workers", "2", "--listen", "tcp:0"], "--listen: endpoint 'tcp:0:backlog=4096' cannot be shared"),
             (["--workers", "2", "--forward", "0:alpha:h:1"], "--forward 127.0.0.1:0 -> alpha:h:1: endpoint"),
             (["--workers", "2", "--socks", "unix:/s.sock"], "--socks: endpoint 'unix:/s.sock:backlog=1024'"),

@@ -159,7 +159,7 @@ def shared_endpoint(description: str) -> SharedEndpoint:
 def _number(description: str, name: str, text: str | None, low: int, high: int) -> int:
     if text is None:
         raise SharedPortError(f"endpoint {description!r} names no {name}")
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not text.isdecimal() or not low <= int(text) <= high:
         raise SharedPortError(f"endpoint {description!r}: {name} {text!r} is not a number from {low} to {high}")
     return int(text)
 

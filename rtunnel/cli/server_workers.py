@@ -71,11 +71,11 @@ def with_workers(options: usage.Options, config: ServerConfig) -> ServerConfig:
     judged before anything starts.
     """
     text = str(options["workers"]).strip()
-    if not text.isdigit():
+    if not text.isdecimal():
         raise usage.UsageError(f"--workers {text}: give a number from 1 to {MAX_WORKERS}")
     config = attrs.evolve(config, workers=int(text))
     worker_of = options["worker-of"]
-    if worker_of is not None and (not str(worker_of).isdigit() or config.workers != 1):
+    if worker_of is not None and (not str(worker_of).isdecimal() or config.workers != 1):
         raise usage.UsageError("--worker-of is set by --workers on its workers, with --workers 1 and a pid")
     listeners = [("--listen", with_backlog(config.listen))]
     listeners += [(f"--forward {spec}", spec.endpoint_description()) for spec in config.forwards]

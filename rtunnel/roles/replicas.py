@@ -58,7 +58,7 @@ def listen_port(description: str) -> int | None:
     or C{None} when it names none (port 0, a unix socket, another type).
     """
     text = description.strip()
-    if text.isdigit():
+    if text.isdecimal():
         return int(text) or None
     parts = split_description(text)
     if parts[0].lower() not in {"tcp", "tcp6", "ssl"}:
@@ -66,7 +66,7 @@ def listen_port(description: str) -> int | None:
     named = [p.split("=", 1)[1] for p in parts[1:] if p.startswith("port=")]
     positional = [p for p in parts[1:] if "=" not in p]
     value = named[0] if named else positional[0] if positional else ""
-    return int(value) if value.isdigit() and 0 < int(value) <= 65535 else None
+    return int(value) if value.isdecimal() and 0 < int(value) <= 65535 else None
 
 
 def default_replica_id(port: int | str, hostname: str | None = None) -> str:

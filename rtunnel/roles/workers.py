@@ -120,7 +120,7 @@ def worker_admin(admin: str | None, index: int) -> str | None:
     if admin is None:
         return None
     text = admin.strip()
-    parts = split_description(f"tcp:{text}" if text.isdigit() else text)
+    parts = split_description(f"tcp:{text}" if text.isdecimal() else text)
     kind = parts[0].lower()
     if kind not in {"tcp", "tcp6", "ssl"}:
         raise WorkersError(
@@ -132,7 +132,7 @@ def worker_admin(admin: str | None, index: int) -> str | None:
     where = keyword[0] if keyword else positional[0] if positional else None
     prefix = "port=" if keyword else ""
     value = parts[where][len(prefix) :] if where is not None else ""
-    if where is None or not value.isdigit():
+    if where is None or not value.isdecimal():
         raise WorkersError(f"--admin {admin}: names no port to give each worker its own from")
     port = int(value)
     if port == 0:
